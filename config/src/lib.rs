@@ -1,0 +1,82 @@
+//! `lb-config`: Weir's shared vocabulary.
+//!
+//! The listener model (`Listener`, `Backend`, `HealthCheck`, ...), its TOML
+//! file form and its JSON control-API form, and validation that reports every
+//! error with its field path (and line, for files). Pure: no sockets, no
+//! clock, no async runtime.
+
+#![forbid(unsafe_code)]
+
+mod duration;
+mod file;
+pub mod model;
+pub mod validate;
+
+use std::fmt;
+
+pub use duration::{Duration, DurationError};
+pub use file::parse_config;
+pub use model::*;
+pub use validate::{resolve_listeners, DEFAULT_METRICS};
+
+/// One problem in a configuration or state, named by its field path.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FieldError {
+    /// Dotted path such as `listener[2].backends[0].addr`; empty for syntax errors.
+    pub path: String,
+    /// What is wrong and, where possible, what would be right.
+    pub message: String,
+    /// 1-based line in the file, when the input was a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+}
+
+impl FieldError {
+    /// An error at `path` with no line yet.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+            line: None,
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every error found in one input.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and validates a file from disk.
+pub fn load_config(path: &std::path::Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![FieldError::new(
+            "",
+            format!("cannot read {}: {e}", path.display()),
+        )])
+    })?;
+    parse_config(&text)
+}

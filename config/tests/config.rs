@@ -1,0 +1,210 @@
+//! The file format's contract: examples parse, defaults resolve, every
+//! invalid input is reported with its path and line, nothing panics.
+
+use lb_config::*;
+use proptest::prelude::*;
+
+#[test]
+fn examples_parse() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("lbd")
+            || path.file_name().unwrap() == "quickstart.toml"
+        {
+            load_config(&path).unwrap_or_else(|e| panic!("{}:\n{e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2);
+}
+
+#[test]
+fn defaults_and_inheritance() {
+    let cfg = parse_config(
+        r#"
+[defaults]
+connect_timeout = "1s"
+idle_timeout = "1m"
+balance = "least_conn"
+[defaults.health]
+kind = "http"
+path = "/ready"
+rise = 5
+
+[[listener]]
+name = "a"
+bind = "127.0.0.1:80"
+backends = [{ addr = "127.0.0.2:80" }]
+[listener.health]
+rise = 1
+
+[[listener]]
+name = "u"
+bind = "127.0.0.1:53"
+protocol = "udp"
+balance = "maglev"
+backends = [{ addr = "127.0.0.2:53", weight = 3 }]
+"#,
+    )
+    .unwrap();
+    let a = &cfg.listeners[0];
+    assert_eq!(a.balance, Balance::LeastConn);
+    assert_eq!(a.connect_timeout, Duration::from_secs(1));
+    assert_eq!(a.idle_timeout, Duration::from_secs(60));
+    assert_eq!(a.drain_timeout, Duration::from_secs(30));
+    assert_eq!(a.health.kind, HealthKind::Http);
+    assert_eq!(a.health.path, "/ready");
+    assert_eq!((a.health.rise, a.health.fall), (1, 3));
+    assert_eq!(a.backends[0].weight, 1);
+    let u = &cfg.listeners[1];
+    assert_eq!(
+        u.idle_timeout,
+        Duration::from_secs(30),
+        "udp keeps its own idle default"
+    );
+    assert_eq!(u.backends[0].weight, 3);
+    assert_eq!(cfg.runtime.engine, EngineChoice::Auto);
+    assert_eq!(cfg.admin.metrics, Some("127.0.0.1:9600".parse().unwrap()));
+}
+
+#[test]
+fn a_file_without_listeners_is_valid() {
+    let cfg = parse_config("[admin]\nmetrics = \"off\"\n").unwrap();
+    assert!(cfg.listeners.is_empty());
+    assert_eq!(cfg.admin.metrics, None);
+    assert!(parse_config("").unwrap().listeners.is_empty());
+}
+
+const OK: &str =
+    "name = \"ok\"\nbind = \"127.0.0.1:80\"\nbackends = [{ addr = \"127.0.0.2:80\" }]\n";
+
+/// (file, expected path, expected line, a fragment of the message)
+fn invalid_cases() -> Vec<(String, &'static str, usize, &'static str)> {
+    let l = |body: &str| format!("[[listener]]\n{body}");
+    vec![
+        (l("name = \"a b\"\nbind = \"127.0.0.1:80\"\n"), "listener[0].name", 2, "must be 1 to 253"),
+        (l("name = \"a\"\nbind = \"127.0.0.1\"\n"), "listener[0].bind", 3, "has no port"),
+        (l("name = \"a\"\nbind = \"example.com:80\"\n"), "listener[0].bind", 3, "not an address"),
+        (format!("{}[[listener]]\nname = \"ok\"\nbind = \"127.0.0.1:81\"\n", l(OK)), "listener[1].name", 6, "already the name of listener[0]"),
+        (format!("{}[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:80\"\n", l(OK)), "listener[1].bind", 7, "already bound by listener[0]"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nsource_ranges = [\"10.0.0.0/33\"]\n"), "listener[0].source_ranges[0]", 4, "not a CIDR"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nsource_ranges = [\"10.1.2.3/8\"]\n"), "listener[0].source_ranges[0]", 4, "host bits"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nbackends = [{ addr = \"127.0.0.2:80\", weight = 0 }, { addr = \"127.0.0.3:80\", weight = 0 }]\n"), "listener[0].backends", 4, "every backend has weight 0"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nprotocol = \"udp\"\nproxy_protocol = \"v1\"\n"), "listener[0].proxy_protocol", 5, "v1 is TCP only"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nconnect_timeout = \"0s\"\n"), "listener[0].connect_timeout", 4, "greater than zero"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nidle_timeout = \"ten\"\n"), "listener[0].idle_timeout", 4, "invalid duration"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\nrise = 0\n"), "listener[0].health.rise", 5, "at least 1"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\nfall = 0\n"), "listener[0].health.fall", 5, "at least 1"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nbogus = 1\n"), "listener[0]", 4, "unknown field `bogus`"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nbalance = \"fastest\"\n"), "listener[0].balance", 4, "unknown variant `fastest`"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nbackends = [{ addr = \"127.0.0.2:0\" }]\n"), "listener[0].backends[0].addr", 4, "port 0"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nbackends = [{ addr = \"127.0.0.2:80\" }, { addr = \"127.0.0.2:80\" }]\n"), "listener[0].backends[1].addr", 4, "already backends[0]"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nbalance = \"round_robin\"\nhash_key = \"client_ip\"\n"), "listener[0].hash_key", 5, "only applies to balance"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\nkind = \"http\"\npath = \"healthz\"\n"), "listener[0].health.path", 6, "must start with '/'"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\npath = \"/a b\"\n"), "listener[0].health.path", 5, "no spaces"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nprotocol = \"udp\"\n[listener.health]\nkind = \"tcp\"\n"), "listener[0].health.port", 5, "needs a port"),
+        ("[runtime]\nworkers = 5000\n".into(), "runtime.workers", 2, "above the maximum"),
+        ("[runtime]\nengine = \"dpdk\"\n".into(), "runtime.engine", 2, "unknown variant `dpdk`"),
+        ("[admin]\ncontrol_tcp = \"0.0.0.0:9443\"\n".into(), "admin.tls_cert", 1, "is required with admin.control_tcp"),
+        ("[admin]\nmetrics = \"localhost\"\n".into(), "admin.metrics", 2, "not an address"),
+        ("[defaults]\ndrain_timeout = \"0ms\"\n".into(), "defaults.drain_timeout", 2, "greater than zero"),
+        ("[[listener]\nname = \"a\"\n".into(), "", 1, "syntax error"),
+    ]
+}
+
+#[test]
+fn invalid_configs_name_path_and_line() {
+    let cases = invalid_cases();
+    assert!(cases.len() >= 15);
+    for (text, path, line, fragment) in cases {
+        let errors = parse_config(&text).expect_err(&text).0;
+        let hit = errors
+            .iter()
+            .find(|e| e.path == path)
+            .unwrap_or_else(|| panic!("no error at {path:?} for\n{text}\ngot: {errors:#?}"));
+        assert!(
+            hit.message.contains(fragment),
+            "{path}: {:?} lacks {fragment:?}",
+            hit.message
+        );
+        assert_eq!(hit.line, Some(line), "{path} in\n{text}\n{hit}");
+    }
+}
+
+#[test]
+fn all_errors_are_collected() {
+    let errors = parse_config(
+        "[[listener]]\nname = \"\"\nbind = \"x\"\nconnect_timeout = \"0s\"\nsource_ranges = [\"nope\"]\nbackends = [{ addr = \"y\" }]\n",
+    )
+    .unwrap_err()
+    .0;
+    let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+    for p in [
+        "listener[0].name",
+        "listener[0].bind",
+        "listener[0].connect_timeout",
+        "listener[0].source_ranges[0]",
+        "listener[0].backends[0].addr",
+    ] {
+        assert!(paths.contains(&p), "{p} missing from {paths:?}");
+    }
+}
+
+#[test]
+fn json_round_trip_of_specs_and_resolved_listeners() {
+    let cfg = load_config(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/lbd.toml"
+    )))
+    .unwrap();
+    let json = serde_json::to_string(&cfg.listeners).unwrap();
+    let back: Vec<Listener> = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, cfg.listeners);
+
+    let state: DesiredState = serde_json::from_str(
+        r#"{"version": 7, "listeners": [{"name": "svc/a:80", "bind": "127.0.10.1:80", "idle_timeout": "5m",
+            "backends": [{"addr": "127.0.0.2:30080", "weight": 2}], "health": {"kind": "http", "port": 10256, "path": "/healthz"}}]}"#,
+    )
+    .unwrap();
+    let listeners = resolve_listeners(&state.listeners, &Defaults::default(), "listeners").unwrap();
+    assert_eq!(listeners[0].idle_timeout, Duration::from_secs(300));
+    assert_eq!(listeners[0].health.port, Some(10256));
+    let again: DesiredState =
+        serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    assert_eq!(again, state);
+    let bad = resolve_listeners(
+        &state.listeners,
+        &Defaults {
+            connect_timeout: Some(Duration::from_secs(0)),
+            ..Default::default()
+        },
+        "listeners",
+    )
+    .unwrap_err();
+    assert_eq!(bad[0].path, "listeners[0].connect_timeout");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+        let _ = parse_config(&text);
+    }
+
+    #[test]
+    fn mutated_valid_files_never_panic(cut in 0usize..2000, insert in "[\\[\\]{}=\",.a-z0-9 \n]{0,12}") {
+        let base = include_str!("../examples/lbd.toml");
+        let at = (cut % base.len()..).find(|i| base.is_char_boundary(*i)).unwrap_or(base.len());
+        let text = format!("{}{}{}", &base[..at], insert, &base[at..]);
+        if let Err(errors) = parse_config(&text) {
+            prop_assert!(!errors.0.is_empty());
+        }
+    }
+}
