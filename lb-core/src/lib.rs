@@ -1,1 +1,23 @@
-pub fn x() {}
+//! `lb-core`: the data plane of Weir's `lbd`.
+//!
+//! Pure decision code (selection, the health machine, PROXY headers) lives
+//! in [`balance`], [`health::machine`] and [`proxy_protocol`] and never
+//! touches sockets or clocks. The shell ([`server`], [`plane`], [`forward`],
+//! [`engine`]) binds sockets, runs workers and applies configurations.
+//! `unsafe` is allowed only in [`engine::uring`].
+
+pub mod admin;
+pub mod balance;
+pub mod demo;
+pub mod engine;
+pub mod forward;
+pub mod health;
+pub mod metrics;
+pub mod notify;
+pub mod plane;
+pub mod proxy_protocol;
+pub mod routing;
+pub mod server;
+pub mod stats;
+
+pub use server::{Options, Server, Status};

@@ -1,0 +1,194 @@
+//! Maglev consistent hashing (Eisenbud et al., NSDI 2016), own implementation.
+//!
+//! The table has 65,537 entries (prime). Each backend gets a permutation
+//! from two pinned hashes of its address; backends take turns filling their
+//! next preferred empty slot, in proportion to their weights. Backends are
+//! sorted by address first, so the same set gives the same table on every
+//! host, whatever the order they were listed in. Removing one of N backends
+//! moves about 1/N of the keys.
+
+use std::net::SocketAddr;
+
+use super::hash::{addr_bytes, hash};
+
+/// Table size: a prime comfortably above 100 × any realistic backend count.
+pub const TABLE_SIZE: usize = 65_537;
+
+const SEED_OFFSET: u64 = 0x6d61_676c_6576_3031; // "maglev01"
+const SEED_SKIP: u64 = 0x6d61_676c_6576_3032; // "maglev02"
+
+/// A built Maglev lookup table. Entries are indices into the backend slice
+/// the table was built from.
+#[derive(Clone)]
+pub struct Maglev {
+    table: Box<[u32]>,
+}
+
+impl std::fmt::Debug for Maglev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Maglev")
+            .field("size", &self.table.len())
+            .finish()
+    }
+}
+
+impl Maglev {
+    /// Builds the table for `backends` (address, weight). Backends of
+    /// weight 0 get no entries. Returns `None` when no backend has weight.
+    pub fn build(backends: &[(SocketAddr, u32)]) -> Option<Self> {
+        // Stable order: by address, remembering each one's original index.
+        let mut order: Vec<usize> = (0..backends.len()).filter(|&i| backends[i].1 > 0).collect();
+        if order.is_empty() {
+            return None;
+        }
+        order.sort_by_key(|&i| backends[i].0);
+        let max_weight = order
+            .iter()
+            .map(|&i| u64::from(backends[i].1))
+            .max()
+            .unwrap_or(1);
+        let m = TABLE_SIZE as u64;
+        let perms: Vec<(u64, u64)> = order
+            .iter()
+            .map(|&i| {
+                let key = addr_bytes(backends[i].0);
+                let offset = hash(SEED_OFFSET, &key) % m;
+                let skip = hash(SEED_SKIP, &key) % (m - 1) + 1;
+                (offset, skip)
+            })
+            .collect();
+        let mut next = vec![0u64; order.len()];
+        let mut filled_by = vec![0u64; order.len()];
+        let mut table = vec![u32::MAX; TABLE_SIZE];
+        let mut filled = 0usize;
+        let mut round = 0u64;
+        while filled < TABLE_SIZE {
+            round += 1;
+            for (slot, &orig) in order.iter().enumerate() {
+                // Weighted turns: a backend of weight w places an entry in this
+                // round while its share so far is below round × w / max_weight.
+                if filled_by[slot] * max_weight >= round * u64::from(backends[orig].1) {
+                    continue;
+                }
+                let (offset, skip) = perms[slot];
+                let mut c = (offset + next[slot] * skip) % m;
+                while table[c as usize] != u32::MAX {
+                    next[slot] += 1;
+                    c = (offset + next[slot] * skip) % m;
+                }
+                table[c as usize] = orig as u32;
+                next[slot] += 1;
+                filled_by[slot] += 1;
+                filled += 1;
+                if filled == TABLE_SIZE {
+                    break;
+                }
+            }
+        }
+        Some(Self {
+            table: table.into_boxed_slice(),
+        })
+    }
+
+    /// The backend index at the table position for `key`.
+    pub fn lookup(&self, key: u64) -> usize {
+        self.table[(key % TABLE_SIZE as u64) as usize] as usize
+    }
+
+    /// Number of entries each backend index owns (for tests and metrics).
+    pub fn shares(&self, backends: usize) -> Vec<usize> {
+        let mut out = vec![0; backends];
+        for &i in self.table.iter() {
+            out[i as usize] += 1;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn addrs(n: usize) -> Vec<(SocketAddr, u32)> {
+        (0..n)
+            .map(|i| {
+                (
+                    SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 30080)),
+                    1,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn same_table_in_any_order() {
+        let a = addrs(7);
+        let mut b = a.clone();
+        b.reverse();
+        b.swap(1, 4);
+        let ta = Maglev::build(&a).unwrap();
+        let tb = Maglev::build(&b).unwrap();
+        for key in 0..TABLE_SIZE as u64 {
+            assert_eq!(a[ta.lookup(key)].0, b[tb.lookup(key)].0);
+        }
+    }
+
+    #[test]
+    fn weights_shape_shares() {
+        let mut b = addrs(3);
+        b[0].1 = 1;
+        b[1].1 = 2;
+        b[2].1 = 5;
+        let shares = Maglev::build(&b).unwrap().shares(3);
+        let total: usize = shares.iter().sum();
+        for (i, w) in [1.0, 2.0, 5.0].iter().enumerate() {
+            let expected = total as f64 * w / 8.0;
+            let got = shares[i] as f64;
+            assert!(
+                (got - expected).abs() / expected < 0.02,
+                "backend {i}: {got} vs {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_weight_gets_nothing() {
+        let mut b = addrs(3);
+        b[1].1 = 0;
+        let shares = Maglev::build(&b).unwrap().shares(3);
+        assert_eq!(shares[1], 0);
+        b.iter_mut().for_each(|x| x.1 = 0);
+        assert!(Maglev::build(&b).is_none());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        /// Removing one of N backends moves about 1/N of the keys, and only
+        /// keys that were on the removed backend or a small extra share.
+        #[test]
+        fn removing_one_moves_about_one_nth(n in 3usize..40, victim_seed in 0usize..1000) {
+            let all = addrs(n);
+            let victim = victim_seed % n;
+            let mut rest = all.clone();
+            rest.remove(victim);
+            let before = Maglev::build(&all).unwrap();
+            let after = Maglev::build(&rest).unwrap();
+            let mut moved = 0usize;
+            for key in 0..TABLE_SIZE as u64 {
+                let a = all[before.lookup(key)].0;
+                let b = rest[after.lookup(key)].0;
+                if a != b {
+                    moved += 1;
+                }
+            }
+            let frac = moved as f64 / TABLE_SIZE as f64;
+            let ideal = 1.0 / n as f64;
+            // Maglev trades a little disruption for balance; the paper reports
+            // small extra movement. Allow ideal + 60% relative + 1% absolute.
+            prop_assert!(frac >= ideal * 0.95, "moved {frac} < ideal {ideal}");
+            prop_assert!(frac <= ideal * 1.6 + 0.01, "moved {frac} vs ideal {ideal} (n={n})");
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! `lbd demo`: the quickstart. Three HTTP backends on 127.0.0.2-4 that name
+//! themselves, and an embedded configuration that balances over them
+//! round robin with HTTP health checks, so repeated `curl`s show the
+//! balancing. Everything stays on loopback.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use lb_config::{Config, ConfigErrors};
+use tokio::net::TcpListener;
+
+/// The embedded configuration; `{listen}`, `{metrics}` and `{backends}` are
+/// filled in at start.
+pub const TEMPLATE: &str = r#"
+[runtime]
+workers = 0
+engine = "auto"
+
+[admin]
+metrics = "{metrics}"
+control_socket = "off"
+
+[[listener]]
+name = "demo"
+bind = "{listen}"
+balance = "round_robin"
+backends = [{backends}]
+[listener.health]
+kind = "http"
+path = "/healthz"
+interval = "1s"
+timeout = "500ms"
+rise = 1
+fall = 2
+"#;
+
+/// Renders and parses the demo configuration.
+pub fn config(
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    backends: &[SocketAddr],
+) -> Result<Config, ConfigErrors> {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{ addr = \"{b}\" }}"))
+        .collect();
+    let text = TEMPLATE
+        .replace("{listen}", &listen.to_string())
+        .replace("{metrics}", &metrics.to_string())
+        .replace("{backends}", &list.join(", "));
+    lb_config::parse_config(&text)
+}
+
+/// Starts `count` named HTTP backends on 127.0.0.2, 127.0.0.3, ... (ephemeral
+/// ports) on their own thread; they live as long as the process.
+pub fn start_backends(count: usize) -> std::io::Result<Vec<SocketAddr>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut addrs = Vec::with_capacity(count);
+    let mut listeners = Vec::with_capacity(count);
+    for i in 0..count {
+        let ip = std::net::Ipv4Addr::new(127, 0, 0, 2 + i as u8);
+        let std_listener = std::net::TcpListener::bind((ip, 0))?;
+        std_listener.set_nonblocking(true)?;
+        addrs.push(std_listener.local_addr()?);
+        listeners.push(std_listener);
+    }
+    let named: Vec<(String, std::net::TcpListener)> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| (format!("backend-{} at {}", i + 1, addrs[i]), l))
+        .collect();
+    std::thread::Builder::new()
+        .name("lbd-demo-backends".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                for (name, l) in named {
+                    let Ok(listener) = TcpListener::from_std(l) else {
+                        continue;
+                    };
+                    tokio::spawn(serve_named(name, listener));
+                }
+                std::future::pending::<()>().await;
+            });
+        })?;
+    Ok(addrs)
+}
+
+async fn serve_named(name: String, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let name = name.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let body = if req.uri().path() == "/healthz" {
+                        "ok\n".to_owned()
+                    } else {
+                        format!("Hello from weir demo {name}\n")
+                    };
+                    async move {
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(StatusCode::OK)
+                                .header("content-type", "text/plain")
+                                .body(Full::new(Bytes::from(body)))
+                                .expect("static response"),
+                        )
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,93 @@
+//! The epoll engine: tokio's reactor, one current-thread runtime per worker.
+
+use std::future::Future;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+
+use socket2::SockRef;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{Conn, Engine, EngineKind};
+
+/// Marker type for the epoll engine.
+#[derive(Debug)]
+pub struct Epoll;
+
+/// A tokio TCP stream.
+#[derive(Debug)]
+pub struct EpollConn(TcpStream);
+
+impl Conn for EpollConn {
+    async fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(Self(s))
+    }
+
+    async fn ready(&self) -> io::Result<()> {
+        self.0.readable().await
+    }
+
+    async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        loop {
+            if let Err(e) = self.0.readable().await {
+                return (Err(e), buf);
+            }
+            match self.0.try_read_buf(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return (r, buf),
+            }
+        }
+    }
+
+    async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        let mut done = 0;
+        while done < buf.len() {
+            if let Err(e) = self.0.writable().await {
+                return (Err(e), buf);
+            }
+            match self.0.try_write(&buf[done..]) {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        SockRef::from(&self.0).shutdown(Shutdown::Write)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    fn set_nodelay(&self) -> io::Result<()> {
+        self.0.set_nodelay(true)
+    }
+}
+
+impl Engine for Epoll {
+    type Conn = EpollConn;
+    type Listener = TcpListener;
+    const KIND: EngineKind = EngineKind::Epoll;
+
+    fn run(worker: impl Future<Output = ()>) -> io::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        tokio::task::LocalSet::new().block_on(&rt, worker);
+        Ok(())
+    }
+
+    fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
+        TcpListener::from_std(socket)
+    }
+
+    async fn accept(listener: &TcpListener) -> io::Result<(EpollConn, SocketAddr)> {
+        let (s, peer) = listener.accept().await?;
+        Ok((EpollConn(s), peer))
+    }
+}

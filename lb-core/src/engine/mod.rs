@@ -1,0 +1,123 @@
+//! The two I/O engines behind one small interface. Forwarding logic is
+//! written once, generic over [`Engine`], so both engines have the same
+//! behaviour by construction; only accept, connect, read, write and
+//! shutdown differ. See docs/design/0001-engines-and-workers.md.
+
+pub mod epoll;
+pub mod uring;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+
+use lb_config::EngineChoice;
+
+/// A proxied TCP stream, used through shared references so one task can
+/// read it while another writes it (io_uring style owned buffers).
+#[allow(async_fn_in_trait)]
+pub trait Conn: Sized + 'static {
+    /// Connects to `addr` with `TCP_NODELAY` set.
+    async fn connect(addr: SocketAddr) -> io::Result<Self>;
+    /// Waits until a read would not block (epoll), so idle connections hold
+    /// no buffer; io_uring returns at once and reads into the buffer.
+    async fn ready(&self) -> io::Result<()>;
+    /// Reads into `buf`'s spare capacity (`buf` arrives empty).
+    async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+    /// Writes all of `buf`.
+    async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
+    /// Sends FIN (half-close).
+    fn shutdown_write(&self) -> io::Result<()>;
+    /// The local address of the connection (the VIP the client reached).
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+    /// Sets `TCP_NODELAY`.
+    fn set_nodelay(&self) -> io::Result<()>;
+}
+
+/// An engine: how a worker runs and accepts.
+#[allow(async_fn_in_trait)]
+pub trait Engine: 'static {
+    /// Its streams.
+    type Conn: Conn;
+    /// Its listening socket.
+    type Listener: 'static;
+    /// Which engine this is.
+    const KIND: EngineKind;
+    /// Runs `worker` to completion on a new runtime on this thread.
+    fn run(worker: impl Future<Output = ()>) -> io::Result<()>;
+    /// Wraps a bound, listening, non-blocking socket. Called inside `run`.
+    fn listener(socket: std::net::TcpListener) -> io::Result<Self::Listener>;
+    /// Accepts one connection.
+    async fn accept(listener: &Self::Listener) -> io::Result<(Self::Conn, SocketAddr)>;
+}
+
+/// The engine in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineKind {
+    /// io_uring (tokio-uring).
+    IoUring,
+    /// epoll (tokio).
+    Epoll,
+}
+
+impl EngineKind {
+    /// The name used in config, logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::IoUring => "io_uring",
+            Self::Epoll => "epoll",
+        }
+    }
+}
+
+/// Resolves the configured choice to an engine. `auto` probes io_uring and
+/// falls back to epoll with the reason; an explicit `io_uring` that cannot
+/// work is an error.
+pub fn choose(choice: EngineChoice) -> Result<(EngineKind, Option<String>), String> {
+    match choice {
+        EngineChoice::Epoll => Ok((EngineKind::Epoll, None)),
+        EngineChoice::IoUring => probe_io_uring().map(|()| (EngineKind::IoUring, None)),
+        EngineChoice::Auto => match probe_io_uring() {
+            Ok(()) => Ok((EngineKind::IoUring, None)),
+            Err(why) => Ok((EngineKind::Epoll, Some(why))),
+        },
+    }
+}
+
+/// Checks that io_uring can be set up here and supports every operation
+/// the engine submits.
+pub fn probe_io_uring() -> Result<(), String> {
+    use io_uring::opcode;
+    let ring = io_uring::IoUring::new(8).map_err(|e| {
+        let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+            .map(|v| format!(" (kernel.io_uring_disabled = {})", v.trim()))
+            .unwrap_or_default();
+        format!("io_uring_setup failed: {e}{sysctl}")
+    })?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("io_uring probe failed: {e}"))?;
+    let needed = [
+        ("accept", opcode::Accept::CODE),
+        ("connect", opcode::Connect::CODE),
+        ("read", opcode::Read::CODE),
+        ("write", opcode::Write::CODE),
+        ("close", opcode::Close::CODE),
+        ("async_cancel", opcode::AsyncCancel::CODE),
+        ("recvmsg", opcode::RecvMsg::CODE),
+        ("sendmsg", opcode::SendMsg::CODE),
+    ];
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(_, c)| !probe.is_supported(*c))
+        .map(|(n, _)| *n)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!("io_uring lacks operations: {}", missing.join(", ")));
+    }
+    drop(ring);
+    // The runtime itself (ring + eventfd registration) must start too.
+    tokio_uring::Runtime::new(&tokio_uring::builder())
+        .map(drop)
+        .map_err(|e| format!("tokio-uring runtime failed to start: {e}"))
+}

@@ -1,0 +1,88 @@
+//! The io_uring engine: tokio-uring, one ring per worker. Reads and writes
+//! are submitted as ring operations with owned buffers.
+
+#![allow(unsafe_code)]
+
+use std::future::Future;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use socket2::SockRef;
+use tokio_uring::net::{TcpListener, TcpStream};
+
+use super::{Conn, Engine, EngineKind};
+
+/// Marker type for the io_uring engine.
+#[derive(Debug)]
+pub struct IoUring;
+
+/// A tokio-uring TCP stream.
+pub struct UringConn(TcpStream);
+
+impl UringConn {
+    fn sock(&self) -> BorrowedFd<'_> {
+        // SAFETY: the fd belongs to `self.0`, which outlives the returned
+        // borrow (tied to `&self`); it is only used for getsockname/setsockopt.
+        unsafe { BorrowedFd::borrow_raw(self.0.as_raw_fd()) }
+    }
+}
+
+impl Conn for UringConn {
+    async fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(Self(s))
+    }
+
+    async fn ready(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        self.0.read(buf).await
+    }
+
+    async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        self.0.write_all(buf).await
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.0.shutdown(Shutdown::Write)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        let fd = self.sock();
+        SockRef::from(&fd)
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("not an IP socket"))
+    }
+
+    fn set_nodelay(&self) -> io::Result<()> {
+        self.0.set_nodelay(true)
+    }
+}
+
+impl Engine for IoUring {
+    type Conn = UringConn;
+    type Listener = TcpListener;
+    const KIND: EngineKind = EngineKind::IoUring;
+
+    fn run(worker: impl Future<Output = ()>) -> io::Result<()> {
+        let mut builder = tokio_uring::builder();
+        builder.entries(1024);
+        let rt = tokio_uring::Runtime::new(&builder)?;
+        rt.block_on(worker);
+        Ok(())
+    }
+
+    fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
+        Ok(TcpListener::from_std(socket))
+    }
+
+    async fn accept(listener: &TcpListener) -> io::Result<(UringConn, SocketAddr)> {
+        let (s, peer) = listener.accept().await?;
+        Ok((UringConn(s), peer))
+    }
+}

@@ -1,0 +1,327 @@
+//! The worker: accept loops and the life of one proxied TCP connection,
+//! written once for both engines.
+//!
+//! A connection reads the routing snapshot once, is checked against
+//! `source_ranges` and the connection caps, picks a backend (retrying
+//! failed connects on other backends), sends the PROXY header, then copies
+//! both ways until both sides finish, an error, the idle timeout, or its
+//! backend's drain deadline.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant as StdInstant;
+
+use arc_swap::ArcSwap;
+use lb_config::{HashKey, ProxyProtocol};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::balance::hash;
+use crate::engine::{Conn, Engine};
+use crate::proxy_protocol;
+use crate::routing::{BackendHandle, BindKey, ConnectError, Route, Routing};
+use crate::stats::Reject;
+
+/// Bytes per copy buffer.
+const BUF_SIZE: usize = 64 * 1024;
+/// Idle buffers a worker keeps for reuse.
+const POOL_MAX: usize = 256;
+/// Connect attempts per client connection (each on a different backend).
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// What every worker and the control side share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The routing snapshot.
+    pub routing: ArcSwap<Routing>,
+    /// Proxied connections open now, all listeners.
+    pub active_total: AtomicU64,
+    /// Global cap on `active_total`.
+    pub max_total: u64,
+}
+
+/// A command from the control side to a worker.
+#[derive(Debug)]
+pub enum WorkerCmd {
+    /// Start accepting on this socket until `stop` becomes true.
+    Listen {
+        /// Which listener this socket serves.
+        key: BindKey,
+        /// Bound, listening, non-blocking.
+        socket: std::net::TcpListener,
+        /// Becomes true when the listener is removed or the process stops.
+        stop: watch::Receiver<bool>,
+    },
+}
+
+struct Worker {
+    id: usize,
+    shared: Arc<Shared>,
+    rng: Cell<u64>,
+    buffers: RefCell<Vec<Vec<u8>>>,
+}
+
+impl Worker {
+    fn random(&self) -> u64 {
+        let x = self.rng.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.rng.set(x);
+        hash::fmix64(x)
+    }
+
+    fn take_buffer(&self) -> Vec<u8> {
+        self.buffers
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
+    }
+
+    fn give_buffer(&self, mut buf: Vec<u8>) {
+        let mut pool = self.buffers.borrow_mut();
+        if pool.len() < POOL_MAX && buf.capacity() >= BUF_SIZE {
+            buf.clear();
+            pool.push(buf);
+        }
+    }
+}
+
+/// Runs worker `id` on this thread until the command channel closes.
+pub fn run_worker<E: Engine>(
+    id: usize,
+    shared: Arc<Shared>,
+    mut commands: mpsc::UnboundedReceiver<WorkerCmd>,
+) -> io::Result<()> {
+    E::run(async move {
+        let seed = hash::fmix64(
+            id as u64 ^ StdInstant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64,
+        );
+        let worker = Rc::new(Worker {
+            id,
+            shared,
+            rng: Cell::new(seed),
+            buffers: RefCell::new(Vec::new()),
+        });
+        while let Some(cmd) = commands.recv().await {
+            match cmd {
+                WorkerCmd::Listen { key, socket, stop } => match E::listener(socket) {
+                    Ok(listener) => {
+                        tokio::task::spawn_local(accept_loop::<E>(
+                            worker.clone(),
+                            key,
+                            listener,
+                            stop,
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::error!(bind = %key.addr, error = %e, worker = id, "cannot use listener socket")
+                    }
+                },
+            }
+        }
+    })
+}
+
+async fn accept_loop<E: Engine>(
+    worker: Rc<Worker>,
+    key: BindKey,
+    listener: E::Listener,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        tokio::select! {
+            biased;
+            changed = stop.changed() => if changed.is_err() {
+                return; // the control side is gone
+            },
+            accepted = E::accept(&listener) => match accepted {
+                Ok((conn, peer)) => {
+                    tokio::task::spawn_local(serve::<E>(worker.clone(), key, conn, peer));
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS: back off briefly instead of spinning.
+                    tracing::debug!(bind = %key.addr, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Decrements a counter when dropped.
+struct Held<'a>(&'a AtomicU64);
+
+impl<'a> Held<'a> {
+    fn take(counter: &'a AtomicU64) -> (Self, u64) {
+        let before = counter.fetch_add(1, Ordering::Relaxed);
+        (Self(counter), before)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve<E: Engine>(worker: Rc<Worker>, key: BindKey, client: E::Conn, peer: SocketAddr) {
+    let Some(route) = worker.shared.routing.load().routes.get(&key).cloned() else {
+        return; // the listener was removed between accept and now
+    };
+    let stats = route.stats.worker(worker.id);
+    stats.accepted.fetch_add(1, Ordering::Relaxed);
+    if !route.allows(peer.ip()) {
+        stats.reject(Reject::SourceRange);
+        return;
+    }
+    let (_global, before) = Held::take(&worker.shared.active_total);
+    if before >= worker.shared.max_total {
+        stats.reject(Reject::Limit);
+        return;
+    }
+    let (_listener_slot, before) = Held::take(&route.stats.active);
+    let cap = u64::from(route.listener.max_connections);
+    if cap > 0 && before >= cap {
+        stats.reject(Reject::Limit);
+        return;
+    }
+    let local = client.local_addr().unwrap_or(key.addr);
+    let _ = client.set_nodelay();
+    let Some((backend, upstream)) = connect_backend::<E>(&worker, &route, peer, local).await else {
+        stats.reject(Reject::NoBackend);
+        return;
+    };
+    let (_backend_slot, _) = Held::take(&backend.active);
+    backend.total.fetch_add(1, Ordering::Relaxed);
+    let header = match route.listener.proxy_protocol {
+        ProxyProtocol::Off => None,
+        ProxyProtocol::V1 => Some(proxy_protocol::v1(peer, local)),
+        ProxyProtocol::V2 => Some(proxy_protocol::v2(
+            peer,
+            local,
+            proxy_protocol::Transport::Stream,
+        )),
+    };
+    if let Some(h) = header {
+        if upstream.write_all(h).await.0.is_err() {
+            return;
+        }
+    }
+    let mut close = backend.close_signal();
+    let idle = route.listener.idle_timeout.get();
+    let activity = Cell::new(Instant::now());
+    let copy = async {
+        tokio::try_join!(
+            pump(
+                &worker,
+                &client,
+                &upstream,
+                &stats.bytes_to_backend,
+                &activity
+            ),
+            pump(
+                &worker,
+                &upstream,
+                &client,
+                &stats.bytes_to_client,
+                &activity
+            ),
+        )
+    };
+    let idle_watch = async {
+        loop {
+            let deadline = activity.get() + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        result = copy => if let Err(e) = result {
+            tracing::debug!(listener = %route.listener.name, %peer, error = %e, "connection ended with an error");
+        },
+        () = idle_watch => tracing::debug!(listener = %route.listener.name, %peer, "idle timeout"),
+        _ = close.wait_for(|c| *c) => tracing::debug!(listener = %route.listener.name, %peer, backend = %backend.addr, "closed by drain deadline"),
+    }
+}
+
+/// Picks and connects a backend, retrying other backends on failure.
+async fn connect_backend<E: Engine>(
+    worker: &Worker,
+    route: &Route,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Option<(Arc<BackendHandle>, E::Conn)> {
+    let key = match route.listener.hash_key {
+        HashKey::FiveTuple => hash::five_tuple_key(peer, local, 6),
+        HashKey::ClientIp => hash::client_ip_key(peer.ip()),
+    };
+    let timeout = route.listener.connect_timeout.get();
+    let mut tried: Vec<usize> = Vec::with_capacity(MAX_CONNECT_ATTEMPTS);
+    for _ in 0..MAX_CONNECT_ATTEMPTS {
+        let i = route.pick(key, worker.random(), &tried)?;
+        let backend = &route.backends[i];
+        let result = tokio::time::timeout(timeout, E::Conn::connect(backend.addr)).await;
+        let (reason, message) = match result {
+            Ok(Ok(conn)) => return Some((backend.clone(), conn)),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                (ConnectError::Refused, e.to_string())
+            }
+            Ok(Err(e)) => (ConnectError::Other, e.to_string()),
+            Err(_) => (
+                ConnectError::Timeout,
+                format!("connect timed out after {}", route.listener.connect_timeout),
+            ),
+        };
+        backend.count_connect_error(reason);
+        backend
+            .health
+            .load()
+            .passive_failure(message, StdInstant::now());
+        tried.push(i);
+    }
+    None
+}
+
+/// Copies `from` → `to` until EOF (then half-closes `to`) or an error.
+async fn pump<C: Conn>(
+    worker: &Worker,
+    from: &C,
+    to: &C,
+    bytes: &AtomicU64,
+    activity: &Cell<Instant>,
+) -> io::Result<()> {
+    loop {
+        from.ready().await?;
+        let buf = worker.take_buffer();
+        let (read, buf) = from.read(buf).await;
+        let n = match read {
+            Ok(n) => n,
+            Err(e) => {
+                worker.give_buffer(buf);
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            worker.give_buffer(buf);
+            // Peer finished sending: pass the FIN on, keep the other way open.
+            // ENOTCONN means the other side is already gone; nothing to tell.
+            return match to.shutdown_write() {
+                Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+                _ => Ok(()),
+            };
+        }
+        activity.set(Instant::now());
+        let (written, buf) = to.write_all(buf).await;
+        worker.give_buffer(buf);
+        written?;
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        activity.set(Instant::now());
+    }
+}

@@ -1,0 +1,268 @@
+//! Prometheus metrics. Data-path counters live in per-worker and per-handle
+//! atomics; this collector reads and sums them at scrape time, so the data
+//! path never takes a lock or touches a metric family.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::routing::ConnectError;
+use crate::server::Inner;
+use crate::stats::Reject;
+
+/// Registered metrics of one server.
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    /// Configuration reloads by result (`applied`, `rejected`).
+    pub reloads: IntCounterVec,
+    /// Generation of the applied configuration.
+    pub generation: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Creates the registry; `inner` is read at scrape time.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "weir_config_reloads_total",
+                "Configuration reloads by result.",
+            ),
+            &["result"],
+        )
+        .expect("static metric");
+        let generation = IntGauge::new(
+            "weir_config_generation",
+            "Generation of the applied configuration (increments per applied change).",
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(reloads.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(generation.clone()))
+            .expect("unique metric");
+        for r in ["applied", "rejected"] {
+            reloads.with_label_values(&[r]);
+        }
+        Self {
+            registry,
+            reloads,
+            generation,
+        }
+    }
+
+    /// Registers the scrape-time collector over `inner`.
+    pub fn attach(&self, inner: Weak<Inner>) {
+        let _ = self.registry.register(Box::new(StateCollector {
+            inner,
+            descs: Vec::new(),
+        }));
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct StateCollector {
+    inner: Weak<Inner>,
+    descs: Vec<Desc>,
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("static metric")
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric")
+}
+
+impl Collector for StateCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Vec::new();
+        };
+        collect(&inner)
+    }
+}
+
+fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
+    let accepted = counter(
+        "weir_connections_accepted_total",
+        "TCP connections accepted, by listener.",
+        &["listener"],
+    );
+    let rejected = counter(
+        "weir_connections_rejected_total",
+        "TCP connections refused, by listener and reason (limit, source_range, no_backend).",
+        &["listener", "reason"],
+    );
+    let active = gauge(
+        "weir_connections_active",
+        "TCP connections open now, by listener.",
+        &["listener"],
+    );
+    let bytes = counter(
+        "weir_bytes_total",
+        "Bytes forwarded, by listener and direction (to_backend, to_client).",
+        &["listener", "direction"],
+    );
+    let b_active = gauge(
+        "weir_backend_connections_active",
+        "Connections open to a backend now.",
+        &["listener", "backend"],
+    );
+    let b_total = counter(
+        "weir_backend_connections_total",
+        "Connections made to a backend.",
+        &["listener", "backend"],
+    );
+    let b_errors = counter(
+        "weir_backend_connect_errors_total",
+        "Failed connect attempts to a backend, by reason (refused, timeout, other).",
+        &["listener", "backend", "reason"],
+    );
+    let b_up = gauge(
+        "weir_backend_up",
+        "1 when the backend is healthy, 0 when down.",
+        &["listener", "backend"],
+    );
+    let b_draining = gauge(
+        "weir_backend_draining",
+        "1 for a removed backend whose connections are draining.",
+        &["listener", "backend"],
+    );
+    let checks = counter(
+        "weir_health_checks_total",
+        "Active health check results, by probed target, check kind and result (ok, fail).",
+        &["target", "kind", "result"],
+    );
+    let passive = counter(
+        "weir_health_passive_failures_total",
+        "Failed connects counted as health evidence, by probed target.",
+        &["target", "kind"],
+    );
+    let global = IntGauge::new(
+        "weir_connections_active_all",
+        "TCP connections open now, all listeners.",
+    )
+    .expect("static metric");
+    let info = gauge(
+        "weir_info",
+        "Engine and worker count of this lbd.",
+        &["engine", "workers", "version"],
+    );
+
+    let routing = inner.shared.routing.load();
+    for route in routing.routes.values() {
+        let name = route.listener.name.as_str();
+        let t = route.stats.totals();
+        accepted.with_label_values(&[name]).inc_by(t.accepted);
+        for (i, r) in Reject::ALL.iter().enumerate() {
+            rejected
+                .with_label_values(&[name, r.label()])
+                .inc_by(t.rejected[i]);
+        }
+        active
+            .with_label_values(&[name])
+            .set(route.stats.active.load(Ordering::Relaxed) as i64);
+        bytes
+            .with_label_values(&[name, "to_backend"])
+            .inc_by(t.bytes_to_backend);
+        bytes
+            .with_label_values(&[name, "to_client"])
+            .inc_by(t.bytes_to_client);
+        for b in &route.backends {
+            let addr = b.addr.to_string();
+            let labels = [name, addr.as_str()];
+            b_active
+                .with_label_values(&labels)
+                .set(b.active.load(Ordering::Relaxed) as i64);
+            b_total
+                .with_label_values(&labels)
+                .inc_by(b.total.load(Ordering::Relaxed));
+            for (i, e) in ConnectError::ALL.iter().enumerate() {
+                b_errors
+                    .with_label_values(&[name, addr.as_str(), e.label()])
+                    .inc_by(b.connect_errors[i].load(Ordering::Relaxed));
+            }
+            b_up.with_label_values(&labels)
+                .set(i64::from(b.health.load().is_up()));
+            b_draining.with_label_values(&labels).set(0);
+        }
+    }
+    if let Ok(plane) = inner.plane.lock() {
+        let names: std::collections::HashMap<_, _> = routing
+            .routes
+            .iter()
+            .map(|(k, r)| (*k, r.listener.name.clone()))
+            .collect();
+        for (key, h) in plane.draining() {
+            let name = names
+                .get(key)
+                .cloned()
+                .unwrap_or_else(|| format!("removed:{}", key.addr));
+            let addr = h.addr.to_string();
+            b_draining.with_label_values(&[&name, &addr]).set(1);
+            b_active
+                .with_label_values(&[&name, &addr])
+                .set(h.active.load(Ordering::Relaxed) as i64);
+        }
+        for cell in plane.health().cells() {
+            let target = cell.key.target.to_string();
+            let kind = format!("{:?}", cell.key.check.kind).to_lowercase();
+            checks
+                .with_label_values(&[&target, &kind, "ok"])
+                .inc_by(cell.checks_ok.load(Ordering::Relaxed));
+            checks
+                .with_label_values(&[&target, &kind, "fail"])
+                .inc_by(cell.checks_failed.load(Ordering::Relaxed));
+            passive
+                .with_label_values(&[&target, &kind])
+                .inc_by(cell.passive_failures.load(Ordering::Relaxed));
+        }
+    }
+    global.set(inner.shared.active_total.load(Ordering::Relaxed) as i64);
+    info.with_label_values(&[
+        inner.engine.name(),
+        &inner.workers.to_string(),
+        env!("CARGO_PKG_VERSION"),
+    ])
+    .set(1);
+
+    let mut out = Vec::new();
+    for c in [
+        &accepted, &rejected, &bytes, &b_total, &b_errors, &checks, &passive,
+    ] {
+        out.extend(c.collect());
+    }
+    for g in [&active, &b_active, &b_up, &b_draining, &info] {
+        out.extend(g.collect());
+    }
+    out.extend(global.collect());
+    out
+}

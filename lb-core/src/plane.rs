@@ -1,0 +1,341 @@
+//! Applying a configuration to the running data plane, following the
+//! invariants: bind new sockets first, publish one snapshot, then stop
+//! removed listeners and drain removed backends. A configuration that
+//! cannot be applied (a bind fails, an unsupported listener) changes nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use lb_config::{Config, Listener, Protocol};
+use socket2::{Domain, Socket, Type};
+use tokio::sync::{mpsc, watch};
+
+use crate::balance::Selector;
+use crate::forward::{Shared, WorkerCmd};
+use crate::health::HealthRegistry;
+use crate::routing::{BackendHandle, BindKey, Route, Routing};
+use crate::stats::ListenerStats;
+
+/// Why a configuration was not applied. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A new listener's address could not be bound.
+    #[error("listener {name:?}: cannot bind {addr}: {source}")]
+    Bind {
+        /// The listener.
+        name: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A listener uses something this build does not forward yet.
+    #[error("listener {name:?}: {what}")]
+    Unsupported {
+        /// The listener.
+        name: String,
+        /// What is missing.
+        what: &'static str,
+    },
+}
+
+/// What an apply changed, for the log line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The generation now published.
+    pub generation: u64,
+    /// Listeners bound by this apply.
+    pub added: usize,
+    /// Listeners whose sockets were closed.
+    pub removed: usize,
+    /// Backends that started draining.
+    pub draining: usize,
+}
+
+struct Bound {
+    stop: watch::Sender<bool>,
+    local: SocketAddr,
+}
+
+type HandleKey = (BindKey, SocketAddr);
+
+/// The control side's view of the data plane. Not on the data path: only
+/// reloads and metrics scrapes take its lock.
+pub struct Plane {
+    shared: Arc<Shared>,
+    workers: Vec<mpsc::UnboundedSender<WorkerCmd>>,
+    rt: tokio::runtime::Handle,
+    generation: u64,
+    listeners: Vec<Listener>,
+    sockets: HashMap<BindKey, Bound>,
+    handles: HashMap<HandleKey, Arc<BackendHandle>>,
+    draining: HashMap<HandleKey, Arc<BackendHandle>>,
+    stats: HashMap<String, Arc<ListenerStats>>,
+    health: HealthRegistry,
+}
+
+impl std::fmt::Debug for Plane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plane")
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+impl Plane {
+    /// An empty plane driving `workers`; probers and timers run on `rt`.
+    pub fn new(
+        shared: Arc<Shared>,
+        workers: Vec<mpsc::UnboundedSender<WorkerCmd>>,
+        rt: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            shared,
+            workers,
+            rt,
+            generation: 0,
+            listeners: Vec::new(),
+            sockets: HashMap::new(),
+            handles: HashMap::new(),
+            draining: HashMap::new(),
+            stats: HashMap::new(),
+            health: HealthRegistry::default(),
+        }
+    }
+
+    /// The listeners now applied.
+    pub fn listeners(&self) -> &[Listener] {
+        &self.listeners
+    }
+
+    /// The address a listener is actually bound to (differs from the
+    /// configured one when that has port 0).
+    pub fn bound_addr(&self, key: &BindKey) -> Option<SocketAddr> {
+        self.sockets.get(key).map(|b| b.local)
+    }
+
+    /// Backends draining now, with the bind key of the listener they left.
+    pub fn draining(&self) -> impl Iterator<Item = (&BindKey, &Arc<BackendHandle>)> {
+        self.draining.iter().map(|((k, _), h)| (k, h))
+    }
+
+    /// The health registry (for metrics).
+    pub fn health(&self) -> &HealthRegistry {
+        &self.health
+    }
+
+    /// Applies `config`'s listeners. On error nothing changed.
+    pub fn apply(&mut self, config: &Config) -> Result<Applied, ApplyError> {
+        if let Some(l) = config
+            .listeners
+            .iter()
+            .find(|l| l.protocol == Protocol::Udp)
+        {
+            return Err(ApplyError::Unsupported {
+                name: l.name.clone(),
+                what: "protocol \"udp\" is not forwarded by this lbd version yet",
+            });
+        }
+        // 1. Bind every new socket; any failure undoes the others.
+        let wanted: Vec<BindKey> = config.listeners.iter().map(BindKey::of).collect();
+        let mut fresh: Vec<(BindKey, Vec<std::net::TcpListener>, SocketAddr)> = Vec::new();
+        for l in &config.listeners {
+            let key = BindKey::of(l);
+            if self.sockets.contains_key(&key) {
+                continue;
+            }
+            let (sockets, local) =
+                bind_tcp(l.bind, self.workers.len()).map_err(|source| ApplyError::Bind {
+                    name: l.name.clone(),
+                    addr: l.bind,
+                    source,
+                })?;
+            fresh.push((key, sockets, local));
+        }
+
+        // 2. Build the new snapshot, reusing handles and counters.
+        let mut handles: HashMap<HandleKey, Arc<BackendHandle>> = HashMap::new();
+        let mut stats: HashMap<String, Arc<ListenerStats>> = HashMap::new();
+        let mut routes = HashMap::new();
+        let mut probes = HashSet::new();
+        for l in &config.listeners {
+            let key = BindKey::of(l);
+            let backends: Vec<Arc<BackendHandle>> = l
+                .backends
+                .iter()
+                .map(|b| {
+                    let hk = (key, b.addr);
+                    let cell = self.health.cell(b.addr, &l.health, &self.rt);
+                    probes.insert(cell.key.clone());
+                    let reuse = self
+                        .handles
+                        .get(&hk)
+                        .cloned()
+                        .or_else(|| self.draining.get(&hk).filter(|h| h.revive()).cloned());
+                    let handle = match reuse {
+                        Some(h) => {
+                            if !Arc::ptr_eq(&h.health.load(), &cell) {
+                                h.health.store(cell);
+                            }
+                            h
+                        }
+                        None => Arc::new(BackendHandle::new(b.addr, cell)),
+                    };
+                    handles.insert(hk, handle.clone());
+                    handle
+                })
+                .collect();
+            let workers = self.workers.len();
+            let st = self
+                .stats
+                .get(&l.name)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(ListenerStats::new(workers)));
+            stats.insert(l.name.clone(), st.clone());
+            let route = Route {
+                listener: l.clone(),
+                selector: Selector::new(l.balance, &l.backends),
+                backends,
+                stats: st,
+            };
+            routes.insert(key, Arc::new(route));
+        }
+
+        // 3. Publish: one store.
+        self.generation += 1;
+        self.shared.routing.store(Arc::new(Routing {
+            generation: self.generation,
+            routes,
+        }));
+
+        // 4. Hand new sockets to the workers.
+        let added = fresh.len();
+        for (key, sockets, local) in fresh {
+            let (stop, stop_rx) = watch::channel(false);
+            for (socket, worker) in sockets.into_iter().zip(&self.workers) {
+                let _ = worker.send(WorkerCmd::Listen {
+                    key,
+                    socket,
+                    stop: stop_rx.clone(),
+                });
+            }
+            tracing::info!(bind = %local, "listening");
+            self.sockets.insert(key, Bound { stop, local });
+        }
+
+        // 5. Close removed listeners' sockets.
+        let before = self.sockets.len();
+        self.sockets.retain(|key, bound| {
+            let keep = wanted.contains(key);
+            if !keep {
+                bound.stop.send_replace(true);
+                tracing::info!(bind = %bound.local, "listener closed");
+            }
+            keep
+        });
+        let removed = before - self.sockets.len();
+
+        // 6. Drain backends that left (including every backend of a removed listener).
+        let drain_of: HashMap<BindKey, lb_config::Duration> = self
+            .listeners
+            .iter()
+            .map(|l| (BindKey::of(l), l.drain_timeout))
+            .collect();
+        let mut draining = 0;
+        for (hk, handle) in self.handles.drain() {
+            if handles.get(&hk).is_some_and(|h| Arc::ptr_eq(h, &handle)) {
+                continue;
+            }
+            draining += 1;
+            let epoch = handle.start_drain();
+            let timeout = drain_of
+                .get(&hk.0)
+                .copied()
+                .unwrap_or(lb_config::Duration::from_secs(30));
+            let timer = handle.clone();
+            self.rt.spawn(async move {
+                tokio::time::sleep(timeout.get()).await;
+                timer.close_if_drained(epoch);
+            });
+            self.draining.insert(hk, handle);
+        }
+        self.draining
+            .retain(|hk, h| !handles.contains_key(hk) && !h.is_closed() && h.is_draining());
+        self.handles = handles;
+        self.stats = stats;
+        self.health.retain(&probes);
+        self.listeners = config.listeners.clone();
+        Ok(Applied {
+            generation: self.generation,
+            added,
+            removed,
+            draining,
+        })
+    }
+
+    /// Drops the worker channels so worker threads finish (shutdown, last step).
+    pub fn disconnect_workers(&mut self) {
+        self.workers.clear();
+    }
+
+    /// Stops every accept loop (shutdown, step 1).
+    pub fn stop_accepting(&mut self) {
+        for bound in self.sockets.values() {
+            bound.stop.send_replace(true);
+        }
+    }
+
+    /// Closes every connection now (shutdown, last step).
+    pub fn close_all(&mut self) {
+        for h in self.handles.values().chain(self.draining.values()) {
+            h.close_all();
+        }
+    }
+
+    /// The longest drain timeout of any listener (the shutdown grace).
+    pub fn max_drain(&self) -> std::time::Duration {
+        self.listeners
+            .iter()
+            .map(|l| l.drain_timeout.get())
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+/// Binds one `SO_REUSEPORT` listening socket per worker on `addr` (with
+/// `IP_FREEBIND`, so a VIP not yet on the host still binds). With port 0,
+/// the first socket's port is reused by the others.
+pub fn bind_tcp(
+    addr: SocketAddr,
+    count: usize,
+) -> io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
+    let mut out = Vec::with_capacity(count);
+    let mut actual = addr;
+    for _ in 0..count.max(1) {
+        let s = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        if addr.is_ipv4() {
+            s.set_freebind_v4(true)?;
+        } else {
+            s.set_freebind_v6(true)?;
+        }
+        s.set_nonblocking(true)?;
+        s.bind(&actual.into())?;
+        s.listen(4096)?;
+        if actual.port() == 0 {
+            actual = s
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("not an IP socket"))?;
+        }
+        out.push(s.into());
+    }
+    Ok((out, actual))
+}

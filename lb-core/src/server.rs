@@ -1,0 +1,459 @@
+//! The running `lbd`: worker threads, the control runtime (health probes,
+//! drain timers, the admin endpoint), reloads and graceful shutdown.
+//!
+//! The API is blocking on purpose: `main`, signal handling and tests drive
+//! it from plain threads, and all async work stays on runtimes it owns.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use lb_config::{Config, ConfigErrors, EngineChoice, Protocol};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::engine::{self, epoll::Epoll, uring::IoUring, EngineKind};
+use crate::forward::{run_worker, Shared};
+use crate::metrics::Metrics;
+use crate::plane::{Applied, ApplyError, Plane};
+use crate::routing::{BindKey, Routing};
+
+/// Overrides of the file's `[runtime]` (command line, tests).
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Engine instead of `runtime.engine`.
+    pub engine: Option<EngineChoice>,
+    /// Worker count instead of `runtime.workers`.
+    pub workers: Option<usize>,
+}
+
+/// Why the server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The requested engine is unavailable.
+    #[error("engine: {0}")]
+    Engine(String),
+    /// A runtime or thread could not be created.
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The initial configuration could not be applied.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+/// Why a reload was rejected. The running configuration is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file is invalid.
+    #[error("invalid configuration:\n{0}")]
+    Invalid(ConfigErrors),
+    /// The configuration is valid but could not be applied.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+/// State shared by the server, its admin endpoint and the metrics collector.
+pub struct Inner {
+    /// What workers read.
+    pub shared: Arc<Shared>,
+    /// The control side's view.
+    pub plane: Mutex<Plane>,
+    /// Engine in use.
+    pub engine: EngineKind,
+    /// Worker count.
+    pub workers: usize,
+    /// Whether `/readyz` answers 200.
+    pub ready: AtomicBool,
+    /// The metrics registry.
+    pub metrics: Metrics,
+    /// Serialises reloads.
+    reload: Mutex<()>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("engine", &self.engine)
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+/// A running `lbd`.
+#[derive(Debug)]
+pub struct Server {
+    inner: Arc<Inner>,
+    rt: Option<tokio::runtime::Runtime>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    admin: Option<SocketAddr>,
+}
+
+/// Raises the open-files soft limit to the hard limit; returns the soft limit now in force.
+fn raise_nofile() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if let (Some(cur), max) = (lim.current, lim.maximum) {
+        let target = max.unwrap_or(1 << 20).min(1 << 20);
+        if target > cur
+            && setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(target),
+                    maximum: max,
+                },
+            )
+            .is_ok()
+        {
+            return target;
+        }
+        return cur;
+    }
+    1 << 20
+}
+
+impl Server {
+    /// Starts workers, applies `config`, and serves the admin endpoint.
+    pub fn start(config: &Config, options: &Options) -> Result<Self, StartError> {
+        let choice = options.engine.unwrap_or(config.runtime.engine);
+        let (engine, fallback) = engine::choose(choice).map_err(StartError::Engine)?;
+        if let Some(why) = fallback {
+            tracing::warn!(reason = %why, "io_uring unavailable, using epoll");
+        }
+        let workers = match options.workers.unwrap_or(config.runtime.workers) {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        };
+        let nofile = raise_nofile();
+        let max_total = match config.runtime.max_connections {
+            // Each proxied connection holds two descriptors; keep some for everything else.
+            0 => nofile.saturating_sub(256) / 2,
+            n => n,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("lbd-control")
+            .enable_all()
+            .build()
+            .map_err(|source| StartError::Io {
+                what: "control runtime",
+                source,
+            })?;
+        let shared = Arc::new(Shared {
+            routing: ArcSwap::from_pointee(Routing::default()),
+            active_total: AtomicU64::new(0),
+            max_total: max_total.max(1),
+        });
+
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let mut senders = Vec::with_capacity(workers);
+        let mut threads = Vec::with_capacity(workers);
+        for id in 0..workers {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            let shared = shared.clone();
+            let started = started_tx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("lbd-worker-{id}"))
+                .spawn(move || {
+                    let _ = started.send(Ok(()));
+                    let result = match engine {
+                        EngineKind::IoUring => run_worker::<IoUring>(id, shared, rx),
+                        EngineKind::Epoll => run_worker::<Epoll>(id, shared, rx),
+                    };
+                    if let Err(e) = result {
+                        tracing::error!(worker = id, error = %e, "worker runtime failed");
+                        let _ = started.send(Err(e));
+                    }
+                })
+                .map_err(|source| StartError::Io {
+                    what: "worker thread",
+                    source,
+                })?;
+            threads.push(thread);
+        }
+        drop(started_tx);
+        for _ in 0..workers {
+            if let Ok(Err(source)) = started_rx.recv() {
+                return Err(StartError::Io {
+                    what: "worker runtime",
+                    source,
+                });
+            }
+        }
+
+        let plane = Plane::new(shared.clone(), senders, rt.handle().clone());
+        let inner = Arc::new(Inner {
+            shared,
+            plane: Mutex::new(plane),
+            engine,
+            workers,
+            ready: AtomicBool::new(false),
+            metrics: Metrics::new(),
+            reload: Mutex::new(()),
+        });
+        inner.metrics.attach(Arc::downgrade(&inner));
+        let mut server = Self {
+            inner,
+            rt: Some(rt),
+            threads,
+            admin: None,
+        };
+        let applied = server.apply(config)?;
+        if let Some(addr) = config.admin.metrics {
+            let rt = server.rt.as_ref().expect("runtime lives until drop");
+            let bound = rt
+                .block_on(crate::admin::serve(addr, server.inner.clone()))
+                .map_err(|source| StartError::Io {
+                    what: "admin.metrics bind",
+                    source,
+                })?;
+            server.admin = Some(bound);
+        }
+        server.inner.ready.store(true, Ordering::Relaxed);
+        tracing::info!(
+            engine = engine.name(),
+            workers,
+            max_connections = max_total,
+            listeners = config.listeners.len(),
+            generation = applied.generation,
+            "lbd started"
+        );
+        Ok(server)
+    }
+
+    fn apply(&self, config: &Config) -> Result<Applied, ApplyError> {
+        let _serial = self.inner.reload.lock().unwrap_or_else(|p| p.into_inner());
+        let mut plane = self.inner.plane.lock().unwrap_or_else(|p| p.into_inner());
+        let applied = plane.apply(config)?;
+        self.inner.metrics.generation.set(applied.generation as i64);
+        Ok(applied)
+    }
+
+    /// Applies a new configuration (a reload). On error the running
+    /// configuration stays, and the rejection is logged and counted.
+    pub fn reload(&self, config: &Config) -> Result<Applied, ReloadError> {
+        match self.apply(config) {
+            Ok(a) => {
+                self.inner
+                    .metrics
+                    .reloads
+                    .with_label_values(&["applied"])
+                    .inc();
+                tracing::info!(
+                    generation = a.generation,
+                    added = a.added,
+                    removed = a.removed,
+                    draining = a.draining,
+                    "reload applied"
+                );
+                Ok(a)
+            }
+            Err(e) => Err(self.rejected(ReloadError::Apply(e))),
+        }
+    }
+
+    /// Re-reads `path` and applies it (SIGHUP).
+    pub fn reload_file(&self, path: &std::path::Path) -> Result<Applied, ReloadError> {
+        match lb_config::load_config(path) {
+            Ok(config) => self.reload(&config),
+            Err(errors) => Err(self.rejected(ReloadError::Invalid(errors))),
+        }
+    }
+
+    fn rejected(&self, e: ReloadError) -> ReloadError {
+        self.inner
+            .metrics
+            .reloads
+            .with_label_values(&["rejected"])
+            .inc();
+        tracing::error!(error = %e, "reload rejected; the running configuration stays");
+        e
+    }
+
+    /// The engine in use.
+    pub fn engine(&self) -> EngineKind {
+        self.inner.engine
+    }
+
+    /// Where the admin endpoint listens.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// The address listener `name` is bound to.
+    pub fn bound_addr(&self, name: &str) -> Option<SocketAddr> {
+        let plane = self.inner.plane.lock().ok()?;
+        let l = plane.listeners().iter().find(|l| l.name == name)?;
+        plane.bound_addr(&BindKey::of(l))
+    }
+
+    /// The metrics text, as `/metrics` serves it.
+    pub fn metrics_text(&self) -> String {
+        self.inner.metrics.encode()
+    }
+
+    /// A snapshot of listeners and backends.
+    pub fn status(&self) -> Status {
+        status(&self.inner)
+    }
+
+    /// A handle to the control runtime (signals, timers).
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        self.rt
+            .as_ref()
+            .expect("runtime lives until drop")
+            .handle()
+            .clone()
+    }
+
+    /// Graceful stop: close listening sockets, let connections finish for
+    /// up to `grace` (default: the longest `drain_timeout`), close the rest.
+    pub fn shutdown(mut self, grace: Option<Duration>) {
+        self.inner.ready.store(false, Ordering::Relaxed);
+        let grace = {
+            let mut plane = self.inner.plane.lock().unwrap_or_else(|p| p.into_inner());
+            plane.stop_accepting();
+            grace.unwrap_or_else(|| plane.max_drain())
+        };
+        let deadline = std::time::Instant::now() + grace;
+        let active = || self.inner.shared.active_total.load(Ordering::Relaxed);
+        if active() > 0 {
+            tracing::info!(connections = active(), grace = ?grace, "draining before exit");
+        }
+        while active() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        {
+            let mut plane = self.inner.plane.lock().unwrap_or_else(|p| p.into_inner());
+            plane.close_all();
+            plane.disconnect_workers();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.rt.is_some() {
+            self.stop_now();
+        }
+    }
+}
+
+/// A backend as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStatus {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Configured weight.
+    pub weight: u32,
+    /// Whether it takes new connections.
+    pub healthy: bool,
+    /// Last check error, if the last result failed.
+    pub last_error: Option<String>,
+    /// Connections open now.
+    pub active: u64,
+    /// Removed, finishing its connections.
+    pub draining: bool,
+}
+
+/// A listener as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerStatus {
+    /// Name.
+    pub name: String,
+    /// Bound address.
+    pub bind: SocketAddr,
+    /// tcp or udp.
+    pub protocol: Protocol,
+    /// Connections open now.
+    pub active: u64,
+    /// Connections accepted so far.
+    pub accepted: u64,
+    /// Backends, including draining ones.
+    pub backends: Vec<BackendStatus>,
+}
+
+/// What `lbd` is doing.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Engine in use.
+    pub engine: &'static str,
+    /// Worker count.
+    pub workers: usize,
+    /// Generation of the applied configuration.
+    pub generation: u64,
+    /// Listeners in configuration order.
+    pub listeners: Vec<ListenerStatus>,
+}
+
+fn status(inner: &Inner) -> Status {
+    let routing = inner.shared.routing.load();
+    let plane = inner.plane.lock().unwrap_or_else(|p| p.into_inner());
+    let listeners = plane
+        .listeners()
+        .iter()
+        .filter_map(|l| {
+            let key = BindKey::of(l);
+            let route = routing.routes.get(&key)?;
+            let mut backends: Vec<BackendStatus> = route
+                .backends
+                .iter()
+                .zip(&l.backends)
+                .map(|(h, b)| {
+                    let cell = h.health.load();
+                    BackendStatus {
+                        addr: h.addr,
+                        weight: b.weight,
+                        healthy: cell.is_up(),
+                        last_error: cell.last_error(),
+                        active: h.active.load(Ordering::Relaxed),
+                        draining: false,
+                    }
+                })
+                .collect();
+            backends.extend(plane.draining().filter(|(k, _)| **k == key).map(|(_, h)| {
+                BackendStatus {
+                    addr: h.addr,
+                    weight: 0,
+                    healthy: h.health.load().is_up(),
+                    last_error: h.health.load().last_error(),
+                    active: h.active.load(Ordering::Relaxed),
+                    draining: true,
+                }
+            }));
+            Some(ListenerStatus {
+                name: l.name.clone(),
+                bind: plane.bound_addr(&key).unwrap_or(l.bind),
+                protocol: l.protocol,
+                active: route.stats.active.load(Ordering::Relaxed),
+                accepted: route.stats.totals().accepted,
+                backends,
+            })
+        })
+        .collect();
+    Status {
+        engine: inner.engine.name(),
+        workers: inner.workers,
+        generation: routing.generation,
+        listeners,
+    }
+}

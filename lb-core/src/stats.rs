@@ -1,0 +1,107 @@
+//! Per-listener counters, one cache line per worker so the data path never
+//! shares a written line between threads; the metrics endpoint sums them at
+//! scrape time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a connection was refused at accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reject {
+    /// A global or per-listener connection cap was reached.
+    Limit,
+    /// The client is outside `source_ranges`.
+    SourceRange,
+    /// No backend could take it (none usable, or every attempt failed).
+    NoBackend,
+}
+
+impl Reject {
+    /// All reasons, in label order.
+    pub const ALL: [Reject; 3] = [Self::Limit, Self::SourceRange, Self::NoBackend];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Limit => "limit",
+            Self::SourceRange => "source_range",
+            Self::NoBackend => "no_backend",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Counters one worker writes.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct WorkerCounters {
+    /// Connections accepted (before any refusal).
+    pub accepted: AtomicU64,
+    /// Refusals by reason (`Reject` order).
+    pub rejected: [AtomicU64; 3],
+    /// Bytes read from clients and written to backends.
+    pub bytes_to_backend: AtomicU64,
+    /// Bytes read from backends and written to clients.
+    pub bytes_to_client: AtomicU64,
+}
+
+impl WorkerCounters {
+    /// Counts a refusal.
+    pub fn reject(&self, why: Reject) {
+        self.rejected[why.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A listener's counters across workers, plus its active connection count.
+#[derive(Debug)]
+pub struct ListenerStats {
+    workers: Box<[WorkerCounters]>,
+    /// Connections open now (shared: checked against `max_connections`).
+    pub active: AtomicU64,
+}
+
+/// Summed counters, for the metrics endpoint and `status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    /// See [`WorkerCounters::accepted`].
+    pub accepted: u64,
+    /// See [`WorkerCounters::rejected`].
+    pub rejected: [u64; 3],
+    /// See [`WorkerCounters::bytes_to_backend`].
+    pub bytes_to_backend: u64,
+    /// See [`WorkerCounters::bytes_to_client`].
+    pub bytes_to_client: u64,
+}
+
+impl ListenerStats {
+    /// Counters for `workers` workers.
+    pub fn new(workers: usize) -> Self {
+        Self {
+            workers: (0..workers.max(1))
+                .map(|_| WorkerCounters::default())
+                .collect(),
+            active: AtomicU64::new(0),
+        }
+    }
+
+    /// The counters worker `id` writes.
+    pub fn worker(&self, id: usize) -> &WorkerCounters {
+        &self.workers[id % self.workers.len()]
+    }
+
+    /// Sums every worker's counters.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for w in self.workers.iter() {
+            t.accepted += w.accepted.load(Ordering::Relaxed);
+            for (i, r) in w.rejected.iter().enumerate() {
+                t.rejected[i] += r.load(Ordering::Relaxed);
+            }
+            t.bytes_to_backend += w.bytes_to_backend.load(Ordering::Relaxed);
+            t.bytes_to_client += w.bytes_to_client.load(Ordering::Relaxed);
+        }
+        t
+    }
+}
