@@ -132,11 +132,13 @@ async fn accept_loop<E: Engine>(
 ) {
     loop {
         if *stop.borrow() {
+            E::close_listener(&listener);
             return;
         }
         tokio::select! {
             biased;
             changed = stop.changed() => if changed.is_err() {
+                E::close_listener(&listener);
                 return; // the control side is gone
             },
             accepted = E::accept(&listener) => match accepted {
@@ -249,6 +251,8 @@ async fn serve<E: Engine>(worker: Rc<Worker>, key: BindKey, client: E::Conn, pee
         () = idle_watch => tracing::debug!(listener = %route.listener.name, %peer, "idle timeout"),
         _ = close.wait_for(|c| *c) => tracing::debug!(listener = %route.listener.name, %peer, backend = %backend.addr, "closed by drain deadline"),
     }
+    client.shutdown_both();
+    upstream.shutdown_both();
 }
 
 /// Picks and connects a backend, retrying other backends on failure.

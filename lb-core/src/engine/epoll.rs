@@ -60,6 +60,10 @@ impl Conn for EpollConn {
         SockRef::from(&self.0).shutdown(Shutdown::Write)
     }
 
+    fn shutdown_both(&self) {
+        let _ = SockRef::from(&self.0).shutdown(Shutdown::Both);
+    }
+
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.0.local_addr()
     }
@@ -84,6 +88,10 @@ impl Engine for Epoll {
 
     fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
         TcpListener::from_std(socket)
+    }
+
+    fn close_listener(listener: &TcpListener) {
+        let _ = SockRef::from(listener).shutdown(Shutdown::Both);
     }
 
     async fn accept(listener: &TcpListener) -> io::Result<(EpollConn, SocketAddr)> {

@@ -27,6 +27,9 @@ pub trait Conn: Sized + 'static {
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
     /// Sends FIN (half-close).
     fn shutdown_write(&self) -> io::Result<()>;
+    /// Shuts both directions down, which also completes any read still
+    /// in flight (io_uring keeps a socket open until its operations end).
+    fn shutdown_both(&self);
     /// The local address of the connection (the VIP the client reached).
     fn local_addr(&self) -> io::Result<SocketAddr>;
     /// Sets `TCP_NODELAY`.
@@ -46,6 +49,9 @@ pub trait Engine: 'static {
     fn run(worker: impl Future<Output = ()>) -> io::Result<()>;
     /// Wraps a bound, listening, non-blocking socket. Called inside `run`.
     fn listener(socket: std::net::TcpListener) -> io::Result<Self::Listener>;
+    /// Stops the listening socket now, failing an accept still in flight
+    /// (io_uring would otherwise keep the socket open until it completes).
+    fn close_listener(listener: &Self::Listener);
     /// Accepts one connection.
     async fn accept(listener: &Self::Listener) -> io::Result<(Self::Conn, SocketAddr)>;
 }

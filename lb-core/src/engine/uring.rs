@@ -51,6 +51,10 @@ impl Conn for UringConn {
         self.0.shutdown(Shutdown::Write)
     }
 
+    fn shutdown_both(&self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
+
     fn local_addr(&self) -> io::Result<SocketAddr> {
         let fd = self.sock();
         SockRef::from(&fd)
@@ -79,6 +83,12 @@ impl Engine for IoUring {
 
     fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
         Ok(TcpListener::from_std(socket))
+    }
+
+    fn close_listener(listener: &TcpListener) {
+        // SAFETY: the fd belongs to `listener`, alive for this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+        let _ = SockRef::from(&fd).shutdown(Shutdown::Both);
     }
 
     async fn accept(listener: &TcpListener) -> io::Result<(UringConn, SocketAddr)> {

@@ -1,0 +1,688 @@
+//! The data plane end to end, on both engines: real lbd (in process), real
+//! backends on 127.0.0.x, real client sockets.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use lb_config::EngineChoice;
+
+fn listener_toml(
+    name: &str,
+    bind: &str,
+    extra: &str,
+    backends: &[SocketAddr],
+    health: &str,
+) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{ addr = \"{b}\" }}"))
+        .collect();
+    format!(
+        "[[listener]]\nname = \"{name}\"\nbind = \"{bind}\"\n{extra}\nbackends = [{}]\n[listener.health]\n{health}\n",
+        list.join(", ")
+    )
+}
+
+const ADMIN_OFF: &str = "[admin]\nmetrics = \"off\"\ncontrol_socket = \"off\"\n";
+const FAST_TCP: &str =
+    "kind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2";
+
+fn weighted_round_robin(engine: EngineChoice) {
+    let b: Vec<TestBackend> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .iter()
+        .map(|ip| TestBackend::start(ip, Behavior::Echo))
+        .collect();
+    let toml = format!(
+        "{ADMIN_OFF}[[listener]]\nname = \"rr\"\nbind = \"127.0.0.1:0\"\nbalance = \"round_robin\"\nbackends = [{{ addr = \"{}\", weight = 1 }}, {{ addr = \"{}\", weight = 2 }}, {{ addr = \"{}\", weight = 3 }}]\n",
+        b[0].addr, b[1].addr, b[2].addr
+    );
+    let lbd = start_lbd(&toml, engine);
+    let addr = lbd.bound_addr("rr").unwrap();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..120 {
+        *counts.entry(roundtrip(addr).unwrap()).or_default() += 1;
+    }
+    assert_eq!(counts[&b[0].name], 20, "{counts:?}");
+    assert_eq!(counts[&b[1].name], 40, "{counts:?}");
+    assert_eq!(counts[&b[2].name], 60, "{counts:?}");
+    let metrics = lbd.metrics_text();
+    assert_eq!(
+        metric(&metrics, "weir_connections_accepted_total{listener=\"rr\"}"),
+        Some(120.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        lbd.status().engine,
+        if engine == EngineChoice::Epoll {
+            "epoll"
+        } else {
+            "io_uring"
+        }
+    );
+}
+
+fn maglev_spreads_and_client_ip_sticks(engine: EngineChoice) {
+    let b: Vec<TestBackend> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .iter()
+        .map(|ip| TestBackend::start(ip, Behavior::Echo))
+        .collect();
+    let addrs: Vec<SocketAddr> = b.iter().map(|b| b.addr).collect();
+    let toml = format!(
+        "{ADMIN_OFF}{}{}",
+        listener_toml(
+            "tuple",
+            "127.0.0.1:0",
+            "balance = \"maglev\"",
+            &addrs,
+            "kind = \"none\""
+        ),
+        listener_toml(
+            "affinity",
+            "127.0.0.5:0",
+            "hash_key = \"client_ip\"",
+            &addrs,
+            "kind = \"none\""
+        )
+    );
+    let lbd = start_lbd(&toml, engine);
+    // five_tuple: source ports vary, so connections spread over every backend.
+    let tuple = lbd.bound_addr("tuple").unwrap();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..90 {
+        *seen.entry(roundtrip(tuple).unwrap()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 3, "five_tuple uses every backend: {seen:?}");
+    // client_ip: every connection of one client IP lands on one backend;
+    // many client IPs use every backend.
+    let affinity = lbd.bound_addr("affinity").unwrap();
+    let mut per_client = HashMap::new();
+    for c in 0..30u8 {
+        let ip = format!("127.0.1.{}", c + 1).parse().unwrap();
+        let first = roundtrip_from(Some(ip), affinity).unwrap();
+        for _ in 0..3 {
+            assert_eq!(
+                roundtrip_from(Some(ip), affinity).unwrap(),
+                first,
+                "client {ip} moved"
+            );
+        }
+        per_client.insert(ip, first);
+    }
+    let distinct: std::collections::HashSet<_> = per_client.values().collect();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "30 client IPs should reach all 3 backends: {per_client:?}"
+    );
+}
+
+fn killed_backend_no_failures_then_down_and_back(engine: EngineChoice) {
+    let mut b: Vec<TestBackend> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .iter()
+        .map(|ip| TestBackend::start(ip, Behavior::Echo))
+        .collect();
+    let addrs: Vec<SocketAddr> = b.iter().map(|b| b.addr).collect();
+    let toml = format!(
+        "{ADMIN_OFF}{}",
+        listener_toml(
+            "web",
+            "127.0.0.1:0",
+            "balance = \"round_robin\"",
+            &addrs,
+            FAST_TCP
+        )
+    );
+    let lbd = start_lbd(&toml, engine);
+    let addr = lbd.bound_addr("web").unwrap();
+    eventually(Duration::from_secs(10), "all backends confirmed up", || {
+        lbd.metrics_text().contains("weir_health_checks_total")
+            && addrs
+                .iter()
+                .all(|a| backend_healthy(&lbd, "web", *a) == Some(true))
+    });
+    for i in 0..300 {
+        if i == 100 {
+            b[1].kill();
+        }
+        roundtrip(addr).unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
+    }
+    eventually(
+        Duration::from_secs(10),
+        "killed backend marked down",
+        || backend_healthy(&lbd, "web", addrs[1]) == Some(false),
+    );
+    let st = lbd.status();
+    let err = st.listeners[0]
+        .backends
+        .iter()
+        .find(|x| x.addr == addrs[1])
+        .unwrap()
+        .last_error
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        err.contains("connect"),
+        "last error names the failure: {err:?}"
+    );
+    // No new connection reaches it while down.
+    for _ in 0..30 {
+        assert_ne!(roundtrip(addr).unwrap(), b[1].name);
+    }
+    b[1] = TestBackend::start_at(addrs[1], Behavior::Echo);
+    eventually(Duration::from_secs(10), "restarted backend back up", || {
+        backend_healthy(&lbd, "web", addrs[1]) == Some(true)
+    });
+    let names: std::collections::HashSet<String> =
+        (0..9).map(|_| roundtrip(addr).unwrap()).collect();
+    assert!(names.contains(&b[1].name));
+}
+
+fn black_hole_detected_by_check_timeout(engine: EngineChoice) {
+    // A listener with a full accept queue that never accepts: SYNs are
+    // dropped, so connects hang — a black hole on loopback.
+    let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    hole.bind(&"127.0.0.6:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    hole.listen(0).unwrap();
+    let hole_addr = hole.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.connect(&hole_addr.into());
+        fillers.push(s);
+    }
+    let good = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let toml = format!(
+        "{ADMIN_OFF}{}",
+        listener_toml(
+            "web",
+            "127.0.0.1:0",
+            "connect_timeout = \"300ms\"",
+            &[good.addr, hole_addr],
+            FAST_TCP
+        )
+    );
+    let lbd = start_lbd(&toml, engine);
+    eventually(Duration::from_secs(10), "black hole marked down", || {
+        backend_healthy(&lbd, "web", hole_addr) == Some(false)
+    });
+    let st = lbd.status();
+    let err = st.listeners[0]
+        .backends
+        .iter()
+        .find(|x| x.addr == hole_addr)
+        .unwrap()
+        .last_error
+        .clone()
+        .unwrap_or_default();
+    assert!(err.contains("timed out"), "{err:?}");
+    let addr = lbd.bound_addr("web").unwrap();
+    for _ in 0..20 {
+        assert_eq!(roundtrip(addr).unwrap(), good.name);
+    }
+}
+
+fn refused_backend_is_retried(engine: EngineChoice) {
+    // Health "none": nothing marks the dead backend down, so every pick of
+    // it must be retried on the live one within the same client connection.
+    let dead = std::net::TcpListener::bind("127.0.0.7:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let good = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let toml = format!(
+        "{ADMIN_OFF}{}",
+        listener_toml(
+            "web",
+            "127.0.0.1:0",
+            "balance = \"round_robin\"",
+            &[dead_addr, good.addr],
+            "kind = \"none\""
+        )
+    );
+    let lbd = start_lbd(&toml, engine);
+    let addr = lbd.bound_addr("web").unwrap();
+    for i in 0..50 {
+        assert_eq!(
+            roundtrip(addr).unwrap_or_else(|e| panic!("connection {i}: {e}")),
+            good.name
+        );
+    }
+    let m = lbd.metrics_text();
+    let series = format!("weir_backend_connect_errors_total{{backend=\"{dead_addr}\",listener=\"web\",reason=\"refused\"}}");
+    // Every connection tried the dead backend at most once per attempt, and
+    // the failures were counted (round robin starts half of them on it).
+    let refused = metric(&m, &series).unwrap();
+    assert!((25.0..=50.0).contains(&refused), "{refused}\n{m}");
+}
+
+fn half_close_gets_full_reply(engine: EngineChoice) {
+    let rec = TestBackend::start("127.0.0.2", Behavior::Record { reply_len: 300_000 });
+    let toml = format!(
+        "{ADMIN_OFF}{}",
+        listener_toml("web", "127.0.0.1:0", "", &[rec.addr], "kind = \"none\"")
+    );
+    let lbd = start_lbd(&toml, engine);
+    let mut s = connect_from(None, lbd.bound_addr("web").unwrap()).unwrap();
+    let request = vec![7u8; 100_000];
+    s.write_all(&request).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply.len(), 300_000);
+    assert!(reply.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+    assert_eq!(
+        rec.received.recv_timeout(Duration::from_secs(5)).unwrap(),
+        request
+    );
+}
+
+fn proxy_protocol_headers(engine: EngineChoice) {
+    for (version, client_ip, bind_ip) in [
+        ("v1", "127.0.0.1", "127.0.0.1"),
+        ("v2", "127.0.0.1", "127.0.0.1"),
+        ("v1", "::1", "::1"),
+        ("v2", "::1", "::1"),
+    ] {
+        let rec = TestBackend::start("127.0.0.2", Behavior::Record { reply_len: 1 });
+        let bind = SocketAddr::new(bind_ip.parse().unwrap(), 0);
+        let toml = format!(
+            "{ADMIN_OFF}{}",
+            listener_toml(
+                "pp",
+                &bind.to_string(),
+                &format!("proxy_protocol = \"{version}\""),
+                &[rec.addr],
+                "kind = \"none\""
+            )
+        );
+        let lbd = start_lbd(&toml, engine);
+        let vip = lbd.bound_addr("pp").unwrap();
+        let mut s = connect_from(Some(client_ip.parse().unwrap()), vip).unwrap();
+        let client = s.local_addr().unwrap();
+        s.write_all(b"hello").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut r = Vec::new();
+        s.read_to_end(&mut r).unwrap();
+        let got = rec.received.recv_timeout(Duration::from_secs(5)).unwrap();
+        let mut want = match version {
+            "v1" => {
+                let fam = if client.is_ipv4() { "TCP4" } else { "TCP6" };
+                format!(
+                    "PROXY {fam} {} {} {} {}\r\n",
+                    client.ip(),
+                    vip.ip(),
+                    client.port(),
+                    vip.port()
+                )
+                .into_bytes()
+            }
+            _ => {
+                let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+                match (client.ip(), vip.ip()) {
+                    (std::net::IpAddr::V4(c), std::net::IpAddr::V4(v)) => {
+                        h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+                        h.extend_from_slice(&c.octets());
+                        h.extend_from_slice(&v.octets());
+                    }
+                    (std::net::IpAddr::V6(c), std::net::IpAddr::V6(v)) => {
+                        h.extend_from_slice(&[0x21, 0x21, 0, 36]);
+                        h.extend_from_slice(&c.octets());
+                        h.extend_from_slice(&v.octets());
+                    }
+                    _ => unreachable!(),
+                }
+                h.extend_from_slice(&client.port().to_be_bytes());
+                h.extend_from_slice(&vip.port().to_be_bytes());
+                h
+            }
+        };
+        want.extend_from_slice(b"hello");
+        assert_eq!(got, want, "{version} from {client} to {vip}");
+        drop(lbd);
+    }
+}
+
+fn source_ranges_refuse_and_count(engine: EngineChoice) {
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let toml = format!(
+        "[admin]\nmetrics = \"127.0.0.1:0\"\ncontrol_socket = \"off\"\n{}",
+        listener_toml(
+            "web",
+            "127.0.0.1:0",
+            "source_ranges = [\"127.0.2.0/24\"]",
+            &[b.addr],
+            "kind = \"none\""
+        )
+    );
+    let lbd = start_lbd(&toml, engine);
+    let addr = lbd.bound_addr("web").unwrap();
+    assert_eq!(
+        roundtrip_from(Some("127.0.2.9".parse().unwrap()), addr).unwrap(),
+        b.name
+    );
+    for _ in 0..3 {
+        let mut s = connect_from(Some("127.0.3.9".parse().unwrap()), addr).unwrap();
+        assert!(closed_by_peer(&mut s), "outsider was not refused");
+    }
+    eventually(
+        Duration::from_secs(5),
+        "source_range refusals counted",
+        || {
+            metric(
+                &lbd.metrics_text(),
+                "weir_connections_rejected_total{listener=\"web\",reason=\"source_range\"}",
+            ) == Some(3.0)
+        },
+    );
+    // The admin endpoint serves the same text.
+    let mut http = connect_from(None, lbd.admin_addr().unwrap()).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("reason=\"source_range\"} 3"), "{body}");
+    for (path, code) in [("/healthz", "200"), ("/readyz", "200"), ("/nope", "404")] {
+        let mut http = connect_from(None, lbd.admin_addr().unwrap()).unwrap();
+        write!(
+            http,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut body = String::new();
+        http.read_to_string(&mut body).unwrap();
+        assert!(
+            body.starts_with(&format!("HTTP/1.1 {code}")),
+            "{path}: {body}"
+        );
+    }
+}
+
+fn max_connections_refuse_and_count(engine: EngineChoice) {
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let toml = format!(
+        "{ADMIN_OFF}{}",
+        listener_toml(
+            "web",
+            "127.0.0.1:0",
+            "max_connections = 2",
+            &[b.addr],
+            "kind = \"none\""
+        )
+    );
+    let lbd = start_lbd(&toml, engine);
+    let addr = lbd.bound_addr("web").unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect_from(None, addr).unwrap();
+        let mut line = [0u8; 1];
+        s.read_exact(&mut line).unwrap(); // proxied: the backend spoke
+        held.push(s);
+    }
+    let mut third = connect_from(None, addr).unwrap();
+    assert!(
+        closed_by_peer(&mut third),
+        "third connection was not refused"
+    );
+    let m = lbd.metrics_text();
+    assert_eq!(
+        metric(
+            &m,
+            "weir_connections_rejected_total{listener=\"web\",reason=\"limit\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "weir_connections_active{listener=\"web\"}"),
+        Some(2.0),
+        "{m}"
+    );
+    drop(held);
+    eventually(Duration::from_secs(5), "slots freed", || {
+        roundtrip(addr).is_ok()
+    });
+}
+
+fn idle_timeout_closes_quiet_connections(engine: EngineChoice) {
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let toml = format!(
+        "{ADMIN_OFF}{}",
+        listener_toml(
+            "web",
+            "127.0.0.1:0",
+            "idle_timeout = \"400ms\"",
+            &[b.addr],
+            "kind = \"none\""
+        )
+    );
+    let lbd = start_lbd(&toml, engine);
+    let addr = lbd.bound_addr("web").unwrap();
+    // A busy connection outlives the idle timeout...
+    let mut busy = connect_from(None, addr).unwrap();
+    let mut line = vec![0u8; b.name.len() + 1];
+    busy.read_exact(&mut line).unwrap();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(1200) {
+        busy.write_all(b"x").unwrap();
+        let mut one = [0u8; 1];
+        busy.read_exact(&mut one).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ...and once quiet, it is closed.
+    busy.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(closed_by_peer(&mut busy), "idle connection stayed open");
+}
+
+fn fail_open_and_fail_closed(engine: EngineChoice) {
+    let status = Arc::new(AtomicU16::new(503));
+    let b = TestBackend::start(
+        "127.0.0.2",
+        Behavior::Http {
+            status: status.clone(),
+        },
+    );
+    let health = "kind = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"300ms\"\nrise = 1\nfall = 1";
+    let toml = format!(
+        "{ADMIN_OFF}{}{}",
+        listener_toml("open", "127.0.0.1:0", "", &[b.addr], health),
+        listener_toml(
+            "closed",
+            "127.0.0.8:0",
+            "on_all_unhealthy = \"fail_closed\"",
+            &[b.addr],
+            health
+        )
+    );
+    let lbd = start_lbd(&toml, engine);
+    eventually(
+        Duration::from_secs(10),
+        "503 marks the backend down",
+        || backend_healthy(&lbd, "open", b.addr) == Some(false),
+    );
+    let get = |addr| -> Option<String> {
+        let mut s = connect_from(None, addr).ok()?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut got = String::new();
+        let mut buf = [0u8; 256];
+        while !got.contains(&b.name) {
+            let n = s.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        (!got.is_empty()).then_some(got)
+    };
+    assert!(
+        get(lbd.bound_addr("open").unwrap())
+            .unwrap()
+            .contains(&b.name),
+        "fail_open still serves"
+    );
+    assert_eq!(
+        get(lbd.bound_addr("closed").unwrap()),
+        None,
+        "fail_closed refuses"
+    );
+    status.store(200, Ordering::SeqCst);
+    eventually(Duration::from_secs(10), "200 brings it back", || {
+        backend_healthy(&lbd, "closed", b.addr) == Some(true)
+    });
+    assert!(get(lbd.bound_addr("closed").unwrap())
+        .unwrap()
+        .contains(&b.name));
+}
+
+fn drain_keeps_connection_until_drain_timeout(engine: EngineChoice) {
+    let a = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let b = TestBackend::start("127.0.0.3", Behavior::Echo);
+    let port = free_port("127.0.0.9");
+    let bind = format!("127.0.0.9:{port}");
+    let cfg = |backends: &[SocketAddr]| {
+        format!(
+            "{ADMIN_OFF}{}",
+            listener_toml(
+                "web",
+                &bind,
+                "drain_timeout = \"1500ms\"",
+                backends,
+                "kind = \"none\""
+            )
+        )
+    };
+    let lbd = start_lbd(&cfg(&[a.addr]), engine);
+    let addr: SocketAddr = bind.parse().unwrap();
+    let mut long = connect_from(None, addr).unwrap();
+    let mut name = vec![0u8; a.name.len() + 1];
+    long.read_exact(&mut name).unwrap();
+    lbd.reload(&lb_config::parse_config(&cfg(&[b.addr])).unwrap())
+        .unwrap();
+    // New connections go to the new backend; the old one is listed as draining.
+    assert_eq!(roundtrip(addr).unwrap(), b.name);
+    let st = lbd.status();
+    assert!(
+        st.listeners[0]
+            .backends
+            .iter()
+            .any(|x| x.addr == a.addr && x.draining && x.active == 1),
+        "{st:?}"
+    );
+    // The long connection still works during the drain...
+    long.write_all(b"still").unwrap();
+    let mut echo = [0u8; 5];
+    long.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"still");
+    // ...and is closed once drain_timeout passes.
+    long.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    assert!(
+        closed_by_peer(&mut long),
+        "drained connection was never closed"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+fn invalid_reload_keeps_running_config(engine: EngineChoice) {
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let good = format!(
+        "{ADMIN_OFF}{}",
+        listener_toml("web", "127.0.0.1:0", "", &[b.addr], "kind = \"none\"")
+    );
+    let lbd = start_lbd(&good, engine);
+    let addr = lbd.bound_addr("web").unwrap();
+    let dir = std::env::temp_dir().join(format!("weir-test-{}-{:?}", std::process::id(), engine));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[[listener]]\nname = \"web\"\nbind = \"nonsense\"\n").unwrap();
+    assert!(lbd.reload_file(&file).is_err());
+    // A valid file whose new listener cannot bind (the port is taken) is rejected whole.
+    let taken = std::net::TcpListener::bind("127.0.0.10:0").unwrap();
+    let clash = format!(
+        "{good}{}",
+        listener_toml(
+            "clash",
+            &taken.local_addr().unwrap().to_string(),
+            "",
+            &[b.addr],
+            "kind = \"none\""
+        )
+    );
+    let err = lbd
+        .reload(&lb_config::parse_config(&clash).unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("clash"), "{err}");
+    assert_eq!(roundtrip(addr).unwrap(), b.name);
+    assert_eq!(lbd.status().listeners.len(), 1);
+    assert_eq!(lbd.status().generation, 1);
+    let m = lbd.metrics_text();
+    assert_eq!(
+        metric(&m, "weir_config_reloads_total{result=\"rejected\"}"),
+        Some(2.0),
+        "{m}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn removed_listener_refuses_and_rebinds(engine: EngineChoice) {
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let (p1, p2) = (free_port("127.0.0.11"), free_port("127.0.0.12"));
+    let one = listener_toml(
+        "one",
+        &format!("127.0.0.11:{p1}"),
+        "",
+        &[b.addr],
+        "kind = \"none\"",
+    );
+    let two = listener_toml(
+        "two",
+        &format!("127.0.0.12:{p2}"),
+        "",
+        &[b.addr],
+        "kind = \"none\"",
+    );
+    let both = lb_config::parse_config(&format!("{ADMIN_OFF}{one}{two}")).unwrap();
+    let only_one = lb_config::parse_config(&format!("{ADMIN_OFF}{one}")).unwrap();
+    let lbd = start_lbd(&format!("{ADMIN_OFF}{one}{two}"), engine);
+    let addr2: SocketAddr = format!("127.0.0.12:{p2}").parse().unwrap();
+    assert_eq!(roundtrip(addr2).unwrap(), b.name);
+    for round in 0..3 {
+        lbd.reload(&only_one).unwrap();
+        eventually(
+            Duration::from_secs(5),
+            "removed listener refuses",
+            || matches!(std::net::TcpStream::connect(addr2), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        );
+        lbd.reload(&both).unwrap();
+        for i in 0..20 {
+            roundtrip(addr2)
+                .unwrap_or_else(|e| panic!("round {round}, connection {i} after re-adding: {e}"));
+        }
+    }
+}
+
+both_engines!(
+    removed_listener_refuses_and_rebinds,
+    weighted_round_robin,
+    maglev_spreads_and_client_ip_sticks,
+    killed_backend_no_failures_then_down_and_back,
+    black_hole_detected_by_check_timeout,
+    refused_backend_is_retried,
+    half_close_gets_full_reply,
+    proxy_protocol_headers,
+    source_ranges_refuse_and_count,
+    max_connections_refuse_and_count,
+    idle_timeout_closes_quiet_connections,
+    fail_open_and_fail_closed,
+    drain_keeps_connection_until_drain_timeout,
+    invalid_reload_keeps_running_config,
+);

@@ -1,0 +1,331 @@
+//! The `lbd` binary as operators run it: subprocesses, signals, files,
+//! systemd notifications.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LBD: &str = env!("CARGO_BIN_EXE_lbd");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "lbd did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("weir-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn config_text(
+    bind: SocketAddr,
+    metrics: SocketAddr,
+    backends: &[SocketAddr],
+    drain: &str,
+) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{ addr = \"{b}\" }}"))
+        .collect();
+    format!(
+        "[admin]\nmetrics = \"{metrics}\"\ncontrol_socket = \"off\"\n\n[[listener]]\nname = \"web\"\nbind = \"{bind}\"\nbalance = \"round_robin\"\ndrain_timeout = \"{drain}\"\nbackends = [{}]\n[listener.health]\nkind = \"tcp\"\ninterval = \"200ms\"\n",
+        list.join(", ")
+    )
+}
+
+fn spawn_lbd(file: &std::path::Path, engine: &str, notify: Option<&std::path::Path>) -> Proc {
+    let mut cmd = Command::new(LBD);
+    cmd.args(["run", "--config"])
+        .arg(file)
+        .args(["--engine", engine, "--workers", "2"]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.env("LBD_LOG", "warn");
+    if let Some(n) = notify {
+        cmd.env("NOTIFY_SOCKET", n);
+    }
+    Proc(cmd.spawn().expect("spawn lbd"))
+}
+
+fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = connect_from(None, addr).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// SIGHUP 50 times, alternating backend sets, while a client loop runs:
+/// no connection fails and an established connection lives through it all.
+fn reload_under_load(engine: &str) {
+    let b: Vec<TestBackend> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .iter()
+        .map(|ip| TestBackend::start(ip, Behavior::Echo))
+        .collect();
+    let bind: SocketAddr = format!("127.0.0.20:{}", free_port("127.0.0.20"))
+        .parse()
+        .unwrap();
+    let metrics: SocketAddr = format!("127.0.0.21:{}", free_port("127.0.0.21"))
+        .parse()
+        .unwrap();
+    let dir = temp_dir(&format!("reload-{engine}"));
+    let file = dir.join("lbd.toml");
+    let sets = [
+        vec![b[0].addr, b[1].addr],
+        vec![b[1].addr, b[2].addr],
+        vec![b[0].addr, b[1].addr, b[2].addr],
+    ];
+    // Long drain: backends removed by one reload come back in a later one.
+    std::fs::write(&file, config_text(bind, metrics, &sets[2], "10m")).unwrap();
+    let mut lbd = spawn_lbd(&file, engine, None);
+    eventually(Duration::from_secs(10), "lbd ready", || {
+        admin_get(metrics, "/readyz").is_some_and(|r| r.contains("200 OK"))
+    });
+
+    // An established connection that must survive every reload.
+    let mut long = connect_from(None, bind).unwrap();
+    let mut line = String::new();
+    BufReader::new(long.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, done) = (stop.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    match roundtrip(bind) {
+                        Ok(_) => done.fetch_add(1, Ordering::SeqCst),
+                        Err(e) => {
+                            failures.push(e.to_string());
+                            0
+                        }
+                    };
+                }
+                failures
+            })
+        })
+        .collect();
+    for i in 0..50 {
+        std::fs::write(&file, config_text(bind, metrics, &sets[i % 3], "10m")).unwrap();
+        let before = done.load(Ordering::SeqCst);
+        signal(&lbd.0, "HUP");
+        let want = format!("weir_config_reloads_total{{result=\"applied\"}} {}", i + 1);
+        eventually(Duration::from_secs(10), "reload applied", || {
+            admin_get(metrics, "/metrics").is_some_and(|m| m.contains(&want))
+        });
+        // Traffic keeps flowing between reloads.
+        eventually(Duration::from_secs(10), "clients progress", || {
+            done.load(Ordering::SeqCst) > before + 5
+        });
+    }
+    stop.store(true, Ordering::SeqCst);
+    let failures: Vec<String> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} failed connections out of {}: {:?}",
+        failures.len(),
+        done.load(Ordering::SeqCst),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(done.load(Ordering::SeqCst) > 250);
+    long.write_all(b"alive").unwrap();
+    let mut echo = [0u8; 5];
+    long.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"alive");
+
+    // An invalid file is rejected; the listener keeps serving.
+    std::fs::write(&file, "[[listener]]\nname = 1\n").unwrap();
+    signal(&lbd.0, "HUP");
+    eventually(Duration::from_secs(10), "reload rejected", || {
+        admin_get(metrics, "/metrics")
+            .is_some_and(|m| m.contains("weir_config_reloads_total{result=\"rejected\"} 1"))
+    });
+    roundtrip(bind).unwrap();
+
+    // SIGTERM: stop accepting, let the open connection finish, exit 0.
+    signal(&lbd.0, "TERM");
+    eventually(Duration::from_secs(10), "listener closed", || {
+        std::net::TcpStream::connect(bind).is_err()
+    });
+    long.write_all(b"drain").unwrap();
+    long.read_exact(&mut echo).unwrap();
+    assert_eq!(
+        &echo, b"drain",
+        "an open connection keeps working while lbd drains"
+    );
+    long.shutdown(std::net::Shutdown::Write).unwrap();
+    let status = wait_exit(&mut lbd.0, Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn reload_under_load_epoll() {
+    reload_under_load("epoll");
+}
+
+#[test]
+fn reload_under_load_io_uring() {
+    reload_under_load("io_uring");
+}
+
+#[test]
+fn systemd_notifications() {
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let dir = temp_dir("notify");
+    let sock_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&sock_path);
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let bind: SocketAddr = format!("127.0.0.22:{}", free_port("127.0.0.22"))
+        .parse()
+        .unwrap();
+    let metrics: SocketAddr = format!("127.0.0.22:{}", free_port("127.0.0.22"))
+        .parse()
+        .unwrap();
+    let file = dir.join("lbd.toml");
+    std::fs::write(&file, config_text(bind, metrics, &[b.addr], "1s")).unwrap();
+    let mut lbd = spawn_lbd(&file, "auto", Some(&sock_path));
+    let next = || {
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1");
+    signal(&lbd.0, "HUP");
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(next(), "READY=1");
+    signal(&lbd.0, "TERM");
+    assert_eq!(next(), "STOPPING=1");
+    assert!(wait_exit(&mut lbd.0, Duration::from_secs(10)).success());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn check_config_reports_every_error_and_exit_code() {
+    let dir = temp_dir("check");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[listener]]\nname = \"a\"\nbind = \"x\"\n[listener.health]\nrise = 0\n",
+    )
+    .unwrap();
+    let out = Command::new(LBD)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 3: listener[0].bind"), "{err}");
+    assert!(err.contains("line 5: listener[0].health.rise"), "{err}");
+    assert!(err.contains("2 error(s)"), "{err}");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/examples/lbd.toml");
+    let out = Command::new(LBD)
+        .args(["check-config", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(LBD)
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "run refuses an invalid file");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn demo_serves_named_backends() {
+    let listen = format!("127.0.0.23:{}", free_port("127.0.0.23"));
+    let metrics = format!("127.0.0.23:{}", free_port("127.0.0.23"));
+    let mut child = Proc(
+        Command::new(LBD)
+            .args(["demo", "--listen", &listen, "--metrics", &metrics])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
+    let mut printed = String::new();
+    while !printed.contains("Ctrl-C") {
+        assert!(
+            out.read_line(&mut printed).unwrap() > 0,
+            "demo exited: {printed}"
+        );
+    }
+    assert!(
+        printed.contains(&format!("curl -s http://{listen}/")),
+        "{printed}"
+    );
+    let addr: SocketAddr = listen.parse().unwrap();
+    let mut names = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let mut s = connect_from(None, addr).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        let line = body.lines().last().unwrap().to_owned();
+        assert!(line.starts_with("Hello from weir demo backend-"), "{line}");
+        names.insert(line);
+    }
+    assert_eq!(names.len(), 3, "round robin over three backends: {names:?}");
+    signal(&child.0, "INT");
+    assert!(wait_exit(&mut child.0, Duration::from_secs(10)).success());
+}
