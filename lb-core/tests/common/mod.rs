@@ -125,7 +125,10 @@ fn handle(
             s.write_all(format!("{name}\n").as_bytes())?;
             let mut buf = [0u8; 16384];
             loop {
-                let n = s.read(&mut buf)?;
+                let n = match s.read(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => r?,
+                };
                 if n == 0 {
                     return s.shutdown(Shutdown::Write);
                 }
