@@ -13,32 +13,12 @@ use std::time::Duration;
 use common::*;
 use lb_config::EngineChoice;
 
-fn listener_toml(
-    name: &str,
-    bind: &str,
-    extra: &str,
-    backends: &[SocketAddr],
-    health: &str,
-) -> String {
-    let list: Vec<String> = backends
-        .iter()
-        .map(|b| format!("{{ addr = \"{b}\" }}"))
-        .collect();
-    format!(
-        "[[listener]]\nname = \"{name}\"\nbind = \"{bind}\"\n{extra}\nbackends = [{}]\n[listener.health]\n{health}\n",
-        list.join(", ")
-    )
-}
-
 const ADMIN_OFF: &str = "[admin]\nmetrics = \"off\"\ncontrol_socket = \"off\"\n";
 const FAST_TCP: &str =
     "kind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2";
 
 fn weighted_round_robin(engine: EngineChoice) {
-    let b: Vec<TestBackend> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-        .iter()
-        .map(|ip| TestBackend::start(ip, Behavior::Echo))
-        .collect();
+    let b = three_echo_backends();
     let toml = format!(
         "{ADMIN_OFF}[[listener]]\nname = \"rr\"\nbind = \"127.0.0.1:0\"\nbalance = \"round_robin\"\nbackends = [{{ addr = \"{}\", weight = 1 }}, {{ addr = \"{}\", weight = 2 }}, {{ addr = \"{}\", weight = 3 }}]\n",
         b[0].addr, b[1].addr, b[2].addr
@@ -69,10 +49,7 @@ fn weighted_round_robin(engine: EngineChoice) {
 }
 
 fn maglev_spreads_and_client_ip_sticks(engine: EngineChoice) {
-    let b: Vec<TestBackend> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-        .iter()
-        .map(|ip| TestBackend::start(ip, Behavior::Echo))
-        .collect();
+    let b = three_echo_backends();
     let addrs: Vec<SocketAddr> = b.iter().map(|b| b.addr).collect();
     let toml = format!(
         "{ADMIN_OFF}{}{}",
@@ -124,10 +101,7 @@ fn maglev_spreads_and_client_ip_sticks(engine: EngineChoice) {
 }
 
 fn killed_backend_no_failures_then_down_and_back(engine: EngineChoice) {
-    let mut b: Vec<TestBackend> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-        .iter()
-        .map(|ip| TestBackend::start(ip, Behavior::Echo))
-        .collect();
+    let mut b = three_echo_backends();
     let addrs: Vec<SocketAddr> = b.iter().map(|b| b.addr).collect();
     let toml = format!(
         "{ADMIN_OFF}{}",

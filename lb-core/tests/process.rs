@@ -56,13 +56,16 @@ fn config_text(
     backends: &[SocketAddr],
     drain: &str,
 ) -> String {
-    let list: Vec<String> = backends
-        .iter()
-        .map(|b| format!("{{ addr = \"{b}\" }}"))
-        .collect();
+    let extra = format!("balance = \"round_robin\"\ndrain_timeout = \"{drain}\"");
     format!(
-        "[admin]\nmetrics = \"{metrics}\"\ncontrol_socket = \"off\"\n\n[[listener]]\nname = \"web\"\nbind = \"{bind}\"\nbalance = \"round_robin\"\ndrain_timeout = \"{drain}\"\nbackends = [{}]\n[listener.health]\nkind = \"tcp\"\ninterval = \"200ms\"\n",
-        list.join(", ")
+        "[admin]\nmetrics = \"{metrics}\"\ncontrol_socket = \"off\"\n\n{}",
+        listener_toml(
+            "web",
+            &bind.to_string(),
+            &extra,
+            backends,
+            "kind = \"tcp\"\ninterval = \"200ms\""
+        )
     )
 }
 
@@ -94,10 +97,7 @@ fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
 /// SIGHUP 50 times, alternating backend sets, while a client loop runs:
 /// no connection fails and an established connection lives through it all.
 fn reload_under_load(engine: &str) {
-    let b: Vec<TestBackend> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-        .iter()
-        .map(|ip| TestBackend::start(ip, Behavior::Echo))
-        .collect();
+    let b = three_echo_backends();
     let bind: SocketAddr = format!("127.0.0.20:{}", free_port("127.0.0.20"))
         .parse()
         .unwrap();

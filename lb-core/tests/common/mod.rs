@@ -166,6 +166,32 @@ fn handle(
     }
 }
 
+/// Echo backends on 127.0.0.2, 127.0.0.3 and 127.0.0.4.
+pub fn three_echo_backends() -> Vec<TestBackend> {
+    ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .iter()
+        .map(|ip| TestBackend::start(ip, Behavior::Echo))
+        .collect()
+}
+
+/// A `[[listener]]` table; `extra` holds more keys, `health` the health table's body.
+pub fn listener_toml(
+    name: &str,
+    bind: &str,
+    extra: &str,
+    backends: &[SocketAddr],
+    health: &str,
+) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{ addr = \"{b}\" }}"))
+        .collect();
+    format!(
+        "[[listener]]\nname = \"{name}\"\nbind = \"{bind}\"\n{extra}\nbackends = [{}]\n[listener.health]\n{health}\n",
+        list.join(", ")
+    )
+}
+
 /// One short exchange with an `Echo` backend through `addr`: returns the
 /// backend's name.
 pub fn roundtrip(addr: SocketAddr) -> io::Result<String> {
