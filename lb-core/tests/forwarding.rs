@@ -649,7 +649,53 @@ fn removed_listener_refuses_and_rebinds(engine: EngineChoice) {
     }
 }
 
+fn one_prober_per_target_and_global_cap(engine: EngineChoice) {
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let check = "kind = \"tcp\"\ninterval = \"100ms\"";
+    let toml = format!(
+        "[runtime]\nmax_connections = 1\n{ADMIN_OFF}{}{}",
+        listener_toml("a", "127.0.0.1:0", "", &[b.addr], check),
+        listener_toml("b", "127.0.0.13:0", "", &[b.addr], check)
+    );
+    let lbd = start_lbd(&toml, engine);
+    eventually(Duration::from_secs(5), "checks ran", || {
+        metric(
+            &lbd.metrics_text(),
+            &format!(
+                "weir_health_checks_total{{kind=\"tcp\",result=\"ok\",target=\"{}\"}}",
+                b.addr
+            ),
+        )
+        .is_some_and(|n| n >= 3.0)
+    });
+    let m = lbd.metrics_text();
+    let series = m
+        .lines()
+        .filter(|l| l.starts_with("weir_health_checks_total{"))
+        .count();
+    assert_eq!(
+        series, 2,
+        "one prober (ok + fail series) for two listeners:\n{m}"
+    );
+    // runtime.max_connections caps connections across every listener.
+    let mut held = connect_from(None, lbd.bound_addr("a").unwrap()).unwrap();
+    let mut one = [0u8; 1];
+    held.read_exact(&mut one).unwrap();
+    let mut other = connect_from(None, lbd.bound_addr("b").unwrap()).unwrap();
+    assert!(closed_by_peer(&mut other), "the global cap did not refuse");
+    let m = lbd.metrics_text();
+    assert_eq!(
+        metric(
+            &m,
+            "weir_connections_rejected_total{listener=\"b\",reason=\"limit\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
 both_engines!(
+    one_prober_per_target_and_global_cap,
     removed_listener_refuses_and_rebinds,
     weighted_round_robin,
     maglev_spreads_and_client_ip_sticks,
