@@ -404,7 +404,8 @@ pub struct Config {
 pub struct DesiredState {
     /// Monotonic version chosen by the writer.
     pub version: u64,
-    /// Listeners, same schema as the file's `[[listener]]`.
-    #[serde(default)]
+    /// Listeners, same schema as the file's `[[listener]]` (a TOML state
+    /// may spell the key `listener`, as the file does).
+    #[serde(default, alias = "listener")]
     pub listeners: Vec<ListenerSpec>,
 }

@@ -8,12 +8,15 @@
 
 pub mod admin;
 pub mod balance;
+pub mod client;
+pub mod control;
 pub mod demo;
 pub mod engine;
 pub mod forward;
 pub mod health;
 pub mod metrics;
 pub mod notify;
+pub mod persist;
 pub mod plane;
 pub mod proxy_protocol;
 pub mod routing;

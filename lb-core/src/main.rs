@@ -38,6 +38,14 @@ impl From<EngineArg> for EngineChoice {
     }
 }
 
+const DEFAULT_SOCKET: &str = "/run/lbd/control.sock";
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run from a configuration file; SIGHUP reloads it, SIGTERM drains and exits.
@@ -56,6 +64,26 @@ enum Command {
     CheckConfig {
         /// The TOML configuration file.
         file: PathBuf,
+    },
+    /// Show listeners and backends of a running lbd (control API).
+    Status {
+        /// The control socket.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Push a dynamic state (TOML or JSON: `version` and listeners) to a running lbd.
+    Apply {
+        /// The state file (`.json`, or TOML with `version` and `[[listener]]`).
+        file: PathBuf,
+        /// The control socket.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
     },
     /// A working load balancer on loopback with three demo backends.
     Demo {
@@ -88,6 +116,12 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::CheckConfig { file } => return check_config(&file),
+        Command::Status { socket, output } => status(&socket, output),
+        Command::Apply {
+            file,
+            socket,
+            output,
+        } => apply(&file, &socket, output),
         Command::Run {
             config,
             engine,
@@ -213,4 +247,130 @@ fn demo(
     println!();
     println!("Ctrl-C to stop.");
     serve_until_stopped(server, None)
+}
+
+fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(rt.block_on(f))
+}
+
+fn status(socket: &std::path::Path, output: Output) -> anyhow::Result<()> {
+    let (code, body) = block_on(lb_core::client::request(
+        socket,
+        hyper::Method::GET,
+        "/v1/status",
+        None,
+    ))??;
+    if !code.is_success() {
+        anyhow::bail!("lbd answered {code}: {}", String::from_utf8_lossy(&body));
+    }
+    if output == Output::Json {
+        println!("{}", String::from_utf8_lossy(&body).trim_end());
+        return Ok(());
+    }
+    let st: lb_core::Status = serde_json::from_slice(&body).context("unexpected status format")?;
+    print!("{}", render_status(&st));
+    Ok(())
+}
+
+fn render_status(st: &lb_core::Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "engine {}, {} workers, config generation {}, dynamic state version {}",
+        st.engine, st.workers, st.generation, st.dynamic_version
+    );
+    if st.listeners.is_empty() {
+        let _ = writeln!(out, "no listeners");
+    }
+    for l in &st.listeners {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<32} {:<24} {:<5} {:>8} {:>10}",
+            "LISTENER", "BIND", "PROTO", "ACTIVE", "ACCEPTED"
+        );
+        let proto = format!("{:?}", l.protocol).to_lowercase();
+        let _ = writeln!(
+            out,
+            "{:<32} {:<24} {:<5} {:>8} {:>10}",
+            l.name,
+            l.bind.to_string(),
+            proto,
+            l.active,
+            l.accepted
+        );
+        let _ = writeln!(
+            out,
+            "  {:<30} {:<9} {:>8} {:>6}  {}",
+            "BACKEND", "HEALTH", "ACTIVE", "WEIGHT", "LAST CHECK ERROR"
+        );
+        for b in &l.backends {
+            let health = match (b.draining, b.healthy) {
+                (true, _) => "draining",
+                (false, true) => "up",
+                (false, false) => "down",
+            };
+            let err = b.last_error.as_deref().unwrap_or("-");
+            let _ = writeln!(
+                out,
+                "  {:<30} {:<9} {:>8} {:>6}  {}",
+                b.addr.to_string(),
+                health,
+                b.active,
+                b.weight,
+                err
+            );
+        }
+    }
+    out
+}
+
+fn apply(file: &std::path::Path, socket: &std::path::Path, output: Output) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let is_json =
+        file.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
+    let state: lb_config::DesiredState = if is_json {
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a JSON state", file.display()))?
+    } else {
+        toml::from_str(&text).with_context(|| format!("{}: not a TOML state", file.display()))?
+    };
+    let body = serde_json::to_vec(&state)?;
+    let (code, reply) = block_on(lb_core::client::request(
+        socket,
+        hyper::Method::PUT,
+        "/v1/state",
+        Some(body),
+    ))??;
+    if output == Output::Json {
+        println!("{}", String::from_utf8_lossy(&reply).trim_end());
+        if code.is_success() {
+            return Ok(());
+        }
+        anyhow::bail!("lbd answered {code}");
+    }
+    let value: serde_json::Value = serde_json::from_slice(&reply).unwrap_or_default();
+    match code.as_u16() {
+        200 => {
+            println!("applied version {}", value["version"]);
+            Ok(())
+        }
+        409 => anyhow::bail!(
+            "version {} refused: lbd runs version {} (a state's version must be above it, or equal with the same content)",
+            state.version,
+            value["current_version"]
+        ),
+        422 => {
+            for e in value["errors"].as_array().into_iter().flatten() {
+                eprintln!("{}: {}: {}", file.display(), e["path"].as_str().unwrap_or(""), e["message"].as_str().unwrap_or(""));
+            }
+            anyhow::bail!("state rejected; lbd keeps running its current state")
+        }
+        _ => anyhow::bail!("lbd answered {code}: {}", String::from_utf8_lossy(&reply).trim_end()),
+    }
 }

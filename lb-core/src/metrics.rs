@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::routing::ConnectError;
 use crate::server::Inner;
@@ -21,6 +21,14 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// Generation of the applied configuration.
     pub generation: IntGauge,
+    /// Control API requests by endpoint and status code.
+    pub api_requests: IntCounterVec,
+    /// `PUT /v1/state` outcomes (`applied`, `conflict`, `invalid`, `error`).
+    pub applies: IntCounterVec,
+    /// Time to validate, apply and persist a dynamic state.
+    pub apply_seconds: Histogram,
+    /// Version of the dynamic state in force.
+    pub dynamic_version: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -46,12 +54,46 @@ impl Metrics {
             "Generation of the applied configuration (increments per applied change).",
         )
         .expect("static metric");
-        registry
-            .register(Box::new(reloads.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(generation.clone()))
-            .expect("unique metric");
+        let api_requests = IntCounterVec::new(
+            Opts::new(
+                "weir_api_requests_total",
+                "Control API requests by endpoint and status code.",
+            ),
+            &["endpoint", "code"],
+        )
+        .expect("static metric");
+        let applies = IntCounterVec::new(
+            Opts::new(
+                "weir_api_applies_total",
+                "Dynamic state applies by result (applied, conflict, invalid, error).",
+            ),
+            &["result"],
+        )
+        .expect("static metric");
+        let apply_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "weir_api_apply_duration_seconds",
+                "Time to validate, apply and persist a dynamic state.",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+        )
+        .expect("static metric");
+        let dynamic_version = IntGauge::new(
+            "weir_dynamic_state_version",
+            "Version of the dynamic state in force (0 before any).",
+        )
+        .expect("static metric");
+        let collectors: [Box<dyn Collector>; 6] = [
+            Box::new(reloads.clone()),
+            Box::new(generation.clone()),
+            Box::new(api_requests.clone()),
+            Box::new(applies.clone()),
+            Box::new(apply_seconds.clone()),
+            Box::new(dynamic_version.clone()),
+        ];
+        for c in collectors {
+            registry.register(c).expect("unique metric");
+        }
         for r in ["applied", "rejected"] {
             reloads.with_label_values(&[r]);
         }
@@ -59,6 +101,10 @@ impl Metrics {
             registry,
             reloads,
             generation,
+            api_requests,
+            applies,
+            apply_seconds,
+            dynamic_version,
         }
     }
 

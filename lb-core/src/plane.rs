@@ -8,7 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use lb_config::{Config, Listener, Protocol};
+use lb_config::{Listener, Protocol};
 use socket2::{Domain, Socket, Type};
 use tokio::sync::{mpsc, watch};
 
@@ -126,22 +126,18 @@ impl Plane {
         &self.health
     }
 
-    /// Applies `config`'s listeners. On error nothing changed.
-    pub fn apply(&mut self, config: &Config) -> Result<Applied, ApplyError> {
-        if let Some(l) = config
-            .listeners
-            .iter()
-            .find(|l| l.protocol == Protocol::Udp)
-        {
+    /// Applies `listeners` (static and dynamic together). On error nothing changed.
+    pub fn apply(&mut self, listeners: &[Listener]) -> Result<Applied, ApplyError> {
+        if let Some(l) = listeners.iter().find(|l| l.protocol == Protocol::Udp) {
             return Err(ApplyError::Unsupported {
                 name: l.name.clone(),
                 what: "protocol \"udp\" is not forwarded by this lbd version yet",
             });
         }
         // 1. Bind every new socket; any failure undoes the others.
-        let wanted: Vec<BindKey> = config.listeners.iter().map(BindKey::of).collect();
+        let wanted: Vec<BindKey> = listeners.iter().map(BindKey::of).collect();
         let mut fresh: Vec<(BindKey, Vec<std::net::TcpListener>, SocketAddr)> = Vec::new();
-        for l in &config.listeners {
+        for l in listeners {
             let key = BindKey::of(l);
             if self.sockets.contains_key(&key) {
                 continue;
@@ -160,7 +156,7 @@ impl Plane {
         let mut stats: HashMap<String, Arc<ListenerStats>> = HashMap::new();
         let mut routes = HashMap::new();
         let mut probes = HashSet::new();
-        for l in &config.listeners {
+        for l in listeners {
             let key = BindKey::of(l);
             let backends: Vec<Arc<BackendHandle>> = l
                 .backends
@@ -266,7 +262,7 @@ impl Plane {
         self.handles = handles;
         self.stats = stats;
         self.health.retain(&probes);
-        self.listeners = config.listeners.clone();
+        self.listeners = listeners.to_vec();
         Ok(Applied {
             generation: self.generation,
             added,

@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use lb_config::{Config, ConfigErrors, EngineChoice, Protocol};
-use serde::Serialize;
+use std::path::PathBuf;
+
+use lb_config::{Config, ConfigErrors, DesiredState, EngineChoice, FieldError, Listener, Protocol};
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::engine::{self, epoll::Epoll, uring::IoUring, EngineKind};
@@ -73,8 +75,211 @@ pub struct Inner {
     pub ready: AtomicBool,
     /// The metrics registry.
     pub metrics: Metrics,
-    /// Serialises reloads.
-    reload: Mutex<()>,
+    /// The two sources of listeners; its lock also serialises applies.
+    sources: Mutex<Sources>,
+    /// Where accepted dynamic states are persisted (None: control API off).
+    state_dir: Option<PathBuf>,
+}
+
+/// Static listeners (the file) and dynamic ones (the control API).
+struct Sources {
+    file: Config,
+    dynamic: DesiredState,
+    dynamic_listeners: Vec<Listener>,
+}
+
+/// Why a `PUT /v1/state` was refused. Nothing changed.
+#[derive(Debug)]
+pub enum PutError {
+    /// Stale or conflicting version (409).
+    Conflict {
+        /// The version now applied.
+        current: u64,
+    },
+    /// Invalid content (422), every error with its path.
+    Invalid(Vec<FieldError>),
+    /// The state could not be written to disk (500); the apply was rolled back.
+    Persist(std::io::Error),
+}
+
+/// Names and binds that a static and a dynamic listener share. Paths are
+/// on the `side` being changed: `listeners[i]` for an API state,
+/// `listener[i]` for a file.
+fn collisions(file: &[Listener], dynamic: &[Listener], blame_dynamic: bool) -> Vec<FieldError> {
+    let mut out = Vec::new();
+    for (i, d) in dynamic.iter().enumerate() {
+        for (j, f) in file.iter().enumerate() {
+            let (path, other) = if blame_dynamic {
+                (
+                    format!("listeners[{i}]"),
+                    format!(
+                        "the static listener[{j}] ({:?}) of the configuration file",
+                        f.name
+                    ),
+                )
+            } else {
+                (
+                    format!("listener[{j}]"),
+                    format!(
+                        "the dynamic listeners[{i}] ({:?}) set through the control API",
+                        d.name
+                    ),
+                )
+            };
+            if d.name == f.name {
+                out.push(FieldError::new(
+                    format!("{path}.name"),
+                    format!("{:?} is already the name of {other}", d.name),
+                ));
+            }
+            if d.bind == f.bind && d.protocol == f.protocol {
+                out.push(FieldError::new(
+                    format!("{path}.bind"),
+                    format!("{} is already bound by {other}", d.bind),
+                ));
+            }
+        }
+    }
+    out
+}
+
+impl Inner {
+    /// Whether the initial state is applied and listeners bound.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The dynamic state as last accepted.
+    pub fn dynamic_state(&self) -> DesiredState {
+        self.lock_sources().dynamic.clone()
+    }
+
+    /// A snapshot of listeners and backends.
+    pub fn status(&self) -> Status {
+        let version = self.lock_sources().dynamic.version;
+        let mut st = status(self);
+        st.dynamic_version = version;
+        st
+    }
+
+    fn lock_sources(&self) -> std::sync::MutexGuard<'_, Sources> {
+        self.sources.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn apply_listeners(
+        &self,
+        file: &[Listener],
+        dynamic: &[Listener],
+    ) -> Result<Applied, ApplyError> {
+        let all: Vec<Listener> = file.iter().chain(dynamic).cloned().collect();
+        let mut plane = self.plane.lock().unwrap_or_else(|p| p.into_inner());
+        let applied = plane.apply(&all)?;
+        self.metrics.generation.set(applied.generation as i64);
+        Ok(applied)
+    }
+
+    /// Validates, applies and persists a dynamic state (`PUT /v1/state`).
+    pub fn put_state(&self, state: DesiredState) -> Result<u64, PutError> {
+        let mut src = self.lock_sources();
+        let current = src.dynamic.version;
+        if state.version < current || (state.version == current && state != src.dynamic) {
+            return Err(PutError::Conflict { current });
+        }
+        if state.version == current {
+            return Ok(current); // the same state again: nothing to do
+        }
+        let listeners =
+            lb_config::resolve_listeners(&state.listeners, &src.file.defaults, "listeners")
+                .map_err(PutError::Invalid)?;
+        let clash = collisions(&src.file.listeners, &listeners, true);
+        if !clash.is_empty() {
+            return Err(PutError::Invalid(clash));
+        }
+        self.apply_listeners(&src.file.listeners, &listeners)
+            .map_err(|e| {
+                let (field, name) = match &e {
+                    ApplyError::Bind { name, .. } => ("bind", name),
+                    ApplyError::Unsupported { name, .. } => ("protocol", name),
+                };
+                let i = listeners.iter().position(|l| &l.name == name).unwrap_or(0);
+                PutError::Invalid(vec![FieldError::new(
+                    format!("listeners[{i}].{field}"),
+                    e.to_string(),
+                )])
+            })?;
+        if let Some(dir) = &self.state_dir {
+            if let Err(e) = crate::persist::save(dir, &state) {
+                tracing::error!(error = %e, dir = %dir.display(), "cannot persist the dynamic state; rolling back");
+                let _ = self.apply_listeners(&src.file.listeners, &src.dynamic_listeners);
+                return Err(PutError::Persist(e));
+            }
+        }
+        tracing::info!(
+            version = state.version,
+            listeners = listeners.len(),
+            "dynamic state applied"
+        );
+        self.metrics.dynamic_version.set(state.version as i64);
+        src.dynamic = state;
+        src.dynamic_listeners = listeners;
+        Ok(src.dynamic.version)
+    }
+
+    /// Loads the persisted dynamic state at start; anything unusable is
+    /// moved aside and `lbd` starts with its static listeners.
+    fn load_persisted(&self) {
+        let Some(dir) = &self.state_dir else { return };
+        let state = match crate::persist::load(dir) {
+            crate::persist::Loaded::Missing => return,
+            crate::persist::Loaded::MovedAside { to, reason } => {
+                tracing::error!(file = %to.display(), %reason, "persisted state unusable, moved aside; serving static listeners only");
+                return;
+            }
+            crate::persist::Loaded::Found(s) => s,
+        };
+        let mut src = self.lock_sources();
+        let resolved =
+            lb_config::resolve_listeners(&state.listeners, &src.file.defaults, "listeners")
+                .and_then(|l| {
+                    let clash = collisions(&src.file.listeners, &l, true);
+                    if clash.is_empty() {
+                        Ok(l)
+                    } else {
+                        Err(clash)
+                    }
+                });
+        let listeners = match resolved {
+            Ok(l) => l,
+            Err(errors) => {
+                let reason = errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                if let crate::persist::Loaded::MovedAside { to, .. } =
+                    crate::persist::move_aside(dir, reason.clone())
+                {
+                    tracing::error!(file = %to.display(), %reason, "persisted state invalid, moved aside");
+                }
+                return;
+            }
+        };
+        match self.apply_listeners(&src.file.listeners, &listeners) {
+            Ok(_) => {
+                tracing::info!(
+                    version = state.version,
+                    listeners = listeners.len(),
+                    "persisted dynamic state applied"
+                );
+                self.metrics.dynamic_version.set(state.version as i64);
+                src.dynamic = state;
+                src.dynamic_listeners = listeners;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "persisted dynamic state not applied; serving static listeners only")
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -121,6 +326,11 @@ fn raise_nofile() -> u64 {
 impl Server {
     /// Starts workers, applies `config`, and serves the admin endpoint.
     pub fn start(config: &Config, options: &Options) -> Result<Self, StartError> {
+        if config.admin.control_tcp.is_some() {
+            return Err(StartError::Engine(
+                "admin.control_tcp: the TLS control API is not available in this lbd version; use admin.control_socket".into(),
+            ));
+        }
         let choice = options.engine.unwrap_or(config.runtime.engine);
         let (engine, fallback) = engine::choose(choice).map_err(StartError::Engine)?;
         if let Some(why) = fallback {
@@ -198,7 +408,16 @@ impl Server {
             workers,
             ready: AtomicBool::new(false),
             metrics: Metrics::new(),
-            reload: Mutex::new(()),
+            sources: Mutex::new(Sources {
+                file: config.clone(),
+                dynamic: DesiredState::default(),
+                dynamic_listeners: Vec::new(),
+            }),
+            state_dir: config
+                .admin
+                .control_socket
+                .as_ref()
+                .map(|_| PathBuf::from(&config.admin.state_dir)),
         });
         inner.metrics.attach(Arc::downgrade(&inner));
         let mut server = Self {
@@ -207,7 +426,20 @@ impl Server {
             threads,
             admin: None,
         };
-        let applied = server.apply(config)?;
+        let applied = server.inner.apply_listeners(&config.listeners, &[])?;
+        server.inner.load_persisted();
+        if let Some(path) = &config.admin.control_socket {
+            let rt = server.rt.as_ref().expect("runtime lives until drop");
+            let _guard = rt.enter();
+            rt.block_on(crate::control::serve_unix(
+                std::path::Path::new(path),
+                server.inner.clone(),
+            ))
+            .map_err(|source| StartError::Io {
+                what: "admin.control_socket bind",
+                source,
+            })?;
+        }
         if let Some(addr) = config.admin.metrics {
             let rt = server.rt.as_ref().expect("runtime lives until drop");
             let bound = rt
@@ -230,19 +462,21 @@ impl Server {
         Ok(server)
     }
 
-    fn apply(&self, config: &Config) -> Result<Applied, ApplyError> {
-        let _serial = self.inner.reload.lock().unwrap_or_else(|p| p.into_inner());
-        let mut plane = self.inner.plane.lock().unwrap_or_else(|p| p.into_inner());
-        let applied = plane.apply(config)?;
-        self.inner.metrics.generation.set(applied.generation as i64);
-        Ok(applied)
-    }
-
-    /// Applies a new configuration (a reload). On error the running
+    /// Applies a new configuration file (a reload). On error the running
     /// configuration stays, and the rejection is logged and counted.
     pub fn reload(&self, config: &Config) -> Result<Applied, ReloadError> {
-        match self.apply(config) {
+        let mut src = self.inner.lock_sources();
+        let clash = collisions(&config.listeners, &src.dynamic_listeners, false);
+        if !clash.is_empty() {
+            drop(src);
+            return Err(self.rejected(ReloadError::Invalid(ConfigErrors(clash))));
+        }
+        match self
+            .inner
+            .apply_listeners(&config.listeners, &src.dynamic_listeners)
+        {
             Ok(a) => {
+                src.file = config.clone();
                 self.inner
                     .metrics
                     .reloads
@@ -257,8 +491,16 @@ impl Server {
                 );
                 Ok(a)
             }
-            Err(e) => Err(self.rejected(ReloadError::Apply(e))),
+            Err(e) => {
+                drop(src);
+                Err(self.rejected(ReloadError::Apply(e)))
+            }
         }
+    }
+
+    /// Applies a dynamic state, as `PUT /v1/state` does.
+    pub fn put_state(&self, state: DesiredState) -> Result<u64, PutError> {
+        self.inner.put_state(state)
     }
 
     /// Re-reads `path` and applies it (SIGHUP).
@@ -303,7 +545,7 @@ impl Server {
 
     /// A snapshot of listeners and backends.
     pub fn status(&self) -> Status {
-        status(&self.inner)
+        self.inner.status()
     }
 
     /// A handle to the control runtime (signals, timers).
@@ -359,7 +601,7 @@ impl Drop for Server {
 }
 
 /// A backend as `status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackendStatus {
     /// Address.
     pub addr: SocketAddr,
@@ -376,7 +618,7 @@ pub struct BackendStatus {
 }
 
 /// A listener as `status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ListenerStatus {
     /// Name.
     pub name: String,
@@ -393,14 +635,16 @@ pub struct ListenerStatus {
 }
 
 /// What `lbd` is doing.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     /// Engine in use.
-    pub engine: &'static str,
+    pub engine: String,
     /// Worker count.
     pub workers: usize,
     /// Generation of the applied configuration.
     pub generation: u64,
+    /// Version of the dynamic state (control API); 0 before any.
+    pub dynamic_version: u64,
     /// Listeners in configuration order.
     pub listeners: Vec<ListenerStatus>,
 }
@@ -451,9 +695,10 @@ fn status(inner: &Inner) -> Status {
         })
         .collect();
     Status {
-        engine: inner.engine.name(),
+        engine: inner.engine.name().to_owned(),
         workers: inner.workers,
         generation: routing.generation,
+        dynamic_version: 0,
         listeners,
     }
 }

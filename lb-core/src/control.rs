@@ -1,0 +1,201 @@
+//! The control API (`admin.control_socket`): HTTP/1.1 + JSON on a unix
+//! socket whose file mode (0600) is the authentication. Endpoints, as the
+//! design's contract says: `GET/PUT /v1/state`, `GET /v1/status`,
+//! `GET /healthz`, `GET /readyz`.
+//!
+//! Limits: request bodies (16 MiB), header and whole-request timeouts, and a
+//! bounded number of concurrent connections; applies are serialised by the
+//! server. The TLS + bearer-token transport (`admin.control_tcp`) is not in
+//! this version: configuring it is refused at start.
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use lb_config::DesiredState;
+use serde_json::json;
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+
+use crate::server::{Inner, PutError};
+
+/// Largest accepted request body.
+pub const MAX_BODY: usize = 16 << 20;
+/// Concurrent control connections served; more wait in the backlog.
+const MAX_CONNECTIONS: usize = 32;
+
+/// Binds the control socket at `path` (creating its directory, replacing a
+/// stale socket file, mode 0600) and serves it on the current runtime.
+pub async fn serve_unix(path: &Path, inner: Arc<Inner>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!(socket = %path.display(), "control API listening");
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "control accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let inner = inner.clone();
+                    async move { Ok::<_, Infallible>(handle(&inner, req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(5))
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+                drop(permit);
+            });
+        }
+    });
+    Ok(())
+}
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut text = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    text.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(text)))
+        .expect("static response")
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    reply(status, json!({ "error": message.into() }))
+}
+
+async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let endpoint = match req.uri().path() {
+        "/v1/state" => "/v1/state",
+        "/v1/status" => "/v1/status",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        _ => "other",
+    };
+    let response = route(inner, req).await;
+    inner
+        .metrics
+        .api_requests
+        .with_label_values(&[endpoint, response.status().as_str()])
+        .inc();
+    response
+}
+
+async fn route(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    match (method, req.uri().path()) {
+        (Method::GET, "/healthz") => reply(StatusCode::OK, json!({ "status": "ok" })),
+        (Method::GET, "/readyz") if inner.is_ready() => {
+            reply(StatusCode::OK, json!({ "status": "ready" }))
+        }
+        (Method::GET, "/readyz") => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "status": "not ready" }),
+        ),
+        (Method::GET, "/v1/state") => reply(
+            StatusCode::OK,
+            serde_json::to_value(inner.dynamic_state()).unwrap_or_default(),
+        ),
+        (Method::GET, "/v1/status") => reply(
+            StatusCode::OK,
+            serde_json::to_value(inner.status()).unwrap_or_default(),
+        ),
+        (Method::PUT, "/v1/state") => put_state(inner, req).await,
+        (_, "/healthz" | "/readyz" | "/v1/state" | "/v1/status") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        (_, path) => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+    }
+}
+
+async fn put_state(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than {MAX_BODY} bytes"),
+            );
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )
+        }
+    };
+    let state: DesiredState = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed state: {e}")),
+    };
+    let started = Instant::now();
+    let inner2 = inner.clone();
+    // Applying binds sockets and writes the state file: keep it off the reactor.
+    let result = tokio::task::spawn_blocking(move || inner2.put_state(state)).await;
+    inner
+        .metrics
+        .apply_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let (label, response) = match result {
+        Ok(Ok(version)) => (
+            "applied",
+            reply(StatusCode::OK, json!({ "version": version })),
+        ),
+        Ok(Err(PutError::Conflict { current })) => (
+            "conflict",
+            reply(StatusCode::CONFLICT, json!({ "current_version": current })),
+        ),
+        Ok(Err(PutError::Invalid(errors))) => (
+            "invalid",
+            reply(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({ "errors": errors }),
+            ),
+        ),
+        Ok(Err(PutError::Persist(e))) => (
+            "error",
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("state not persisted, nothing changed: {e}"),
+            ),
+        ),
+        Err(e) => (
+            "error",
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("apply failed: {e}"),
+            ),
+        ),
+    };
+    inner.metrics.applies.with_label_values(&[label]).inc();
+    response
+}

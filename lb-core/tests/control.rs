@@ -1,0 +1,523 @@
+//! The control API over its unix socket: every error class, persistence
+//! across restarts, static and dynamic listeners together, and the `lbd
+//! status` / `lbd apply` commands against a running lbd.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use hyper::{Method, StatusCode};
+use lb_config::EngineChoice;
+use serde_json::{json, Value};
+
+trait Pipe: Sized {
+    fn pipe(self, f: impl FnOnce(Self) -> Self) -> Self {
+        f(self)
+    }
+}
+
+impl Pipe for Value {}
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("weir-control-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+    fn socket(&self) -> PathBuf {
+        self.0.join("run/control.sock")
+    }
+    fn state(&self) -> PathBuf {
+        self.0.join("state")
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn admin(dir: &Dir) -> String {
+    format!(
+        "[admin]\nmetrics = \"off\"\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\n",
+        dir.socket().display(),
+        dir.state().display()
+    )
+}
+
+fn call(socket: &Path, method: Method, path: &str, body: Option<Vec<u8>>) -> (StatusCode, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (code, bytes) = rt
+        .block_on(lb_core::client::request(socket, method, path, body))
+        .expect("control API answers");
+    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn put(socket: &Path, state: &Value) -> (StatusCode, Value) {
+    call(
+        socket,
+        Method::PUT,
+        "/v1/state",
+        Some(serde_json::to_vec(state).unwrap()),
+    )
+}
+
+fn listener(name: &str, bind: &str, backend: SocketAddr) -> Value {
+    json!({ "name": name, "bind": bind, "backends": [{ "addr": backend.to_string() }], "health": { "kind": "none" } })
+}
+
+#[test]
+fn error_classes_and_unchanged_state() {
+    let dir = Dir::new("errors");
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let lbd = start_lbd(&admin(&dir), EngineChoice::Epoll);
+    let sock = dir.socket();
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode");
+
+    let good = json!({ "version": 5, "listeners": [listener("svc-a", "127.0.0.30:0", b.addr)] });
+    let (code, body) = put(&sock, &good);
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["version"], 5);
+    let before = call(&sock, Method::GET, "/v1/state", None).1;
+    assert_eq!(before["version"], 5);
+
+    // Malformed bodies: 400.
+    for raw in [&b"{"[..], b"[]", b"{\"version\": \"five\"}", b"\xff\xfe"] {
+        let (code, body) = call(&sock, Method::PUT, "/v1/state", Some(raw.to_vec()));
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+    }
+    // Invalid states: 422 with every error's path; nothing changes.
+    let bad = |l: Value| json!({ "version": 6, "listeners": [l] });
+    let base = listener("svc-b", "127.0.0.31:80", b.addr);
+    let with = |k: &str, v: Value| {
+        let mut l = base.clone();
+        l[k] = v;
+        bad(l)
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (with("name", json!("bad name")), "listeners[0].name"),
+        (with("bind", json!("nowhere")), "listeners[0].bind"),
+        (with("bind", json!("127.0.0.31")), "listeners[0].bind"),
+        (
+            with("backends", json!([{ "addr": "x" }])),
+            "listeners[0].backends[0].addr",
+        ),
+        (
+            with("backends", json!([{ "addr": "127.0.0.2:0" }])),
+            "listeners[0].backends[0].addr",
+        ),
+        (
+            with("backends", json!([{ "addr": "127.0.0.2:1", "weight": 0 }])),
+            "listeners[0].backends",
+        ),
+        (
+            with("source_ranges", json!(["10.0.0.1/8"])),
+            "listeners[0].source_ranges[0]",
+        ),
+        (
+            with("connect_timeout", json!("0s")),
+            "listeners[0].connect_timeout",
+        ),
+        (
+            with("health", json!({ "kind": "http", "path": "no-slash" })),
+            "listeners[0].health.path",
+        ),
+        (
+            with("health", json!({ "kind": "tcp", "fall": 0 })),
+            "listeners[0].health.fall",
+        ),
+        (
+            json!({ "version": 6, "listeners": [base.clone(), base.clone()] }),
+            "listeners[1].name",
+        ),
+        (
+            json!({ "version": 6, "listeners": [base.clone(), base.clone().pipe(|mut l| { l["name"] = json!("other"); l })] }),
+            "listeners[1].bind",
+        ),
+        (
+            with("balance", json!("round_robin")).pipe(|mut v| {
+                v["listeners"][0]["hash_key"] = json!("client_ip");
+                v
+            }),
+            "listeners[0].hash_key",
+        ),
+        (
+            with("protocol", json!("udp")).pipe(|mut v| {
+                v["listeners"][0]["proxy_protocol"] = json!("v1");
+                v
+            }),
+            "listeners[0].proxy_protocol",
+        ),
+    ];
+    assert!(cases.len() >= 10);
+    for (state, path) in &cases {
+        let (code, body) = put(&sock, state);
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {body}");
+        let paths: Vec<&str> = body["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["path"].as_str().unwrap())
+            .collect();
+        assert!(paths.contains(path), "expected {path} in {paths:?}");
+        assert_eq!(
+            call(&sock, Method::GET, "/v1/state", None).1,
+            before,
+            "state changed after a 422"
+        );
+    }
+    // Stale and conflicting versions: 409 with the current version.
+    let (code, body) = put(&sock, &json!({ "version": 4, "listeners": [] }));
+    assert_eq!(
+        (code, &body["current_version"]),
+        (StatusCode::CONFLICT, &json!(5))
+    );
+    let (code, body) = put(&sock, &json!({ "version": 5, "listeners": [] }));
+    assert_eq!(
+        (code, &body["current_version"]),
+        (StatusCode::CONFLICT, &json!(5))
+    );
+    // The same state again is idempotent.
+    assert_eq!(put(&sock, &good).0, StatusCode::OK);
+    // Oversized body: 413.
+    let huge = vec![b' '; lb_core::control::MAX_BODY + 1];
+    assert_eq!(
+        call(&sock, Method::PUT, "/v1/state", Some(huge)).0,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    // Unknown path: 404; wrong method: 405.
+    assert_eq!(
+        call(&sock, Method::GET, "/v2/nothing", None).0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(&sock, Method::DELETE, "/v1/state", None).0,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(call(&sock, Method::GET, "/healthz", None).0, StatusCode::OK);
+    assert_eq!(call(&sock, Method::GET, "/readyz", None).0, StatusCode::OK);
+    assert_eq!(call(&sock, Method::GET, "/v1/state", None).1, before);
+    // The dynamic listener serves.
+    assert_eq!(roundtrip(lbd.bound_addr("svc-a").unwrap()).unwrap(), b.name);
+    let status = call(&sock, Method::GET, "/v1/status", None).1;
+    assert_eq!(status["dynamic_version"], 5);
+    assert_eq!(status["listeners"][0]["name"], "svc-a");
+    let m = lbd.metrics_text();
+    assert_eq!(metric(&m, "weir_dynamic_state_version"), Some(5.0), "{m}");
+    assert!(
+        metric(&m, "weir_api_applies_total{result=\"invalid\"}").unwrap() >= 13.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "weir_api_requests_total{code=\"404\",endpoint=\"other\"}"
+        ) == Some(1.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn static_and_dynamic_collisions_name_both_sides() {
+    let dir = Dir::new("collide");
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let port = free_port("127.0.0.33");
+    let file_listener = listener_toml(
+        "web",
+        &format!("127.0.0.33:{port}"),
+        "",
+        &[b.addr],
+        "kind = \"none\"",
+    );
+    let lbd = start_lbd(
+        &format!("{}{file_listener}", admin(&dir)),
+        EngineChoice::Epoll,
+    );
+    let sock = dir.socket();
+    let (code, body) = put(
+        &sock,
+        &json!({ "version": 1, "listeners": [listener("web", "127.0.0.34:80", b.addr)] }),
+    );
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    let msg = body["errors"][0]["message"].as_str().unwrap();
+    assert_eq!(body["errors"][0]["path"], "listeners[0].name");
+    assert!(msg.contains("static listener[0]"), "{msg}");
+    let (code, body) = put(
+        &sock,
+        &json!({ "version": 1, "listeners": [listener("api", &format!("127.0.0.33:{port}"), b.addr)] }),
+    );
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["errors"][0]["path"], "listeners[0].bind");
+    // A file reload that collides with a dynamic listener is rejected.
+    assert_eq!(
+        put(
+            &sock,
+            &json!({ "version": 2, "listeners": [listener("api", "127.0.0.35:0", b.addr)] })
+        )
+        .0,
+        StatusCode::OK
+    );
+    let clash = format!(
+        "{}{file_listener}{}",
+        admin(&dir),
+        listener_toml("api", "127.0.0.36:0", "", &[b.addr], "kind = \"none\"")
+    );
+    let err = lbd
+        .reload(&lb_config::parse_config(&clash).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("listener[1].name") && err.contains("dynamic listeners[0]"),
+        "{err}"
+    );
+    // Both kinds serve together.
+    assert_eq!(roundtrip(lbd.bound_addr("web").unwrap()).unwrap(), b.name);
+    assert_eq!(roundtrip(lbd.bound_addr("api").unwrap()).unwrap(), b.name);
+}
+
+fn apply_under_load(engine: EngineChoice) {
+    let dir = Dir::new(&format!("load-{engine:?}"));
+    let backends = three_echo_backends();
+    let lbd = start_lbd(&admin(&dir), engine);
+    let sock = dir.socket();
+    let bind = format!("127.0.0.37:{}", free_port("127.0.0.37"));
+    let addr: SocketAddr = bind.parse().unwrap();
+    let state = |v: u64, set: &[&TestBackend]| {
+        let list: Vec<Value> = set
+            .iter()
+            .map(|b| json!({ "addr": b.addr.to_string() }))
+            .collect();
+        json!({ "version": v, "listeners": [{ "name": "svc", "bind": bind, "balance": "round_robin", "backends": list, "health": { "kind": "none" } },
+                                              { "name": format!("extra-{}", v % 2), "bind": format!("127.0.0.38:{}", 40000 + v % 2), "backends": list }] })
+    };
+    assert_eq!(
+        put(
+            &sock,
+            &state(1, &[&backends[0], &backends[1], &backends[2]])
+        )
+        .0,
+        StatusCode::OK
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let (stop, done) = (stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                match roundtrip(addr) {
+                    Ok(_) => {
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            failures
+        })
+    };
+    let sets: [Vec<&TestBackend>; 3] = [
+        vec![&backends[0], &backends[1]],
+        vec![&backends[1], &backends[2]],
+        backends.iter().collect(),
+    ];
+    for v in 2..32u64 {
+        let before = done.load(Ordering::SeqCst);
+        let (code, body) = put(&sock, &state(v, &sets[v as usize % 3]));
+        assert_eq!(code, StatusCode::OK, "{body}");
+        eventually(Duration::from_secs(10), "clients progress", || {
+            done.load(Ordering::SeqCst) > before + 3
+        });
+    }
+    stop.store(true, Ordering::SeqCst);
+    let failures = client.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failures: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    drop(lbd);
+}
+
+#[test]
+fn apply_under_load_epoll() {
+    apply_under_load(EngineChoice::Epoll);
+}
+
+#[test]
+fn apply_under_load_io_uring() {
+    apply_under_load(EngineChoice::IoUring);
+}
+
+#[test]
+fn restart_serves_persisted_state_and_survives_a_corrupt_file() {
+    let dir = Dir::new("restart");
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let dyn_bind = format!("127.0.0.39:{}", free_port("127.0.0.39"));
+    let static_bind = format!("127.0.0.40:{}", free_port("127.0.0.40"));
+    let config = format!(
+        "{}{}",
+        admin(&dir),
+        listener_toml("static", &static_bind, "", &[b.addr], "kind = \"none\"")
+    );
+    let lbd = start_lbd(&config, EngineChoice::Epoll);
+    assert_eq!(
+        put(
+            &dir.socket(),
+            &json!({ "version": 9, "listeners": [listener("dyn", &dyn_bind, b.addr)] })
+        )
+        .0,
+        StatusCode::OK
+    );
+    assert!(dir.state().join("state.json").exists());
+    lbd.shutdown(Some(Duration::from_millis(100)));
+
+    // Restart: the dynamic listener serves before anything is applied.
+    let lbd = start_lbd(&config, EngineChoice::Epoll);
+    assert_eq!(roundtrip(dyn_bind.parse().unwrap()).unwrap(), b.name);
+    assert_eq!(
+        call(&dir.socket(), Method::GET, "/v1/state", None).1["version"],
+        9
+    );
+    lbd.shutdown(Some(Duration::from_millis(100)));
+
+    // Corrupt file: moved aside (kept), static listeners serve, ready.
+    std::fs::write(
+        dir.state().join("state.json"),
+        b"{\"version\": 10, \"listeners\": [",
+    )
+    .unwrap();
+    let lbd = start_lbd(&config, EngineChoice::Epoll);
+    assert_eq!(roundtrip(static_bind.parse().unwrap()).unwrap(), b.name);
+    assert!(std::net::TcpStream::connect(dyn_bind.parse::<SocketAddr>().unwrap()).is_err());
+    assert_eq!(
+        call(&dir.socket(), Method::GET, "/readyz", None).0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&dir.socket(), Method::GET, "/v1/state", None).1["version"],
+        0
+    );
+    let aside: Vec<_> = std::fs::read_dir(dir.state())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.json.bad-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the corrupt file is kept aside");
+    assert_eq!(
+        std::fs::read(aside[0].path()).unwrap(),
+        b"{\"version\": 10, \"listeners\": ["
+    );
+    drop(lbd);
+}
+
+#[test]
+fn lbd_status_and_apply_commands() {
+    let dir = Dir::new("cli");
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let file = dir.0.join("lbd.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "{}{}",
+            admin(&dir),
+            listener_toml(
+                "static",
+                "127.0.0.41:0",
+                "",
+                &[b.addr],
+                "kind = \"tcp\"\ninterval = \"200ms\""
+            )
+        ),
+    )
+    .unwrap();
+    let lbd_bin = env!("CARGO_BIN_EXE_lbd");
+    let mut child = std::process::Command::new(lbd_bin)
+        .args(["run", "--config"])
+        .arg(&file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "control socket", || {
+        dir.socket().exists()
+    });
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(lbd_bin)
+            .args(args)
+            .arg("--socket")
+            .arg(dir.socket())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let state = dir.0.join("state.toml");
+    let dyn_bind = format!("127.0.0.42:{}", free_port("127.0.0.42"));
+    std::fs::write(&state, format!("version = 3\n\n[[listener]]\nname = \"svc/web:80\"\nbind = \"{dyn_bind}\"\nbackends = [{{ addr = \"{}\" }}]\n", b.addr)).unwrap();
+    let (code, out, err) = run(&["apply", state.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("applied version 3"), "{out}");
+    assert_eq!(roundtrip(dyn_bind.parse().unwrap()).unwrap(), b.name);
+
+    let bad = dir.0.join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"version": 4, "listeners": [{"name": "x", "bind": "nowhere"}]}"#,
+    )
+    .unwrap();
+    let (code, _, err) = run(&["apply", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("listeners[0].bind"), "{err}");
+    let (code, _, err) = run(&[
+        "apply",
+        state
+            .to_str()
+            .unwrap()
+            .replace("state.toml", "state.toml")
+            .as_str(),
+    ]);
+    assert_eq!(code, Some(0), "same state again is fine: {err}");
+    std::fs::write(&state, "version = 1\n").unwrap();
+    let (code, _, err) = run(&["apply", state.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("runs version 3"), "{err}");
+
+    eventually(Duration::from_secs(10), "health visible", || {
+        run(&["status"]).1.contains(" up ")
+    });
+    let (code, out, _) = run(&["status"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("dynamic state version 3"), "{out}");
+    assert!(
+        out.contains("static") && out.contains("svc/web:80") && out.contains(&b.addr.to_string()),
+        "{out}"
+    );
+    let (code, out, _) = run(&["status", "--output", "json"]);
+    assert_eq!(code, Some(0));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["listeners"].as_array().unwrap().len(), 2);
+    let _ = child.kill();
+    let _ = child.wait();
+}
