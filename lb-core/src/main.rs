@@ -305,8 +305,8 @@ fn render_status(st: &lb_core::Status) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<30} {:<9} {:>8} {:>6}  {}",
-            "BACKEND", "HEALTH", "ACTIVE", "WEIGHT", "LAST CHECK ERROR"
+            "  {:<30} {:<9} {:>8} {:>6}  LAST CHECK ERROR",
+            "BACKEND", "HEALTH", "ACTIVE", "WEIGHT"
         );
         for b in &l.backends {
             let health = match (b.draining, b.healthy) {
