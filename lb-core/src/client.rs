@@ -1,63 +1,133 @@
-//! A small client of the control API over its unix socket, for `lbd status`
-//! and `lbd apply` (and tests).
+//! A small client of the control API, over its unix socket or over HTTPS
+//! with a bearer token, for `lbd status` and `lbd apply` (and tests).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 
+/// Where the control API is.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// `admin.control_socket`.
+    Unix(PathBuf),
+    /// `admin.control_tcp`: `https://host:port`, the CA that signed the
+    /// server certificate, the token, and an optional client certificate.
+    Https {
+        /// `https://host:port`.
+        url: String,
+        /// The bearer token.
+        token: String,
+        /// TLS settings (trusted CA, client identity).
+        tls: Arc<rustls::ClientConfig>,
+    },
+}
+
 /// Why a request did not get an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The socket could not be reached.
-    #[error("cannot connect to {path}: {source}")]
+    /// The API could not be reached.
+    #[error("cannot connect to {target}: {source}")]
     Connect {
-        /// The socket path.
-        path: String,
-        /// The OS error.
+        /// The socket path or URL.
+        target: String,
+        /// The OS or TLS error.
         source: std::io::Error,
     },
+    /// The URL is not `https://host:port`.
+    #[error("bad URL {0:?}: expected https://host:port")]
+    Url(String),
     /// The HTTP exchange failed.
     #[error("control API: {0}")]
     Http(String),
 }
 
+async fn exchange<S>(
+    stream: S,
+    req: Request<Full<Bytes>>,
+) -> Result<(StatusCode, Bytes), ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let http = |e: hyper::Error| ClientError::Http(e.to_string());
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http)?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.map_err(http)?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.map_err(http)?.to_bytes();
+    Ok((status, bytes))
+}
+
 /// Sends one request and returns the status and body.
+pub async fn send(
+    target: &Target,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<(StatusCode, Bytes), ClientError> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    match target {
+        Target::Unix(socket) => {
+            let req = req
+                .header("host", "lbd")
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+            let stream = tokio::net::UnixStream::connect(socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    target: socket.display().to_string(),
+                    source,
+                })?;
+            exchange(stream, req).await
+        }
+        Target::Https { url, token, tls } => {
+            let uri: hyper::Uri = url.parse().map_err(|_| ClientError::Url(url.clone()))?;
+            let (Some("https"), Some(host), Some(port)) =
+                (uri.scheme_str(), uri.host(), uri.port_u16())
+            else {
+                return Err(ClientError::Url(url.clone()));
+            };
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            req = req.header("host", format!("{}:{port}", uri.host().unwrap_or_default()));
+            let req = req
+                .header("authorization", format!("Bearer {token}"))
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+            let connect_err = |source| ClientError::Connect {
+                target: url.clone(),
+                source,
+            };
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(connect_err)?;
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|_| ClientError::Url(url.clone()))?;
+            let tls = tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(connect_err)?;
+            exchange(tls, req).await
+        }
+    }
+}
+
+/// [`send`] to a unix socket.
 pub async fn request(
     socket: &Path,
     method: Method,
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<(StatusCode, Bytes), ClientError> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|source| ClientError::Connect {
-            path: socket.display().to_string(),
-            source,
-        })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| ClientError::Http(e.to_string()))?;
-    tokio::spawn(conn);
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "lbd")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .map_err(|e| ClientError::Http(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| ClientError::Http(e.to_string()))?;
-    let status = resp.status();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| ClientError::Http(e.to_string()))?
-        .to_bytes();
-    Ok((status, bytes))
+    send(&Target::Unix(socket.to_owned()), method, path, body).await
 }

@@ -3,12 +3,16 @@
 //! design's contract says: `GET/PUT /v1/state`, `GET /v1/status`,
 //! `GET /healthz`, `GET /readyz`.
 //!
-//! Limits: request bodies (16 MiB), header and whole-request timeouts, and a
-//! bounded number of concurrent connections; applies are serialised by the
-//! server. The TLS + bearer-token transport (`admin.control_tcp`) is not in
-//! this version: configuring it is refused at start.
+//! Over TCP (`admin.control_tcp`) the same API is served with TLS only, and
+//! every request needs `Authorization: Bearer <token>` (401 otherwise, with
+//! no detail); `admin.client_ca` adds mutual TLS.
+//!
+//! Limits: request bodies (16 MiB), header, handshake and whole-connection
+//! timeouts, and a bounded number of concurrent connections; applies are
+//! serialised by the server.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,10 +24,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use lb_config::DesiredState;
 use serde_json::json;
-use tokio::net::UnixListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::server::{Inner, PutError};
+use crate::tls::Token;
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 16 << 20;
@@ -32,7 +37,11 @@ const MAX_CONNECTIONS: usize = 32;
 
 /// Binds the control socket at `path` (creating its directory, replacing a
 /// stale socket file, mode 0600) and serves it on the current runtime.
-pub async fn serve_unix(path: &Path, inner: Arc<Inner>) -> std::io::Result<()> {
+pub async fn serve_unix(
+    path: &Path,
+    group: Option<&str>,
+    inner: Arc<Inner>,
+) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -41,8 +50,71 @@ pub async fn serve_unix(path: &Path, inner: Arc<Inner>) -> std::io::Result<()> {
         _ => {}
     }
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let mode = match group {
+        Some(g) => {
+            std::os::unix::fs::chown(path, None, Some(group_id(g)?))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     tracing::info!(socket = %path.display(), "control API listening");
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(stream, inner.clone(), None, permit));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "control accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// A group's id: a number, or a name from `/etc/group` (local groups only).
+fn group_id(group: &str) -> std::io::Result<u32> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid = f.nth(1)?.parse().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("admin.control_socket_group: no group {group:?} in /etc/group"),
+            )
+        })
+}
+
+/// Serves the control API over TLS on `addr`; every request must carry
+/// `Authorization: Bearer <token>`. Returns the bound address.
+pub async fn serve_tls(
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    token: Token,
+    inner: Arc<Inner>,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let token = Arc::new(token);
+    tracing::info!(addr = %local, "control API listening (TLS)");
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
@@ -57,23 +129,62 @@ pub async fn serve_unix(path: &Path, inner: Arc<Inner>) -> std::io::Result<()> {
                     continue;
                 }
             };
-            let inner = inner.clone();
+            let (acceptor, inner, token) = (acceptor.clone(), inner.clone(), token.clone());
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let inner = inner.clone();
-                    async move { Ok::<_, Infallible>(handle(&inner, req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(5))
-                    .max_buf_size(64 * 1024)
-                    .serve_connection(TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
-                drop(permit);
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => serve_connection(tls, inner, Some(token), permit).await,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "control TLS handshake failed"),
+                    Err(_) => tracing::debug!("control TLS handshake timed out"),
+                }
             });
         }
     });
-    Ok(())
+    Ok(local)
+}
+
+/// Serves one connection: header and whole-connection timeouts, a body
+/// limit, and (over TCP) the token check before anything else.
+async fn serve_connection<S>(
+    stream: S,
+    inner: Arc<Inner>,
+    token: Option<Arc<Token>>,
+    permit: OwnedSemaphorePermit,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let inner = inner.clone();
+        let token = token.clone();
+        async move {
+            if let Some(t) = &token {
+                if !t.accepts(
+                    req.headers()
+                        .get(hyper::header::AUTHORIZATION)
+                        .map(|v| v.as_bytes()),
+                ) {
+                    inner
+                        .metrics
+                        .api_requests
+                        .with_label_values(&["unauthorized", "401"])
+                        .inc();
+                    let mut r = error(StatusCode::UNAUTHORIZED, "unauthorized");
+                    r.headers_mut().insert(
+                        hyper::header::WWW_AUTHENTICATE,
+                        hyper::header::HeaderValue::from_static("Bearer"),
+                    );
+                    return Ok::<_, Infallible>(r);
+                }
+            }
+            Ok::<_, Infallible>(handle(&inner, req).await)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(5))
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+    drop(permit);
 }
 
 fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {

@@ -22,5 +22,6 @@ pub mod proxy_protocol;
 pub mod routing;
 pub mod server;
 pub mod stats;
+pub mod tls;
 
 pub use server::{Options, Server, Status};

@@ -40,6 +40,54 @@ impl From<EngineArg> for EngineChoice {
 
 const DEFAULT_SOCKET: &str = "/run/lbd/control.sock";
 
+/// Where the control API is: a unix socket, or an HTTPS URL with a token.
+#[derive(clap::Args)]
+struct Remote {
+    /// The control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET, conflicts_with = "url")]
+    socket: PathBuf,
+    /// The TLS control API, `https://host:port` (needs --token-file and --ca).
+    #[arg(long, requires_all = ["token_file", "ca"])]
+    url: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// CA certificate(s) that signed lbd's certificate (PEM).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Client certificate for mutual TLS (PEM).
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Client private key for mutual TLS (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+impl Remote {
+    fn target(&self) -> anyhow::Result<lb_core::client::Target> {
+        use lb_core::client::Target;
+        let Some(url) = &self.url else {
+            return Ok(Target::Unix(self.socket.clone()));
+        };
+        let token_file = self
+            .token_file
+            .as_ref()
+            .context("--url needs --token-file")?;
+        let token = std::fs::read_to_string(token_file)
+            .with_context(|| format!("cannot read {}", token_file.display()))?
+            .trim()
+            .to_owned();
+        let ca = self.ca.as_ref().context("--url needs --ca")?;
+        let identity = self.cert.as_deref().zip(self.key.as_deref());
+        let tls = lb_core::tls::client_config(ca, identity)?;
+        Ok(Target::Https {
+            url: url.clone(),
+            token,
+            tls,
+        })
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
     Table,
@@ -67,9 +115,8 @@ enum Command {
     },
     /// Show listeners and backends of a running lbd (control API).
     Status {
-        /// The control socket.
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
         /// `table` for people, `json` for scripts.
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
@@ -78,9 +125,8 @@ enum Command {
     Apply {
         /// The state file (`.json`, or TOML with `version` and `[[listener]]`).
         file: PathBuf,
-        /// The control socket.
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
         /// `table` for people, `json` for scripts.
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
@@ -116,12 +162,12 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::CheckConfig { file } => return check_config(&file),
-        Command::Status { socket, output } => status(&socket, output),
+        Command::Status { remote, output } => status(&remote, output),
         Command::Apply {
             file,
-            socket,
+            remote,
             output,
-        } => apply(&file, &socket, output),
+        } => apply(&file, &remote, output),
         Command::Run {
             config,
             engine,
@@ -256,9 +302,10 @@ fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
     Ok(rt.block_on(f))
 }
 
-fn status(socket: &std::path::Path, output: Output) -> anyhow::Result<()> {
-    let (code, body) = block_on(lb_core::client::request(
-        socket,
+fn status(remote: &Remote, output: Output) -> anyhow::Result<()> {
+    let target = remote.target()?;
+    let (code, body) = block_on(lb_core::client::send(
+        &target,
         hyper::Method::GET,
         "/v1/status",
         None,
@@ -329,7 +376,8 @@ fn render_status(st: &lb_core::Status) -> String {
     out
 }
 
-fn apply(file: &std::path::Path, socket: &std::path::Path, output: Output) -> anyhow::Result<()> {
+fn apply(file: &std::path::Path, remote: &Remote, output: Output) -> anyhow::Result<()> {
+    let target = remote.target()?;
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let is_json =
@@ -341,8 +389,8 @@ fn apply(file: &std::path::Path, socket: &std::path::Path, output: Output) -> an
         toml::from_str(&text).with_context(|| format!("{}: not a TOML state", file.display()))?
     };
     let body = serde_json::to_vec(&state)?;
-    let (code, reply) = block_on(lb_core::client::request(
-        socket,
+    let (code, reply) = block_on(lb_core::client::send(
+        &target,
         hyper::Method::PUT,
         "/v1/state",
         Some(body),

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use lb_config::{Config, ConfigErrors, DesiredState, EngineChoice, FieldError, Listener, Protocol};
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,9 @@ pub enum StartError {
     /// The initial configuration could not be applied.
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    /// The control API's TLS material or token is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Why a reload was rejected. The running configuration is unchanged.
@@ -298,6 +301,7 @@ pub struct Server {
     rt: Option<tokio::runtime::Runtime>,
     threads: Vec<std::thread::JoinHandle<()>>,
     admin: Option<SocketAddr>,
+    control_tcp: Option<SocketAddr>,
 }
 
 /// Raises the open-files soft limit to the hard limit; returns the soft limit now in force.
@@ -326,11 +330,24 @@ fn raise_nofile() -> u64 {
 impl Server {
     /// Starts workers, applies `config`, and serves the admin endpoint.
     pub fn start(config: &Config, options: &Options) -> Result<Self, StartError> {
-        if config.admin.control_tcp.is_some() {
-            return Err(StartError::Engine(
-                "admin.control_tcp: the TLS control API is not available in this lbd version; use admin.control_socket".into(),
-            ));
-        }
+        // TLS material and the token are read before anything binds, so a
+        // bad file fails the start cleanly.
+        let control_tcp = match (
+            &config.admin.control_tcp,
+            &config.admin.tls_cert,
+            &config.admin.tls_key,
+            &config.admin.token_file,
+        ) {
+            (Some(addr), Some(cert), Some(key), Some(token)) => {
+                let tls = crate::tls::server_config(
+                    Path::new(cert),
+                    Path::new(key),
+                    config.admin.client_ca.as_deref().map(Path::new),
+                )?;
+                Some((*addr, tls, crate::tls::Token::load(Path::new(token))?))
+            }
+            _ => None,
+        };
         let choice = options.engine.unwrap_or(config.runtime.engine);
         let (engine, fallback) = engine::choose(choice).map_err(StartError::Engine)?;
         if let Some(why) = fallback {
@@ -413,11 +430,9 @@ impl Server {
                 dynamic: DesiredState::default(),
                 dynamic_listeners: Vec::new(),
             }),
-            state_dir: config
-                .admin
-                .control_socket
-                .as_ref()
-                .map(|_| PathBuf::from(&config.admin.state_dir)),
+            state_dir: (config.admin.control_socket.is_some()
+                || config.admin.control_tcp.is_some())
+            .then(|| PathBuf::from(&config.admin.state_dir)),
         });
         inner.metrics.attach(Arc::downgrade(&inner));
         let mut server = Self {
@@ -425,14 +440,31 @@ impl Server {
             rt: Some(rt),
             threads,
             admin: None,
+            control_tcp: None,
         };
         let applied = server.inner.apply_listeners(&config.listeners, &[])?;
         server.inner.load_persisted();
+        if let Some((addr, tls, token)) = control_tcp {
+            let rt = server.rt.as_ref().expect("runtime lives until drop");
+            let bound = rt
+                .block_on(crate::control::serve_tls(
+                    addr,
+                    tls,
+                    token,
+                    server.inner.clone(),
+                ))
+                .map_err(|source| StartError::Io {
+                    what: "admin.control_tcp bind",
+                    source,
+                })?;
+            server.control_tcp = Some(bound);
+        }
         if let Some(path) = &config.admin.control_socket {
             let rt = server.rt.as_ref().expect("runtime lives until drop");
             let _guard = rt.enter();
             rt.block_on(crate::control::serve_unix(
-                std::path::Path::new(path),
+                Path::new(path),
+                config.admin.control_socket_group.as_deref(),
                 server.inner.clone(),
             ))
             .map_err(|source| StartError::Io {
@@ -529,6 +561,11 @@ impl Server {
     /// Where the admin endpoint listens.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
+    }
+
+    /// Where the TLS control API listens.
+    pub fn control_tcp_addr(&self) -> Option<SocketAddr> {
+        self.control_tcp
     }
 
     /// The address listener `name` is bound to.

@@ -232,6 +232,30 @@ fn error_classes_and_unchanged_state() {
 }
 
 #[test]
+fn control_socket_group_gives_mode_0660() {
+    let dir = Dir::new("group");
+    let config = admin(&dir).replace("state_dir", "control_socket_group = \"0\"\nstate_dir");
+    let _lbd = start_lbd(&config, EngineChoice::Epoll);
+    let meta = std::fs::metadata(dir.socket()).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 0);
+    let config = admin(&dir).replace(
+        "state_dir",
+        "control_socket_group = \"no-such-group-weir\"\nstate_dir",
+    );
+    let config = lb_config::parse_config(&config).unwrap();
+    let err = lb_core::Server::start(
+        &config,
+        &lb_core::Options {
+            engine: Some(EngineChoice::Epoll),
+            workers: Some(1),
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("no-such-group-weir"), "{err}");
+}
+
+#[test]
 fn static_and_dynamic_collisions_name_both_sides() {
     let dir = Dir::new("collide");
     let b = TestBackend::start("127.0.0.2", Behavior::Echo);
@@ -513,4 +537,183 @@ fn lbd_status_and_apply_commands() {
     assert_eq!(v["listeners"].as_array().unwrap().len(), 2);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+struct Pki {
+    dir: Dir,
+}
+
+impl Pki {
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate
+    /// signed by it, and an unrelated CA; written as PEM files.
+    fn new(tag: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        let dir = Dir::new(tag);
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let server_key = KeyPair::generate().unwrap();
+        let server = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&server_key, &ca, &ca_key)
+            .unwrap();
+        let client_key = KeyPair::generate().unwrap();
+        let mut client_params = CertificateParams::new(vec!["lb-controller".to_owned()]).unwrap();
+        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client = client_params.signed_by(&client_key, &ca, &ca_key).unwrap();
+        let other_key = KeyPair::generate().unwrap();
+        let mut other_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        other_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let other = other_params.self_signed(&other_key).unwrap();
+        for (name, pem) in [
+            ("ca.pem", ca.pem()),
+            ("server.pem", server.pem()),
+            ("server.key", server_key.serialize_pem()),
+            ("client.pem", client.pem()),
+            ("client.key", client_key.serialize_pem()),
+            ("other-ca.pem", other.pem()),
+            ("token", "  s3cret-token\n".to_owned()),
+            ("wrong-token", "guess".to_owned()),
+        ] {
+            std::fs::write(dir.0.join(name), pem).unwrap();
+        }
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.0.join(name)
+    }
+
+    fn config(&self, client_ca: bool) -> String {
+        let ca = if client_ca {
+            format!("client_ca = \"{}\"\n", self.path("ca.pem").display())
+        } else {
+            String::new()
+        };
+        format!(
+            "[admin]\nmetrics = \"off\"\ncontrol_socket = \"off\"\ncontrol_tcp = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntoken_file = \"{}\"\n{ca}state_dir = \"{}\"\n",
+            self.path("server.pem").display(),
+            self.path("server.key").display(),
+            self.path("token").display(),
+            self.dir.0.join("state").display()
+        )
+    }
+
+    fn target(&self, url: &str, token: &str, ca: &str, identity: bool) -> lb_core::client::Target {
+        let (cert, key) = (self.path("client.pem"), self.path("client.key"));
+        let tls = lb_core::tls::client_config(
+            &self.path(ca),
+            identity.then_some((cert.as_path(), key.as_path())),
+        )
+        .unwrap();
+        lb_core::client::Target::Https {
+            url: url.to_owned(),
+            token: token.to_owned(),
+            tls,
+        }
+    }
+}
+
+fn send(target: &lb_core::client::Target, path: &str) -> Result<(StatusCode, Value), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(lb_core::client::send(target, Method::GET, path, None))
+        .map(|(c, b)| (c, serde_json::from_slice(&b).unwrap_or(Value::Null)))
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn tls_control_api_needs_the_token_and_a_trusted_ca() {
+    let pki = Pki::new("tls");
+    let lbd = start_lbd(&pki.config(false), EngineChoice::Epoll);
+    let url = format!("https://{}", lbd.control_tcp_addr().unwrap());
+    let ok = send(
+        &pki.target(&url, "s3cret-token", "ca.pem", false),
+        "/v1/state",
+    )
+    .unwrap();
+    assert_eq!(ok.0, StatusCode::OK, "{ok:?}");
+    assert_eq!(ok.1["version"], 0);
+    for token in ["", "guess", "s3cret-tokenx", "s3cret"] {
+        let (code, body) = send(&pki.target(&url, token, "ca.pem", false), "/v1/state").unwrap();
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "token {token:?}");
+        assert_eq!(body, json!({ "error": "unauthorized" }), "no detail");
+    }
+    let untrusted = send(
+        &pki.target(&url, "s3cret-token", "other-ca.pem", false),
+        "/v1/state",
+    );
+    assert!(
+        untrusted.is_err(),
+        "a server certificate from an unknown CA must be refused: {untrusted:?}"
+    );
+    // The CLI over TLS.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lbd"))
+        .args(["status", "--url", &url, "--output", "json", "--token-file"])
+        .arg(pki.path("token"))
+        .arg("--ca")
+        .arg(pki.path("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"engine\""));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lbd"))
+        .args(["status", "--url", &url, "--token-file"])
+        .arg(pki.path("wrong-token"))
+        .arg("--ca")
+        .arg(pki.path("ca.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+#[test]
+fn mutual_tls_when_client_ca_is_set() {
+    let pki = Pki::new("mtls");
+    let lbd = start_lbd(&pki.config(true), EngineChoice::Epoll);
+    let url = format!("https://{}", lbd.control_tcp_addr().unwrap());
+    let anonymous = send(
+        &pki.target(&url, "s3cret-token", "ca.pem", false),
+        "/v1/status",
+    );
+    assert!(
+        anonymous.is_err(),
+        "a client without a certificate must be refused: {anonymous:?}"
+    );
+    let (code, body) = send(
+        &pki.target(&url, "s3cret-token", "ca.pem", true),
+        "/v1/status",
+    )
+    .unwrap();
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (code, _) = send(&pki.target(&url, "nope", "ca.pem", true), "/v1/status").unwrap();
+    assert_eq!(
+        code,
+        StatusCode::UNAUTHORIZED,
+        "a certificate does not replace the token"
+    );
+}
+
+#[test]
+fn unusable_tls_material_fails_the_start() {
+    let pki = Pki::new("badtls");
+    std::fs::write(pki.path("server.key"), "not a key").unwrap();
+    let config = lb_config::parse_config(&pki.config(false)).unwrap();
+    let err = lb_core::Server::start(
+        &config,
+        &lb_core::Options {
+            engine: Some(EngineChoice::Epoll),
+            workers: Some(1),
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("admin.tls_key"), "{err}");
 }
