@@ -13,8 +13,9 @@ use hyper_util::rt::TokioIo;
 use lb_config::{Config, ConfigErrors};
 use tokio::net::TcpListener;
 
-/// The embedded configuration; `{listen}`, `{metrics}` and `{backends}` are
-/// filled in at start.
+/// The embedded configuration; `{listen}`, `{metrics}`, `{backends}` and
+/// `{run_dir}` (control socket and state, in a private temporary directory)
+/// are filled in at start.
 pub const TEMPLATE: &str = r#"
 [runtime]
 workers = 0
@@ -22,7 +23,8 @@ engine = "auto"
 
 [admin]
 metrics = "{metrics}"
-control_socket = "off"
+control_socket = "{run_dir}/control.sock"
+state_dir = "{run_dir}"
 
 [[listener]]
 name = "demo"
@@ -43,6 +45,7 @@ pub fn config(
     listen: SocketAddr,
     metrics: SocketAddr,
     backends: &[SocketAddr],
+    run_dir: &std::path::Path,
 ) -> Result<Config, ConfigErrors> {
     let list: Vec<String> = backends
         .iter()
@@ -51,7 +54,8 @@ pub fn config(
     let text = TEMPLATE
         .replace("{listen}", &listen.to_string())
         .replace("{metrics}", &metrics.to_string())
-        .replace("{backends}", &list.join(", "));
+        .replace("{backends}", &list.join(", "))
+        .replace("{run_dir}", &run_dir.display().to_string());
     lb_config::parse_config(&text)
 }
 

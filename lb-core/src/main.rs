@@ -266,7 +266,8 @@ fn demo(
 ) -> anyhow::Result<()> {
     let backends = lb_core::demo::start_backends(3)
         .context("cannot start the demo backends on 127.0.0.2-4")?;
-    let config = lb_core::demo::config(listen, metrics, &backends)
+    let run_dir = std::env::temp_dir().join(format!("lbd-demo-{}", std::process::id()));
+    let config = lb_core::demo::config(listen, metrics, &backends, &run_dir)
         .map_err(|e| anyhow::anyhow!("demo config:\n{e}"))?;
     let options = Options {
         engine: engine.map(Into::into),
@@ -290,9 +291,21 @@ fn demo(
     if let Some(m) = server.admin_addr() {
         println!("  metrics: curl -s http://{m}/metrics | grep weir_");
     }
+    println!(
+        "  status:  lbd status --socket {}",
+        run_dir.join("control.sock").display()
+    );
     println!();
     println!("Ctrl-C to stop.");
-    serve_until_stopped(server, None)
+    let result = serve_until_stopped(server, None);
+    let _ = std::fs::remove_dir_all(&run_dir);
+    result
+}
+
+/// Writes to stdout; a closed pipe (`lbd status | head`) is not an error.
+fn say(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
@@ -314,11 +327,11 @@ fn status(remote: &Remote, output: Output) -> anyhow::Result<()> {
         anyhow::bail!("lbd answered {code}: {}", String::from_utf8_lossy(&body));
     }
     if output == Output::Json {
-        println!("{}", String::from_utf8_lossy(&body).trim_end());
+        say(&format!("{}\n", String::from_utf8_lossy(&body).trim_end()));
         return Ok(());
     }
     let st: lb_core::Status = serde_json::from_slice(&body).context("unexpected status format")?;
-    print!("{}", render_status(&st));
+    say(&render_status(&st));
     Ok(())
 }
 
@@ -396,7 +409,7 @@ fn apply(file: &std::path::Path, remote: &Remote, output: Output) -> anyhow::Res
         Some(body),
     ))??;
     if output == Output::Json {
-        println!("{}", String::from_utf8_lossy(&reply).trim_end());
+        say(&format!("{}\n", String::from_utf8_lossy(&reply).trim_end()));
         if code.is_success() {
             return Ok(());
         }
@@ -405,7 +418,7 @@ fn apply(file: &std::path::Path, remote: &Remote, output: Output) -> anyhow::Res
     let value: serde_json::Value = serde_json::from_slice(&reply).unwrap_or_default();
     match code.as_u16() {
         200 => {
-            println!("applied version {}", value["version"]);
+            say(&format!("applied version {}\n", value["version"]));
             Ok(())
         }
         409 => anyhow::bail!(

@@ -151,7 +151,8 @@ impl Plane {
             fresh.push((key, sockets, local));
         }
 
-        // 2. Build the new snapshot, reusing handles and counters.
+        // 2. Build the new snapshot, reusing handles, counters and selectors.
+        let previous = self.shared.routing.load_full();
         let mut handles: HashMap<HandleKey, Arc<BackendHandle>> = HashMap::new();
         let mut stats: HashMap<String, Arc<ListenerStats>> = HashMap::new();
         let mut routes = HashMap::new();
@@ -190,9 +191,18 @@ impl Plane {
                 .cloned()
                 .unwrap_or_else(|| Arc::new(ListenerStats::new(workers)));
             stats.insert(l.name.clone(), st.clone());
+            // A selector depends only on the algorithm and the backend list:
+            // reuse it when neither changed (a controller re-sends every
+            // listener on each change; a Maglev table costs ~0.5 ms).
+            let selector = previous
+                .routes
+                .get(&key)
+                .filter(|r| r.listener.balance == l.balance && r.listener.backends == l.backends)
+                .map(|r| r.selector.clone())
+                .unwrap_or_else(|| Arc::new(Selector::new(l.balance, &l.backends)));
             let route = Route {
                 listener: l.clone(),
-                selector: Selector::new(l.balance, &l.backends),
+                selector,
                 backends,
                 stats: st,
             };

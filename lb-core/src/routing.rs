@@ -162,7 +162,7 @@ pub struct Route {
     /// The resolved listener.
     pub listener: Listener,
     /// Built once per snapshot from `listener.backends`.
-    pub selector: Selector,
+    pub selector: Arc<Selector>,
     /// Handles in the same order as `listener.backends`.
     pub backends: Vec<Arc<BackendHandle>>,
     /// Counters, reused across snapshots by listener name.
