@@ -172,6 +172,15 @@ pub fn resolve_listener(
         SocketAddr::from(([0, 0, 0, 0], 0))
     });
     let protocol = spec.protocol.or(defaults.protocol).unwrap_or(Protocol::Tcp);
+    if protocol == Protocol::Udp
+        && bind.ip().is_unspecified()
+        && spec.bind.parse::<SocketAddr>().is_ok()
+    {
+        e.push(
+            "bind",
+            format!("{} is a wildcard; a udp listener must bind a specific address, because replies are sent from it", spec.bind),
+        );
+    }
     let balance = spec.balance.or(defaults.balance).unwrap_or(Balance::Maglev);
     let hash_key = spec
         .hash_key

@@ -109,6 +109,7 @@ fn invalid_cases() -> Vec<(String, &'static str, usize, &'static str)> {
         (l("name = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\nkind = \"http\"\npath = \"healthz\"\n"), "listener[0].health.path", 6, "must start with '/'"),
         (l("name = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\npath = \"/a b\"\n"), "listener[0].health.path", 5, "no spaces"),
         (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nprotocol = \"udp\"\n[listener.health]\nkind = \"tcp\"\n"), "listener[0].health.port", 5, "needs a port"),
+        (l("name = \"a\"\nbind = \"0.0.0.0:53\"\nprotocol = \"udp\"\n"), "listener[0].bind", 3, "must bind a specific address"),
         ("[runtime]\nworkers = 5000\n".into(), "runtime.workers", 2, "above the maximum"),
         ("[runtime]\nengine = \"dpdk\"\n".into(), "runtime.engine", 2, "unknown variant `dpdk`"),
         ("[admin]\ncontrol_tcp = \"0.0.0.0:9443\"\n".into(), "admin.tls_cert", 1, "is required with admin.control_tcp"),

@@ -56,17 +56,28 @@ pub enum WorkerCmd {
         /// Becomes true when the listener is removed or the process stops.
         stop: watch::Receiver<bool>,
     },
+    /// Start serving UDP on this socket until `stop` becomes true.
+    ListenUdp {
+        /// Which listener this socket serves.
+        key: BindKey,
+        /// Bound, non-blocking.
+        socket: std::net::UdpSocket,
+        /// The bound address (replies come from it; PROXY v2 names it).
+        local: SocketAddr,
+        /// Becomes true when the listener is removed or the process stops.
+        stop: watch::Receiver<bool>,
+    },
 }
 
-struct Worker {
-    id: usize,
-    shared: Arc<Shared>,
+pub(crate) struct Worker {
+    pub(crate) id: usize,
+    pub(crate) shared: Arc<Shared>,
     rng: Cell<u64>,
     buffers: RefCell<Vec<Vec<u8>>>,
 }
 
 impl Worker {
-    fn random(&self) -> u64 {
+    pub(crate) fn random(&self) -> u64 {
         let x = self.rng.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
         self.rng.set(x);
         hash::fmix64(x)
@@ -117,6 +128,25 @@ pub fn run_worker<E: Engine>(
                     }
                     Err(e) => {
                         tracing::error!(bind = %key.addr, error = %e, worker = id, "cannot use listener socket")
+                    }
+                },
+                WorkerCmd::ListenUdp {
+                    key,
+                    socket,
+                    local,
+                    stop,
+                } => match <E::Udp as crate::engine::Datagram>::from_std(socket) {
+                    Ok(socket) => {
+                        tokio::task::spawn_local(crate::udp::serve::<E>(
+                            worker.clone(),
+                            key,
+                            socket,
+                            local,
+                            stop,
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::error!(bind = %key.addr, error = %e, worker = id, "cannot use udp socket")
                     }
                 },
             }

@@ -12,6 +12,7 @@ pub mod client;
 pub mod control;
 pub mod demo;
 pub mod engine;
+pub mod flow;
 pub mod forward;
 pub mod health;
 pub mod metrics;
@@ -23,5 +24,6 @@ pub mod routing;
 pub mod server;
 pub mod stats;
 pub mod tls;
+pub mod udp;
 
 pub use server::{Options, Server, Status};

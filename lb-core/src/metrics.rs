@@ -11,7 +11,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec,
 
 use crate::routing::ConnectError;
 use crate::server::Inner;
-use crate::stats::Reject;
+use crate::stats::{Reject, UdpDrop};
 
 /// Registered metrics of one server.
 pub struct Metrics {
@@ -223,25 +223,35 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
         &["engine", "workers", "version"],
     );
 
+    let datagrams = counter(
+        "weir_udp_datagrams_total",
+        "UDP datagrams forwarded, by listener and direction (to_backend, to_client).",
+        &["listener", "direction"],
+    );
+    let flows_created = counter(
+        "weir_udp_flows_created_total",
+        "UDP flows opened, by listener.",
+        &["listener"],
+    );
+    let flows_expired = counter(
+        "weir_udp_flows_expired_total",
+        "UDP flows closed (idle, drained or re-picked), by listener.",
+        &["listener"],
+    );
+    let flows_active = gauge(
+        "weir_udp_flows_active",
+        "UDP flows open now, by listener.",
+        &["listener"],
+    );
+    let udp_drops = counter(
+        "weir_udp_drops_total",
+        "UDP datagrams dropped, by listener and reason (flow_limit, no_backend, truncated, source_range).",
+        &["listener", "reason"],
+    );
     let routing = inner.shared.routing.load();
     for route in routing.routes.values() {
         let name = route.listener.name.as_str();
         let t = route.stats.totals();
-        accepted.with_label_values(&[name]).inc_by(t.accepted);
-        for (i, r) in Reject::ALL.iter().enumerate() {
-            rejected
-                .with_label_values(&[name, r.label()])
-                .inc_by(t.rejected[i]);
-        }
-        active
-            .with_label_values(&[name])
-            .set(route.stats.active.load(Ordering::Relaxed) as i64);
-        bytes
-            .with_label_values(&[name, "to_backend"])
-            .inc_by(t.bytes_to_backend);
-        bytes
-            .with_label_values(&[name, "to_client"])
-            .inc_by(t.bytes_to_client);
         for b in &route.backends {
             let addr = b.addr.to_string();
             let labels = [name, addr.as_str()];
@@ -260,6 +270,50 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
                 .set(i64::from(b.health.load().is_up()));
             b_draining.with_label_values(&labels).set(0);
         }
+        if route.listener.protocol == lb_config::Protocol::Udp {
+            datagrams
+                .with_label_values(&[name, "to_backend"])
+                .inc_by(t.datagrams_to_backend);
+            datagrams
+                .with_label_values(&[name, "to_client"])
+                .inc_by(t.datagrams_to_client);
+            flows_created
+                .with_label_values(&[name])
+                .inc_by(t.flows_created);
+            flows_expired
+                .with_label_values(&[name])
+                .inc_by(t.flows_expired);
+            flows_active
+                .with_label_values(&[name])
+                .set(route.stats.active.load(Ordering::Relaxed) as i64);
+            for (i, d) in UdpDrop::ALL.iter().enumerate() {
+                udp_drops
+                    .with_label_values(&[name, d.label()])
+                    .inc_by(t.udp_drops[i]);
+            }
+            bytes
+                .with_label_values(&[name, "to_backend"])
+                .inc_by(t.bytes_to_backend);
+            bytes
+                .with_label_values(&[name, "to_client"])
+                .inc_by(t.bytes_to_client);
+            continue;
+        }
+        accepted.with_label_values(&[name]).inc_by(t.accepted);
+        for (i, r) in Reject::ALL.iter().enumerate() {
+            rejected
+                .with_label_values(&[name, r.label()])
+                .inc_by(t.rejected[i]);
+        }
+        active
+            .with_label_values(&[name])
+            .set(route.stats.active.load(Ordering::Relaxed) as i64);
+        bytes
+            .with_label_values(&[name, "to_backend"])
+            .inc_by(t.bytes_to_backend);
+        bytes
+            .with_label_values(&[name, "to_client"])
+            .inc_by(t.bytes_to_client);
     }
     if let Ok(plane) = inner.plane.lock() {
         let names: std::collections::HashMap<_, _> = routing
@@ -302,11 +356,21 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
 
     let mut out = Vec::new();
     for c in [
-        &accepted, &rejected, &bytes, &b_total, &b_errors, &checks, &passive,
+        &accepted,
+        &rejected,
+        &bytes,
+        &b_total,
+        &b_errors,
+        &checks,
+        &passive,
+        &datagrams,
+        &flows_created,
+        &flows_expired,
+        &udp_drops,
     ] {
         out.extend(c.collect());
     }
-    for g in [&active, &b_active, &b_up, &b_draining, &info] {
+    for g in [&active, &b_active, &b_up, &b_draining, &info, &flows_active] {
         out.extend(g.collect());
     }
     out.extend(global.collect());

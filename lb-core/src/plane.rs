@@ -31,14 +31,6 @@ pub enum ApplyError {
         /// The OS error.
         source: io::Error,
     },
-    /// A listener uses something this build does not forward yet.
-    #[error("listener {name:?}: {what}")]
-    Unsupported {
-        /// The listener.
-        name: String,
-        /// What is missing.
-        what: &'static str,
-    },
 }
 
 /// What an apply changed, for the log line.
@@ -60,6 +52,12 @@ struct Bound {
 }
 
 type HandleKey = (BindKey, SocketAddr);
+
+/// Freshly bound sockets, one per worker.
+enum Sockets {
+    Tcp(Vec<std::net::TcpListener>),
+    Udp(Vec<std::net::UdpSocket>),
+}
 
 /// The control side's view of the data plane. Not on the data path: only
 /// reloads and metrics scrapes take its lock.
@@ -128,26 +126,27 @@ impl Plane {
 
     /// Applies `listeners` (static and dynamic together). On error nothing changed.
     pub fn apply(&mut self, listeners: &[Listener]) -> Result<Applied, ApplyError> {
-        if let Some(l) = listeners.iter().find(|l| l.protocol == Protocol::Udp) {
-            return Err(ApplyError::Unsupported {
-                name: l.name.clone(),
-                what: "protocol \"udp\" is not forwarded by this lbd version yet",
-            });
-        }
         // 1. Bind every new socket; any failure undoes the others.
         let wanted: Vec<BindKey> = listeners.iter().map(BindKey::of).collect();
-        let mut fresh: Vec<(BindKey, Vec<std::net::TcpListener>, SocketAddr)> = Vec::new();
+        let mut fresh: Vec<(BindKey, Sockets, SocketAddr)> = Vec::new();
         for l in listeners {
             let key = BindKey::of(l);
             if self.sockets.contains_key(&key) {
                 continue;
             }
-            let (sockets, local) =
-                bind_tcp(l.bind, self.workers.len()).map_err(|source| ApplyError::Bind {
-                    name: l.name.clone(),
-                    addr: l.bind,
-                    source,
-                })?;
+            let bound = match l.protocol {
+                Protocol::Tcp => {
+                    bind_tcp(l.bind, self.workers.len()).map(|(s, a)| (Sockets::Tcp(s), a))
+                }
+                Protocol::Udp => {
+                    bind_udp(l.bind, self.workers.len()).map(|(s, a)| (Sockets::Udp(s), a))
+                }
+            };
+            let (sockets, local) = bound.map_err(|source| ApplyError::Bind {
+                name: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
             fresh.push((key, sockets, local));
         }
 
@@ -220,12 +219,26 @@ impl Plane {
         let added = fresh.len();
         for (key, sockets, local) in fresh {
             let (stop, stop_rx) = watch::channel(false);
-            for (socket, worker) in sockets.into_iter().zip(&self.workers) {
-                let _ = worker.send(WorkerCmd::Listen {
-                    key,
-                    socket,
-                    stop: stop_rx.clone(),
-                });
+            match sockets {
+                Sockets::Tcp(list) => {
+                    for (socket, worker) in list.into_iter().zip(&self.workers) {
+                        let _ = worker.send(WorkerCmd::Listen {
+                            key,
+                            socket,
+                            stop: stop_rx.clone(),
+                        });
+                    }
+                }
+                Sockets::Udp(list) => {
+                    for (socket, worker) in list.into_iter().zip(&self.workers) {
+                        let _ = worker.send(WorkerCmd::ListenUdp {
+                            key,
+                            socket,
+                            local,
+                            stop: stop_rx.clone(),
+                        });
+                    }
+                }
             }
             tracing::info!(bind = %local, "listening");
             self.sockets.insert(key, Bound { stop, local });
@@ -308,6 +321,42 @@ impl Plane {
             .max()
             .unwrap_or_default()
     }
+}
+
+/// Binds one `SO_REUSEPORT` UDP socket per worker on `addr` (with
+/// `IP_FREEBIND`); with port 0, the first socket's port is reused.
+pub fn bind_udp(
+    addr: SocketAddr,
+    count: usize,
+) -> io::Result<(Vec<std::net::UdpSocket>, SocketAddr)> {
+    let mut out = Vec::with_capacity(count);
+    let mut actual = addr;
+    for _ in 0..count.max(1) {
+        let s = Socket::new(
+            Domain::for_address(addr),
+            Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        if addr.is_ipv4() {
+            s.set_freebind_v4(true)?;
+        } else {
+            s.set_freebind_v6(true)?;
+        }
+        s.set_nonblocking(true)?;
+        // Room for bursts: a worker busy for a moment should not drop.
+        let _ = s.set_recv_buffer_size(4 << 20);
+        s.bind(&actual.into())?;
+        if actual.port() == 0 {
+            actual = s
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("not an IP socket"))?;
+        }
+        out.push(s.into());
+    }
+    Ok((out, actual))
 }
 
 /// Binds one `SO_REUSEPORT` listening socket per worker on `addr` (with

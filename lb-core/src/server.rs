@@ -200,13 +200,10 @@ impl Inner {
         }
         self.apply_listeners(&src.file.listeners, &listeners)
             .map_err(|e| {
-                let (field, name) = match &e {
-                    ApplyError::Bind { name, .. } => ("bind", name),
-                    ApplyError::Unsupported { name, .. } => ("protocol", name),
-                };
+                let ApplyError::Bind { name, .. } = &e;
                 let i = listeners.iter().position(|l| &l.name == name).unwrap_or(0);
                 PutError::Invalid(vec![FieldError::new(
-                    format!("listeners[{i}].{field}"),
+                    format!("listeners[{i}].bind"),
                     e.to_string(),
                 )])
             })?;

@@ -33,6 +33,39 @@ impl Reject {
     }
 }
 
+/// Why a UDP datagram was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdpDrop {
+    /// It would have opened a flow beyond `max_connections` (or the global cap).
+    FlowLimit,
+    /// No backend could take a new flow.
+    NoBackend,
+    /// Larger than 65,507 bytes (possible over IPv6): never forwarded in part.
+    Truncated,
+    /// The client is outside `source_ranges`.
+    SourceRange,
+}
+
+impl UdpDrop {
+    /// All reasons, in label order.
+    pub const ALL: [UdpDrop; 4] = [
+        Self::FlowLimit,
+        Self::NoBackend,
+        Self::Truncated,
+        Self::SourceRange,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::FlowLimit => "flow_limit",
+            Self::NoBackend => "no_backend",
+            Self::Truncated => "truncated",
+            Self::SourceRange => "source_range",
+        }
+    }
+}
+
 /// Counters one worker writes.
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -45,9 +78,24 @@ pub struct WorkerCounters {
     pub bytes_to_backend: AtomicU64,
     /// Bytes read from backends and written to clients.
     pub bytes_to_client: AtomicU64,
+    /// UDP datagrams forwarded to backends.
+    pub datagrams_to_backend: AtomicU64,
+    /// UDP datagrams relayed back to clients.
+    pub datagrams_to_client: AtomicU64,
+    /// UDP flows opened.
+    pub flows_created: AtomicU64,
+    /// UDP flows closed (idle, drained, or re-picked).
+    pub flows_expired: AtomicU64,
+    /// UDP drops by reason (`UdpDrop` order).
+    pub udp_drops: [AtomicU64; 4],
 }
 
 impl WorkerCounters {
+    /// Counts a dropped datagram.
+    pub fn drop_datagram(&self, why: UdpDrop) {
+        self.udp_drops[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a refusal.
     pub fn reject(&self, why: Reject) {
         self.rejected[why.index()].fetch_add(1, Ordering::Relaxed);
@@ -73,6 +121,16 @@ pub struct Totals {
     pub bytes_to_backend: u64,
     /// See [`WorkerCounters::bytes_to_client`].
     pub bytes_to_client: u64,
+    /// See [`WorkerCounters::datagrams_to_backend`].
+    pub datagrams_to_backend: u64,
+    /// See [`WorkerCounters::datagrams_to_client`].
+    pub datagrams_to_client: u64,
+    /// See [`WorkerCounters::flows_created`].
+    pub flows_created: u64,
+    /// See [`WorkerCounters::flows_expired`].
+    pub flows_expired: u64,
+    /// See [`WorkerCounters::udp_drops`].
+    pub udp_drops: [u64; 4],
 }
 
 impl ListenerStats {
@@ -101,6 +159,13 @@ impl ListenerStats {
             }
             t.bytes_to_backend += w.bytes_to_backend.load(Ordering::Relaxed);
             t.bytes_to_client += w.bytes_to_client.load(Ordering::Relaxed);
+            t.datagrams_to_backend += w.datagrams_to_backend.load(Ordering::Relaxed);
+            t.datagrams_to_client += w.datagrams_to_client.load(Ordering::Relaxed);
+            t.flows_created += w.flows_created.load(Ordering::Relaxed);
+            t.flows_expired += w.flows_expired.load(Ordering::Relaxed);
+            for (i, d) in w.udp_drops.iter().enumerate() {
+                t.udp_drops[i] += d.load(Ordering::Relaxed);
+            }
         }
         t
     }

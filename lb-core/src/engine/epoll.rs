@@ -5,9 +5,43 @@ use std::io;
 use std::net::{Shutdown, SocketAddr};
 
 use socket2::SockRef;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use super::{Conn, Engine, EngineKind};
+use super::{Conn, Datagram, Engine, EngineKind};
+
+/// A tokio UDP socket.
+#[derive(Debug)]
+pub struct EpollUdp(UdpSocket);
+
+impl Datagram for EpollUdp {
+    fn from_std(socket: std::net::UdpSocket) -> io::Result<Self> {
+        UdpSocket::from_std(socket).map(Self)
+    }
+
+    async fn recv_from(&self, mut buf: Vec<u8>) -> (io::Result<(usize, SocketAddr)>, Vec<u8>) {
+        let r = self.0.recv_buf_from(&mut buf).await;
+        (r, buf)
+    }
+
+    async fn send_to(&self, buf: Vec<u8>, to: SocketAddr) -> (io::Result<usize>, Vec<u8>) {
+        let r = self.0.send_to(&buf, to).await;
+        (r, buf)
+    }
+
+    async fn recv(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        let r = self.0.recv_buf(&mut buf).await;
+        (r, buf)
+    }
+
+    async fn send(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        let r = self.0.send(&buf).await;
+        (r, buf)
+    }
+
+    fn close(&self) {
+        let _ = SockRef::from(&self.0).shutdown(Shutdown::Both);
+    }
+}
 
 /// Marker type for the epoll engine.
 #[derive(Debug)]
@@ -76,6 +110,7 @@ impl Conn for EpollConn {
 impl Engine for Epoll {
     type Conn = EpollConn;
     type Listener = TcpListener;
+    type Udp = EpollUdp;
     const KIND: EngineKind = EngineKind::Epoll;
 
     fn run(worker: impl Future<Output = ()>) -> io::Result<()> {

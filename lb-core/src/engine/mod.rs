@@ -36,6 +36,25 @@ pub trait Conn: Sized + 'static {
     fn set_nodelay(&self) -> io::Result<()>;
 }
 
+/// A UDP socket with owned-buffer operations. Listener sockets use
+/// `recv_from`/`send_to`; per-flow upstream sockets are connected and use
+/// `recv`/`send`.
+#[allow(async_fn_in_trait)]
+pub trait Datagram: Sized + 'static {
+    /// Wraps a bound, non-blocking socket. Called inside `Engine::run`.
+    fn from_std(socket: std::net::UdpSocket) -> io::Result<Self>;
+    /// Receives one datagram into `buf`'s spare capacity (`buf` arrives empty).
+    async fn recv_from(&self, buf: Vec<u8>) -> (io::Result<(usize, SocketAddr)>, Vec<u8>);
+    /// Sends `buf` as one datagram to `to`.
+    async fn send_to(&self, buf: Vec<u8>, to: SocketAddr) -> (io::Result<usize>, Vec<u8>);
+    /// Receives one datagram on a connected socket.
+    async fn recv(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+    /// Sends one datagram on a connected socket.
+    async fn send(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+    /// Shuts the socket down, completing any receive still in flight.
+    fn close(&self);
+}
+
 /// An engine: how a worker runs and accepts.
 #[allow(async_fn_in_trait)]
 pub trait Engine: 'static {
@@ -43,6 +62,8 @@ pub trait Engine: 'static {
     type Conn: Conn;
     /// Its listening socket.
     type Listener: 'static;
+    /// Its UDP sockets.
+    type Udp: Datagram;
     /// Which engine this is.
     const KIND: EngineKind;
     /// Runs `worker` to completion on a new runtime on this thread.

@@ -9,9 +9,38 @@ use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use socket2::SockRef;
-use tokio_uring::net::{TcpListener, TcpStream};
+use tokio_uring::net::{TcpListener, TcpStream, UdpSocket};
 
-use super::{Conn, Engine, EngineKind};
+use super::{Conn, Datagram, Engine, EngineKind};
+
+/// A tokio-uring UDP socket.
+pub struct UringUdp(UdpSocket);
+
+impl Datagram for UringUdp {
+    fn from_std(socket: std::net::UdpSocket) -> io::Result<Self> {
+        Ok(Self(UdpSocket::from_std(socket)))
+    }
+
+    async fn recv_from(&self, buf: Vec<u8>) -> (io::Result<(usize, SocketAddr)>, Vec<u8>) {
+        self.0.recv_from(buf).await
+    }
+
+    async fn send_to(&self, buf: Vec<u8>, to: SocketAddr) -> (io::Result<usize>, Vec<u8>) {
+        self.0.send_to(buf, to).await
+    }
+
+    async fn recv(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        self.0.read(buf).await
+    }
+
+    async fn send(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        self.0.send(buf).await
+    }
+
+    fn close(&self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
+}
 
 /// Marker type for the io_uring engine.
 #[derive(Debug)]
@@ -71,6 +100,7 @@ impl Conn for UringConn {
 impl Engine for IoUring {
     type Conn = UringConn;
     type Listener = TcpListener;
+    type Udp = UringUdp;
     const KIND: EngineKind = EngineKind::IoUring;
 
     fn run(worker: impl Future<Output = ()>) -> io::Result<()> {

@@ -1,0 +1,368 @@
+//! UDP forwarding on one worker, written once for both engines.
+//!
+//! Each worker owns one `SO_REUSEPORT` socket per UDP listener; the kernel
+//! keeps a client address on one worker. A flow (keyed by client address)
+//! picks a backend with the listener's algorithm, owns a socket connected
+//! to it, and relays replies to the client from the listener's socket, so
+//! they come from the listener's address and port. Flows end when idle
+//! (`idle_timeout`), when their backend's drain ends, or when their backend
+//! is down at the next datagram (then the datagram opens a new flow).
+
+use std::cell::RefCell;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lb_config::{HashKey, ProxyProtocol};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::balance::hash;
+use crate::engine::{Datagram, Engine};
+use crate::flow::FlowTable;
+use crate::forward::{Shared, Worker};
+use crate::proxy_protocol;
+use crate::routing::{BackendHandle, BindKey, ConnectError, Route};
+use crate::stats::{ListenerStats, UdpDrop};
+
+/// Largest datagram forwarded (the IPv4 UDP payload limit).
+pub const MAX_DATAGRAM: usize = 65_507;
+/// Receive buffer: larger than any non-jumbo datagram, so nothing is cut
+/// silently; anything above `MAX_DATAGRAM` is counted and dropped.
+const RECV_BUF: usize = 65_536;
+
+/// Counts held by a flow, released when it ends.
+struct Slots {
+    shared: Arc<Shared>,
+    listener: Arc<ListenerStats>,
+    backend: Arc<BackendHandle>,
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        self.shared.active_total.fetch_sub(1, Ordering::Relaxed);
+        self.listener.active.fetch_sub(1, Ordering::Relaxed);
+        self.backend.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Flow<U: Datagram> {
+    upstream: Rc<U>,
+    replies: JoinHandle<()>,
+    slots: Slots,
+}
+
+impl<U: Datagram> Drop for Flow<U> {
+    fn drop(&mut self) {
+        self.replies.abort();
+        self.upstream.close();
+    }
+}
+
+type Flows<U> = Rc<RefCell<FlowTable<Flow<U>>>>;
+
+struct Listener<E: Engine> {
+    worker: Rc<Worker>,
+    key: BindKey,
+    local: SocketAddr,
+    socket: Rc<E::Udp>,
+    flows: Flows<E::Udp>,
+}
+
+/// Serves one UDP listener socket until `stop`.
+pub(crate) async fn serve<E: Engine>(
+    worker: Rc<Worker>,
+    key: BindKey,
+    socket: E::Udp,
+    local: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    let l = Rc::new(Listener::<E> {
+        worker,
+        key,
+        local,
+        socket: Rc::new(socket),
+        flows: Rc::default(),
+    });
+    let expiry = tokio::task::spawn_local(expire_loop(l.clone()));
+    let mut buf = Vec::with_capacity(RECV_BUF);
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        buf.clear();
+        tokio::select! {
+            biased;
+            changed = stop.changed() => if changed.is_err() {
+                break;
+            } else {
+                continue;
+            },
+            (received, b) = l.socket.recv_from(std::mem::take(&mut buf)) => {
+                buf = b;
+                match received {
+                    Ok((n, client)) => buf = on_datagram(&l, client, n, buf).await,
+                    Err(e) => {
+                        tracing::debug!(bind = %l.key.addr, error = %e, "udp receive failed");
+                        buf = Vec::with_capacity(RECV_BUF);
+                    }
+                }
+            }
+        }
+    }
+    expiry.abort();
+    let flows: Vec<_> = l
+        .flows
+        .borrow_mut()
+        .expire(Instant::now(), Duration::ZERO, |_| true);
+    drop(flows);
+    l.socket.close();
+}
+
+fn current_route(l: &Listener<impl Engine>) -> Option<Arc<Route>> {
+    l.worker.shared.routing.load().routes.get(&l.key).cloned()
+}
+
+/// Handles one datagram from `client`; returns the buffer for reuse.
+async fn on_datagram<E: Engine>(
+    l: &Rc<Listener<E>>,
+    client: SocketAddr,
+    n: usize,
+    buf: Vec<u8>,
+) -> Vec<u8> {
+    let Some(route) = current_route(l) else {
+        return buf;
+    };
+    let stats = route.stats.worker(l.worker.id);
+    if n > MAX_DATAGRAM {
+        stats.drop_datagram(UdpDrop::Truncated);
+        return buf;
+    }
+    if !route.allows(client.ip()) {
+        stats.drop_datagram(UdpDrop::SourceRange);
+        return buf;
+    }
+    let now = Instant::now();
+    let existing = {
+        let mut flows = l.flows.borrow_mut();
+        match flows.touch(client, now) {
+            Some(f) if usable(&f.slots.backend, &route) => Some(f.upstream.clone()),
+            Some(_) => {
+                // Backend down or drained: this datagram opens a new flow.
+                drop(flows.remove(client));
+                stats.flows_expired.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            None => None,
+        }
+    };
+    let upstream = match existing {
+        Some(u) => u,
+        None => match open_flow(l, &route, client, now) {
+            Ok(u) => u,
+            Err(why) => {
+                stats.drop_datagram(why);
+                return buf;
+            }
+        },
+    };
+    let (sent, buf) = match route.listener.proxy_protocol {
+        ProxyProtocol::V2 => {
+            let mut framed =
+                proxy_protocol::v2(client, l.local, proxy_protocol::Transport::Datagram);
+            framed.extend_from_slice(&buf);
+            let (r, _) = upstream.send(framed).await;
+            (r, buf)
+        }
+        _ => upstream.send(buf).await,
+    };
+    match sent {
+        Ok(_) => {
+            stats.datagrams_to_backend.fetch_add(1, Ordering::Relaxed);
+            stats
+                .bytes_to_backend
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Err(e) => tracing::debug!(%client, error = %e, "udp send to backend failed"),
+    }
+    buf
+}
+
+/// Whether a flow may keep its backend: not closed by a drain deadline, and
+/// healthy unless no backend of the listener is (then staying beats churn).
+fn usable(backend: &BackendHandle, route: &Route) -> bool {
+    if backend.is_closed() {
+        return false;
+    }
+    backend.health.load().is_up()
+        || !route
+            .backends
+            .iter()
+            .any(|b| !b.is_draining() && b.health.load().is_up())
+}
+
+fn take_slot(counter: &AtomicU64, cap: u64) -> bool {
+    if cap > 0 && counter.fetch_add(1, Ordering::Relaxed) >= cap {
+        counter.fetch_sub(1, Ordering::Relaxed);
+        return false;
+    }
+    if cap == 0 {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    true
+}
+
+fn open_flow<E: Engine>(
+    l: &Rc<Listener<E>>,
+    route: &Arc<Route>,
+    client: SocketAddr,
+    now: Instant,
+) -> Result<Rc<E::Udp>, UdpDrop> {
+    let shared = &l.worker.shared;
+    if !take_slot(&shared.active_total, shared.max_total) {
+        return Err(UdpDrop::FlowLimit);
+    }
+    if !take_slot(
+        &route.stats.active,
+        u64::from(route.listener.max_connections),
+    ) {
+        shared.active_total.fetch_sub(1, Ordering::Relaxed);
+        return Err(UdpDrop::FlowLimit);
+    }
+    let release = || {
+        shared.active_total.fetch_sub(1, Ordering::Relaxed);
+        route.stats.active.fetch_sub(1, Ordering::Relaxed);
+    };
+    let key = match route.listener.hash_key {
+        HashKey::FiveTuple => hash::five_tuple_key(client, l.local, 17),
+        HashKey::ClientIp => hash::client_ip_key(client.ip()),
+    };
+    let mut tried = Vec::new();
+    let (backend, upstream) = loop {
+        let Some(i) = route.pick(key, l.worker.random(), &tried) else {
+            release();
+            return Err(UdpDrop::NoBackend);
+        };
+        let backend = route.backends[i].clone();
+        match connect_upstream::<E>(backend.addr) {
+            Ok(u) => break (backend, Rc::new(u)),
+            Err(e) => {
+                backend.count_connect_error(ConnectError::Other);
+                tracing::debug!(backend = %backend.addr, error = %e, "udp upstream socket failed");
+                tried.push(i);
+            }
+        }
+    };
+    backend.active.fetch_add(1, Ordering::Relaxed);
+    backend.total.fetch_add(1, Ordering::Relaxed);
+    let slots = Slots {
+        shared: shared.clone(),
+        listener: route.stats.clone(),
+        backend: backend.clone(),
+    };
+    let replies =
+        tokio::task::spawn_local(relay_replies(l.clone(), upstream.clone(), client, backend));
+    route
+        .stats
+        .worker(l.worker.id)
+        .flows_created
+        .fetch_add(1, Ordering::Relaxed);
+    let replaced = l.flows.borrow_mut().insert(
+        client,
+        Flow {
+            upstream: upstream.clone(),
+            replies,
+            slots,
+        },
+        now,
+    );
+    drop(replaced);
+    Ok(upstream)
+}
+
+/// A socket connected to `backend` (so only its replies arrive), from an
+/// ephemeral port of the matching family.
+fn connect_upstream<E: Engine>(backend: SocketAddr) -> io::Result<E::Udp> {
+    let any = match backend.ip() {
+        IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+    };
+    let s = std::net::UdpSocket::bind(any)?;
+    s.connect(backend)?;
+    s.set_nonblocking(true)?;
+    E::Udp::from_std(s)
+}
+
+/// Relays the backend's datagrams to `client` from the listener's socket.
+async fn relay_replies<E: Engine>(
+    l: Rc<Listener<E>>,
+    upstream: Rc<E::Udp>,
+    client: SocketAddr,
+    backend: Arc<BackendHandle>,
+) {
+    let mut buf = Vec::with_capacity(RECV_BUF);
+    loop {
+        buf.clear();
+        let (received, b) = upstream.recv(buf).await;
+        buf = b;
+        match received {
+            Ok(n) if n <= MAX_DATAGRAM => {
+                l.flows.borrow_mut().touch(client, Instant::now());
+                let (sent, b) = l.socket.send_to(buf, client).await;
+                buf = b;
+                if sent.is_ok() {
+                    if let Some(route) = current_route(&l) {
+                        let stats = route.stats.worker(l.worker.id);
+                        stats.datagrams_to_client.fetch_add(1, Ordering::Relaxed);
+                        stats.bytes_to_client.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+            Ok(_) => {
+                if let Some(route) = current_route(&l) {
+                    route
+                        .stats
+                        .worker(l.worker.id)
+                        .drop_datagram(UdpDrop::Truncated);
+                }
+            }
+            // ICMP port unreachable from the backend: passive health evidence.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                backend.count_connect_error(ConnectError::Refused);
+                backend
+                    .health
+                    .load()
+                    .passive_failure(format!("udp: {e}"), Instant::now());
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Closes idle and drained flows, a few times per idle timeout.
+async fn expire_loop<E: Engine>(l: Rc<Listener<E>>) {
+    loop {
+        let idle = current_route(&l)
+            .map(|r| r.listener.idle_timeout.get())
+            .unwrap_or(Duration::from_secs(30));
+        let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        tokio::time::sleep(tick).await;
+        let gone = l
+            .flows
+            .borrow_mut()
+            .expire(Instant::now(), idle, |f| f.slots.backend.is_closed());
+        if !gone.is_empty() {
+            if let Some(route) = current_route(&l) {
+                route
+                    .stats
+                    .worker(l.worker.id)
+                    .flows_expired
+                    .fetch_add(gone.len() as u64, Ordering::Relaxed);
+            }
+        }
+        drop(gone);
+    }
+}
