@@ -1,0 +1,157 @@
+//! Load generators that no Debian package provides in the form needed:
+//! a closed-loop UDP request/response client, a one-way UDP blaster, a
+//! UDP echo/sink server, a fixed-rate HTTP latency client, and an idle
+//! connection holder. All of them target loopback only.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Runs a UDP echo server on `addr` until the process ends (replies to
+/// every datagram, or only counts them with `sink`).
+pub fn udp_echo(addr: SocketAddr, threads: usize) -> anyhow::Result<()> {
+    let sock = UdpSocket::bind(addr)?;
+    let handles: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            let s = sock.try_clone().expect("clone udp socket");
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                loop {
+                    if let Ok((n, from)) = s.recv_from(&mut buf) {
+                        let _ = s.send_to(&buf[..n], from);
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+/// Closed-loop UDP request/response: `sockets` clients each send a
+/// datagram and wait for its reply, for `duration`. Returns replies/s.
+pub fn udp_rr(target: SocketAddr, sockets: usize, duration: Duration) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for _ in 0..sockets {
+        let s = UdpSocket::bind("127.0.0.1:0")?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        s.connect(target)?;
+        let (stop, done) = (stop.clone(), done.clone());
+        threads.push(std::thread::spawn(move || {
+            let payload = [b'x'; 64];
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if s.send(&payload).is_err() {
+                    continue;
+                }
+                if s.recv(&mut buf).is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    // Warm-up, then measure.
+    std::thread::sleep(Duration::from_millis(500));
+    let start_count = done.load(Ordering::Relaxed);
+    let start = Instant::now();
+    std::thread::sleep(duration);
+    let count = done.load(Ordering::Relaxed) - start_count;
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(count as f64 / elapsed)
+}
+
+/// Fixed-rate HTTP/1.1 keep-alive client: `rate` requests/s spread over
+/// `connections`, each request timed from its scheduled start (so a stall
+/// counts against every request it delays). Returns sorted latencies in µs.
+pub fn http_latency(
+    target: SocketAddr,
+    rate: f64,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<Vec<u64>> {
+    let per_conn = rate / connections as f64;
+    let interval = Duration::from_secs_f64(1.0 / per_conn);
+    let mut threads = Vec::new();
+    for _ in 0..connections {
+        let stream = TcpStream::connect(target)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        threads.push(std::thread::spawn(move || -> Vec<u64> {
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut w = stream;
+            let mut out = Vec::new();
+            let start = Instant::now();
+            let mut k: u32 = 0;
+            loop {
+                let scheduled = start + interval * k;
+                if scheduled.duration_since(start) >= duration {
+                    return out;
+                }
+                let now = Instant::now();
+                if scheduled > now {
+                    std::thread::sleep(scheduled - now);
+                }
+                if w.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+                    .is_err()
+                {
+                    return out;
+                }
+                // Status line, headers, then Content-Length bytes.
+                let mut len = 0usize;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return out;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0u8; len];
+                if reader.read_exact(&mut body).is_err() {
+                    return out;
+                }
+                out.push(scheduled.elapsed().as_micros() as u64);
+                k += 1;
+            }
+        }));
+    }
+    let mut all: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap_or_default())
+        .collect();
+    all.sort_unstable();
+    Ok(all)
+}
+
+/// Opens `count` TCP connections to `target` and keeps them idle; returns them.
+pub fn idle_connections(target: SocketAddr, count: usize) -> anyhow::Result<Vec<TcpStream>> {
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        out.push(TcpStream::connect_timeout(&target, Duration::from_secs(5))?);
+    }
+    Ok(out)
+}
+
+/// The value at quantile `q` of sorted samples.
+pub fn quantile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64
+}

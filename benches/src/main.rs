@@ -1,0 +1,484 @@
+//! `lb-bench`: runs `lbd` (io_uring and epoll), HAProxy (splice on and
+//! off), nginx stream and a direct path on this machine, in one run with
+//! the same worker count, and prints one markdown table with ratios; writes
+//! the raw figures as JSON and the table to `benches/RESULTS.md`.
+//!
+//! Every figure is labelled with its setup (loopback, workers). Traffic
+//! goes to 127.0.0.0/8 only.
+
+mod load;
+mod peers;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use peers::Peer;
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "lb-bench",
+    about = "Weir against HAProxy and nginx, side by side"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every scenario for every peer and print the table.
+    Run {
+        /// Worker counts to compare (same for every proxy).
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        workers: Vec<usize>,
+        /// Measured runs per figure (median and spread are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+        /// Idle connections for the memory figure.
+        #[arg(long, default_value_t = 4000)]
+        idle: usize,
+        /// Where the markdown table goes.
+        #[arg(long, default_value = "benches/RESULTS.md")]
+        out: PathBuf,
+    },
+    /// UDP echo server (the UDP backend).
+    UdpEcho {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
+}
+
+#[derive(Serialize, Clone)]
+struct Figure {
+    scenario: &'static str,
+    unit: &'static str,
+    workers: usize,
+    peer: String,
+    runs: Vec<f64>,
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn figure(
+    scenario: &'static str,
+    unit: &'static str,
+    workers: usize,
+    peer: &Peer,
+    mut runs: Vec<f64>,
+) -> Figure {
+    runs.retain(|v| v.is_finite());
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    Figure {
+        scenario,
+        unit,
+        workers,
+        peer: peer.name(),
+        min: sorted.first().copied().unwrap_or(f64::NAN),
+        max: sorted.last().copied().unwrap_or(f64::NAN),
+        median,
+        runs,
+    }
+}
+
+fn wrk(target: SocketAddr, seconds: u64, close: bool) -> anyhow::Result<f64> {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", "-c64", &format!("-d{seconds}s")]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let out = cmd.arg(format!("http://{target}/")).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("Requests/sec:")
+                .map(|v| v.trim().parse::<f64>())
+        })
+        .ok_or_else(|| anyhow::anyhow!("wrk printed no rate: {text}"))?
+        .map_err(Into::into)
+}
+
+/// Gbit/s and bytes received through `target` with `streams` parallel streams.
+fn iperf(target: SocketAddr, seconds: u64, streams: usize) -> anyhow::Result<(f64, f64)> {
+    let out = Command::new("iperf3")
+        .args([
+            "-c",
+            &target.ip().to_string(),
+            "-p",
+            &target.port().to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let sum = &v["end"]["sum_received"];
+    let bps = sum["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| anyhow::anyhow!("iperf3: {}", v["error"]))?;
+    Ok((bps / 1e9, sum["bytes"].as_f64().unwrap_or(0.0)))
+}
+
+struct Bench {
+    runs: usize,
+    seconds: u64,
+    idle: usize,
+    dir: PathBuf,
+    lbd: PathBuf,
+    figures: Vec<Figure>,
+}
+
+impl Bench {
+    fn repeat(&self, mut f: impl FnMut() -> anyhow::Result<f64>) -> Vec<f64> {
+        (0..self.runs)
+            .map(|_| {
+                f().unwrap_or_else(|e| {
+                    eprintln!("  run failed: {e:#}");
+                    f64::NAN
+                })
+            })
+            .collect()
+    }
+
+    /// Throughput scenarios for one peer.
+    fn throughput(&mut self, peer: &Peer, workers: usize) -> anyhow::Result<()> {
+        let running = peers::start(peer, workers, &self.dir, &self.lbd)?;
+        let pids = running.as_ref().map(|r| r.pids()).unwrap_or_default();
+        let (http, bulk, udp) = peer.targets();
+        let s = self.seconds;
+        eprintln!("{} ({workers} workers)", peer.name());
+        let _ = wrk(http, 1, false); // warm-up, discarded
+        let ka = self.repeat(|| wrk(http, s, false));
+        self.figures
+            .push(figure("keep-alive requests/s", "req/s", workers, peer, ka));
+        let nc = self.repeat(|| wrk(http, s, true));
+        self.figures
+            .push(figure("new connections/s", "conn/s", workers, peer, nc));
+        let mut cpu = Vec::new();
+        let b1 = self.repeat(|| {
+            let before = peers::cpu_seconds(&pids);
+            let (gbps, bytes) = iperf(bulk, s, 1)?;
+            if !pids.is_empty() && bytes > 0.0 {
+                cpu.push((peers::cpu_seconds(&pids) - before) / (bytes / 1e9));
+            }
+            Ok(gbps)
+        });
+        self.figures
+            .push(figure("bulk Gbit/s, 1 stream", "Gbit/s", workers, peer, b1));
+        if !cpu.is_empty() {
+            self.figures.push(figure(
+                "CPU seconds per GB (1 stream)",
+                "s/GB",
+                workers,
+                peer,
+                cpu,
+            ));
+        }
+        let b8 = self.repeat(|| iperf(bulk, s, 8).map(|r| r.0));
+        self.figures.push(figure(
+            "bulk Gbit/s, 8 streams",
+            "Gbit/s",
+            workers,
+            peer,
+            b8,
+        ));
+        if !matches!(peer, Peer::Haproxy { .. }) {
+            let rr = self.repeat(|| load::udp_rr(udp, 32, Duration::from_secs(s)));
+            self.figures.push(figure(
+                "UDP datagrams/s (request/response)",
+                "dgram/s",
+                workers,
+                peer,
+                rr,
+            ));
+        }
+        if let Some(r) = &running {
+            let before = peers::rss_kib(&r.pids());
+            let conns = load::idle_connections(http, self.idle)?;
+            std::thread::sleep(Duration::from_secs(1));
+            let after = peers::rss_kib(&r.pids());
+            drop(conns);
+            let per = (after.saturating_sub(before) as f64 * 1024.0) / self.idle as f64;
+            self.figures.push(figure(
+                "memory per idle connection",
+                "bytes",
+                workers,
+                peer,
+                vec![per],
+            ));
+        }
+        Ok(())
+    }
+
+    /// Latency at a fixed offered load for one peer.
+    fn latency(&mut self, peer: &Peer, workers: usize, rate: f64) -> anyhow::Result<()> {
+        let _running = peers::start(peer, workers, &self.dir, &self.lbd)?;
+        let (http, _, _) = peer.targets();
+        let mut p50 = Vec::new();
+        let mut p99 = Vec::new();
+        let mut p999 = Vec::new();
+        for _ in 0..self.runs {
+            let lat = load::http_latency(http, rate, 16, Duration::from_secs(self.seconds))?;
+            p50.push(load::quantile(&lat, 0.50));
+            p99.push(load::quantile(&lat, 0.99));
+            p999.push(load::quantile(&lat, 0.999));
+        }
+        self.figures.push(figure(
+            "latency p50 at fixed load",
+            "µs",
+            workers,
+            peer,
+            p50,
+        ));
+        self.figures.push(figure(
+            "latency p99 at fixed load",
+            "µs",
+            workers,
+            peer,
+            p99,
+        ));
+        self.figures.push(figure(
+            "latency p99.9 at fixed load",
+            "µs",
+            workers,
+            peer,
+            p999,
+        ));
+        Ok(())
+    }
+}
+
+fn version(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_else(|_| "missing".into())
+}
+
+fn fmt_value(v: f64, unit: &str) -> String {
+    if v.is_nan() {
+        return "–".into();
+    }
+    match unit {
+        "Gbit/s" | "s/GB" => format!("{v:.2}"),
+        _ => format!("{v:.0}"),
+    }
+}
+
+fn render(figures: &[Figure], peers: &[Peer], missing: &[String], header: &str) -> String {
+    let mut out = String::from(header);
+    let names: Vec<String> = peers.iter().map(Peer::name).collect();
+    out.push_str(&format!(
+        "\n| figure | workers | {} | lbd-io_uring / haproxy | lbd-epoll / haproxy |\n",
+        names.join(" | ")
+    ));
+    out.push_str(&format!(
+        "|---|---|{}---|---|\n",
+        "---|".repeat(names.len())
+    ));
+    let mut rows: BTreeMap<(usize, &str, usize), Vec<&Figure>> = BTreeMap::new();
+    let order = |s: &str| figures.iter().position(|f| f.scenario == s).unwrap_or(0);
+    for f in figures {
+        rows.entry((order(f.scenario), f.scenario, f.workers))
+            .or_default()
+            .push(f);
+    }
+    for ((_, scenario, workers), fs) in rows {
+        let unit = fs[0].unit;
+        let get = |name: &str| fs.iter().find(|f| f.peer == name);
+        let cells: Vec<String> = names
+            .iter()
+            .map(|n| match get(n) {
+                Some(f) if f.runs.len() > 1 => format!(
+                    "{} ({}–{})",
+                    fmt_value(f.median, unit),
+                    fmt_value(f.min, unit),
+                    fmt_value(f.max, unit)
+                ),
+                Some(f) => fmt_value(f.median, unit),
+                None => "n/a".into(),
+            })
+            .collect();
+        // HAProxy reference: splice on for bulk, as the target says; off otherwise.
+        let reference = if scenario.starts_with("bulk") {
+            "haproxy-splice"
+        } else {
+            "haproxy"
+        };
+        let ratio = |n: &str| match (get(n), get(reference)) {
+            (Some(a), Some(b)) if b.median > 0.0 && a.median.is_finite() => {
+                format!("{:.2}×", a.median / b.median)
+            }
+            _ => "–".into(),
+        };
+        out.push_str(&format!(
+            "| {scenario} ({unit}) | {workers} | {} | {} | {} |\n",
+            cells.join(" | "),
+            ratio("lbd-io_uring"),
+            ratio("lbd-epoll")
+        ));
+    }
+    if !missing.is_empty() {
+        out.push_str(&format!(
+            "\nMissing peers (not measured): {}.\n",
+            missing.join("; ")
+        ));
+    }
+    out
+}
+
+fn run(
+    workers: Vec<usize>,
+    runs: usize,
+    seconds: u64,
+    idle: usize,
+    out: &Path,
+) -> anyhow::Result<()> {
+    for tool in ["wrk", "iperf3", "nginx"] {
+        anyhow::ensure!(
+            peers::have(tool),
+            "{tool} is needed: apt-get install wrk iperf3 nginx-light libnginx-mod-stream haproxy"
+        );
+    }
+    let lbd = std::env::current_exe()?.with_file_name("lbd");
+    anyhow::ensure!(
+        lbd.exists(),
+        "{} not found: build it first (cargo build --release --workspace)",
+        lbd.display()
+    );
+    let all = [
+        Peer::Direct,
+        Peer::Lbd("io_uring"),
+        Peer::Lbd("epoll"),
+        Peer::Haproxy { splice: true },
+        Peer::Haproxy { splice: false },
+        Peer::Nginx,
+    ];
+    let mut missing = Vec::new();
+    let peers: Vec<Peer> = all
+        .into_iter()
+        .filter(|p| match p.requirement() {
+            Some((bin, pkg)) if !peers::have(bin) => {
+                missing.push(format!("{} (apt-get install {pkg})", p.name()));
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    let dir = peers::work_dir()?;
+    let _backends = peers::start_backends(&dir)?;
+    let mut bench = Bench {
+        runs,
+        seconds,
+        idle,
+        dir: dir.clone(),
+        lbd: lbd.clone(),
+        figures: Vec::new(),
+    };
+    for &w in &workers {
+        for p in &peers {
+            if let Err(e) = bench.throughput(p, w) {
+                eprintln!("{} ({w} workers): {e:#}", p.name());
+            }
+        }
+        // Fixed load: half of the slowest proxy's keep-alive maximum.
+        let slowest = bench
+            .figures
+            .iter()
+            .filter(|f| {
+                f.workers == w
+                    && f.scenario == "keep-alive requests/s"
+                    && f.peer != "direct"
+                    && f.median.is_finite()
+            })
+            .map(|f| f.median)
+            .fold(f64::INFINITY, f64::min);
+        if slowest.is_finite() {
+            let rate = (slowest / 2.0).floor();
+            eprintln!("latency at {rate} req/s");
+            for p in &peers {
+                if let Err(e) = bench.latency(p, w, rate) {
+                    eprintln!("{} latency: {e:#}", p.name());
+                }
+            }
+        }
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let header = format!(
+        "# Weir benchmark results\n\n\
+         Generated by `lb-bench run` (do not edit by hand). Setup: loopback (127.0.0.0/8), \
+         client, proxy and backends on one machine; same worker count for every proxy; logs off; \
+         {runs} measured run(s) of {seconds}s per figure after a discarded warm-up, median (min–max).\n\n\
+         - date: {}\n- CPU: {cpu} ({} cores)\n- kernel: {}\n- lbd: {}\n- HAProxy: {}\n- nginx: {}\n- wrk: {}\n- iperf3: {}\n\
+         - latency: fixed offered load of half the slowest proxy's keep-alive maximum, 16 connections, timed from each request's scheduled start\n\
+         - memory: RSS growth of the proxy's processes with {idle} idle proxied connections open, per connection\n\
+         - UDP: 32 closed-loop clients, 64-byte datagrams, echo backend (HAProxy has no UDP)\n",
+        version("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        version("uname", &["-r"]),
+        version(lbd.to_str().unwrap_or("lbd"), &["--version"]),
+        version("haproxy", &["-v"]),
+        version("nginx", &["-v"]),
+        version("wrk", &["-v"]),
+        version("iperf3", &["-v"]),
+    );
+    let table = render(&bench.figures, &peers, &missing, &header);
+    println!("{table}");
+    std::fs::write(out, &table)?;
+    std::fs::write(
+        out.with_extension("json"),
+        serde_json::to_vec_pretty(&bench.figures)?,
+    )?;
+    eprintln!(
+        "wrote {} and {}",
+        out.display(),
+        out.with_extension("json").display()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Run {
+            workers,
+            runs,
+            duration,
+            idle,
+            out,
+        } => run(workers, runs.max(1), duration.max(1), idle.max(1), &out),
+        Cmd::UdpEcho { addr } => load::udp_echo(addr, 1),
+    }
+}

@@ -1,0 +1,278 @@
+//! The proxies under test and their configurations, each set up as its
+//! documentation recommends for L4 forwarding, with logs off and the same
+//! worker count. Everything listens on and forwards to loopback.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Front ports every proxy listens on (127.0.0.1).
+pub const HTTP_PORT: u16 = 20080;
+/// Front port for bulk (iperf3) traffic.
+pub const BULK_PORT: u16 = 20201;
+/// Front port for UDP.
+pub const UDP_PORT: u16 = 20053;
+/// The HTTP backend (nginx, small fixed response).
+pub const BACKEND_HTTP: &str = "127.0.0.2:18081";
+/// The iperf3 server.
+pub const BACKEND_BULK: &str = "127.0.0.2:15201";
+/// The UDP echo backend.
+pub const BACKEND_UDP: &str = "127.0.0.2:15353";
+
+/// A proxy (or none) under test.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// Clients talk to the backends directly: the ceiling.
+    Direct,
+    /// `lbd` with an engine.
+    Lbd(&'static str),
+    /// HAProxy in TCP mode, with or without splice.
+    Haproxy {
+        /// `option splice-auto`.
+        splice: bool,
+    },
+    /// nginx `stream` module.
+    Nginx,
+}
+
+impl Peer {
+    /// Column name.
+    pub fn name(&self) -> String {
+        match self {
+            Peer::Direct => "direct".into(),
+            Peer::Lbd(e) => format!("lbd-{e}"),
+            Peer::Haproxy { splice: true } => "haproxy-splice".into(),
+            Peer::Haproxy { splice: false } => "haproxy".into(),
+            Peer::Nginx => "nginx-stream".into(),
+        }
+    }
+
+    /// The binary it needs, and the Debian package that has it.
+    pub fn requirement(&self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Peer::Haproxy { .. } => Some(("haproxy", "haproxy")),
+            Peer::Nginx => Some(("nginx", "nginx-light libnginx-mod-stream")),
+            _ => None,
+        }
+    }
+
+    /// Where clients connect for HTTP, bulk and UDP.
+    pub fn targets(&self) -> (SocketAddr, SocketAddr, SocketAddr) {
+        let p = |s: &str| s.parse().expect("static address");
+        match self {
+            Peer::Direct => (p(BACKEND_HTTP), p(BACKEND_BULK), p(BACKEND_UDP)),
+            _ => (
+                SocketAddr::from(([127, 0, 0, 1], HTTP_PORT)),
+                SocketAddr::from(([127, 0, 0, 1], BULK_PORT)),
+                SocketAddr::from(([127, 0, 0, 1], UDP_PORT)),
+            ),
+        }
+    }
+}
+
+/// A running process, killed when dropped.
+pub struct Running {
+    child: Option<Child>,
+}
+
+impl Running {
+    /// The process id (and its children, for nginx's workers).
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(c) = &self.child else {
+            return Vec::new();
+        };
+        let mut pids = vec![c.id()];
+        if let Ok(out) = Command::new("pgrep")
+            .args(["-P", &c.id().to_string()])
+            .output()
+        {
+            pids.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        pids
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Whether `bin` is on PATH.
+pub fn have(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn wait_port(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "{addr} never accepted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn wait_free(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn spawn(cmd: &mut Command) -> anyhow::Result<Running> {
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    Ok(Running { child: Some(child) })
+}
+
+/// Starts the shared backends: nginx (HTTP), iperf3, and a UDP echo server
+/// (this binary's `udp-echo`).
+pub fn start_backends(dir: &Path) -> anyhow::Result<Vec<Running>> {
+    let conf = dir.join("backend-nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\ndaemon off;\nerror_log {d}/backend-error.log crit;\npid {d}/backend.pid;\nworker_rlimit_nofile 20000;\n\
+             events {{ worker_connections 16384; }}\n\
+             http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 300s;\n\
+               server {{ listen {BACKEND_HTTP} reuseport backlog=4096; location / {{ return 200 \"hello\\n\"; }} }} }}\n",
+            d = dir.display()
+        ),
+    )?;
+    let nginx = spawn(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir),
+    )?;
+    let iperf = spawn(Command::new("iperf3").args(["-s", "-B", "127.0.0.2", "-p", "15201"]))?;
+    let udp =
+        spawn(Command::new(std::env::current_exe()?).args(["udp-echo", "--addr", BACKEND_UDP]))?;
+    wait_port(BACKEND_HTTP.parse()?)?;
+    wait_port(BACKEND_BULK.parse()?)?;
+    Ok(vec![nginx, iperf, udp])
+}
+
+/// Starts `peer` with `workers` workers; `None` for the direct path.
+pub fn start(
+    peer: &Peer,
+    workers: usize,
+    dir: &Path,
+    lbd: &Path,
+) -> anyhow::Result<Option<Running>> {
+    let front = SocketAddr::from(([127, 0, 0, 1], HTTP_PORT));
+    wait_free(front);
+    let running = match peer {
+        Peer::Direct => return Ok(None),
+        Peer::Lbd(engine) => {
+            let conf = dir.join("lbd.toml");
+            std::fs::write(
+                &conf,
+                format!(
+                    "[runtime]\nworkers = {workers}\n[admin]\nmetrics = \"off\"\ncontrol_socket = \"off\"\n\
+                     [defaults.health]\nkind = \"none\"\n\
+                     [[listener]]\nname = \"http\"\nbind = \"127.0.0.1:{HTTP_PORT}\"\nbackends = [{{ addr = \"{BACKEND_HTTP}\" }}]\n\
+                     [[listener]]\nname = \"bulk\"\nbind = \"127.0.0.1:{BULK_PORT}\"\nbackends = [{{ addr = \"{BACKEND_BULK}\" }}]\n\
+                     [[listener]]\nname = \"udp\"\nbind = \"127.0.0.1:{UDP_PORT}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{BACKEND_UDP}\" }}]\n"
+                ),
+            )?;
+            spawn(
+                Command::new(lbd)
+                    .args(["run", "--engine", engine, "--config"])
+                    .arg(&conf)
+                    .env("LBD_LOG", "error"),
+            )?
+        }
+        Peer::Haproxy { splice } => {
+            let conf = dir.join("haproxy.cfg");
+            let splice = if *splice {
+                "  option splice-auto\n"
+            } else {
+                ""
+            };
+            std::fs::write(
+                &conf,
+                format!(
+                    "global\n  nbthread {workers}\n  maxconn 7000\n  tune.bufsize 16384\n\
+                     defaults\n  mode tcp\n{splice}  timeout connect 3s\n  timeout client 10m\n  timeout server 10m\n\
+                     listen http\n  bind 127.0.0.1:{HTTP_PORT}\n  server b {BACKEND_HTTP}\n\
+                     listen bulk\n  bind 127.0.0.1:{BULK_PORT}\n  server b {BACKEND_BULK}\n"
+                ),
+            )?;
+            spawn(Command::new("haproxy").arg("-db").arg("-f").arg(&conf))?
+        }
+        Peer::Nginx => {
+            let conf = dir.join("nginx-stream.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+                     worker_processes {workers};\ndaemon off;\nerror_log {d}/stream-error.log crit;\npid {d}/stream.pid;\nworker_rlimit_nofile 20000;\n\
+                     events {{ worker_connections 16384; }}\n\
+                     stream {{\n\
+                       server {{ listen 127.0.0.1:{HTTP_PORT} reuseport backlog=4096; proxy_pass {BACKEND_HTTP}; }}\n\
+                       server {{ listen 127.0.0.1:{BULK_PORT} reuseport; proxy_pass {BACKEND_BULK}; }}\n\
+                       server {{ listen 127.0.0.1:{UDP_PORT} udp reuseport; proxy_pass {BACKEND_UDP}; proxy_responses 1; proxy_timeout 30s; }}\n\
+                     }}\n",
+                    d = dir.display()
+                ),
+            )?;
+            spawn(
+                Command::new("nginx")
+                    .arg("-c")
+                    .arg(&conf)
+                    .arg("-p")
+                    .arg(dir),
+            )?
+        }
+    };
+    wait_port(front)?;
+    Ok(Some(running))
+}
+
+/// Resident memory (KiB) of `pids`, summed.
+pub fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// CPU seconds (user + system) used so far by `pids`.
+pub fn cpu_seconds(pids: &[u32]) -> f64 {
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// The directory for configs and logs.
+pub fn work_dir() -> anyhow::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("weir-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
