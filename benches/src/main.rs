@@ -54,6 +54,15 @@ enum Cmd {
         #[arg(long)]
         addr: SocketAddr,
     },
+    /// Closed-loop UDP request/response against one target; prints datagrams/s.
+    UdpRr {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
 }
 
 #[derive(Serialize, Clone)]
@@ -155,7 +164,6 @@ impl Bench {
     /// Throughput scenarios for one peer.
     fn throughput(&mut self, peer: &Peer, workers: usize) -> anyhow::Result<()> {
         let running = peers::start(peer, workers, &self.dir, &self.lbd)?;
-        let pids = running.as_ref().map(|r| r.pids()).unwrap_or_default();
         let (http, bulk, udp) = peer.targets();
         let s = self.seconds;
         eprintln!("{} ({workers} workers)", peer.name());
@@ -168,6 +176,7 @@ impl Bench {
             .push(figure("new connections/s", "conn/s", workers, peer, nc));
         let mut cpu = Vec::new();
         let b1 = self.repeat(|| {
+            let pids = running.as_ref().map(|r| r.pids()).unwrap_or_default();
             let before = peers::cpu_seconds(&pids);
             let (gbps, bytes) = iperf(bulk, s, 1)?;
             if !pids.is_empty() && bytes > 0.0 {
@@ -480,5 +489,17 @@ fn main() -> anyhow::Result<()> {
             out,
         } => run(workers, runs.max(1), duration.max(1), idle.max(1), &out),
         Cmd::UdpEcho { addr } => load::udp_echo(addr, 1),
+        Cmd::UdpRr {
+            target,
+            clients,
+            seconds,
+        } => {
+            anyhow::ensure!(target.ip().is_loopback(), "loopback targets only");
+            println!(
+                "{:.0}",
+                load::udp_rr(target, clients, Duration::from_secs(seconds))?
+            );
+            Ok(())
+        }
     }
 }

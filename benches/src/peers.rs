@@ -99,9 +99,30 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        // Each peer runs in its own process group: signal the group, so
+        // nginx's workers go with their master (killing the master alone
+        // orphans workers that keep serving the port).
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let group = format!("-{}", c.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && !matches!(c.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = c.wait();
+        // Workers of the group may outlive the leader for a moment.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline
+            && Command::new("pgrep")
+                .args(["-g", &c.id().to_string()])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -124,23 +145,35 @@ fn wait_port(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wait_free(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
-        && Instant::now() < deadline
-    {
+/// Fails when something still listens on `addr`: a stray proxy would share
+/// the port (reuseport) and take part of the load.
+fn ensure_free(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "something already listens on {addr}; stop it first (a leftover proxy would take part of the load)"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(())
 }
 
 fn spawn(cmd: &mut Command) -> anyhow::Result<Running> {
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    use std::os::unix::process::CommandExt;
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()?;
     Ok(Running { child: Some(child) })
 }
 
 /// Starts the shared backends: nginx (HTTP), iperf3, and a UDP echo server
 /// (this binary's `udp-echo`).
 pub fn start_backends(dir: &Path) -> anyhow::Result<Vec<Running>> {
+    ensure_free(BACKEND_HTTP.parse()?)?;
+    ensure_free(BACKEND_BULK.parse()?)?;
     let conf = dir.join("backend-nginx.conf");
     std::fs::write(
         &conf,
@@ -175,7 +208,8 @@ pub fn start(
     lbd: &Path,
 ) -> anyhow::Result<Option<Running>> {
     let front = SocketAddr::from(([127, 0, 0, 1], HTTP_PORT));
-    wait_free(front);
+    ensure_free(front)?;
+    ensure_free(SocketAddr::from(([127, 0, 0, 1], BULK_PORT)))?;
     let running = match peer {
         Peer::Direct => return Ok(None),
         Peer::Lbd(engine) => {

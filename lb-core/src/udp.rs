@@ -78,7 +78,7 @@ pub(crate) async fn serve<E: Engine>(
     key: BindKey,
     socket: E::Udp,
     local: SocketAddr,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let l = Rc::new(Listener::<E> {
         worker,
@@ -88,18 +88,36 @@ pub(crate) async fn serve<E: Engine>(
         flows: Rc::default(),
     });
     let expiry = tokio::task::spawn_local(expire_loop(l.clone()));
+    // Several receives in flight let io_uring batch them in one submission.
+    let extra: Vec<_> = (1..E::UDP_RECEIVERS)
+        .map(|_| tokio::task::spawn_local(receive(l.clone(), stop.clone())))
+        .collect();
+    receive(l.clone(), stop).await;
+    for task in extra {
+        task.abort();
+    }
+    expiry.abort();
+    let flows: Vec<_> = l
+        .flows
+        .borrow_mut()
+        .expire(Instant::now(), Duration::ZERO, |_| true);
+    drop(flows);
+    l.socket.close();
+}
+
+/// Receives datagrams until `stop`. Flow lookup and creation have no await
+/// in between, so concurrent receivers never open two flows for a client.
+async fn receive<E: Engine>(l: Rc<Listener<E>>, mut stop: watch::Receiver<bool>) {
     let mut buf = Vec::with_capacity(RECV_BUF);
     loop {
         if *stop.borrow() {
-            break;
+            return;
         }
         buf.clear();
         tokio::select! {
             biased;
             changed = stop.changed() => if changed.is_err() {
-                break;
-            } else {
-                continue;
+                return;
             },
             (received, b) = l.socket.recv_from(std::mem::take(&mut buf)) => {
                 buf = b;
@@ -113,13 +131,6 @@ pub(crate) async fn serve<E: Engine>(
             }
         }
     }
-    expiry.abort();
-    let flows: Vec<_> = l
-        .flows
-        .borrow_mut()
-        .expire(Instant::now(), Duration::ZERO, |_| true);
-    drop(flows);
-    l.socket.close();
 }
 
 fn current_route(l: &Listener<impl Engine>) -> Option<Arc<Route>> {

@@ -111,6 +111,7 @@ impl Engine for Epoll {
     type Conn = EpollConn;
     type Listener = TcpListener;
     type Udp = EpollUdp;
+    const UDP_RECEIVERS: usize = 1;
     const KIND: EngineKind = EngineKind::Epoll;
 
     fn run(worker: impl Future<Output = ()>) -> io::Result<()> {

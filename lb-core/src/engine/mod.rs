@@ -66,6 +66,8 @@ pub trait Engine: 'static {
     type Udp: Datagram;
     /// Which engine this is.
     const KIND: EngineKind;
+    /// Receive operations kept in flight per UDP listener socket.
+    const UDP_RECEIVERS: usize;
     /// Runs `worker` to completion on a new runtime on this thread.
     fn run(worker: impl Future<Output = ()>) -> io::Result<()>;
     /// Wraps a bound, listening, non-blocking socket. Called inside `run`.

@@ -101,6 +101,7 @@ impl Engine for IoUring {
     type Conn = UringConn;
     type Listener = TcpListener;
     type Udp = UringUdp;
+    const UDP_RECEIVERS: usize = 4;
     const KIND: EngineKind = EngineKind::IoUring;
 
     fn run(worker: impl Future<Output = ()>) -> io::Result<()> {

@@ -6,7 +6,7 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use lb_config::EngineChoice;
@@ -29,7 +29,6 @@ pub struct TestBackend {
     pub name: String,
     stop: Arc<AtomicBool>,
     pub received: mpsc::Receiver<Vec<u8>>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -46,18 +45,14 @@ impl TestBackend {
         let name = format!("backend-{addr}");
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, received) = mpsc::channel();
-        let conns = Arc::new(Mutex::new(Vec::new()));
         let thread = {
-            let (stop, name, conns) = (stop.clone(), name.clone(), conns.clone());
+            let (stop, name) = (stop.clone(), name.clone());
             std::thread::spawn(move || {
                 for stream in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
                         return;
                     }
                     let Ok(stream) = stream else { continue };
-                    if let Ok(c) = stream.try_clone() {
-                        conns.lock().unwrap().push(c);
-                    }
                     let (b, name, tx) = (behavior.clone(), name.clone(), tx.clone());
                     std::thread::spawn(move || {
                         let _ = handle(stream, &b, &name, &tx);
@@ -70,7 +65,6 @@ impl TestBackend {
             name,
             stop,
             received,
-            conns,
             thread: Some(thread),
         }
     }
@@ -82,13 +76,6 @@ impl TestBackend {
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
-        }
-    }
-
-    /// Resets every connection this backend accepted.
-    pub fn reset_connections(&self) {
-        for c in self.conns.lock().unwrap().drain(..) {
-            let _ = c.shutdown(Shutdown::Both);
         }
     }
 }
