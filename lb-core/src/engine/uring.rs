@@ -107,6 +107,12 @@ impl Engine for IoUring {
     fn run(worker: impl Future<Output = ()>) -> io::Result<()> {
         let mut builder = tokio_uring::builder();
         builder.entries(1024);
+        // Completions are handled by this thread only: let the kernel run
+        // their task work at our next syscall instead of interrupting us
+        // (an interrupt per completion showed as ~10% of CPU in perf).
+        let mut ring = tokio_uring::uring_builder();
+        ring.setup_coop_taskrun().setup_single_issuer();
+        builder.uring_builder(&ring);
         let rt = tokio_uring::Runtime::new(&builder)?;
         rt.block_on(worker);
         Ok(())
