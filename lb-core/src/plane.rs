@@ -323,20 +323,19 @@ impl Plane {
     }
 }
 
-/// Binds one `SO_REUSEPORT` UDP socket per worker on `addr` (with
-/// `IP_FREEBIND`); with port 0, the first socket's port is reused.
-pub fn bind_udp(
+/// Binds one `SO_REUSEPORT` socket per worker on `addr`, with
+/// `IP_FREEBIND` so a VIP not yet on the host still binds. With port 0, the
+/// first socket's port is reused by the others. `Type::STREAM` sockets are
+/// put in listening state.
+fn bind_reuseport(
     addr: SocketAddr,
     count: usize,
-) -> io::Result<(Vec<std::net::UdpSocket>, SocketAddr)> {
+    kind: Type,
+) -> io::Result<(Vec<Socket>, SocketAddr)> {
     let mut out = Vec::with_capacity(count);
     let mut actual = addr;
     for _ in 0..count.max(1) {
-        let s = Socket::new(
-            Domain::for_address(addr),
-            Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )?;
+        let s = Socket::new(Domain::for_address(addr), kind, None)?;
         s.set_reuse_address(true)?;
         s.set_reuse_port(true)?;
         if addr.is_ipv4() {
@@ -345,52 +344,39 @@ pub fn bind_udp(
             s.set_freebind_v6(true)?;
         }
         s.set_nonblocking(true)?;
-        // Room for bursts: a worker busy for a moment should not drop.
-        let _ = s.set_recv_buffer_size(4 << 20);
+        if kind == Type::DGRAM {
+            // Room for bursts: a worker busy for a moment should not drop.
+            let _ = s.set_recv_buffer_size(4 << 20);
+        }
         s.bind(&actual.into())?;
+        if kind == Type::STREAM {
+            s.listen(4096)?;
+        }
         if actual.port() == 0 {
             actual = s
                 .local_addr()?
                 .as_socket()
                 .ok_or_else(|| io::Error::other("not an IP socket"))?;
         }
-        out.push(s.into());
+        out.push(s);
     }
     Ok((out, actual))
 }
 
-/// Binds one `SO_REUSEPORT` listening socket per worker on `addr` (with
-/// `IP_FREEBIND`, so a VIP not yet on the host still binds). With port 0,
-/// the first socket's port is reused by the others.
+/// One listening TCP socket per worker (see [`bind_reuseport`]).
 pub fn bind_tcp(
     addr: SocketAddr,
     count: usize,
 ) -> io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
-    let mut out = Vec::with_capacity(count);
-    let mut actual = addr;
-    for _ in 0..count.max(1) {
-        let s = Socket::new(
-            Domain::for_address(addr),
-            Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        s.set_reuse_address(true)?;
-        s.set_reuse_port(true)?;
-        if addr.is_ipv4() {
-            s.set_freebind_v4(true)?;
-        } else {
-            s.set_freebind_v6(true)?;
-        }
-        s.set_nonblocking(true)?;
-        s.bind(&actual.into())?;
-        s.listen(4096)?;
-        if actual.port() == 0 {
-            actual = s
-                .local_addr()?
-                .as_socket()
-                .ok_or_else(|| io::Error::other("not an IP socket"))?;
-        }
-        out.push(s.into());
-    }
-    Ok((out, actual))
+    let (sockets, actual) = bind_reuseport(addr, count, Type::STREAM)?;
+    Ok((sockets.into_iter().map(Into::into).collect(), actual))
+}
+
+/// One UDP socket per worker (see [`bind_reuseport`]).
+pub fn bind_udp(
+    addr: SocketAddr,
+    count: usize,
+) -> io::Result<(Vec<std::net::UdpSocket>, SocketAddr)> {
+    let (sockets, actual) = bind_reuseport(addr, count, Type::DGRAM)?;
+    Ok((sockets.into_iter().map(Into::into).collect(), actual))
 }
