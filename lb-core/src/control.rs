@@ -245,7 +245,14 @@ async fn route(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<Byte
     }
 }
 
+/// Bodies being read at once: with `MAX_BODY` this bounds the memory that
+/// concurrent PUTs can make us hold (applies are serialised anyway).
+static BODY_SLOTS: Semaphore = Semaphore::const_new(2);
+
 async fn put_state(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let Ok(_slot) = BODY_SLOTS.acquire().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e)
