@@ -110,10 +110,18 @@ impl Engine for IoUring {
         // Completions are handled by this thread only: let the kernel run
         // their task work at our next syscall instead of interrupting us
         // (an interrupt per completion showed as ~10% of CPU in perf).
+        // Kernels before 6.0 refuse these flags: then use a plain ring.
         let mut ring = tokio_uring::uring_builder();
         ring.setup_coop_taskrun().setup_single_issuer();
         builder.uring_builder(&ring);
-        let rt = tokio_uring::Runtime::new(&builder)?;
+        let rt = match tokio_uring::Runtime::new(&builder) {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::info!(error = %e, "io_uring: COOP_TASKRUN/SINGLE_ISSUER refused, using a plain ring");
+                builder.uring_builder(&tokio_uring::uring_builder());
+                tokio_uring::Runtime::new(&builder)?
+            }
+        };
         rt.block_on(worker);
         Ok(())
     }
