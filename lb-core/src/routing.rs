@@ -180,6 +180,13 @@ impl Route {
         ranges.iter().any(|net| net.contains(&ip))
     }
 
+    /// Whether any backend that takes new connections is healthy.
+    pub fn any_healthy(&self) -> bool {
+        self.backends
+            .iter()
+            .any(|b| !b.is_draining() && b.health.load().is_up())
+    }
+
     /// Picks a backend not in `tried`: healthy ones first; when none is
     /// healthy and the listener fails open, any non-draining one.
     pub fn pick(&self, key: u64, random: u64, tried: &[usize]) -> Option<usize> {
@@ -189,10 +196,7 @@ impl Route {
             fail_open: false,
         };
         self.selector.pick(&strict, key, random).or_else(|| {
-            let any_healthy = self
-                .backends
-                .iter()
-                .any(|b| !b.is_draining() && b.health.load().is_up());
+            let any_healthy = self.any_healthy();
             if any_healthy
                 || self.listener.on_all_unhealthy == lb_config::OnAllUnhealthy::FailClosed
             {

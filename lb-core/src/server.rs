@@ -105,6 +105,21 @@ pub enum PutError {
     Persist(std::io::Error),
 }
 
+impl Sources {
+    /// Resolves a dynamic state against the file's defaults and checks it
+    /// against the file's listeners.
+    fn resolve_dynamic(&self, state: &DesiredState) -> Result<Vec<Listener>, Vec<FieldError>> {
+        let listeners =
+            lb_config::resolve_listeners(&state.listeners, &self.file.defaults, "listeners")?;
+        let clash = collisions(&self.file.listeners, &listeners, true);
+        if clash.is_empty() {
+            Ok(listeners)
+        } else {
+            Err(clash)
+        }
+    }
+}
+
 /// Names and binds that a static and a dynamic listener share. Paths are
 /// on the `side` being changed: `listeners[i]` for an API state,
 /// `listener[i]` for a file.
@@ -181,6 +196,19 @@ impl Inner {
         Ok(applied)
     }
 
+    /// Records an applied dynamic state; returns its version.
+    fn commit_dynamic(
+        &self,
+        src: &mut Sources,
+        state: DesiredState,
+        listeners: Vec<Listener>,
+    ) -> u64 {
+        self.metrics.dynamic_version.set(state.version as i64);
+        src.dynamic = state;
+        src.dynamic_listeners = listeners;
+        src.dynamic.version
+    }
+
     /// Validates, applies and persists a dynamic state (`PUT /v1/state`).
     pub fn put_state(&self, state: DesiredState) -> Result<u64, PutError> {
         let mut src = self.lock_sources();
@@ -191,13 +219,7 @@ impl Inner {
         if state.version == current {
             return Ok(current); // the same state again: nothing to do
         }
-        let listeners =
-            lb_config::resolve_listeners(&state.listeners, &src.file.defaults, "listeners")
-                .map_err(PutError::Invalid)?;
-        let clash = collisions(&src.file.listeners, &listeners, true);
-        if !clash.is_empty() {
-            return Err(PutError::Invalid(clash));
-        }
+        let listeners = src.resolve_dynamic(&state).map_err(PutError::Invalid)?;
         self.apply_listeners(&src.file.listeners, &listeners)
             .map_err(|e| {
                 let ApplyError::Bind { name, .. } = &e;
@@ -219,10 +241,7 @@ impl Inner {
             listeners = listeners.len(),
             "dynamic state applied"
         );
-        self.metrics.dynamic_version.set(state.version as i64);
-        src.dynamic = state;
-        src.dynamic_listeners = listeners;
-        Ok(src.dynamic.version)
+        Ok(self.commit_dynamic(&mut src, state, listeners))
     }
 
     /// Loads the persisted dynamic state at start; anything unusable is
@@ -238,16 +257,7 @@ impl Inner {
             crate::persist::Loaded::Found(s) => s,
         };
         let mut src = self.lock_sources();
-        let resolved =
-            lb_config::resolve_listeners(&state.listeners, &src.file.defaults, "listeners")
-                .and_then(|l| {
-                    let clash = collisions(&src.file.listeners, &l, true);
-                    if clash.is_empty() {
-                        Ok(l)
-                    } else {
-                        Err(clash)
-                    }
-                });
+        let resolved = src.resolve_dynamic(&state);
         let listeners = match resolved {
             Ok(l) => l,
             Err(errors) => {
@@ -271,9 +281,7 @@ impl Inner {
                     listeners = listeners.len(),
                     "persisted dynamic state applied"
                 );
-                self.metrics.dynamic_version.set(state.version as i64);
-                src.dynamic = state;
-                src.dynamic_listeners = listeners;
+                self.commit_dynamic(&mut src, state, listeners);
             }
             Err(e) => {
                 tracing::error!(error = %e, "persisted dynamic state not applied; serving static listeners only")

@@ -208,20 +208,15 @@ fn usable(backend: &BackendHandle, route: &Route) -> bool {
     if backend.is_closed() {
         return false;
     }
-    backend.health.load().is_up()
-        || !route
-            .backends
-            .iter()
-            .any(|b| !b.is_draining() && b.health.load().is_up())
+    backend.health.load().is_up() || !route.any_healthy()
 }
 
+/// Takes one slot of `counter` unless that would exceed `cap` (0 = no cap).
 fn take_slot(counter: &AtomicU64, cap: u64) -> bool {
-    if cap > 0 && counter.fetch_add(1, Ordering::Relaxed) >= cap {
+    let before = counter.fetch_add(1, Ordering::Relaxed);
+    if cap > 0 && before >= cap {
         counter.fetch_sub(1, Ordering::Relaxed);
         return false;
-    }
-    if cap == 0 {
-        counter.fetch_add(1, Ordering::Relaxed);
     }
     true
 }
@@ -274,8 +269,13 @@ fn open_flow<E: Engine>(
         listener: route.stats.clone(),
         backend: backend.clone(),
     };
-    let replies =
-        tokio::task::spawn_local(relay_replies(l.clone(), upstream.clone(), client, backend));
+    let replies = tokio::task::spawn_local(relay_replies(
+        l.clone(),
+        upstream.clone(),
+        client,
+        backend,
+        route.stats.clone(),
+    ));
     route
         .stats
         .worker(l.worker.id)
@@ -308,12 +308,16 @@ fn connect_upstream<E: Engine>(backend: SocketAddr) -> io::Result<E::Udp> {
 }
 
 /// Relays the backend's datagrams to `client` from the listener's socket.
+/// `stats` is the listener's (kept across reloads), so no per-datagram
+/// snapshot lookup is needed.
 async fn relay_replies<E: Engine>(
     l: Rc<Listener<E>>,
     upstream: Rc<E::Udp>,
     client: SocketAddr,
     backend: Arc<BackendHandle>,
+    stats: Arc<ListenerStats>,
 ) {
+    let stats = stats.worker(l.worker.id);
     let mut buf = Vec::with_capacity(RECV_BUF);
     loop {
         buf.clear();
@@ -325,21 +329,11 @@ async fn relay_replies<E: Engine>(
                 let (sent, b) = l.socket.send_to(buf, client).await;
                 buf = b;
                 if sent.is_ok() {
-                    if let Some(route) = current_route(&l) {
-                        let stats = route.stats.worker(l.worker.id);
-                        stats.datagrams_to_client.fetch_add(1, Ordering::Relaxed);
-                        stats.bytes_to_client.fetch_add(n as u64, Ordering::Relaxed);
-                    }
+                    stats.datagrams_to_client.fetch_add(1, Ordering::Relaxed);
+                    stats.bytes_to_client.fetch_add(n as u64, Ordering::Relaxed);
                 }
             }
-            Ok(_) => {
-                if let Some(route) = current_route(&l) {
-                    route
-                        .stats
-                        .worker(l.worker.id)
-                        .drop_datagram(UdpDrop::Truncated);
-                }
-            }
+            Ok(_) => stats.drop_datagram(UdpDrop::Truncated),
             // ICMP port unreachable from the backend: passive health evidence.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 backend.count_connect_error(ConnectError::Refused);

@@ -67,7 +67,6 @@ mod tests {
     fn pinned_values() {
         // These numbers are the contract: two lbds must agree on them.
         assert_eq!(hash(0, b""), fmix64(FNV_OFFSET));
-        assert_eq!(hash(0, b"10.0.0.1"), hash(0, b"10.0.0.1"));
         assert_ne!(hash(0, b"a"), hash(1, b"a"));
         let v4: IpAddr = "10.1.2.3".parse().unwrap();
         let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
