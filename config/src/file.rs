@@ -11,6 +11,19 @@ use crate::{ConfigErrors, FieldError};
 
 /// Parses and validates an `lbd` configuration file's text.
 pub fn parse_config(text: &str) -> Result<Config, ConfigErrors> {
+    parse_toml(text, |spec: &FileSpec| resolve_file(spec))
+}
+
+/// Parses any TOML file into `S` and resolves it with `resolve`, giving every
+/// error (syntax, type, unknown key, validation) its field path and line.
+/// `lb-controller` reads its own file through this too.
+pub fn parse_toml<S, R>(
+    text: &str,
+    resolve: impl FnOnce(&S) -> Result<R, Vec<FieldError>>,
+) -> Result<R, ConfigErrors>
+where
+    S: serde::de::DeserializeOwned,
+{
     let doc = ImDocument::parse(text).map_err(|err| {
         let offset = err.span().map(|s| s.start).unwrap_or(0);
         ConfigErrors(vec![FieldError {
@@ -19,7 +32,7 @@ pub fn parse_config(text: &str) -> Result<Config, ConfigErrors> {
             line: Some(line_of(text, offset)),
         }])
     })?;
-    let spec: FileSpec = toml::from_str(text).map_err(|err| {
+    let spec: S = toml::from_str(text).map_err(|err| {
         let span = err.span().unwrap_or(0..0);
         ConfigErrors(vec![FieldError {
             path: path_at(&doc, &span),
@@ -27,7 +40,7 @@ pub fn parse_config(text: &str) -> Result<Config, ConfigErrors> {
             line: Some(line_of(text, span.start)),
         }])
     })?;
-    resolve_file(&spec).map_err(|errors| {
+    resolve(&spec).map_err(|errors| {
         ConfigErrors(
             errors
                 .into_iter()

@@ -15,7 +15,7 @@ pub mod validate;
 use std::fmt;
 
 pub use duration::{Duration, DurationError};
-pub use file::parse_config;
+pub use file::{parse_config, parse_toml};
 pub use model::*;
 pub use validate::{resolve_listeners, DEFAULT_METRICS};
 

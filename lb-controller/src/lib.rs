@@ -1,10 +1,40 @@
 //! `lb-controller`: the Kubernetes side of Weir.
 //!
-//! This version holds the pure IP address manager ([`ipam`]): pools,
-//! requested addresses, dual-stack, sharing, reseeding from Service status.
-//! It makes no API calls. The reconciler, translation to listeners,
-//! publishing to forwarders and leader election build on it.
+//! Pure parts (no API calls, no clock): [`ipam`] assigns addresses,
+//! [`translate`] turns a Service, the Nodes and the EndpointSlices into
+//! `lbd` listeners. The shell: [`controller`] reconciles Services through
+//! kube-runtime, [`publish`] programs the forwarders, [`leader`] holds the
+//! Lease, [`metrics`] exports Prometheus metrics.
 
 #![forbid(unsafe_code)]
 
+pub mod config;
+pub mod controller;
 pub mod ipam;
+pub mod leader;
+pub mod metrics;
+pub mod publish;
+pub mod translate;
+
+/// The current time as a Kubernetes `Time` (RFC 3339, seconds).
+pub fn now_rfc3339() -> serde_json::Value {
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    serde_json::to_value(now).unwrap_or_default()
+}
+
+/// A client from `kubeconfig`, or the usual inference (in-cluster service
+/// account, then `KUBECONFIG`, then `~/.kube/config`).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}

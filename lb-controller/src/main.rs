@@ -1,0 +1,254 @@
+//! `lb-controller`: external IPs for LoadBalancer Services, and programming
+//! the `lbd` forwarders.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use lb_controller::config::{self, Config};
+use lb_controller::leader::Elector;
+use lb_controller::metrics::{self, Metrics};
+use lb_controller::{client, controller};
+
+#[derive(Parser)]
+#[command(name = "lb-controller", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller.
+    Run {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// This replica's name in the Lease (default: $POD_NAME, else hostname-pid).
+        #[arg(long)]
+        identity: Option<String>,
+    },
+    /// Validate a configuration file and exit.
+    CheckConfig {
+        /// Configuration file.
+        file: PathBuf,
+    },
+    /// Read the cluster and print the desired forwarder state; writes nothing.
+    Plan {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    config::load(path).map_err(|errors| {
+        eprintln!("{}: invalid configuration:\n{errors}", path.display());
+        ExitCode::from(2)
+    })
+}
+
+fn identity(given: Option<String>) -> String {
+    given
+        .or_else(|| std::env::var("POD_NAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "lb-controller".into());
+            format!("{host}-{}", std::process::id())
+        })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn run(cfg: Config, identity: String) -> anyhow::Result<()> {
+    let client = client(cfg.kubeconfig.as_deref()).await?;
+    let metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = cfg.metrics {
+        let bound = metrics::serve(addr, metrics.clone(), ready.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("admin.metrics {addr}: {e}"))?;
+        tracing::info!(%bound, "metrics listening");
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let le = cfg.leader_election.clone();
+    if !le.enabled {
+        ready.store(true, Ordering::Release);
+        metrics.leader.set(1);
+        return controller::run(client, cfg, &identity, metrics, stopped()).await;
+    }
+    let mut elector = Elector::new(
+        client.clone(),
+        &le.namespace,
+        &le.lease_name,
+        &identity,
+        le.lease_duration,
+    );
+    ready.store(true, Ordering::Release);
+    tracing::info!(%identity, lease = %format!("{}/{}", le.namespace, le.lease_name), "waiting to lead");
+    loop {
+        match elector.try_hold().await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "lease"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(le.renew_interval) => {}
+            _ = stopped() => return Ok(()),
+        }
+    }
+    tracing::info!(%identity, "leading");
+    metrics.leader.set(1);
+    // Renew; a leader that cannot renew within the lease duration stops at
+    // once (exit), so that it never writes while another replica leads.
+    let renew_client = client.clone();
+    let renew_identity = identity.clone();
+    let renew_le = le.clone();
+    let renewer = tokio::spawn(async move {
+        let mut elector = Elector::new(
+            renew_client,
+            &renew_le.namespace,
+            &renew_le.lease_name,
+            &renew_identity,
+            renew_le.lease_duration,
+        );
+        let mut last = Instant::now();
+        loop {
+            tokio::time::sleep(renew_le.renew_interval).await;
+            match elector.try_hold().await {
+                Ok(true) => last = Instant::now(),
+                Ok(false) => {
+                    tracing::error!("lost the lease to another replica; exiting");
+                    std::process::exit(1);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew the lease");
+                    // Stop before the lease can expire for the others.
+                    if last.elapsed() + renew_le.renew_interval >= renew_le.lease_duration {
+                        tracing::error!("could not renew the lease in time; exiting");
+                        std::process::exit(1);
+                    }
+                }
+            }
+        }
+    });
+    let result = controller::run(client, cfg, &identity, metrics, stopped()).await;
+    renewer.abort();
+    elector.release().await;
+    result
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::CheckConfig { file } => match load(&file) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok ({} pools, {} forwarders, class {}{})",
+                    file.display(),
+                    cfg.pools.len(),
+                    cfg.forwarders.len(),
+                    cfg.load_balancer_class,
+                    if cfg.default_class {
+                        ", also unclassed Services"
+                    } else {
+                        ""
+                    }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Plan { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            runtime.block_on(async {
+                let result = async {
+                    let client = client(cfg.kubeconfig.as_deref()).await?;
+                    let (services, nodes, slices) = controller::read_cluster(&client, &cfg).await?;
+                    Ok::<_, anyhow::Error>(controller::plan(&cfg, &services, &nodes, &slices))
+                }
+                .await;
+                match result {
+                    Ok((state, notes)) => {
+                        for n in notes {
+                            eprintln!("note: {n}");
+                        }
+                        match serde_json::to_string_pretty(&state) {
+                            Ok(text) => println!("{text}"),
+                            Err(e) => eprintln!("{e}"),
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("plan: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+        Command::Run {
+            config,
+            identity: id,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match runtime.block_on(run(cfg, identity(id))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lb-controller: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,583 @@
+//! Service + Nodes + EndpointSlices → `lbd` listeners, as pure code.
+//!
+//! One listener per (external IP, port, protocol). Backends are the eligible
+//! nodes at their preferred address and the port's `nodePort`. Health and
+//! weights follow `externalTrafficPolicy`; `weir.dev/` annotations tune the
+//! listener. A bad annotation is an error for the whole Service, so the
+//! caller keeps the Service's last good listeners.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use lb_config::{
+    BackendSpec, Balance, Defaults, Duration, HashKey, HealthKind, HealthSpec, ListenerSpec,
+    Protocol, ProxyProtocol,
+};
+use serde::de::DeserializeOwned;
+
+use crate::config::{ClusterHealth, Requirement};
+use crate::ipam::{Family, FamilyPolicy, Proto, Request};
+
+/// Annotation prefix.
+pub const PREFIX: &str = "weir.dev/";
+/// Requested addresses (comma-separated).
+pub const ANN_IPS: &str = "weir.dev/load-balancer-ips";
+/// Pool to allocate from.
+pub const ANN_POOL: &str = "weir.dev/pool";
+/// Sharing key.
+pub const ANN_SHARED: &str = "weir.dev/allow-shared-ip";
+/// Nodes with this label are never backends.
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+/// EndpointSlice label naming its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The listener-tuning annotations this module reads.
+const TUNING: [&str; 12] = [
+    "proxy-protocol",
+    "balance",
+    "idle-timeout",
+    "connect-timeout",
+    "max-connections",
+    "health-check-kind",
+    "health-check-path",
+    "health-check-port",
+    "health-check-interval",
+    "health-check-timeout",
+    "health-check-rise",
+    "health-check-fall",
+];
+
+/// What translation needs from the controller's configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Node address types, preferred first.
+    pub address_types: Vec<String>,
+    /// Nodes must match all of these.
+    pub node_selector: Vec<Requirement>,
+    /// ETP=Cluster health.
+    pub cluster_health: ClusterHealth,
+    /// kube-proxy's health port.
+    pub kube_proxy_port: u16,
+}
+
+/// A problem with one annotation or field of the Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    /// The annotation key or field path.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// A Service port that gets no listener, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// The port.
+    pub port: i32,
+    /// Its protocol as written (`TCP`, `UDP`, `SCTP`).
+    pub protocol: String,
+    /// Event reason (`UnsupportedProtocol`, `NoNodePort`).
+    pub reason: &'static str,
+    /// Message; for unsupported protocols it also goes into the port's status `error`.
+    pub message: String,
+}
+
+/// The outcome for one Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Translation {
+    /// Listeners, in a stable order.
+    pub listeners: Vec<ListenerSpec>,
+    /// Ports that got no listener.
+    pub skipped: Vec<Skipped>,
+}
+
+fn annotation<'a>(svc: &'a Service, key: &str) -> Option<&'a str> {
+    svc.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(|s| s.trim())
+}
+
+/// `spec.type == LoadBalancer` and the class is ours (or unset and `default_class`).
+pub fn is_managed(svc: &Service, class: &str, default_class: bool) -> bool {
+    let Some(spec) = &svc.spec else { return false };
+    if spec.type_.as_deref() != Some("LoadBalancer") {
+        return false;
+    }
+    match spec.load_balancer_class.as_deref() {
+        Some(c) => c == class,
+        None => default_class,
+    }
+}
+
+fn proto_of(p: &ServicePort) -> &str {
+    p.protocol.as_deref().unwrap_or("TCP")
+}
+
+/// The allocator request of a Service; errors name the annotation or field.
+pub fn request(svc: &Service) -> Result<Request, Invalid> {
+    let spec = svc.spec.clone().unwrap_or_default();
+    let bad = |field: &str, message: String| Invalid {
+        field: field.into(),
+        message,
+    };
+    let families: Vec<Family> = spec
+        .ip_families
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|f| match f.as_str() {
+            "IPv4" => Some(Family::V4),
+            "IPv6" => Some(Family::V6),
+            _ => None,
+        })
+        .collect();
+    let first = families.first().copied().unwrap_or(Family::V4);
+    let policy = match spec.ip_family_policy.as_deref() {
+        Some("RequireDualStack") => FamilyPolicy::RequireDual(first),
+        Some("PreferDualStack") => FamilyPolicy::PreferDual(first),
+        _ => FamilyPolicy::Single(first),
+    };
+    let mut addresses = Vec::new();
+    if let Some(list) = annotation(svc, ANN_IPS) {
+        for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            addresses.push(
+                part.parse::<IpAddr>()
+                    .map_err(|_| bad(ANN_IPS, format!("{part:?} is not an IP address")))?,
+            );
+        }
+        if addresses.is_empty() || addresses.len() > 2 {
+            return Err(bad(
+                ANN_IPS,
+                "expected one or two addresses (one per family)".into(),
+            ));
+        }
+    } else if let Some(ip) = spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty()) {
+        addresses.push(ip.parse().map_err(|_| {
+            bad(
+                "spec.loadBalancerIP",
+                format!("{ip:?} is not an IP address"),
+            )
+        })?);
+    }
+    let pool = annotation(svc, ANN_POOL)
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned);
+    let sharing_key = annotation(svc, ANN_SHARED)
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned);
+    let mut ports = Vec::new();
+    for p in spec.ports.unwrap_or_default() {
+        let proto = match proto_of(&p) {
+            "UDP" => Proto::Udp,
+            "SCTP" => Proto::Sctp,
+            _ => Proto::Tcp,
+        };
+        let port = u16::try_from(p.port)
+            .map_err(|_| bad("spec.ports", format!("port {} out of range", p.port)))?;
+        ports.push((port, proto));
+    }
+    Ok(Request {
+        policy,
+        addresses,
+        pool,
+        sharing_key,
+        ports,
+    })
+}
+
+fn parse_enum<T: DeserializeOwned>(value: &str) -> Option<T> {
+    serde_json::from_value(serde_json::Value::String(value.replace('-', "_"))).ok()
+}
+
+/// The tuning annotations, parsed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Tuning {
+    proxy_protocol: Option<ProxyProtocol>,
+    balance: Option<Balance>,
+    idle_timeout: Option<Duration>,
+    connect_timeout: Option<Duration>,
+    max_connections: Option<u32>,
+    health_kind: Option<HealthKind>,
+    health_path: Option<String>,
+    health_port: Option<u16>,
+    health_interval: Option<Duration>,
+    health_timeout: Option<Duration>,
+    health_rise: Option<u32>,
+    health_fall: Option<u32>,
+}
+
+fn tuning(svc: &Service) -> Result<Tuning, Vec<Invalid>> {
+    let mut t = Tuning::default();
+    let mut errors = Vec::new();
+    let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+    for (key, value) in &annotations {
+        let Some(short) = key.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let value = value.trim();
+        let mut fail = |what: &str| {
+            errors.push(Invalid {
+                field: key.clone(),
+                message: format!("{value:?} is not {what}"),
+            })
+        };
+        let duration = |v: &str| v.parse::<Duration>().ok().filter(|d| !d.is_zero());
+        let count = |v: &str| v.parse::<u32>().ok().filter(|n| *n >= 1 && *n <= 100);
+        match short {
+            "proxy-protocol" => match parse_enum(value) {
+                Some(v) => t.proxy_protocol = Some(v),
+                None => fail("one of off, v1, v2"),
+            },
+            "balance" => match parse_enum(value) {
+                Some(v) => t.balance = Some(v),
+                None => fail("one of maglev, round_robin, least_conn, random_two"),
+            },
+            "idle-timeout" => match duration(value) {
+                Some(v) => t.idle_timeout = Some(v),
+                None => fail("a duration such as \"10m\""),
+            },
+            "connect-timeout" => match duration(value) {
+                Some(v) => t.connect_timeout = Some(v),
+                None => fail("a duration such as \"3s\""),
+            },
+            "max-connections" => match value.parse::<u32>() {
+                Ok(v) => t.max_connections = Some(v),
+                Err(_) => fail("a whole number (0 = no cap)"),
+            },
+            "health-check-kind" => match parse_enum(value) {
+                Some(v) => t.health_kind = Some(v),
+                None => fail("one of tcp, http, none"),
+            },
+            "health-check-path" => {
+                if value.starts_with('/')
+                    && !value.chars().any(|c| c.is_ascii_control() || c == ' ')
+                {
+                    t.health_path = Some(value.to_owned());
+                } else {
+                    fail("an absolute HTTP path such as \"/healthz\"");
+                }
+            }
+            "health-check-port" => match value.parse::<u16>() {
+                Ok(v) if v > 0 => t.health_port = Some(v),
+                _ => fail("a port number 1-65535"),
+            },
+            "health-check-interval" => match duration(value) {
+                Some(v) => t.health_interval = Some(v),
+                None => fail("a duration such as \"2s\""),
+            },
+            "health-check-timeout" => match duration(value) {
+                Some(v) => t.health_timeout = Some(v),
+                None => fail("a duration such as \"1s\""),
+            },
+            "health-check-rise" => match count(value) {
+                Some(v) => t.health_rise = Some(v),
+                None => fail("a count from 1 to 100"),
+            },
+            "health-check-fall" => match count(value) {
+                Some(v) => t.health_fall = Some(v),
+                None => fail("a count from 1 to 100"),
+            },
+            _ => {}
+        }
+    }
+    if errors.is_empty() {
+        Ok(t)
+    } else {
+        Err(errors)
+    }
+}
+
+/// `weir.dev/` annotations this version does not know (likely typos): the
+/// controller warns about them; they change nothing.
+pub fn unknown_annotations(svc: &Service) -> Vec<String> {
+    let known = ["load-balancer-ips", "pool", "allow-shared-ip"];
+    svc.metadata
+        .annotations
+        .iter()
+        .flatten()
+        .filter_map(|(k, _)| k.strip_prefix(PREFIX).map(|s| (k, s)))
+        .filter(|(_, s)| !known.contains(s) && !TUNING.contains(s))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// Whether `node` may be a backend.
+pub fn node_eligible(node: &Node, selector: &[Requirement]) -> bool {
+    let empty = BTreeMap::new();
+    let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
+    node.metadata.deletion_timestamp.is_none()
+        && !labels.contains_key(EXCLUDE_LABEL)
+        && selector.iter().all(|r| r.matches(labels))
+}
+
+/// The node's address to send `family` traffic to: the first configured
+/// address type present, preferring the listener's family within a type.
+pub fn node_address(node: &Node, address_types: &[String], family: Family) -> Option<IpAddr> {
+    let addresses = node.status.as_ref()?.addresses.as_ref()?;
+    for kind in address_types {
+        let ips: Vec<IpAddr> = addresses
+            .iter()
+            .filter(|a| &a.type_ == kind)
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        if let Some(ip) = ips
+            .iter()
+            .find(|ip| Family::of(**ip) == family)
+            .or(ips.first())
+        {
+            return Some(*ip);
+        }
+    }
+    None
+}
+
+/// Ready endpoints per node name, across the Service's slices (an endpoint
+/// whose `ready` is unset counts as ready, as the API defines).
+pub fn ready_per_node(slices: &[&EndpointSlice]) -> HashMap<String, u32> {
+    let mut seen = HashSet::new();
+    let mut out = HashMap::new();
+    for slice in slices {
+        for ep in &slice.endpoints {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let Some(node) = &ep.node_name else { continue };
+            let Some(addr) = ep.addresses.first() else {
+                continue;
+            };
+            if ready && seen.insert((node.clone(), addr.clone())) {
+                *out.entry(node.clone()).or_insert(0) += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The stable, readable listener name: `namespace/name:port/proto/ip`.
+pub fn listener_name(namespace: &str, name: &str, port: i32, proto: &str, ip: IpAddr) -> String {
+    format!(
+        "{namespace}/{name}:{port}/{}/{ip}",
+        proto.to_ascii_lowercase()
+    )
+}
+
+/// Translates one managed Service holding `ips`.
+pub fn translate(
+    svc: &Service,
+    ips: &[IpAddr],
+    nodes: &[&Node],
+    slices: &[&EndpointSlice],
+    settings: &Settings,
+) -> Result<Translation, Vec<Invalid>> {
+    let mut t = tuning(svc)?;
+    let spec = svc.spec.clone().unwrap_or_default();
+    let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
+    let name = svc.metadata.name.as_deref().unwrap_or_default();
+    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let affinity = spec.session_affinity.as_deref() == Some("ClientIP");
+    let mut errors = Vec::new();
+    if affinity && t.balance.is_some_and(|b| b != Balance::Maglev) {
+        errors.push(Invalid {
+            field: format!("{PREFIX}balance"),
+            message: "conflicts with sessionAffinity: ClientIP (which needs maglev)".into(),
+        });
+    }
+    let mut source_ranges = Vec::new();
+    for (i, r) in spec
+        .load_balancer_source_ranges
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        match lb_config::validate::parse_cidr(r.trim()) {
+            Ok(net) => source_ranges.push(net.to_string()),
+            Err(e) => errors.push(Invalid {
+                field: format!("spec.loadBalancerSourceRanges[{i}]"),
+                message: e,
+            }),
+        }
+    }
+    if local && spec.health_check_node_port.is_none() && t.health_kind.is_none() {
+        // Without it a probe cannot tell which nodes have local endpoints.
+        t.health_kind = Some(HealthKind::Tcp);
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let weights = if local {
+        Some(ready_per_node(slices))
+    } else {
+        None
+    };
+    let mut eligible: Vec<&Node> = nodes
+        .iter()
+        .copied()
+        .filter(|n| node_eligible(n, &settings.node_selector))
+        .collect();
+    eligible.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+
+    let mut out = Translation::default();
+    for port in spec.ports.clone().unwrap_or_default() {
+        let proto_text = proto_of(&port).to_owned();
+        let protocol = match proto_text.as_str() {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            other => {
+                out.skipped.push(Skipped {
+                    port: port.port,
+                    protocol: other.to_owned(),
+                    reason: "UnsupportedProtocol",
+                    message: format!("protocol {other} is not supported by Weir (TCP and UDP are)"),
+                });
+                continue;
+            }
+        };
+        let Some(node_port) = port
+            .node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p > 0)
+        else {
+            out.skipped.push(Skipped {
+                port: port.port,
+                protocol: proto_text,
+                reason: "NoNodePort",
+                message: format!(
+                    "port {} has no nodePort (allocateLoadBalancerNodePorts: false?); Weir forwards to NodePorts",
+                    port.port
+                ),
+            });
+            continue;
+        };
+        let Ok(vip_port) = u16::try_from(port.port) else {
+            continue;
+        };
+        let health = health_for(&t, &spec, local, protocol, settings);
+        for ip in ips {
+            let family = Family::of(*ip);
+            let mut backends: Vec<BackendSpec> = Vec::new();
+            for node in &eligible {
+                let Some(addr) = node_address(node, &settings.address_types, family) else {
+                    continue;
+                };
+                let weight = weights.as_ref().map(|w| {
+                    let n = node.metadata.name.as_deref().unwrap_or_default();
+                    w.get(n).copied().unwrap_or(0).max(1)
+                });
+                backends.push(BackendSpec {
+                    addr: SocketAddr::new(addr, node_port).to_string(),
+                    weight,
+                });
+            }
+            out.listeners.push(ListenerSpec {
+                name: listener_name(namespace, name, port.port, &proto_text, *ip),
+                bind: SocketAddr::new(*ip, vip_port).to_string(),
+                protocol: Some(protocol),
+                balance: Some(if affinity {
+                    Balance::Maglev
+                } else {
+                    t.balance.unwrap_or(Balance::Maglev)
+                }),
+                hash_key: affinity.then_some(HashKey::ClientIp),
+                proxy_protocol: t.proxy_protocol,
+                source_ranges: (!source_ranges.is_empty()).then(|| source_ranges.clone()),
+                max_connections: t.max_connections,
+                on_all_unhealthy: None,
+                connect_timeout: t.connect_timeout,
+                idle_timeout: t.idle_timeout,
+                drain_timeout: None,
+                backends,
+                health: Some(health.clone()),
+            });
+        }
+    }
+    // The forwarder must accept what we send: check with lbd's own rules.
+    if let Err(errs) =
+        lb_config::resolve_listeners(&out.listeners, &Defaults::default(), "listener")
+    {
+        return Err(errs
+            .into_iter()
+            .map(|e| Invalid {
+                field: annotation_for(&e.path),
+                message: e.message,
+            })
+            .collect());
+    }
+    Ok(out)
+}
+
+/// Maps a listener field path back to the annotation that sets it.
+fn annotation_for(path: &str) -> String {
+    let field = path.rsplit('.').next().unwrap_or(path);
+    let short = match field {
+        "proxy_protocol" => "proxy-protocol",
+        "idle_timeout" => "idle-timeout",
+        "connect_timeout" => "connect-timeout",
+        "port" if path.contains("health") => "health-check-port",
+        "path" => "health-check-path",
+        "interval" => "health-check-interval",
+        "timeout" => "health-check-timeout",
+        "kind" => "health-check-kind",
+        _ => return path.to_owned(),
+    };
+    format!("{PREFIX}{short}")
+}
+
+fn health_for(
+    t: &Tuning,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    local: bool,
+    protocol: Protocol,
+    settings: &Settings,
+) -> HealthSpec {
+    // Base: what kube-proxy offers for this traffic policy.
+    let (mut kind, mut port, mut path) = if local {
+        match spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+        {
+            Some(p) => (HealthKind::Http, Some(p), Some("/healthz".to_owned())),
+            None => (HealthKind::Tcp, None, None),
+        }
+    } else if settings.cluster_health == ClusterHealth::KubeProxy || protocol == Protocol::Udp {
+        // A UDP NodePort cannot be probed with TCP: use kube-proxy's endpoint.
+        (
+            HealthKind::Http,
+            Some(settings.kube_proxy_port),
+            Some("/healthz".to_owned()),
+        )
+    } else {
+        (HealthKind::Tcp, None, None)
+    };
+    if let Some(k) = t.health_kind.filter(|k| *k != kind) {
+        // Another kind than kube-proxy's: probe the NodePort unless told otherwise.
+        kind = k;
+        port = None;
+        path = (k == HealthKind::Http).then(|| "/healthz".to_owned());
+    }
+    if t.health_port.is_some() {
+        port = t.health_port;
+    }
+    if kind == HealthKind::Http && t.health_path.is_some() {
+        path = t.health_path.clone();
+    }
+    if kind == HealthKind::Tcp && protocol == Protocol::Udp && port.is_none() {
+        port = Some(settings.kube_proxy_port);
+    }
+    HealthSpec {
+        kind: Some(kind),
+        port: if kind == HealthKind::None { None } else { port },
+        path: if kind == HealthKind::Http { path } else { None },
+        interval: t.health_interval,
+        timeout: t.health_timeout,
+        rise: t.health_rise,
+        fall: t.health_fall,
+    }
+}

@@ -1,0 +1,358 @@
+//! The real `lb-controller` binary against the in-test API server (and, where
+//! the scenario needs a forwarder, a real `lbd`).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+
+const POOL: &str =
+    "[[pool]]\nname = \"test\"\naddresses = [\"127.0.10.0/24\"]\navoid_buggy_ips = true\n";
+const SOLO: &str = "[leader_election]\nenabled = false\n";
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn three_nodes(api: &ApiServer) {
+    for (i, ip) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
+        api.create(NODES, "", node(&format!("node-{i}"), ip));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_assigns_ip_status_and_event() {
+    let dir = temp_dir("create");
+    let api = ApiServer::start().await;
+    three_nodes(&api).await;
+    let cfg = controller_config(&dir, &api.kubeconfig(&dir, "ctl"), &format!("{POOL}{SOLO}"));
+    let _ctl = start_controller(&cfg, "a");
+    api.create(
+        SERVICES,
+        "default",
+        lb_service("web", &[(80, 30080), (443, 30443)]),
+    );
+    // An SCTP port gets a port error; a Service of another class is left alone.
+    let mut sctp = lb_service("mixed", &[(81, 30081)]);
+    sctp["spec"]["ports"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "s", "port": 9000, "protocol": "SCTP", "nodePort": 30900}));
+    api.create(SERVICES, "default", sctp);
+    let mut other = lb_service("other", &[(82, 30082)]);
+    other["spec"]["loadBalancerClass"] = json!("example.com/other");
+    api.create(SERVICES, "default", other);
+
+    let svc = eventually(WAIT, "web gets an address", || {
+        api.get(SERVICES, "default", "web")
+            .filter(|s| !ingress_ips(s).is_empty())
+    })
+    .await;
+    let ip = ingress_ips(&svc)[0].clone();
+    assert!(ip.starts_with("127.0.10."), "{ip}");
+    assert_ne!(ip, "127.0.10.0", "avoid_buggy_ips");
+    let ingress = &svc["status"]["loadBalancer"]["ingress"][0];
+    assert_eq!(ingress["ipMode"], "Proxy");
+    assert_eq!(
+        ingress["ports"],
+        json!([{"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        svc["metadata"]["finalizers"],
+        json!(["service.kubernetes.io/load-balancer-cleanup"])
+    );
+    eventually(WAIT, "IPAllocated event", || {
+        events_for(&api, "web", "IPAllocated")
+            .into_iter()
+            .find(|e| e["note"].as_str().unwrap_or_default().contains(&ip) && e["type"] == "Normal")
+    })
+    .await;
+
+    let mixed = eventually(WAIT, "mixed gets an address", || {
+        api.get(SERVICES, "default", "mixed")
+            .filter(|s| !ingress_ips(s).is_empty())
+    })
+    .await;
+    assert_ne!(ingress_ips(&mixed)[0], ip, "no sharing without a key");
+    assert_eq!(
+        mixed["status"]["loadBalancer"]["ingress"][0]["ports"][1],
+        json!({"port": 9000, "protocol": "SCTP", "error": "weir.dev/UnsupportedProtocol"})
+    );
+    eventually(WAIT, "UnsupportedProtocol warning", || {
+        events_for(&api, "mixed", "UnsupportedProtocol")
+            .into_iter()
+            .find(|e| e["type"] == "Warning")
+    })
+    .await;
+    let other = api.get(SERVICES, "default", "other").unwrap();
+    assert!(ingress_ips(&other).is_empty());
+    assert!(other["metadata"]["finalizers"].is_null());
+
+    // A bad annotation: Warning naming it; the address stays.
+    api.patch(
+        SERVICES,
+        "default",
+        "web",
+        json!({"metadata": {"annotations": {"weir.dev/idle-timeout": "forever"}}}),
+    );
+    let warning = eventually(WAIT, "InvalidAnnotation warning", || {
+        events_for(&api, "web", "InvalidAnnotation")
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert!(
+        warning["note"]
+            .as_str()
+            .unwrap()
+            .contains("weir.dev/idle-timeout"),
+        "{warning}"
+    );
+    assert_eq!(
+        ingress_ips(&api.get(SERVICES, "default", "web").unwrap()),
+        vec![ip]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_fifty_services_moves_no_ip() {
+    let dir = temp_dir("restart");
+    let api = ApiServer::start().await;
+    three_nodes(&api).await;
+    let cfg = controller_config(&dir, &api.kubeconfig(&dir, "ctl"), &format!("{POOL}{SOLO}"));
+    // Created in an order that differs from name order, half before start.
+    let names: Vec<String> = (0..50)
+        .map(|i| format!("svc-{:02}", (i * 37) % 50))
+        .collect();
+    for n in &names[..25] {
+        api.create(SERVICES, "default", lb_service(n, &[(80, 0)]));
+    }
+    let mut ctl = start_controller(&cfg, "a");
+    for n in &names[25..] {
+        api.create(SERVICES, "default", lb_service(n, &[(80, 0)]));
+    }
+    let before: BTreeMap<String, Vec<String>> = eventually(WAIT, "50 addresses", || {
+        let all: BTreeMap<_, _> = api
+            .list(SERVICES)
+            .iter()
+            .map(|s| {
+                (
+                    s["metadata"]["name"].as_str().unwrap().to_owned(),
+                    ingress_ips(s),
+                )
+            })
+            .filter(|(_, ips)| !ips.is_empty())
+            .collect();
+        (all.len() == 50).then_some(all)
+    })
+    .await;
+    let distinct: std::collections::BTreeSet<_> = before.values().collect();
+    assert_eq!(distinct.len(), 50);
+    ctl.kill();
+    // While it is down a new Service arrives: the restart must not hand it
+    // an address somebody already holds.
+    api.create(SERVICES, "default", lb_service("late", &[(80, 0)]));
+    let writes_before = api.writes().len();
+    let _ctl = start_controller(&cfg, "b");
+    let late = eventually(WAIT, "late gets an address", || {
+        api.get(SERVICES, "default", "late")
+            .filter(|s| !ingress_ips(s).is_empty())
+    })
+    .await;
+    assert!(
+        !distinct.contains(&ingress_ips(&late)),
+        "late got a held address"
+    );
+    let after: BTreeMap<String, Vec<String>> = api
+        .list(SERVICES)
+        .iter()
+        .filter(|s| s["metadata"]["name"] != "late")
+        .map(|s| {
+            (
+                s["metadata"]["name"].as_str().unwrap().to_owned(),
+                ingress_ips(s),
+            )
+        })
+        .collect();
+    assert_eq!(before, after);
+    // And the restarted controller rewrote none of the 50 statuses.
+    let rewrites: Vec<_> = api.writes()[writes_before..]
+        .iter()
+        .filter(|w| w.resource == "services/status" && !w.object.ends_with("/late"))
+        .cloned()
+        .collect();
+    assert!(rewrites.is_empty(), "{rewrites:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_removes_from_forwarder_before_freeing_the_ip() {
+    let dir = temp_dir("delete");
+    let api = ApiServer::start().await;
+    three_nodes(&api).await;
+    let (_lbd, socket) = start_lbd(&dir, "edge");
+    eventually(WAIT, "lbd control socket", || socket.exists().then_some(())).await;
+    let forwarder = format!(
+        "[[forwarder]]\nname = \"edge\"\nurl = \"unix://{}\"\n",
+        socket.display()
+    );
+    let cfg = controller_config(
+        &dir,
+        &api.kubeconfig(&dir, "ctl"),
+        &format!("{POOL}{SOLO}{forwarder}[health]\ncluster = \"tcp\"\n"),
+    );
+    let _ctl = start_controller(&cfg, "a");
+    api.create(SERVICES, "default", lb_service("web", &[(8080, 30080)]));
+    let svc = eventually(WAIT, "programmed condition", || {
+        api.get(SERVICES, "default", "web").filter(|s| {
+            s["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "weir.dev/ForwardersProgrammed" && c["status"] == "True")
+            })
+        })
+    })
+    .await;
+    let ip = ingress_ips(&svc)[0].clone();
+    let state = lbd_state(&socket).await.unwrap();
+    assert_eq!(
+        state["listeners"][0]["name"],
+        "default/web:8080/tcp/".to_owned() + &ip
+    );
+    assert_eq!(state["listeners"][0]["bind"], format!("{ip}:8080"));
+    let backends: Vec<&str> = state["listeners"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["addr"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        backends,
+        ["127.0.0.2:30080", "127.0.0.3:30080", "127.0.0.4:30080"]
+    );
+
+    api.delete(SERVICES, "default", "web");
+    eventually(WAIT, "Service gone", || {
+        api.get(SERVICES, "default", "web").is_none().then_some(())
+    })
+    .await;
+    // By the time the finalizer went, the forwarder had no listener for it.
+    let state = lbd_state(&socket).await.unwrap();
+    assert_eq!(state["listeners"], json!([]), "{state}");
+    // Ordering in the write log: the finalizer removal is the last write.
+    let writes: Vec<_> = api
+        .writes()
+        .into_iter()
+        .filter(|w| w.object == "default/web" && w.user == "ctl")
+        .collect();
+    assert_eq!(writes.last().unwrap().resource, "services", "{writes:?}");
+    // The address is free again: a new Service asking for it gets it.
+    let mut again = lb_service("again", &[(8080, 30081)]);
+    again["metadata"]["annotations"] = json!({"weir.dev/load-balancer-ips": ip});
+    api.create(SERVICES, "default", again);
+    let again = eventually(WAIT, "again gets the freed address", || {
+        api.get(SERVICES, "default", "again")
+            .filter(|s| !ingress_ips(s).is_empty())
+    })
+    .await;
+    assert_eq!(ingress_ips(&again), vec![ip]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_and_a_standby_takes_over() {
+    let dir = temp_dir("leader");
+    let api = ApiServer::start().await;
+    three_nodes(&api).await;
+    let le = "[leader_election]\nnamespace = \"weir-system\"\nlease_name = \"lb\"\nlease_duration = \"3s\"\nrenew_interval = \"500ms\"\n";
+    let cfg_a = controller_config(&dir, &api.kubeconfig(&dir, "alpha"), &format!("{POOL}{le}"));
+    let cfg_b = controller_config(&dir, &api.kubeconfig(&dir, "beta"), &format!("{POOL}{le}"));
+    let mut a = start_controller(&cfg_a, "alpha");
+    let leader = eventually(WAIT, "alpha leads", || {
+        api.get(LEASES, "weir-system", "lb")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
+    })
+    .await;
+    assert_eq!(leader, "alpha");
+    let _b = start_controller(&cfg_b, "beta");
+    for i in 0..5 {
+        api.create(
+            SERVICES,
+            "default",
+            lb_service(&format!("s{i}"), &[(80, 0)]),
+        );
+    }
+    eventually(WAIT, "5 addresses", || {
+        (api.list(SERVICES)
+            .iter()
+            .filter(|s| !ingress_ips(s).is_empty())
+            .count()
+            == 5)
+            .then_some(())
+    })
+    .await;
+    let service_writers: std::collections::BTreeSet<String> = api
+        .writes()
+        .iter()
+        .filter(|w| w.resource.starts_with("services") && w.user != "admin")
+        .map(|w| w.user.clone())
+        .collect();
+    assert_eq!(service_writers, ["alpha".to_owned()].into());
+
+    // The leader dies without releasing: beta takes over within the lease
+    // duration (plus a renew interval) and serves new Services.
+    a.kill();
+    let killed = std::time::Instant::now();
+    eventually(Duration::from_secs(10), "beta leads", || {
+        api.get(LEASES, "weir-system", "lb")
+            .filter(|l| l["spec"]["holderIdentity"] == "beta")
+    })
+    .await;
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        killed.elapsed()
+    );
+    api.create(SERVICES, "default", lb_service("after", &[(80, 0)]));
+    let after = eventually(WAIT, "after gets an address", || {
+        api.get(SERVICES, "default", "after")
+            .filter(|s| !ingress_ips(s).is_empty())
+    })
+    .await;
+    let taken: Vec<Vec<String>> = api
+        .list(SERVICES)
+        .iter()
+        .filter(|s| s["metadata"]["name"] != "after")
+        .map(ingress_ips)
+        .collect();
+    assert!(!taken.contains(&ingress_ips(&after)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_that_close_or_expire_are_resumed() {
+    let dir = temp_dir("resume");
+    let api = ApiServer::start().await;
+    three_nodes(&api).await;
+    let cfg = controller_config(&dir, &api.kubeconfig(&dir, "ctl"), &format!("{POOL}{SOLO}"));
+    let _ctl = start_controller(&cfg, "a");
+    api.create(SERVICES, "default", lb_service("one", &[(80, 0)]));
+    eventually(WAIT, "one", || {
+        api.get(SERVICES, "default", "one")
+            .filter(|s| !ingress_ips(s).is_empty())
+    })
+    .await;
+    api.close_watches();
+    api.create(SERVICES, "default", lb_service("two", &[(80, 0)]));
+    eventually(WAIT, "two after a closed watch", || {
+        api.get(SERVICES, "default", "two")
+            .filter(|s| !ingress_ips(s).is_empty())
+    })
+    .await;
+    // History compacted and watches closed: resuming gets 410 Gone, the
+    // client relists, and still sees the new Service.
+    api.compact();
+    api.close_watches();
+    api.create(SERVICES, "default", lb_service("three", &[(80, 0)]));
+    eventually(WAIT, "three after 410 Gone", || {
+        api.get(SERVICES, "default", "three")
+            .filter(|s| !ingress_ips(s).is_empty())
+    })
+    .await;
+}
