@@ -261,12 +261,15 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     let dir = temp_dir("leader");
     let api = ApiServer::start().await;
     three_nodes(&api).await;
-    let le = "[leader_election]\nnamespace = \"weir-system\"\nlease_name = \"lb\"\nlease_duration = \"3s\"\nrenew_interval = \"500ms\"\n";
+    let le = "[leader_election]\nnamespace = \"weir-system\"\nlease_name = \"lb-controller\"\nlease_duration = \"3s\"\nrenew_interval = \"500ms\"\n";
     let cfg_a = controller_config(&dir, &api.kubeconfig(&dir, "alpha"), &format!("{POOL}{le}"));
     let cfg_b = controller_config(&dir, &api.kubeconfig(&dir, "beta"), &format!("{POOL}{le}"));
+    // Both replicas run with exactly the RBAC of deploy/kubernetes.
+    api.enforce_rbac("alpha", manifest_rules());
+    api.enforce_rbac("beta", manifest_rules());
     let mut a = start_controller(&cfg_a, "alpha");
     let leader = eventually(WAIT, "alpha leads", || {
-        api.get(LEASES, "weir-system", "lb")
+        api.get(LEASES, "weir-system", "lb-controller")
             .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
     })
     .await;
@@ -301,7 +304,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     a.kill();
     let killed = std::time::Instant::now();
     eventually(Duration::from_secs(10), "beta leads", || {
-        api.get(LEASES, "weir-system", "lb")
+        api.get(LEASES, "weir-system", "lb-controller")
             .filter(|l| l["spec"]["holderIdentity"] == "beta")
     })
     .await;
@@ -323,6 +326,11 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         .map(ingress_ips)
         .collect();
     assert!(!taken.contains(&ingress_ips(&after)));
+    assert_eq!(
+        api.denied(),
+        Vec::<String>::new(),
+        "the manifest's RBAC is not enough"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

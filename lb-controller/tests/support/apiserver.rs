@@ -125,8 +125,43 @@ pub struct Write {
     pub object: String,
 }
 
+/// One RBAC rule (from a ClusterRole, or a Role in `namespace`).
+#[derive(Clone, Debug, Default)]
+pub struct Rule {
+    /// API groups (`""` = core).
+    pub groups: Vec<String>,
+    /// Resources, `name/subresource` for subresources.
+    pub resources: Vec<String>,
+    /// Verbs.
+    pub verbs: Vec<String>,
+    /// `resourceNames`; empty = any.
+    pub names: Vec<String>,
+    /// `Some` for a Role's rules.
+    pub namespace: Option<String>,
+}
+
+impl Rule {
+    fn allows(
+        &self,
+        group: &str,
+        resource: &str,
+        verb: &str,
+        ns: &str,
+        name: Option<&str>,
+    ) -> bool {
+        let any = |list: &[String], v: &str| list.iter().any(|x| x == "*" || x == v);
+        any(&self.groups, group)
+            && any(&self.resources, resource)
+            && any(&self.verbs, verb)
+            && (self.names.is_empty() || name.is_some_and(|n| self.names.iter().any(|x| x == n)))
+            && self.namespace.as_ref().is_none_or(|n| n == ns)
+    }
+}
+
 #[derive(Default)]
 struct Store {
+    rbac: BTreeMap<String, Vec<Rule>>,
+    denied: Vec<String>,
     rv: u64,
     objects: BTreeMap<ObjKey, Value>,
     history: Vec<Change>,
@@ -671,6 +706,40 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
     };
     let kind = target.kind;
     let ns = target.namespace.clone().unwrap_or_default();
+    {
+        let mut store = shared.store.lock().unwrap();
+        if let Some(rules) = store.rbac.get(&user) {
+            let verb = match (&method, &target.name) {
+                (&Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+                    "watch"
+                }
+                (&Method::GET, None) => "list",
+                (&Method::GET, Some(_)) => "get",
+                (&Method::POST, _) => "create",
+                (&Method::PUT, _) => "update",
+                (&Method::PATCH, _) => "patch",
+                (&Method::DELETE, _) => "delete",
+                _ => "unknown",
+            };
+            let group = kind.api_version.rsplit_once('/').map_or("", |(g, _)| g);
+            let resource = if target.status {
+                format!("{}/status", kind.plural)
+            } else {
+                kind.plural.to_owned()
+            };
+            if !rules
+                .iter()
+                .any(|r| r.allows(group, &resource, verb, &ns, target.name.as_deref()))
+            {
+                let message = format!(
+                    "{resource} \"{}\" is forbidden: User \"{user}\" cannot {verb} resource \"{resource}\" in API group \"{group}\" in the namespace \"{ns}\"",
+                    target.name.clone().unwrap_or_default()
+                );
+                store.denied.push(message.clone());
+                return Err(api_err(StatusCode::FORBIDDEN, "Forbidden", message));
+            }
+        }
+    }
     match (method, target.name.clone()) {
         (Method::GET, None) => {
             if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
@@ -990,6 +1059,21 @@ impl ApiServer {
         let mut store = self.shared.store.lock().unwrap();
         store.compacted = store.rv;
         store.history.clear();
+    }
+
+    /// From now on, requests with `token` are allowed only what `rules` allow.
+    pub fn enforce_rbac(&self, token: &str, rules: Vec<Rule>) {
+        self.shared
+            .store
+            .lock()
+            .unwrap()
+            .rbac
+            .insert(token.to_owned(), rules);
+    }
+
+    /// Requests refused by RBAC so far.
+    pub fn denied(&self) -> Vec<String> {
+        self.shared.store.lock().unwrap().denied.clone()
     }
 
     /// Every write so far.

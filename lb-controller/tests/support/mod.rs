@@ -81,6 +81,44 @@ pub fn events_for(api: &ApiServer, name: &str, reason: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The RBAC rules `deploy/kubernetes/lb-controller.yaml` grants the controller.
+pub fn manifest_rules() -> Vec<apiserver::Rule> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/lb-controller.yaml"
+    );
+    let docs: Vec<Value> =
+        serde_saphyr::from_str_multiple(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for doc in docs {
+        let namespace = match doc["kind"].as_str() {
+            Some("ClusterRole") => None,
+            Some("Role") => doc["metadata"]["namespace"].as_str().map(str::to_owned),
+            _ => continue,
+        };
+        for rule in doc["rules"].as_array().into_iter().flatten() {
+            out.push(apiserver::Rule {
+                groups: strings(&rule["apiGroups"]),
+                resources: strings(&rule["resources"]),
+                verbs: strings(&rule["verbs"]),
+                names: strings(&rule["resourceNames"]),
+                namespace: namespace.clone(),
+            });
+        }
+    }
+    assert!(!out.is_empty(), "no RBAC rules found in {path}");
+    out
+}
+
 /// Writes a controller config.
 pub fn controller_config(dir: &Path, kubeconfig: &Path, extra: &str) -> PathBuf {
     let path = dir.join(format!("controller-{}.toml", rand_suffix()));
