@@ -162,3 +162,22 @@ impl Elector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_free_own_or_expired_leases_only() {
+        let t0 = Instant::now();
+        let d = Duration::from_secs(15);
+        assert_eq!(decide(None, "a", t0, t0, d), Decision::Take);
+        assert_eq!(decide(Some(""), "a", t0, t0, d), Decision::Take);
+        assert_eq!(decide(Some("a"), "a", t0, t0, d), Decision::Take);
+        assert_eq!(
+            decide(Some("b"), "a", t0, t0 + Duration::from_secs(14), d),
+            Decision::Wait
+        );
+        assert_eq!(decide(Some("b"), "a", t0, t0 + d, d), Decision::Take);
+    }
+}

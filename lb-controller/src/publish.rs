@@ -326,3 +326,71 @@ pub fn spawn_all(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let max = Duration::from_secs(5);
+        let waits: Vec<u64> = (1..=6)
+            .map(|n| backoff(n, max).as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 5000, 5000]);
+        assert_eq!(backoff(u32::MAX, max), max);
+    }
+
+    #[test]
+    fn rejections_map_to_the_owning_service() {
+        let listener = |name: &str| ListenerSpec {
+            name: name.into(),
+            bind: "192.0.2.1:80".into(),
+            protocol: None,
+            balance: None,
+            hash_key: None,
+            proxy_protocol: None,
+            source_ranges: None,
+            max_connections: None,
+            on_all_unhealthy: None,
+            connect_timeout: None,
+            idle_timeout: None,
+            drain_timeout: None,
+            backends: Vec::new(),
+            health: None,
+        };
+        let listeners = [
+            listener("a/x:80/tcp/192.0.2.1"),
+            listener("b/y:80/tcp/192.0.2.1"),
+        ];
+        let owners = [ServiceKey::new("a", "x"), ServiceKey::new("b", "y")];
+        let body = serde_json::json!({"errors": [
+            {"path": "listeners[1].bind", "message": "already bound"},
+            {"path": "", "message": "something global"},
+            {"path": "listeners[9].bind", "message": "out of range"},
+        ]});
+        let got = rejected(&body, &listeners, &owners);
+        assert_eq!(got[0].0, Some(ServiceKey::new("b", "y")));
+        assert_eq!(
+            got[0].1,
+            "listener b/y:80/tcp/192.0.2.1: listeners[1].bind: already bound"
+        );
+        assert_eq!(got[1].0, None);
+        assert_eq!(got[2].0, None);
+    }
+
+    #[test]
+    fn unreachable_forwarders_do_not_hold_up_a_release() {
+        let p = Progress::default();
+        assert!(!p.settled(3), "not tried yet: wait");
+        p.tried.store(true, Ordering::Release);
+        p.reachable.store(true, Ordering::Release);
+        p.acked.store(2, Ordering::Release);
+        assert!(!p.settled(3), "reachable and behind: wait");
+        p.acked.store(3, Ordering::Release);
+        assert!(p.settled(3));
+        p.acked.store(0, Ordering::Release);
+        p.reachable.store(false, Ordering::Release);
+        assert!(p.settled(3), "unreachable: does not block");
+    }
+}

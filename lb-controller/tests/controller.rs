@@ -364,3 +364,119 @@ async fn watches_that_close_or_expire_are_resumed() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarder_rejection_becomes_a_warning_on_the_service() {
+    let dir = temp_dir("reject");
+    let api = ApiServer::start().await;
+    three_nodes(&api).await;
+    // The forwarder already serves 127.0.10.1:8080 from its own file: the
+    // controller's listener for that address collides and is refused (422).
+    let port = free_port("127.0.0.1");
+    let (_lbd, socket) = start_lbd_with(
+        &dir,
+        "edge",
+        &format!(
+            "[[listener]]\nname = \"static\"\nbind = \"127.0.10.1:{port}\"\nbackends = [{{ addr = \"127.0.0.2:{port}\" }}]\n"
+        ),
+    );
+    eventually(WAIT, "lbd control socket", || socket.exists().then_some(())).await;
+    let forwarder = format!(
+        "[[forwarder]]\nname = \"edge\"\nurl = \"unix://{}\"\n",
+        socket.display()
+    );
+    let cfg = controller_config(
+        &dir,
+        &api.kubeconfig(&dir, "ctl"),
+        &format!("{POOL}{SOLO}{forwarder}"),
+    );
+    let _ctl = start_controller(&cfg, "a");
+    let mut svc = lb_service("clash", &[(port, 30080)]);
+    svc["metadata"]["annotations"] = json!({"weir.dev/load-balancer-ips": "127.0.10.1"});
+    api.create(SERVICES, "default", svc);
+    let warning = eventually(WAIT, "ForwarderRejected warning", || {
+        events_for(&api, "clash", "ForwarderRejected")
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert_eq!(warning["type"], "Warning");
+    let note = warning["note"].as_str().unwrap();
+    assert!(
+        note.contains("edge") && note.contains("listeners[0].bind"),
+        "{note}"
+    );
+    let svc = eventually(WAIT, "condition False", || {
+        api.get(SERVICES, "default", "clash").filter(|s| {
+            s["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "weir.dev/ForwardersProgrammed" && c["status"] == "False")
+            })
+        })
+    })
+    .await;
+    assert_eq!(ingress_ips(&svc), vec!["127.0.10.1".to_owned()]);
+    // The forwarder kept its previous state (nothing of the refused one).
+    assert_eq!(lbd_state(&socket).await.unwrap()["listeners"], json!([]));
+}
+
+/// 1,000 LoadBalancer Services already in the API server when the
+/// controller starts: every one gets an address and the forwarder runs all
+/// 1,000 listeners. The time it took is printed (not asserted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_services_are_programmed() {
+    let dir = temp_dir("scale");
+    let api = ApiServer::start().await;
+    three_nodes(&api).await;
+    for i in 0..1000 {
+        api.create(
+            SERVICES,
+            &format!("ns-{}", i % 10),
+            lb_service(&format!("svc-{i:04}"), &[(80, 0)]),
+        );
+    }
+    let (_lbd, socket) = start_lbd(&dir, "edge");
+    eventually(WAIT, "lbd control socket", || socket.exists().then_some(())).await;
+    let forwarder = format!(
+        "[[forwarder]]\nname = \"edge\"\nurl = \"unix://{}\"\n",
+        socket.display()
+    );
+    let pool = "[[pool]]\nname = \"big\"\naddresses = [\"127.0.8.0/22\"]\navoid_buggy_ips = true\n[health]\ncluster = \"tcp\"\n";
+    let cfg = controller_config(
+        &dir,
+        &api.kubeconfig(&dir, "ctl"),
+        &format!("{pool}{SOLO}{forwarder}"),
+    );
+    let started = std::time::Instant::now();
+    let _ctl = start_controller(&cfg, "a");
+    let mut programmed = None;
+    let deadline = started + Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
+        let state = lbd_state(&socket).await;
+        if state
+            .as_ref()
+            .and_then(|s| s["listeners"].as_array().map(Vec::len))
+            == Some(1000)
+        {
+            programmed = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let programmed = programmed.expect("1,000 listeners on the forwarder within 120 s");
+    let statuses = eventually(Duration::from_secs(60), "1,000 statuses", || {
+        let ips: std::collections::BTreeSet<Vec<String>> = api
+            .list(SERVICES)
+            .iter()
+            .map(ingress_ips)
+            .filter(|ips| !ips.is_empty())
+            .collect();
+        (ips.len() == 1000).then(|| started.elapsed())
+    })
+    .await;
+    println!(
+        "1,000 Services: forwarder programmed {:.2}s, all statuses written {:.2}s after start",
+        programmed.as_secs_f64(),
+        statuses.as_secs_f64()
+    );
+}

@@ -89,7 +89,22 @@ pub const LEASES: Kind = Kind {
     namespaced: true,
     status: false,
 };
-const KINDS: [Kind; 6] = [SERVICES, NODES, SLICES, EVENTS, CORE_EVENTS, LEASES];
+pub const NAMESPACES: Kind = Kind {
+    plural: "namespaces",
+    api_version: "v1",
+    kind: "Namespace",
+    namespaced: false,
+    status: true,
+};
+const KINDS: [Kind; 7] = [
+    SERVICES,
+    NODES,
+    SLICES,
+    EVENTS,
+    CORE_EVENTS,
+    LEASES,
+    NAMESPACES,
+];
 
 type ObjKey = (&'static str, &'static str, String, String);
 

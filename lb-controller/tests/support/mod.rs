@@ -220,6 +220,11 @@ pub fn free_port(ip: &str) -> u16 {
 /// Starts a real `lbd` with only a control socket (programmed by the
 /// controller); returns the process and its socket path.
 pub fn start_lbd(dir: &Path, tag: &str) -> (Proc, PathBuf) {
+    start_lbd_with(dir, tag, "")
+}
+
+/// [`start_lbd`] with more of the file (static listeners, say).
+pub fn start_lbd_with(dir: &Path, tag: &str, extra: &str) -> (Proc, PathBuf) {
     let socket = dir.join(format!("{tag}.sock"));
     let state = dir.join(format!("{tag}-state"));
     std::fs::create_dir_all(&state).unwrap();
@@ -230,7 +235,7 @@ pub fn start_lbd(dir: &Path, tag: &str) -> (Proc, PathBuf) {
     std::fs::write(
         &cfg,
         format!(
-            "[runtime]\nworkers = 1\n\n[admin]\nmetrics = \"{metrics}\"\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\n\n[defaults.health]\ninterval = \"200ms\"\ntimeout = \"200ms\"\n",
+            "[runtime]\nworkers = 1\n\n[admin]\nmetrics = \"{metrics}\"\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\n\n[defaults.health]\ninterval = \"200ms\"\ntimeout = \"200ms\"\n\n{extra}",
             socket.display(),
             state.display()
         ),

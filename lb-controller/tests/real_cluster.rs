@@ -1,0 +1,123 @@
+//! End to end against a real cluster, when `WEIR_E2E_KUBECONFIG` names a
+//! kubeconfig (skipped, with a message, otherwise).
+//!
+//! The controller runs as a pure IP provider (no forwarders, so no traffic
+//! is sent anywhere) with a load balancer class of its own, so it touches
+//! nothing but the namespace the test creates. The pool defaults to
+//! 192.0.2.240/28 (TEST-NET-1, never routed); `WEIR_E2E_POOL` overrides it.
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde_json::json;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_cluster_assigns_and_releases() {
+    let Ok(kubeconfig) = std::env::var("WEIR_E2E_KUBECONFIG") else {
+        eprintln!("skipped: set WEIR_E2E_KUBECONFIG to a kubeconfig to run against a real cluster");
+        return;
+    };
+    scenario(&kubeconfig).await;
+}
+
+/// The same scenario against the in-test API server, so that the code above
+/// is known to work before anyone points it at a cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_cluster_scenario_runs_against_the_test_server() {
+    let api = ApiServer::start().await;
+    let dir = temp_dir("real-rehearsal");
+    let kubeconfig = api.kubeconfig(&dir, "e2e");
+    scenario(kubeconfig.to_str().unwrap()).await;
+}
+
+async fn scenario(kubeconfig: &str) {
+    let pool = std::env::var("WEIR_E2E_POOL").unwrap_or_else(|_| "192.0.2.240/28".into());
+    let tag = format!("weir-e2e-{}", std::process::id());
+    let class = format!("weir.dev/{tag}");
+    let client = lb_controller::client(Some(std::path::Path::new(&kubeconfig)))
+        .await
+        .expect("kubeconfig");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": tag}})).unwrap(),
+        )
+        .await
+        .expect("create namespace");
+
+    let dir = temp_dir("real");
+    let cfg = dir.join("controller.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\nload_balancer_class = \"{class}\"\ndefault_class = false\n\n[leader_election]\nnamespace = \"{tag}\"\nlease_name = \"lb-controller\"\n\n[admin]\nmetrics = \"off\"\n\n[[pool]]\nname = \"e2e\"\naddresses = [\"{pool}\"]\n"
+        ),
+    )
+    .unwrap();
+    let ctl = start_controller(&cfg, &tag);
+
+    let services: Api<Service> = Api::namespaced(client.clone(), &tag);
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": class,
+                 "ports": [{"port": 80, "protocol": "TCP", "targetPort": 8080}]}
+    }))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &svc)
+        .await
+        .expect("create Service");
+    let result = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let ip = loop {
+            let svc = services.get("web").await?;
+            let ips = lb_controller::controller::status_ips(&svc);
+            if let Some(ip) = ips.first() {
+                break *ip;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "no address within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let net: ipnet::IpNet = pool.parse()?;
+        anyhow::ensure!(net.contains(&ip), "{ip} is outside {pool}");
+        let events: Api<Event> = Api::namespaced(client.clone(), &tag);
+        let found = events
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("IPAllocated"));
+        anyhow::ensure!(found, "no IPAllocated event");
+        services.delete("web", &DeleteParams::default()).await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while services.get_opt("web").await?.is_some() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "finalizer not removed within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(())
+    }
+    .await;
+    drop(ctl);
+    // Never leave a Service stuck on our finalizer (it would block the
+    // namespace's deletion) when the scenario failed half-way.
+    if result.is_err() {
+        let clear = kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}}));
+        let _ = services
+            .patch("web", &kube::api::PatchParams::default(), &clear)
+            .await;
+    }
+    let _ = namespaces.delete(&tag, &DeleteParams::default()).await;
+    result.expect("real cluster scenario");
+}
