@@ -84,6 +84,8 @@ pub struct Ctx {
     recorder: Recorder,
     metrics: Metrics,
     primed: watch::Sender<bool>,
+    /// Reconciles every Service (after a release: a waiting Service may fit now).
+    all_tx: mpsc::UnboundedSender<()>,
 }
 
 fn key_of(svc: &Service) -> ServiceKey {
@@ -611,6 +613,7 @@ async fn release(
         .await?;
     }
     if !freed.is_empty() {
+        let _ = ctx.all_tx.send(());
         let list: Vec<String> = freed.iter().map(ToString::to_string).collect();
         ctx.event(
             svc,
@@ -768,6 +771,7 @@ pub async fn run(
         ),
         metrics: metrics.clone(),
         primed: watch::channel(false).0,
+        all_tx: all_tx.clone(),
         cfg,
     });
 

@@ -480,3 +480,106 @@ async fn thousand_services_are_programmed() {
         statuses.as_secs_f64()
     );
 }
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_pool_waits_for_a_release_and_plan_writes_nothing() {
+    let dir = temp_dir("exhaust");
+    let api = ApiServer::start().await;
+    three_nodes(&api).await;
+    let metrics = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let extra = format!(
+        "[[pool]]\nname = \"tiny\"\naddresses = [\"127.0.10.1-127.0.10.2\"]\n{SOLO}[admin]\nmetrics = \"{metrics}\"\n"
+    );
+    let cfg = controller_config(&dir, &api.kubeconfig(&dir, "ctl"), &extra);
+    let _ctl = start_controller(&cfg, "a");
+    for name in ["first", "second", "third"] {
+        api.create(SERVICES, "default", lb_service(name, &[(80, 0)]));
+        // In order, so that "third" is the one left without an address.
+        eventually(WAIT, "reconciled", || {
+            api.get(SERVICES, "default", name)
+                .filter(|s| s["metadata"]["finalizers"].is_array())
+        })
+        .await;
+    }
+    let warning = eventually(WAIT, "AllocationFailed", || {
+        events_for(&api, "third", "AllocationFailed")
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert_eq!(warning["type"], "Warning");
+    assert!(
+        warning["note"].as_str().unwrap().contains("no free"),
+        "{warning}"
+    );
+    assert!(ingress_ips(&api.get(SERVICES, "default", "third").unwrap()).is_empty());
+
+    let text = eventually(WAIT, "metrics", || http_get(&metrics, "/metrics")).await;
+    let used = r#"weir_controller_pool_addresses_used{family="ipv4",pool="tiny"}"#;
+    let size = r#"weir_controller_pool_addresses{family="ipv4",pool="tiny"}"#;
+    assert_eq!(metric(&text, used), Some(2.0), "{text}");
+    assert_eq!(metric(&text, size), Some(2.0));
+    assert!(metric(&text, "weir_controller_allocation_failures_total") >= Some(1.0));
+    assert_eq!(metric(&text, "weir_controller_leader"), Some(1.0));
+    assert!(http_get(&metrics, "/readyz")
+        .unwrap()
+        .starts_with("HTTP/1.0 200"));
+
+    // plan: reads, prints the desired state, writes nothing.
+    let plan_cfg = controller_config(
+        &dir,
+        &api.kubeconfig(&dir, "plan"),
+        &format!("[[pool]]\nname = \"tiny\"\naddresses = [\"127.0.10.1-127.0.10.2\"]\n{SOLO}"),
+    );
+    let writes = api.writes().len();
+    let out = std::process::Command::new(CONTROLLER)
+        .args(["plan", "--config"])
+        .arg(&plan_cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = state["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("default/third: no address"));
+    assert!(api.writes()[writes..].iter().all(|w| w.user != "plan"));
+
+    // A release makes room: "third" gets the freed address without waiting.
+    let freed = ingress_ips(&api.get(SERVICES, "default", "first").unwrap());
+    api.delete(SERVICES, "default", "first");
+    let third = eventually(
+        Duration::from_secs(10),
+        "third gets the freed address",
+        || {
+            api.get(SERVICES, "default", "third")
+                .filter(|s| !ingress_ips(s).is_empty())
+        },
+    )
+    .await;
+    assert_eq!(ingress_ips(&third), freed);
+}

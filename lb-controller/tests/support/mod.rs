@@ -122,8 +122,13 @@ pub fn manifest_rules() -> Vec<apiserver::Rule> {
 /// Writes a controller config.
 pub fn controller_config(dir: &Path, kubeconfig: &Path, extra: &str) -> PathBuf {
     let path = dir.join(format!("controller-{}.toml", rand_suffix()));
+    let admin = if extra.contains("[admin]") {
+        ""
+    } else {
+        "[admin]\nmetrics = \"off\"\n"
+    };
     let text = format!(
-        "[kubernetes]\nkubeconfig = \"{}\"\ndefault_class = true\n\n[admin]\nmetrics = \"off\"\n\n[publish]\ndebounce = \"50ms\"\nbackoff_max = \"1s\"\ntimeout = \"3s\"\n\n{extra}\n",
+        "[kubernetes]\nkubeconfig = \"{}\"\ndefault_class = true\n\n{admin}\n[publish]\ndebounce = \"50ms\"\nbackoff_max = \"1s\"\ntimeout = \"3s\"\n\n{extra}\n",
         kubeconfig.display()
     );
     std::fs::write(&path, text).unwrap();
