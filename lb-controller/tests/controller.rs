@@ -308,13 +308,14 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
             .filter(|l| l["spec"]["holderIdentity"] == "beta")
     })
     .await;
-    // Lease 3 s, retries every 0.5 s: within the lease duration plus one retry.
+    // Lease 3 s, retries every 0.5 s: within the lease duration plus one
+    // retry, with room for a loaded CI machine.
     let takeover = killed.elapsed();
     println!(
         "standby took over {:.2}s after the leader died",
         takeover.as_secs_f64()
     );
-    assert!(takeover < Duration::from_millis(3500 + 500), "{takeover:?}");
+    assert!(takeover < Duration::from_secs(5), "{takeover:?}");
     api.create(SERVICES, "default", lb_service("after", &[(80, 0)]));
     let after = eventually(WAIT, "after gets an address", || {
         api.get(SERVICES, "default", "after")
