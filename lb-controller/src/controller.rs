@@ -351,9 +351,14 @@ impl Ctx {
     }
 }
 
+/// A merge patch that fails with 409 unless the object is still at `svc`'s
+/// resourceVersion.
 fn merge_patch(svc: &Service, body: Value) -> Patch<Value> {
-    let mut body = body;
-    body["metadata"]["resourceVersion"] = json!(svc.metadata.resource_version);
+    at_version(svc.metadata.resource_version.clone(), body)
+}
+
+fn at_version(resource_version: Option<String>, mut body: Value) -> Patch<Value> {
+    body["metadata"]["resourceVersion"] = json!(resource_version);
     Patch::Merge(body)
 }
 
@@ -570,14 +575,9 @@ async fn release(
     if !settle_removal(key, ctx) {
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    let freed = {
-        let mut st = ctx.state.lock().unwrap();
-        st.removals.remove(key);
-        st.warned.remove(key);
-        let freed = st.allocator.release(key);
-        ctx.update_pool_metrics(&st);
-        freed
-    };
+    // Status and finalizer first: if either write fails, the address is
+    // still held and the next attempt starts over.
+    let mut version = svc.metadata.resource_version.clone();
     if svc.metadata.deletion_timestamp.is_none() && !status_ips(svc).is_empty() {
         // Changed away from us: the status no longer describes a load balancer.
         let conditions: Vec<Value> = svc
@@ -589,15 +589,17 @@ async fn release(
             .filter(|c| c.type_ != CONDITION)
             .filter_map(|c| serde_json::to_value(c).ok())
             .collect();
-        api.patch_status(
-            &key.name,
-            &PatchParams::default(),
-            &merge_patch(
-                svc,
-                json!({"status": {"loadBalancer": {"ingress": null}, "conditions": conditions}}),
-            ),
-        )
-        .await?;
+        let updated = api
+            .patch_status(
+                &key.name,
+                &PatchParams::default(),
+                &merge_patch(
+                    svc,
+                    json!({"status": {"loadBalancer": {"ingress": null}, "conditions": conditions}}),
+                ),
+            )
+            .await?;
+        version = updated.metadata.resource_version;
     }
     if has_finalizer(svc) {
         let finalizers: Vec<&String> = svc
@@ -608,10 +610,18 @@ async fn release(
         api.patch(
             &key.name,
             &PatchParams::default(),
-            &merge_patch(svc, json!({"metadata": {"finalizers": finalizers}})),
+            &at_version(version, json!({"metadata": {"finalizers": finalizers}})),
         )
         .await?;
     }
+    let freed = {
+        let mut st = ctx.state.lock().unwrap();
+        st.removals.remove(key);
+        st.warned.remove(key);
+        let freed = st.allocator.release(key);
+        ctx.update_pool_metrics(&st);
+        freed
+    };
     if !freed.is_empty() {
         let _ = ctx.all_tx.send(());
         let list: Vec<String> = freed.iter().map(ToString::to_string).collect();

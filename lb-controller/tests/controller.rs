@@ -586,3 +586,82 @@ async fn exhausted_pool_waits_for_a_release_and_plan_writes_nothing() {
     .await;
     assert_eq!(ingress_ips(&third), freed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_that_leave_weir_are_removed_then_released() {
+    let dir = temp_dir("leave");
+    let api = ApiServer::start().await;
+    three_nodes(&api).await;
+    let (_lbd, socket) = start_lbd(&dir, "edge");
+    eventually(WAIT, "lbd control socket", || socket.exists().then_some(())).await;
+    let forwarder = format!(
+        "[[forwarder]]\nname = \"edge\"\nurl = \"unix://{}\"\n[health]\ncluster = \"tcp\"\n",
+        socket.display()
+    );
+    let cfg = controller_config(
+        &dir,
+        &api.kubeconfig(&dir, "ctl"),
+        &format!("{POOL}{SOLO}{forwarder}"),
+    );
+    let _ctl = start_controller(&cfg, "a");
+    api.create(
+        SERVICES,
+        "default",
+        lb_service("to-clusterip", &[(9001, 30091)]),
+    );
+    api.create(
+        SERVICES,
+        "default",
+        lb_service("to-other-class", &[(9002, 30092)]),
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let state = lbd_state(&socket).await;
+        if state.is_some_and(|s| s["listeners"].as_array().is_some_and(|l| l.len() == 2)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two listeners on the forwarder"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    // One becomes a ClusterIP Service, the other moves to another class.
+    api.patch(
+        SERVICES,
+        "default",
+        "to-clusterip",
+        json!({"spec": {"type": "ClusterIP"}}),
+    );
+    api.patch(
+        SERVICES,
+        "default",
+        "to-other-class",
+        json!({"spec": {"loadBalancerClass": "example.com/other"}}),
+    );
+    for name in ["to-clusterip", "to-other-class"] {
+        let svc = eventually(WAIT, "released", || {
+            api.get(SERVICES, "default", name).filter(|s| {
+                s["metadata"]["finalizers"]
+                    .as_array()
+                    .is_none_or(|f| f.is_empty())
+                    && ingress_ips(s).is_empty()
+            })
+        })
+        .await;
+        // Our condition went with the status.
+        assert!(svc["status"]["conditions"].as_array().is_none_or(|c| c
+            .iter()
+            .all(|c| c["type"] != "weir.dev/ForwardersProgrammed")));
+        eventually(WAIT, "IPReleased event", || {
+            events_for(&api, name, "IPReleased").into_iter().next()
+        })
+        .await;
+    }
+    assert_eq!(
+        lbd_state(&socket).await.unwrap()["listeners"],
+        json!([]),
+        "removed from the forwarder before being released"
+    );
+}
