@@ -30,6 +30,9 @@ use crate::stats::Reject;
 const BUF_SIZE: usize = 64 * 1024;
 /// Idle buffers a worker keeps for reuse.
 const POOL_MAX: usize = 256;
+/// Buffer an io_uring read waits with (idle connections hold two of these,
+/// not two `BUF_SIZE` ones; see docs/design/0001).
+const SMALL_BUF_SIZE: usize = 2 * 1024;
 /// Connect attempts per client connection (each on a different backend).
 pub const MAX_CONNECT_ATTEMPTS: usize = 3;
 
@@ -74,6 +77,7 @@ pub(crate) struct Worker {
     pub(crate) shared: Arc<Shared>,
     rng: Cell<u64>,
     buffers: RefCell<Vec<Vec<u8>>>,
+    small_buffers: RefCell<Vec<Vec<u8>>>,
 }
 
 impl Worker {
@@ -90,9 +94,26 @@ impl Worker {
             .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
     }
 
+    /// A buffer of `SMALL_BUF_SIZE` (or a large one if `large`).
+    fn take_sized(&self, large: bool) -> Vec<u8> {
+        if large {
+            return self.take_buffer();
+        }
+        self.small_buffers
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(SMALL_BUF_SIZE))
+    }
+
     fn give_buffer(&self, mut buf: Vec<u8>) {
-        let mut pool = self.buffers.borrow_mut();
-        if pool.len() < POOL_MAX && buf.capacity() >= BUF_SIZE {
+        let mut pool = if buf.capacity() >= BUF_SIZE {
+            self.buffers.borrow_mut()
+        } else if buf.capacity() >= SMALL_BUF_SIZE {
+            self.small_buffers.borrow_mut()
+        } else {
+            return;
+        };
+        if pool.len() < POOL_MAX {
             buf.clear();
             pool.push(buf);
         }
@@ -114,6 +135,7 @@ pub fn run_worker<E: Engine>(
             shared,
             rng: Cell::new(seed),
             buffers: RefCell::new(Vec::new()),
+            small_buffers: RefCell::new(Vec::new()),
         });
         while let Some(cmd) = commands.recv().await {
             match cmd {
@@ -331,12 +353,21 @@ async fn pump<C: Conn>(
     bytes: &AtomicU64,
     activity: &Cell<Instant>,
 ) -> io::Result<()> {
+    // Engines whose reads hold the buffer while waiting start small and go
+    // large only while reads fill the buffer (bulk transfer).
+    let mut large = !C::READ_HOLDS_BUFFER;
     loop {
         from.ready().await?;
-        let buf = worker.take_buffer();
+        let buf = worker.take_sized(large);
+        let capacity = buf.capacity();
         let (read, buf) = from.read(buf).await;
         let n = match read {
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Not readable after all: wait without holding the buffer.
+                worker.give_buffer(buf);
+                continue;
+            }
             Err(e) => {
                 worker.give_buffer(buf);
                 return Err(e);
@@ -350,6 +381,9 @@ async fn pump<C: Conn>(
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
                 _ => Ok(()),
             };
+        }
+        if C::READ_HOLDS_BUFFER {
+            large = n == capacity;
         }
         activity.set(Instant::now());
         let (written, buf) = to.write_all(buf).await;

@@ -52,6 +52,8 @@ pub struct Epoll;
 pub struct EpollConn(TcpStream);
 
 impl Conn for EpollConn {
+    const READ_HOLDS_BUFFER: bool = false;
+
     async fn connect(addr: SocketAddr) -> io::Result<Self> {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
@@ -63,15 +65,11 @@ impl Conn for EpollConn {
     }
 
     async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-        loop {
-            if let Err(e) = self.0.readable().await {
-                return (Err(e), buf);
-            }
-            match self.0.try_read_buf(&mut buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return (r, buf),
-            }
-        }
+        // One attempt: a spurious wake-up answers WouldBlock (which also
+        // clears tokio's readiness), and the caller gives the buffer back
+        // before waiting again, so an idle connection never holds one.
+        let r = self.0.try_read_buf(&mut buf);
+        (r, buf)
     }
 
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {

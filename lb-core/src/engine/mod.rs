@@ -16,12 +16,19 @@ use lb_config::EngineChoice;
 /// read it while another writes it (io_uring style owned buffers).
 #[allow(async_fn_in_trait)]
 pub trait Conn: Sized + 'static {
+    /// Whether a read holds its buffer while it waits for data (io_uring:
+    /// the buffer belongs to the operation in flight). The forwarder then
+    /// waits with a small buffer and switches to a large one only while
+    /// reads keep filling it.
+    const READ_HOLDS_BUFFER: bool;
     /// Connects to `addr` with `TCP_NODELAY` set.
     async fn connect(addr: SocketAddr) -> io::Result<Self>;
     /// Waits until a read would not block (epoll), so idle connections hold
     /// no buffer; io_uring returns at once and reads into the buffer.
     async fn ready(&self) -> io::Result<()>;
-    /// Reads into `buf`'s spare capacity (`buf` arrives empty).
+    /// Reads into `buf`'s spare capacity (`buf` arrives empty), after
+    /// [`Conn::ready`]. epoll tries once and may answer `WouldBlock`: the
+    /// caller then returns the buffer and waits on `ready` again.
     async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
     /// Writes all of `buf`.
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);

@@ -58,6 +58,8 @@ impl UringConn {
 }
 
 impl Conn for UringConn {
+    const READ_HOLDS_BUFFER: bool = true;
+
     async fn connect(addr: SocketAddr) -> io::Result<Self> {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
