@@ -43,6 +43,10 @@ pub struct Shared {
     pub routing: ArcSwap<Routing>,
     /// Proxied connections open now, all listeners.
     pub active_total: AtomicU64,
+    /// Bytes of forwarding buffers held by connections now (out of the
+    /// workers' pools): idle connections should hold none (epoll) or only
+    /// small ones (io_uring).
+    pub buffer_bytes: AtomicU64,
     /// Global cap on `active_total`.
     pub max_total: u64,
 }
@@ -88,10 +92,12 @@ impl Worker {
     }
 
     fn take_buffer(&self) -> Vec<u8> {
-        self.buffers
+        let buf = self
+            .buffers
             .borrow_mut()
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
+            .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE));
+        buf
     }
 
     /// A buffer of `SMALL_BUF_SIZE` (or a large one if `large`).
@@ -99,10 +105,12 @@ impl Worker {
         if large {
             return self.take_buffer();
         }
-        self.small_buffers
+        let buf = self
+            .small_buffers
             .borrow_mut()
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(SMALL_BUF_SIZE))
+            .unwrap_or_else(|| Vec::with_capacity(SMALL_BUF_SIZE));
+        buf
     }
 
     fn give_buffer(&self, mut buf: Vec<u8>) {
@@ -220,6 +228,23 @@ impl<'a> Held<'a> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a buffer's bytes as held until dropped (also when the connection
+/// is cancelled mid-read and the buffer goes with it).
+struct BytesHeld<'a>(&'a AtomicU64, u64);
+
+impl<'a> BytesHeld<'a> {
+    fn new(counter: &'a AtomicU64, bytes: usize) -> Self {
+        counter.fetch_add(bytes as u64, Ordering::Relaxed);
+        Self(counter, bytes as u64)
+    }
+}
+
+impl Drop for BytesHeld<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 
@@ -360,6 +385,7 @@ async fn pump<C: Conn>(
         from.ready().await?;
         let buf = worker.take_sized(large);
         let capacity = buf.capacity();
+        let _held = BytesHeld::new(&worker.shared.buffer_bytes, capacity);
         let (read, buf) = from.read(buf).await;
         let n = match read {
             Ok(n) => n,

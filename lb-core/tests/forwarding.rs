@@ -695,6 +695,7 @@ fn one_prober_per_target_and_global_cap(engine: EngineChoice) {
 }
 
 both_engines!(
+    idle_connections_hold_no_large_buffers,
     one_prober_per_target_and_global_cap,
     removed_listener_refuses_and_rebinds,
     weighted_round_robin,
@@ -711,3 +712,62 @@ both_engines!(
     drain_keeps_connection_until_drain_timeout,
     invalid_reload_keeps_running_config,
 );
+
+/// Idle proxied connections hold no forwarding buffer on epoll and only the
+/// small ones on io_uring (whose reads own their buffer while waiting),
+/// also after they carried a bulk transfer.
+fn idle_connections_hold_no_large_buffers(engine: EngineChoice) {
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let toml = format!(
+        "{ADMIN_OFF}{}",
+        listener_toml("web", "127.0.0.1:0", "", &[b.addr], "kind = \"none\"")
+    );
+    let lbd = start_lbd(&toml, engine);
+    let addr = lbd.bound_addr("web").unwrap();
+    let mut held = Vec::new();
+    for i in 0..20 {
+        let mut s = connect_from(None, addr).unwrap();
+        let mut greeting = [0u8; 1];
+        s.read_exact(&mut greeting).unwrap();
+        // Half of them move 256 KiB each way first (large buffers in use).
+        let size = if i % 2 == 0 { 256 * 1024 } else { 16 };
+        let data = vec![b'x'; size];
+        let mut writer = s.try_clone().unwrap();
+        let sender = std::thread::spawn(move || writer.write_all(&data).unwrap());
+        let mut echoed = 0;
+        let mut buf = [0u8; 65536];
+        // The rest of the greeting line, then the echo.
+        let want = size + b.name.len();
+        while echoed < want {
+            let n = match s.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.unwrap(),
+            };
+            assert!(n > 0, "connection closed early");
+            echoed += n;
+        }
+        sender.join().unwrap();
+        held.push(s);
+    }
+    let per_conn_max = if engine == EngineChoice::Epoll {
+        0.0
+    } else {
+        2.0 * 2048.0
+    };
+    let limit = per_conn_max * held.len() as f64;
+    let mut last = None;
+    eventually(
+        Duration::from_secs(5),
+        "idle connections release large buffers",
+        || {
+            last = metric(&lbd.metrics_text(), "weir_buffer_bytes_held");
+            last.is_some_and(|v| v <= limit)
+        },
+    );
+    drop(held);
+    eventually(
+        Duration::from_secs(5),
+        "closed connections hold nothing",
+        || metric(&lbd.metrics_text(), "weir_buffer_bytes_held") == Some(0.0),
+    );
+}
