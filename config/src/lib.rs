@@ -70,13 +70,17 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Reads and validates a file from disk.
+/// Reads and validates an `lbd` file from disk.
 pub fn load_config(path: &std::path::Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    parse_config(&read_file(path)?)
+}
+
+/// Reads a configuration file, or says which one could not be read.
+pub fn read_file(path: &std::path::Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![FieldError::new(
             "",
             format!("cannot read {}: {e}", path.display()),
         )])
-    })?;
-    parse_config(&text)
+    })
 }

@@ -245,6 +245,28 @@ pub struct HealthCheck {
     pub fall: u32,
 }
 
+impl ListenerSpec {
+    /// A listener with only its name and address set (the rest defaulted).
+    pub fn new(name: impl Into<String>, bind: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            bind: bind.into(),
+            protocol: None,
+            balance: None,
+            hash_key: None,
+            proxy_protocol: None,
+            source_ranges: None,
+            max_connections: None,
+            on_all_unhealthy: None,
+            connect_timeout: None,
+            idle_timeout: None,
+            drain_timeout: None,
+            backends: Vec::new(),
+            health: None,
+        }
+    }
+}
+
 impl HealthCheck {
     /// The address probed for a backend at `addr`.
     pub fn target(&self, addr: SocketAddr) -> SocketAddr {

@@ -418,22 +418,7 @@ pub fn resolve_file(spec: &FileSpec) -> Result<Config, Vec<FieldError>> {
     // Defaults are validated on their own too, so a bad default is reported
     // even in a file with no listeners yet.
     if spec.listeners.is_empty() {
-        let probe = ListenerSpec {
-            name: "defaults".into(),
-            bind: "0.0.0.0:1".into(),
-            protocol: None,
-            balance: None,
-            hash_key: None,
-            proxy_protocol: None,
-            source_ranges: None,
-            max_connections: None,
-            on_all_unhealthy: None,
-            connect_timeout: None,
-            idle_timeout: None,
-            drain_timeout: None,
-            backends: Vec::new(),
-            health: None,
-        };
+        let probe = ListenerSpec::new("defaults", "0.0.0.0:1");
         resolve_listener(&probe, &spec.defaults, "defaults", &mut errors);
     }
     if !errors.is_empty() {

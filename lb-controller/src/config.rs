@@ -499,11 +499,5 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
 
 /// Reads and validates a controller configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![FieldError::new(
-            "",
-            format!("cannot read {}: {e}", path.display()),
-        )])
-    })?;
-    parse(&text)
+    parse(&lb_config::read_file(path)?)
 }

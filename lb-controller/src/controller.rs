@@ -351,6 +351,17 @@ impl Ctx {
     }
 }
 
+/// The Service's conditions other than ours (a merge patch replaces the
+/// whole list, so they are sent back unchanged).
+fn other_conditions(svc: &Service) -> Vec<Value> {
+    svc.status
+        .iter()
+        .flat_map(|s| s.conditions.iter().flatten())
+        .filter(|c| c.type_ != CONDITION)
+        .filter_map(|c| serde_json::to_value(c).ok())
+        .collect()
+}
+
 /// A merge patch that fails with 409 unless the object is still at `svc`'s
 /// resourceVersion.
 fn merge_patch(svc: &Service, body: Value) -> Patch<Value> {
@@ -507,14 +518,7 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let current_lb =
         serde_json::to_value(current.load_balancer.clone().unwrap_or_default()).unwrap_or_default();
     let want_lb = json!({"ingress": ingress});
-    let mut conditions: Vec<Value> = current
-        .conditions
-        .clone()
-        .unwrap_or_default()
-        .iter()
-        .filter(|c| c.type_ != CONDITION)
-        .filter_map(|c| serde_json::to_value(c).ok())
-        .collect();
+    let mut conditions = other_conditions(&svc);
     let old = current
         .conditions
         .as_ref()
@@ -580,15 +584,7 @@ async fn release(
     let mut version = svc.metadata.resource_version.clone();
     if svc.metadata.deletion_timestamp.is_none() && !status_ips(svc).is_empty() {
         // Changed away from us: the status no longer describes a load balancer.
-        let conditions: Vec<Value> = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.clone())
-            .unwrap_or_default()
-            .iter()
-            .filter(|c| c.type_ != CONDITION)
-            .filter_map(|c| serde_json::to_value(c).ok())
-            .collect();
+        let conditions = other_conditions(svc);
         let updated = api
             .patch_status(
                 &key.name,

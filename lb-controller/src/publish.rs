@@ -343,22 +343,7 @@ mod tests {
 
     #[test]
     fn rejections_map_to_the_owning_service() {
-        let listener = |name: &str| ListenerSpec {
-            name: name.into(),
-            bind: "192.0.2.1:80".into(),
-            protocol: None,
-            balance: None,
-            hash_key: None,
-            proxy_protocol: None,
-            source_ranges: None,
-            max_connections: None,
-            on_all_unhealthy: None,
-            connect_timeout: None,
-            idle_timeout: None,
-            drain_timeout: None,
-            backends: Vec::new(),
-            health: None,
-        };
+        let listener = |name: &str| ListenerSpec::new(name, "192.0.2.1:80");
         let listeners = [
             listener("a/x:80/tcp/192.0.2.1"),
             listener("b/y:80/tcp/192.0.2.1"),

@@ -43,11 +43,7 @@ async fn create_assigns_ip_status_and_event() {
     other["spec"]["loadBalancerClass"] = json!("example.com/other");
     api.create(SERVICES, "default", other);
 
-    let svc = eventually(WAIT, "web gets an address", || {
-        api.get(SERVICES, "default", "web")
-            .filter(|s| !ingress_ips(s).is_empty())
-    })
-    .await;
+    let svc = assigned(&api, "default", "web").await;
     let ip = ingress_ips(&svc)[0].clone();
     assert!(ip.starts_with("127.0.10."), "{ip}");
     assert_ne!(ip, "127.0.10.0", "avoid_buggy_ips");
@@ -68,11 +64,7 @@ async fn create_assigns_ip_status_and_event() {
     })
     .await;
 
-    let mixed = eventually(WAIT, "mixed gets an address", || {
-        api.get(SERVICES, "default", "mixed")
-            .filter(|s| !ingress_ips(s).is_empty())
-    })
-    .await;
+    let mixed = assigned(&api, "default", "mixed").await;
     assert_ne!(ingress_ips(&mixed)[0], ip, "no sharing without a key");
     assert_eq!(
         mixed["status"]["loadBalancer"]["ingress"][0]["ports"][1],
@@ -154,11 +146,7 @@ async fn restart_with_fifty_services_moves_no_ip() {
     api.create(SERVICES, "default", lb_service("late", &[(80, 0)]));
     let writes_before = api.writes().len();
     let _ctl = start_controller(&cfg, "b");
-    let late = eventually(WAIT, "late gets an address", || {
-        api.get(SERVICES, "default", "late")
-            .filter(|s| !ingress_ips(s).is_empty())
-    })
-    .await;
+    let late = assigned(&api, "default", "late").await;
     assert!(
         !distinct.contains(&ingress_ips(&late)),
         "late got a held address"
@@ -189,16 +177,12 @@ async fn delete_removes_from_forwarder_before_freeing_the_ip() {
     let dir = temp_dir("delete");
     let api = ApiServer::start().await;
     three_nodes(&api).await;
-    let (_lbd, socket) = start_lbd(&dir, "edge");
-    eventually(WAIT, "lbd control socket", || socket.exists().then_some(())).await;
-    let forwarder = format!(
-        "[[forwarder]]\nname = \"edge\"\nurl = \"unix://{}\"\n",
-        socket.display()
-    );
+    let edge = start_forwarder(&dir, "").await;
+    let socket = &edge.socket;
     let cfg = controller_config(
         &dir,
         &api.kubeconfig(&dir, "ctl"),
-        &format!("{POOL}{SOLO}{forwarder}[health]\ncluster = \"tcp\"\n"),
+        &format!("{POOL}{SOLO}{}[health]\ncluster = \"tcp\"\n", edge.toml),
     );
     let _ctl = start_controller(&cfg, "a");
     api.create(SERVICES, "default", lb_service("web", &[(8080, 30080)]));
@@ -212,7 +196,7 @@ async fn delete_removes_from_forwarder_before_freeing_the_ip() {
     })
     .await;
     let ip = ingress_ips(&svc)[0].clone();
-    let state = lbd_state(&socket).await.unwrap();
+    let state = lbd_state(socket).await.unwrap();
     assert_eq!(
         state["listeners"][0]["name"],
         "default/web:8080/tcp/".to_owned() + &ip
@@ -235,7 +219,7 @@ async fn delete_removes_from_forwarder_before_freeing_the_ip() {
     })
     .await;
     // By the time the finalizer went, the forwarder had no listener for it.
-    let state = lbd_state(&socket).await.unwrap();
+    let state = lbd_state(socket).await.unwrap();
     assert_eq!(state["listeners"], json!([]), "{state}");
     // Ordering in the write log: the finalizer removal is the last write.
     let writes: Vec<_> = api
@@ -248,11 +232,7 @@ async fn delete_removes_from_forwarder_before_freeing_the_ip() {
     let mut again = lb_service("again", &[(8080, 30081)]);
     again["metadata"]["annotations"] = json!({"weir.dev/load-balancer-ips": ip});
     api.create(SERVICES, "default", again);
-    let again = eventually(WAIT, "again gets the freed address", || {
-        api.get(SERVICES, "default", "again")
-            .filter(|s| !ingress_ips(s).is_empty())
-    })
-    .await;
+    let again = assigned(&api, "default", "again").await;
     assert_eq!(ingress_ips(&again), vec![ip]);
 }
 
@@ -317,11 +297,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     );
     assert!(takeover < Duration::from_secs(5), "{takeover:?}");
     api.create(SERVICES, "default", lb_service("after", &[(80, 0)]));
-    let after = eventually(WAIT, "after gets an address", || {
-        api.get(SERVICES, "default", "after")
-            .filter(|s| !ingress_ips(s).is_empty())
-    })
-    .await;
+    let after = assigned(&api, "default", "after").await;
     let taken: Vec<Vec<String>> = api
         .list(SERVICES)
         .iter()
@@ -344,28 +320,16 @@ async fn watches_that_close_or_expire_are_resumed() {
     let cfg = controller_config(&dir, &api.kubeconfig(&dir, "ctl"), &format!("{POOL}{SOLO}"));
     let _ctl = start_controller(&cfg, "a");
     api.create(SERVICES, "default", lb_service("one", &[(80, 0)]));
-    eventually(WAIT, "one", || {
-        api.get(SERVICES, "default", "one")
-            .filter(|s| !ingress_ips(s).is_empty())
-    })
-    .await;
+    assigned(&api, "default", "one").await;
     api.close_watches();
     api.create(SERVICES, "default", lb_service("two", &[(80, 0)]));
-    eventually(WAIT, "two after a closed watch", || {
-        api.get(SERVICES, "default", "two")
-            .filter(|s| !ingress_ips(s).is_empty())
-    })
-    .await;
+    assigned(&api, "default", "two").await;
     // History compacted and watches closed: resuming gets 410 Gone, the
     // client relists, and still sees the new Service.
     api.compact();
     api.close_watches();
     api.create(SERVICES, "default", lb_service("three", &[(80, 0)]));
-    eventually(WAIT, "three after 410 Gone", || {
-        api.get(SERVICES, "default", "three")
-            .filter(|s| !ingress_ips(s).is_empty())
-    })
-    .await;
+    assigned(&api, "default", "three").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,18 +340,14 @@ async fn forwarder_rejection_becomes_a_warning_on_the_service() {
     // The forwarder already serves 127.0.10.1:8080 from its own file: the
     // controller's listener for that address collides and is refused (422).
     let port = free_port("127.0.0.1");
-    let (_lbd, socket) = start_lbd_with(
+    let edge = start_forwarder(
         &dir,
-        "edge",
         &format!(
             "[[listener]]\nname = \"static\"\nbind = \"127.0.10.1:{port}\"\nbackends = [{{ addr = \"127.0.0.2:{port}\" }}]\n"
         ),
-    );
-    eventually(WAIT, "lbd control socket", || socket.exists().then_some(())).await;
-    let forwarder = format!(
-        "[[forwarder]]\nname = \"edge\"\nurl = \"unix://{}\"\n",
-        socket.display()
-    );
+    )
+    .await;
+    let (socket, forwarder) = (&edge.socket, &edge.toml);
     let cfg = controller_config(
         &dir,
         &api.kubeconfig(&dir, "ctl"),
@@ -420,7 +380,7 @@ async fn forwarder_rejection_becomes_a_warning_on_the_service() {
     .await;
     assert_eq!(ingress_ips(&svc), vec!["127.0.10.1".to_owned()]);
     // The forwarder kept its previous state (nothing of the refused one).
-    assert_eq!(lbd_state(&socket).await.unwrap()["listeners"], json!([]));
+    assert_eq!(lbd_state(socket).await.unwrap()["listeners"], json!([]));
 }
 
 /// 1,000 LoadBalancer Services already in the API server when the
@@ -438,12 +398,8 @@ async fn thousand_services_are_programmed() {
             lb_service(&format!("svc-{i:04}"), &[(80, 0)]),
         );
     }
-    let (_lbd, socket) = start_lbd(&dir, "edge");
-    eventually(WAIT, "lbd control socket", || socket.exists().then_some(())).await;
-    let forwarder = format!(
-        "[[forwarder]]\nname = \"edge\"\nurl = \"unix://{}\"\n",
-        socket.display()
-    );
+    let edge = start_forwarder(&dir, "").await;
+    let (socket, forwarder) = (&edge.socket, &edge.toml);
     let pool = "[[pool]]\nname = \"big\"\naddresses = [\"127.0.8.0/22\"]\navoid_buggy_ips = true\n[health]\ncluster = \"tcp\"\n";
     let cfg = controller_config(
         &dir,
@@ -455,7 +411,7 @@ async fn thousand_services_are_programmed() {
     let mut programmed = None;
     let deadline = started + Duration::from_secs(120);
     while std::time::Instant::now() < deadline {
-        let state = lbd_state(&socket).await;
+        let state = lbd_state(socket).await;
         if state
             .as_ref()
             .and_then(|s| s["listeners"].as_array().map(Vec::len))
@@ -592,16 +548,12 @@ async fn services_that_leave_weir_are_removed_then_released() {
     let dir = temp_dir("leave");
     let api = ApiServer::start().await;
     three_nodes(&api).await;
-    let (_lbd, socket) = start_lbd(&dir, "edge");
-    eventually(WAIT, "lbd control socket", || socket.exists().then_some(())).await;
-    let forwarder = format!(
-        "[[forwarder]]\nname = \"edge\"\nurl = \"unix://{}\"\n[health]\ncluster = \"tcp\"\n",
-        socket.display()
-    );
+    let edge = start_forwarder(&dir, "").await;
+    let socket = &edge.socket;
     let cfg = controller_config(
         &dir,
         &api.kubeconfig(&dir, "ctl"),
-        &format!("{POOL}{SOLO}{forwarder}"),
+        &format!("{POOL}{SOLO}{}[health]\ncluster = \"tcp\"\n", edge.toml),
     );
     let _ctl = start_controller(&cfg, "a");
     api.create(
@@ -616,7 +568,7 @@ async fn services_that_leave_weir_are_removed_then_released() {
     );
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let state = lbd_state(&socket).await;
+        let state = lbd_state(socket).await;
         if state.is_some_and(|s| s["listeners"].as_array().is_some_and(|l| l.len() == 2)) {
             break;
         }
@@ -660,7 +612,7 @@ async fn services_that_leave_weir_are_removed_then_released() {
         .await;
     }
     assert_eq!(
-        lbd_state(&socket).await.unwrap()["listeners"],
+        lbd_state(socket).await.unwrap()["listeners"],
         json!([]),
         "removed from the forwarder before being released"
     );

@@ -85,11 +85,11 @@ async fn service_to_traffic_and_back_on_loopback() {
             name,
         ));
     }
-    let (_lbd, socket) = start_lbd(&dir, "edge");
-    eventually(WAIT, "lbd control socket", || socket.exists().then_some(())).await;
+    let edge = start_forwarder(&dir, "").await;
+    let socket = &edge.socket;
     let extra = format!(
-        "[leader_election]\nenabled = false\n\n[[pool]]\nname = \"loopback\"\naddresses = [\"127.0.10.0/24\"]\navoid_buggy_ips = true\n\n[health]\ncluster = \"tcp\"\n\n[[forwarder]]\nname = \"edge\"\nurl = \"unix://{}\"\n",
-        socket.display()
+        "[leader_election]\nenabled = false\n\n[[pool]]\nname = \"loopback\"\naddresses = [\"127.0.10.0/24\"]\navoid_buggy_ips = true\n\n[health]\ncluster = \"tcp\"\n\n{}",
+        edge.toml
     );
     let cfg = controller_config(&dir, &api.kubeconfig(&dir, "ctl"), &extra);
     api.enforce_rbac("ctl", manifest_rules());
@@ -97,11 +97,7 @@ async fn service_to_traffic_and_back_on_loopback() {
 
     let port = free_port("127.0.0.1");
     api.create(SERVICES, "shop", lb_service("web", &[(port, node_port)]));
-    let svc = eventually(WAIT, "status.loadBalancer.ingress[0].ip", || {
-        api.get(SERVICES, "shop", "web")
-            .filter(|s| !ingress_ips(s).is_empty())
-    })
-    .await;
+    let svc = assigned(&api, "shop", "web").await;
     let ip = ingress_ips(&svc)[0].clone();
     assert!(ip.starts_with("127.0.10."), "{ip}");
     let vip: SocketAddr = format!("{ip}:{port}").parse().unwrap();
@@ -130,7 +126,7 @@ async fn service_to_traffic_and_back_on_loopback() {
         api.get(SERVICES, "shop", "web").is_none().then_some(())
     })
     .await;
-    let state = lbd_state(&socket).await.unwrap();
+    let state = lbd_state(socket).await.unwrap();
     assert_eq!(state["listeners"], json!([]));
     assert!(
         TcpStream::connect_timeout(&vip, Duration::from_secs(1)).is_err(),
@@ -139,11 +135,7 @@ async fn service_to_traffic_and_back_on_loopback() {
     let mut again = lb_service("again", &[(port, node_port)]);
     again["metadata"]["annotations"] = json!({"weir.dev/load-balancer-ips": ip});
     api.create(SERVICES, "shop", again);
-    let again = eventually(WAIT, "the freed address is assigned again", || {
-        api.get(SERVICES, "shop", "again")
-            .filter(|s| !ingress_ips(s).is_empty())
-    })
-    .await;
+    let again = assigned(&api, "shop", "again").await;
     assert_eq!(ingress_ips(&again), vec![ip]);
     eventually(WAIT, "and serves again", || ask(vip)).await;
     assert_eq!(

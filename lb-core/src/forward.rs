@@ -43,10 +43,10 @@ pub struct Shared {
     pub routing: ArcSwap<Routing>,
     /// Proxied connections open now, all listeners.
     pub active_total: AtomicU64,
-    /// Bytes of forwarding buffers held by connections now (out of the
-    /// workers' pools): idle connections should hold none (epoll) or only
-    /// small ones (io_uring).
-    pub buffer_bytes: AtomicU64,
+    /// Per worker: bytes of forwarding buffers held by connections now
+    /// (out of the pool): idle connections should hold none (epoll) or
+    /// only small ones (io_uring).
+    pub buffer_bytes: Box<[crate::stats::Padded]>,
     /// Global cap on `active_total`.
     pub max_total: u64,
 }
@@ -385,7 +385,7 @@ async fn pump<C: Conn>(
         from.ready().await?;
         let buf = worker.take_sized(large);
         let capacity = buf.capacity();
-        let _held = BytesHeld::new(&worker.shared.buffer_bytes, capacity);
+        let _held = BytesHeld::new(&worker.shared.buffer_bytes[worker.id].0, capacity);
         let (read, buf) = from.read(buf).await;
         let n = match read {
             Ok(n) => n,

@@ -352,7 +352,7 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
         }
     }
     global.set(inner.shared.active_total.load(Ordering::Relaxed) as i64);
-    buffers.set(inner.shared.buffer_bytes.load(Ordering::Relaxed) as i64);
+    buffers.set(crate::stats::sum(&inner.shared.buffer_bytes) as i64);
     info.with_label_values(&[
         inner.engine.name(),
         &inner.workers.to_string(),

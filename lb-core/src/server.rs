@@ -382,7 +382,7 @@ impl Server {
         let shared = Arc::new(Shared {
             routing: ArcSwap::from_pointee(Routing::default()),
             active_total: AtomicU64::new(0),
-            buffer_bytes: AtomicU64::new(0),
+            buffer_bytes: (0..workers).map(|_| Default::default()).collect(),
             max_total: max_total.max(1),
         });
 

@@ -66,6 +66,17 @@ impl UdpDrop {
     }
 }
 
+/// One counter on its own cache line (written by one worker, summed by
+/// the metrics endpoint).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct Padded(pub AtomicU64);
+
+/// Sums per-worker counters.
+pub fn sum(counters: &[Padded]) -> u64 {
+    counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
+}
+
 /// Counters one worker writes.
 #[derive(Debug, Default)]
 #[repr(align(128))]

@@ -222,14 +222,10 @@ pub fn free_port(ip: &str) -> u16 {
         .port()
 }
 
-/// Starts a real `lbd` with only a control socket (programmed by the
-/// controller); returns the process and its socket path.
-pub fn start_lbd(dir: &Path, tag: &str) -> (Proc, PathBuf) {
-    start_lbd_with(dir, tag, "")
-}
-
-/// [`start_lbd`] with more of the file (static listeners, say).
-pub fn start_lbd_with(dir: &Path, tag: &str, extra: &str) -> (Proc, PathBuf) {
+/// Starts a real `lbd` with a control socket (programmed by the
+/// controller) and `extra` file content (static listeners, say); returns
+/// the process and its socket path.
+fn spawn_lbd(dir: &Path, tag: &str, extra: &str) -> (Proc, PathBuf) {
     let socket = dir.join(format!("{tag}.sock"));
     let state = dir.join(format!("{tag}-state"));
     std::fs::create_dir_all(&state).unwrap();
@@ -252,6 +248,41 @@ pub fn start_lbd_with(dir: &Path, tag: &str, extra: &str) -> (Proc, PathBuf) {
         .env("LBD_LOG", "info");
     let proc = Proc::spawn(cmd, dir.join(format!("{tag}.log")));
     (proc, socket)
+}
+
+/// Waits (30 s at most) until a Service has an address; returns it.
+pub async fn assigned(api: &ApiServer, ns: &str, name: &str) -> Value {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{ns}/{name} gets an address"),
+        || {
+            api.get(SERVICES, ns, name)
+                .filter(|s| !ingress_ips(s).is_empty())
+        },
+    )
+    .await
+}
+
+/// A real `lbd` ready to be programmed, and the `[[forwarder]]` table that
+/// names it in a controller config.
+pub struct Forwarder {
+    pub proc: Proc,
+    pub socket: PathBuf,
+    pub toml: String,
+}
+
+/// Starts [`spawn_lbd`] and waits for its control socket.
+pub async fn start_forwarder(dir: &Path, extra: &str) -> Forwarder {
+    let (proc, socket) = spawn_lbd(dir, "edge", extra);
+    eventually(Duration::from_secs(30), "lbd control socket", || {
+        socket.exists().then_some(())
+    })
+    .await;
+    let toml = format!(
+        "[[forwarder]]\nname = \"edge\"\nurl = \"unix://{}\"\n",
+        socket.display()
+    );
+    Forwarder { proc, socket, toml }
 }
 
 /// `GET /v1/state` of an lbd.
