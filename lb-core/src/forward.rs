@@ -30,9 +30,6 @@ use crate::stats::Reject;
 const BUF_SIZE: usize = 64 * 1024;
 /// Idle buffers a worker keeps for reuse.
 const POOL_MAX: usize = 256;
-/// Buffer an io_uring read waits with (idle connections hold two of these,
-/// not two `BUF_SIZE` ones; see docs/design/0001).
-const SMALL_BUF_SIZE: usize = 2 * 1024;
 /// Connect attempts per client connection (each on a different backend).
 pub const MAX_CONNECT_ATTEMPTS: usize = 3;
 
@@ -44,8 +41,7 @@ pub struct Shared {
     /// Proxied connections open now, all listeners.
     pub active_total: AtomicU64,
     /// Per worker: bytes of forwarding buffers held by connections now
-    /// (out of the pool): idle connections should hold none (epoll) or
-    /// only small ones (io_uring).
+    /// (out of the pool): idle connections hold none.
     pub buffer_bytes: Box<[crate::stats::Padded]>,
     /// Global cap on `active_total`.
     pub max_total: u64,
@@ -81,7 +77,6 @@ pub(crate) struct Worker {
     pub(crate) shared: Arc<Shared>,
     rng: Cell<u64>,
     buffers: RefCell<Vec<Vec<u8>>>,
-    small_buffers: RefCell<Vec<Vec<u8>>>,
 }
 
 impl Worker {
@@ -100,28 +95,9 @@ impl Worker {
         buf
     }
 
-    /// A buffer of `SMALL_BUF_SIZE` (or a large one if `large`).
-    fn take_sized(&self, large: bool) -> Vec<u8> {
-        if large {
-            return self.take_buffer();
-        }
-        let buf = self
-            .small_buffers
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(SMALL_BUF_SIZE));
-        buf
-    }
-
     fn give_buffer(&self, mut buf: Vec<u8>) {
-        let mut pool = if buf.capacity() >= BUF_SIZE {
-            self.buffers.borrow_mut()
-        } else if buf.capacity() >= SMALL_BUF_SIZE {
-            self.small_buffers.borrow_mut()
-        } else {
-            return;
-        };
-        if pool.len() < POOL_MAX {
+        let mut pool = self.buffers.borrow_mut();
+        if buf.capacity() >= BUF_SIZE && pool.len() < POOL_MAX {
             buf.clear();
             pool.push(buf);
         }
@@ -143,7 +119,6 @@ pub fn run_worker<E: Engine>(
             shared,
             rng: Cell::new(seed),
             buffers: RefCell::new(Vec::new()),
-            small_buffers: RefCell::new(Vec::new()),
         });
         while let Some(cmd) = commands.recv().await {
             match cmd {
@@ -378,12 +353,10 @@ async fn pump<C: Conn>(
     bytes: &AtomicU64,
     activity: &Cell<Instant>,
 ) -> io::Result<()> {
-    // Engines whose reads hold the buffer while waiting start small and go
-    // large only while reads fill the buffer (bulk transfer).
-    let mut large = !C::READ_HOLDS_BUFFER;
     loop {
+        // Wait without a buffer: idle connections hold none.
         from.ready().await?;
-        let buf = worker.take_sized(large);
+        let buf = worker.take_buffer();
         let capacity = buf.capacity();
         let _held = BytesHeld::new(&worker.shared.buffer_bytes[worker.id].0, capacity);
         let (read, buf) = from.read(buf).await;
@@ -407,9 +380,6 @@ async fn pump<C: Conn>(
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
                 _ => Ok(()),
             };
-        }
-        if C::READ_HOLDS_BUFFER {
-            large = n == capacity;
         }
         activity.set(Instant::now());
         let (written, buf) = to.write_all(buf).await;

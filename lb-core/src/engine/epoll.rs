@@ -52,8 +52,6 @@ pub struct Epoll;
 pub struct EpollConn(TcpStream);
 
 impl Conn for EpollConn {
-    const READ_HOLDS_BUFFER: bool = false;
-
     async fn connect(addr: SocketAddr) -> io::Result<Self> {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;

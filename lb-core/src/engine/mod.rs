@@ -4,6 +4,7 @@
 //! shutdown differ. See docs/design/0001-engines-and-workers.md.
 
 pub mod epoll;
+mod ring;
 pub mod uring;
 
 use std::future::Future;
@@ -16,18 +17,13 @@ use lb_config::EngineChoice;
 /// read it while another writes it (io_uring style owned buffers).
 #[allow(async_fn_in_trait)]
 pub trait Conn: Sized + 'static {
-    /// Whether a read holds its buffer while it waits for data (io_uring:
-    /// the buffer belongs to the operation in flight). The forwarder then
-    /// waits with a small buffer and switches to a large one only while
-    /// reads keep filling it.
-    const READ_HOLDS_BUFFER: bool;
     /// Connects to `addr` with `TCP_NODELAY` set.
     async fn connect(addr: SocketAddr) -> io::Result<Self>;
-    /// Waits until a read would not block (epoll), so idle connections hold
-    /// no buffer; io_uring returns at once and reads into the buffer.
+    /// Waits until a read would not block, holding no buffer, so idle
+    /// connections hold none.
     async fn ready(&self) -> io::Result<()>;
     /// Reads into `buf`'s spare capacity (`buf` arrives empty), after
-    /// [`Conn::ready`]. epoll tries once and may answer `WouldBlock`: the
+    /// [`Conn::ready`]. It tries once and may answer `WouldBlock`: the
     /// caller then returns the buffer and waits on `ready` again.
     async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
     /// Writes all of `buf`.
@@ -89,7 +85,7 @@ pub trait Engine: 'static {
 /// The engine in use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineKind {
-    /// io_uring (tokio-uring).
+    /// io_uring (our driver on the `io-uring` crate).
     IoUring,
     /// epoll (tokio).
     Epoll,
@@ -122,38 +118,11 @@ pub fn choose(choice: EngineChoice) -> Result<(EngineKind, Option<String>), Stri
 /// Checks that io_uring can be set up here and supports every operation
 /// the engine submits.
 pub fn probe_io_uring() -> Result<(), String> {
-    use io_uring::opcode;
-    let ring = io_uring::IoUring::new(8).map_err(|e| {
+    let ring = ring::new_ring().map_err(|e| {
         let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
             .map(|v| format!(" (kernel.io_uring_disabled = {})", v.trim()))
             .unwrap_or_default();
         format!("io_uring_setup failed: {e}{sysctl}")
     })?;
-    let mut probe = io_uring::Probe::new();
-    ring.submitter()
-        .register_probe(&mut probe)
-        .map_err(|e| format!("io_uring probe failed: {e}"))?;
-    let needed = [
-        ("accept", opcode::Accept::CODE),
-        ("connect", opcode::Connect::CODE),
-        ("read", opcode::Read::CODE),
-        ("write", opcode::Write::CODE),
-        ("close", opcode::Close::CODE),
-        ("async_cancel", opcode::AsyncCancel::CODE),
-        ("recvmsg", opcode::RecvMsg::CODE),
-        ("sendmsg", opcode::SendMsg::CODE),
-    ];
-    let missing: Vec<&str> = needed
-        .iter()
-        .filter(|(_, c)| !probe.is_supported(*c))
-        .map(|(n, _)| *n)
-        .collect();
-    if !missing.is_empty() {
-        return Err(format!("io_uring lacks operations: {}", missing.join(", ")));
-    }
-    drop(ring);
-    // The runtime itself (ring + eventfd registration) must start too.
-    tokio_uring::Runtime::new(&tokio_uring::builder())
-        .map(drop)
-        .map_err(|e| format!("tokio-uring runtime failed to start: {e}"))
+    ring::probe_opcodes(&ring)
 }

@@ -1,44 +1,176 @@
-//! The io_uring engine: tokio-uring, one ring per worker. Reads and writes
-//! are submitted as ring operations with owned buffers.
+//! The io_uring engine: one ring per worker, driven by [`super::ring`].
+//!
+//! Reads wait for readability with a poll operation that holds no buffer,
+//! then receive with `MSG_DONTWAIT` into a buffer taken at that moment, so
+//! an idle connection holds no buffer. While reads keep filling the buffer
+//! (a bulk transfer) the poll is skipped. Writes, accepts and connects are
+//! plain ring operations; everything a task queues is submitted in one
+//! batch when the worker's runtime is about to park.
 
 #![allow(unsafe_code)]
 
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
-use socket2::SockRef;
-use tokio_uring::net::{TcpListener, TcpStream, UdpSocket};
+use io_uring::{opcode, types};
+use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
 
+use super::ring::{self, Op};
 use super::{Conn, Datagram, Engine, EngineKind};
 
-/// A tokio-uring UDP socket.
-pub struct UringUdp(UdpSocket);
+/// A socket used by ring operations. Queued entries name it by number, so
+/// they are submitted before it is closed (the number could be reused).
+struct RingSocket(Socket);
+
+impl RingSocket {
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.0.as_raw_fd())
+    }
+}
+
+impl Drop for RingSocket {
+    fn drop(&mut self) {
+        ring::flush();
+    }
+}
+
+/// Io_uring operations may wait in the kernel; they need no O_NONBLOCK.
+fn blocking(s: Socket) -> io::Result<RingSocket> {
+    s.set_nonblocking(false)?;
+    Ok(RingSocket(s))
+}
+
+async fn poll_readable(fd: types::Fd) -> io::Result<()> {
+    let entry = opcode::PollAdd::new(fd, (libc::POLLIN | libc::POLLRDHUP) as u32).build();
+    // SAFETY: a poll touches no user memory.
+    let (r, ()) = unsafe { Op::new(entry, ()) }.await;
+    r.map(drop)
+}
+
+/// Receives into `buf`'s spare capacity.
+async fn recv(fd: types::Fd, mut buf: Vec<u8>, flags: i32) -> (io::Result<usize>, Vec<u8>) {
+    let len = buf.len();
+    let spare = buf.spare_capacity_mut();
+    let entry = opcode::Recv::new(fd, spare.as_mut_ptr().cast(), spare.len() as u32)
+        .flags(flags)
+        .build();
+    // SAFETY: the entry points into `buf`'s heap allocation, owned by the op.
+    let (r, mut buf) = unsafe { Op::new(entry, buf) }.await;
+    match r {
+        Ok(n) => {
+            // SAFETY: the kernel initialised `n` bytes after `len`.
+            unsafe { buf.set_len(len + n as usize) };
+            (Ok(n as usize), buf)
+        }
+        Err(e) => (Err(e), buf),
+    }
+}
+
+/// Sends `buf[from..]` once; returns the bytes sent.
+async fn send(fd: types::Fd, buf: Vec<u8>, from: usize) -> (io::Result<usize>, Vec<u8>) {
+    let rest = &buf[from..];
+    let entry = opcode::Send::new(fd, rest.as_ptr(), rest.len() as u32)
+        .flags(libc::MSG_NOSIGNAL)
+        .build();
+    // SAFETY: the entry points into `buf`'s heap allocation, owned by the op.
+    let (r, buf) = unsafe { Op::new(entry, buf) }.await;
+    (r.map(|n| n as usize), buf)
+}
+
+/// A message header with its one iovec and address, boxed so the
+/// pointers between them stay valid while the kernel uses them.
+struct Msg {
+    hdr: libc::msghdr,
+    iov: libc::iovec,
+    addr: SockAddrStorage,
+}
+
+impl Msg {
+    fn boxed(buf: *mut u8, len: usize, addr: Option<&SockAddr>) -> Box<Msg> {
+        // SAFETY: all-zero is a valid msghdr and iovec.
+        let mut m = Box::new(Msg {
+            hdr: unsafe { std::mem::zeroed() },
+            iov: libc::iovec {
+                iov_base: buf.cast(),
+                iov_len: len,
+            },
+            addr: SockAddrStorage::zeroed(),
+        });
+        let namelen = match addr {
+            Some(a) => {
+                // SAFETY: `a` holds `a.len()` initialised bytes, no more than
+                // the storage's size.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        a.as_ptr().cast::<u8>(),
+                        (&raw mut m.addr).cast::<u8>(),
+                        a.len() as usize,
+                    )
+                };
+                a.len()
+            }
+            None => m.addr.size_of(),
+        };
+        m.hdr.msg_iov = &raw mut m.iov;
+        m.hdr.msg_iovlen = 1;
+        m.hdr.msg_name = (&raw mut m.addr).cast();
+        m.hdr.msg_namelen = namelen;
+        m
+    }
+}
+
+/// A UDP socket on the ring.
+pub struct UringUdp(RingSocket);
 
 impl Datagram for UringUdp {
     fn from_std(socket: std::net::UdpSocket) -> io::Result<Self> {
-        Ok(Self(UdpSocket::from_std(socket)))
+        blocking(Socket::from(socket)).map(Self)
     }
 
-    async fn recv_from(&self, buf: Vec<u8>) -> (io::Result<(usize, SocketAddr)>, Vec<u8>) {
-        self.0.recv_from(buf).await
+    async fn recv_from(&self, mut buf: Vec<u8>) -> (io::Result<(usize, SocketAddr)>, Vec<u8>) {
+        let len = buf.len();
+        let spare = buf.spare_capacity_mut();
+        let mut msg = Msg::boxed(spare.as_mut_ptr().cast(), spare.len(), None);
+        let entry = opcode::RecvMsg::new(self.0.fd(), &raw mut msg.hdr).build();
+        // SAFETY: the entry points into `msg` and `buf`'s heap allocations,
+        // both owned by the op.
+        let (r, (mut buf, msg)) = unsafe { Op::new(entry, (buf, msg)) }.await;
+        let n = match r {
+            Ok(n) => n as usize,
+            Err(e) => return (Err(e), buf),
+        };
+        // SAFETY: the kernel initialised `n` bytes after `len`, and the
+        // address up to `msg_namelen`.
+        unsafe { buf.set_len(len + n) };
+        let from = unsafe { SockAddr::new(msg.addr, msg.hdr.msg_namelen) };
+        match from.as_socket() {
+            Some(from) => (Ok((n, from)), buf),
+            None => (Err(io::Error::other("datagram from a non-IP address")), buf),
+        }
     }
 
-    async fn send_to(&self, buf: Vec<u8>, to: SocketAddr) -> (io::Result<usize>, Vec<u8>) {
-        self.0.send_to(buf, to).await
+    async fn send_to(&self, mut buf: Vec<u8>, to: SocketAddr) -> (io::Result<usize>, Vec<u8>) {
+        let to = SockAddr::from(to);
+        let msg = Msg::boxed(buf.as_mut_ptr(), buf.len(), Some(&to));
+        let entry = opcode::SendMsg::new(self.0.fd(), &raw const msg.hdr).build();
+        // SAFETY: as in `recv_from`.
+        let (r, (buf, _msg)) = unsafe { Op::new(entry, (buf, msg)) }.await;
+        (r.map(|n| n as usize), buf)
     }
 
     async fn recv(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-        self.0.read(buf).await
+        recv(self.0.fd(), buf, 0).await
     }
 
     async fn send(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-        self.0.send(buf).await
+        send(self.0.fd(), buf, 0).await
     }
 
     fn close(&self) {
-        let _ = self.0.shutdown(Shutdown::Both);
+        let _ = self.0 .0.shutdown(Shutdown::Both);
     }
 }
 
@@ -46,100 +178,137 @@ impl Datagram for UringUdp {
 #[derive(Debug)]
 pub struct IoUring;
 
-/// A tokio-uring TCP stream.
-pub struct UringConn(TcpStream);
+/// A TCP stream on the ring.
+pub struct UringConn {
+    sock: RingSocket,
+    /// The last read filled its buffer: more data is likely waiting, so
+    /// the next read skips the poll.
+    hot: Cell<bool>,
+}
 
 impl UringConn {
-    fn sock(&self) -> BorrowedFd<'_> {
-        // SAFETY: the fd belongs to `self.0`, which outlives the returned
-        // borrow (tied to `&self`); it is only used for getsockname/setsockopt.
-        unsafe { BorrowedFd::borrow_raw(self.0.as_raw_fd()) }
+    fn new(sock: RingSocket) -> Self {
+        Self {
+            sock,
+            hot: Cell::new(false),
+        }
     }
 }
 
 impl Conn for UringConn {
-    const READ_HOLDS_BUFFER: bool = true;
-
     async fn connect(addr: SocketAddr) -> io::Result<Self> {
-        let s = TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        Ok(Self(s))
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        sock.set_tcp_nodelay(true)?;
+        let sock = RingSocket(sock);
+        let to = Box::new(SockAddr::from(addr));
+        let entry = opcode::Connect::new(sock.fd(), to.as_ptr().cast(), to.len()).build();
+        // SAFETY: the entry points into `to`'s heap allocation, owned by the op.
+        let (r, _to) = unsafe { Op::new(entry, to) }.await;
+        r?;
+        Ok(Self::new(sock))
     }
 
     async fn ready(&self) -> io::Result<()> {
-        Ok(())
+        if self.hot.get() {
+            return Ok(());
+        }
+        poll_readable(self.sock.fd()).await
     }
 
     async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-        self.0.read(buf).await
+        let spare = buf.capacity() - buf.len();
+        let (r, buf) = recv(self.sock.fd(), buf, libc::MSG_DONTWAIT).await;
+        self.hot.set(matches!(r, Ok(n) if n == spare && n > 0));
+        (r, buf)
     }
 
-    async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        self.0.write_all(buf).await
+    async fn write_all(&self, mut buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        let mut done = 0;
+        while done < buf.len() {
+            let (r, b) = send(self.sock.fd(), buf, done).await;
+            buf = b;
+            match r {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(()), buf)
     }
 
     fn shutdown_write(&self) -> io::Result<()> {
-        self.0.shutdown(Shutdown::Write)
+        self.sock.0.shutdown(Shutdown::Write)
     }
 
     fn shutdown_both(&self) {
-        let _ = self.0.shutdown(Shutdown::Both);
+        let _ = self.sock.0.shutdown(Shutdown::Both);
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        let fd = self.sock();
-        SockRef::from(&fd)
+        self.sock
+            .0
             .local_addr()?
             .as_socket()
             .ok_or_else(|| io::Error::other("not an IP socket"))
     }
 
     fn set_nodelay(&self) -> io::Result<()> {
-        self.0.set_nodelay(true)
+        self.sock.0.set_tcp_nodelay(true)
     }
+}
+
+/// A listening socket on the ring.
+pub struct UringListener(RingSocket);
+
+/// Where an accept writes the peer's address.
+struct PeerAddr {
+    storage: SockAddrStorage,
+    len: libc::socklen_t,
 }
 
 impl Engine for IoUring {
     type Conn = UringConn;
-    type Listener = TcpListener;
+    type Listener = UringListener;
     type Udp = UringUdp;
     const UDP_RECEIVERS: usize = 4;
     const KIND: EngineKind = EngineKind::IoUring;
 
     fn run(worker: impl Future<Output = ()>) -> io::Result<()> {
-        let mut builder = tokio_uring::builder();
-        builder.entries(1024);
-        // Completions are handled by this thread only: let the kernel run
-        // their task work at our next syscall instead of interrupting us
-        // (an interrupt per completion showed as ~10% of CPU in perf).
-        // Kernels before 6.0 refuse these flags: then use a plain ring.
-        let mut ring = tokio_uring::uring_builder();
-        ring.setup_coop_taskrun().setup_single_issuer();
-        builder.uring_builder(&ring);
-        let rt = match tokio_uring::Runtime::new(&builder) {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::info!(error = %e, "io_uring: COOP_TASKRUN/SINGLE_ISSUER refused, using a plain ring");
-                builder.uring_builder(&tokio_uring::uring_builder());
-                tokio_uring::Runtime::new(&builder)?
-            }
-        };
-        rt.block_on(worker);
-        Ok(())
+        ring::run(ring::new_ring()?, worker)
     }
 
-    fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
-        Ok(TcpListener::from_std(socket))
+    fn listener(socket: std::net::TcpListener) -> io::Result<UringListener> {
+        blocking(Socket::from(socket)).map(UringListener)
     }
 
-    fn close_listener(listener: &TcpListener) {
-        // SAFETY: the fd belongs to `listener`, alive for this call.
-        let fd = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
-        let _ = SockRef::from(&fd).shutdown(Shutdown::Both);
+    fn close_listener(listener: &UringListener) {
+        let _ = listener.0 .0.shutdown(Shutdown::Both);
     }
 
-    async fn accept(listener: &TcpListener) -> io::Result<(UringConn, SocketAddr)> {
-        let (s, peer) = listener.accept().await?;
-        Ok((UringConn(s), peer))
+    async fn accept(listener: &UringListener) -> io::Result<(UringConn, SocketAddr)> {
+        let mut peer = Box::new(PeerAddr {
+            storage: SockAddrStorage::zeroed(),
+            len: 0,
+        });
+        peer.len = peer.storage.size_of();
+        let entry = opcode::Accept::new(
+            listener.0.fd(),
+            (&raw mut peer.storage).cast(),
+            &raw mut peer.len,
+        )
+        .flags(libc::SOCK_CLOEXEC)
+        .build();
+        // SAFETY: the entry points into `peer`'s heap allocation, owned by the op.
+        let (r, peer) = unsafe { Op::new(entry, peer) }.await;
+        let fd = r? as RawFd;
+        // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+        let sock = RingSocket(unsafe { Socket::from_raw_fd(fd) });
+        // SAFETY: the kernel initialised the address up to `len`.
+        let addr = unsafe { SockAddr::new(peer.storage, peer.len) };
+        let addr = addr
+            .as_socket()
+            .ok_or_else(|| io::Error::other("accepted a non-IP connection"))?;
+        Ok((UringConn::new(sock), addr))
     }
 }

@@ -1,0 +1,396 @@
+//! A small io_uring driver on the `io-uring` crate: one ring per worker
+//! thread, living inside that worker's tokio current-thread runtime, so
+//! tokio's timers, channels and `LocalSet` keep working next to it.
+//!
+//! Operations are futures that own everything the kernel may touch
+//! (buffers, addresses, message headers) until their completion arrives.
+//! A future dropped early hands those resources to its slot and submits a
+//! cancel; they are freed when the kernel posts the completion. SQEs are
+//! queued without a syscall and submitted in one batch when the runtime is
+//! about to park (or the queue is full); completions are reaped in the same
+//! hook and whenever the ring's fd turns readable.
+//!
+//! Why not tokio-uring: see docs/design/0007-own-io-uring-driver.md.
+
+#![allow(unsafe_code)]
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use slab::Slab;
+
+/// `user_data` of cancel requests: their own completions are ignored.
+const CANCEL: u64 = u64::MAX;
+/// Submission queue entries per ring (the completion queue is twice that).
+const ENTRIES: u32 = 1024;
+/// How long teardown waits for cancelled operations to complete.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
+
+enum Slot {
+    /// In flight; the waker of the task waiting for it, once polled.
+    Waiting(Option<Waker>),
+    /// Completed with this result; the future has not seen it yet.
+    Done(i32),
+    /// The future went away first: what the kernel may still write to is
+    /// kept here until the completion arrives.
+    Orphan(#[allow(dead_code)] Box<dyn Any>),
+}
+
+struct Driver {
+    ring: IoUring,
+    slots: Slab<Slot>,
+    /// SQEs pushed since the last submit.
+    queued: usize,
+}
+
+thread_local! {
+    static DRIVER: RefCell<Option<Driver>> = const { RefCell::new(None) };
+}
+
+/// Builds a ring for this thread. Completions are handled by this thread
+/// only, so the kernel may run their task work at our next syscall instead
+/// of interrupting us (`COOP_TASKRUN`, `SINGLE_ISSUER`); kernels before 6.0
+/// refuse these flags, and then a plain ring is used.
+pub fn new_ring() -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_single_issuer()
+        .setup_cqsize(ENTRIES * 2)
+        .build(ENTRIES)
+        .or_else(|e| {
+            tracing::debug!(error = %e, "io_uring: COOP_TASKRUN/SINGLE_ISSUER refused, using a plain ring");
+            IoUring::builder().setup_cqsize(ENTRIES * 2).build(ENTRIES)
+        })
+}
+
+fn with_driver<T>(f: impl FnOnce(&mut Driver) -> T) -> Option<T> {
+    DRIVER.with(|d| d.borrow_mut().as_mut().map(f))
+}
+
+impl Driver {
+    /// Queues `entry`, submitting first when the queue is full.
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every entry pushed here points only at memory owned by
+            // an `Op` (or its orphaned slot) until its completion arrives.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                self.queued += 1;
+                return Ok(());
+            }
+            self.submit()?;
+        }
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => {
+                    self.queued = 0;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The completion queue is backed up: make room, then retry.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    let wakers = self.reap();
+                    wakers.into_iter().for_each(Waker::wake);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Moves completions into their slots; returns the wakers to call once
+    /// the driver is no longer borrowed.
+    fn reap(&mut self) -> Vec<Waker> {
+        let mut wakers = Vec::new();
+        let mut cq = self.ring.completion();
+        cq.sync();
+        for cqe in &mut cq {
+            let key = cqe.user_data();
+            if key == CANCEL {
+                continue;
+            }
+            let key = key as usize;
+            match self.slots.get_mut(key) {
+                Some(Slot::Waiting(waker)) => {
+                    if let Some(w) = waker.take() {
+                        wakers.push(w);
+                    }
+                    self.slots[key] = Slot::Done(cqe.result());
+                }
+                Some(Slot::Orphan(_)) => {
+                    self.slots.remove(key);
+                }
+                Some(Slot::Done(_)) | None => {}
+            }
+        }
+        wakers
+    }
+}
+
+/// Submits what is queued and dispatches completions. Runs in the
+/// runtime's park hook, so one syscall carries every operation the tasks
+/// queued since the last park.
+fn flush_and_reap() {
+    let wakers = with_driver(|d| {
+        if d.queued > 0 || d.ring.submission().cq_overflow() {
+            if let Err(e) = d.submit() {
+                tracing::error!(error = %e, "io_uring submit failed");
+            }
+        }
+        d.reap()
+    })
+    .unwrap_or_default();
+    wakers.into_iter().for_each(Waker::wake);
+}
+
+/// Submits what is queued now. Called before a socket is closed, so no
+/// queued entry can name a file descriptor number that gets reused.
+pub fn flush() {
+    with_driver(|d| {
+        if d.queued > 0 {
+            if let Err(e) = d.submit() {
+                tracing::error!(error = %e, "io_uring submit failed");
+            }
+        }
+    });
+}
+
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Runs `worker` on a new current-thread runtime with a ring on this thread.
+pub fn run(ring: IoUring, worker: impl Future<Output = ()>) -> io::Result<()> {
+    let ring_fd = ring.as_raw_fd();
+    DRIVER.with(|d| {
+        *d.borrow_mut() = Some(Driver {
+            ring,
+            slots: Slab::with_capacity(256),
+            queued: 0,
+        })
+    });
+    let result = (|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_park(flush_and_reap)
+            .build()?;
+        let local = tokio::task::LocalSet::new();
+        let ready = {
+            let _guard = rt.enter();
+            // SAFETY: the ring's fd stays open until `teardown`, after this
+            // task (which owns the AsyncFd) is dropped with `local`.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    RingFd(ring_fd),
+                    tokio::io::Interest::READABLE,
+                )
+            }
+            .map_err(|e| io::Error::other(e.to_string()))?
+        };
+        local.spawn_local(async move {
+            loop {
+                let Ok(mut guard) = ready.readable().await else {
+                    return;
+                };
+                guard.clear_ready();
+                flush_and_reap();
+            }
+        });
+        local.block_on(&rt, worker);
+        // Dropping the tasks drops their operations, which orphan their
+        // resources and queue cancels.
+        drop(local);
+        drop(rt);
+        Ok(())
+    })();
+    teardown();
+    result
+}
+
+/// Cancels what is still in flight and waits (bounded) for the kernel to
+/// let go of it. Memory the kernel might still write to is leaked rather
+/// than freed if it does not answer in time.
+fn teardown() {
+    let Some(mut driver) = DRIVER.with(|d| d.borrow_mut().take()) else {
+        return;
+    };
+    let keys: Vec<usize> = driver.slots.iter().map(|(k, _)| k).collect();
+    for key in keys {
+        if matches!(driver.slots[key], Slot::Waiting(_)) {
+            let cancel = opcode::AsyncCancel::new(key as u64)
+                .build()
+                .user_data(CANCEL);
+            let _ = driver.push(&cancel);
+        }
+    }
+    let deadline = Instant::now() + TEARDOWN_WAIT;
+    while driver
+        .slots
+        .iter()
+        .any(|(_, s)| !matches!(s, Slot::Done(_)))
+        && Instant::now() < deadline
+    {
+        let ts = types::Timespec::from(Duration::from_millis(50));
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match driver.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => driver.queued = 0,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
+            Err(_) => break,
+        }
+        driver.reap();
+    }
+    if driver
+        .slots
+        .iter()
+        .any(|(_, s)| !matches!(s, Slot::Done(_)))
+    {
+        tracing::warn!("io_uring teardown: operations still in flight; leaking their buffers");
+        std::mem::forget(driver);
+    }
+}
+
+/// One operation in flight. `R` is what the kernel may touch until it
+/// completes; the future gives it back with the result.
+pub struct Op<R: 'static> {
+    key: Option<usize>,
+    resources: Option<R>,
+}
+
+impl<R: 'static> Op<R> {
+    /// Queues `entry`.
+    ///
+    /// # Safety
+    ///
+    /// `entry` may only point into memory owned by `resources` whose
+    /// address does not change when `resources` moves (heap allocations),
+    /// or memory that outlives the operation.
+    pub unsafe fn new(entry: squeue::Entry, resources: R) -> Self {
+        let key = with_driver(|d| {
+            let key = d.slots.insert(Slot::Waiting(None));
+            match d.push(&entry.user_data(key as u64)) {
+                Ok(()) => Some(key),
+                Err(_) => {
+                    d.slots.remove(key);
+                    None
+                }
+            }
+        })
+        .flatten();
+        Self {
+            key,
+            resources: Some(resources),
+        }
+    }
+}
+
+impl<R: Unpin + 'static> Future for Op<R> {
+    /// The kernel's result (negative: `-errno`), and the resources.
+    type Output = (io::Result<u32>, R);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let Some(key) = this.key else {
+            let resources = this.resources.take().expect("Op polled after completion");
+            return Poll::Ready((Err(io::Error::other("io_uring is not running")), resources));
+        };
+        let done = with_driver(|d| match &mut d.slots[key] {
+            Slot::Done(res) => {
+                let res = *res;
+                d.slots.remove(key);
+                Some(res)
+            }
+            Slot::Waiting(waker) => {
+                match waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+                None
+            }
+            Slot::Orphan(_) => None,
+        });
+        match done {
+            Some(Some(res)) => {
+                this.key = None;
+                let resources = this.resources.take().expect("Op polled after completion");
+                let result = if res < 0 {
+                    Err(io::Error::from_raw_os_error(-res))
+                } else {
+                    Ok(res as u32)
+                };
+                Poll::Ready((result, resources))
+            }
+            Some(None) => Poll::Pending,
+            None => {
+                this.key = None;
+                let resources = this.resources.take().expect("Op polled after completion");
+                Poll::Ready((Err(io::Error::other("io_uring is not running")), resources))
+            }
+        }
+    }
+}
+
+impl<R: 'static> Drop for Op<R> {
+    fn drop(&mut self) {
+        let Some(key) = self.key else {
+            return;
+        };
+        let resources = self.resources.take();
+        let mut resources = Some(resources);
+        with_driver(|d| {
+            if matches!(d.slots.get(key), Some(Slot::Done(_))) {
+                d.slots.remove(key);
+                drop(resources.take());
+                return;
+            }
+            let keep: Box<dyn Any> = Box::new(resources.take());
+            d.slots[key] = Slot::Orphan(keep);
+            let cancel = opcode::AsyncCancel::new(key as u64)
+                .build()
+                .user_data(CANCEL);
+            let _ = d.push(&cancel);
+        });
+        // Still here: the driver is gone (thread teardown) while the kernel
+        // may own the memory. Leak it rather than free it under the kernel.
+        std::mem::forget(resources);
+    }
+}
+
+/// Checks that the kernel supports every operation this driver submits.
+pub fn probe_opcodes(ring: &IoUring) -> Result<(), String> {
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("io_uring probe failed: {e}"))?;
+    let needed = [
+        ("accept", opcode::Accept::CODE),
+        ("connect", opcode::Connect::CODE),
+        ("poll_add", opcode::PollAdd::CODE),
+        ("recv", opcode::Recv::CODE),
+        ("send", opcode::Send::CODE),
+        ("async_cancel", opcode::AsyncCancel::CODE),
+        ("recvmsg", opcode::RecvMsg::CODE),
+        ("sendmsg", opcode::SendMsg::CODE),
+    ];
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(_, c)| !probe.is_supported(*c))
+        .map(|(n, _)| *n)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("io_uring lacks operations: {}", missing.join(", ")))
+    }
+}
