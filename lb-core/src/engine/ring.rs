@@ -394,3 +394,70 @@ pub fn probe_opcodes(ring: &IoUring) -> Result<(), String> {
         Err(format!("io_uring lacks operations: {}", missing.join(", ")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn slots_in_use() -> usize {
+        with_driver(|d| d.slots.len()).unwrap_or(0)
+    }
+
+    fn on_ring(test: impl Future<Output = ()>) {
+        let ring = match new_ring() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("io_uring unavailable here ({e}); skipping");
+                return;
+            }
+        };
+        run(ring, test).unwrap();
+    }
+
+    /// More operations at once than the submission queue holds, and more
+    /// completions than the completion queue holds: every one completes.
+    #[test]
+    fn more_operations_than_the_queues_hold() {
+        on_ring(async {
+            let ops: Vec<_> = (0..3 * ENTRIES)
+                // SAFETY: a no-op touches no memory.
+                .map(|_| unsafe { Op::new(opcode::Nop::new().build(), ()) })
+                .collect();
+            for op in ops {
+                let (r, ()) = op.await;
+                assert_eq!(r.unwrap(), 0);
+            }
+            assert_eq!(slots_in_use(), 0);
+        });
+    }
+
+    /// A poll dropped before it completes is cancelled, and its slot is
+    /// freed once the kernel confirms; a poll that completes reports it.
+    #[test]
+    fn dropped_operation_is_cancelled_and_freed() {
+        on_ring(async {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            let fd = types::Fd(a.as_raw_fd());
+            let poll = || opcode::PollAdd::new(fd, libc::POLLIN as u32).build();
+            // SAFETY: a poll touches no user memory.
+            let idle = unsafe { Op::new(poll(), ()) };
+            let waited = tokio::time::timeout(Duration::from_millis(50), idle).await;
+            assert!(
+                waited.is_err(),
+                "nothing was written: the poll must still wait"
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while slots_in_use() != 0 {
+                assert!(Instant::now() < deadline, "cancelled poll never completed");
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // SAFETY: as above.
+            let ready = unsafe { Op::new(poll(), ()) };
+            std::io::Write::write_all(&mut b, b"x").unwrap();
+            let (r, ()) = ready.await;
+            assert_ne!(r.unwrap() & libc::POLLIN as u32, 0);
+        });
+    }
+}
