@@ -63,6 +63,19 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Fixed-rate HTTP keep-alive client against one target; prints p50, p99
+    /// and p99.9 latency in µs (the latency figure's client, on its own).
+    HttpLatency {
+        #[arg(long)]
+        target: SocketAddr,
+        /// Requests per second, over all connections.
+        #[arg(long)]
+        rate: f64,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
 }
 
 #[derive(Serialize, Clone)]
@@ -498,6 +511,27 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{:.0}",
                 load::udp_rr(target, clients, Duration::from_secs(seconds))?
+            );
+            Ok(())
+        }
+        Cmd::HttpLatency {
+            target,
+            rate,
+            connections,
+            seconds,
+        } => {
+            anyhow::ensure!(target.ip().is_loopback(), "loopback targets only");
+            anyhow::ensure!(
+                rate > 0.0 && connections > 0,
+                "rate and connections must be positive"
+            );
+            let lat = load::http_latency(target, rate, connections, Duration::from_secs(seconds))?;
+            println!(
+                "p50 {:.0} p99 {:.0} p99.9 {:.0} (µs, {} requests)",
+                load::quantile(&lat, 0.50),
+                load::quantile(&lat, 0.99),
+                load::quantile(&lat, 0.999),
+                lat.len()
             );
             Ok(())
         }
