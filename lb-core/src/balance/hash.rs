@@ -27,34 +27,64 @@ pub fn fmix64(mut k: u64) -> u64 {
     k ^ (k >> 33)
 }
 
-fn push_ip(buf: &mut Vec<u8>, ip: IpAddr) {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => buf.extend_from_slice(&v4.octets()),
-        IpAddr::V6(v6) => buf.extend_from_slice(&v6.octets()),
+/// Key bytes on the stack: two addresses (16 + 2 bytes each) and a
+/// protocol byte at most, so hashing a key never allocates.
+struct KeyBytes {
+    buf: [u8; 40],
+    len: usize,
+}
+
+impl KeyBytes {
+    fn new() -> Self {
+        Self {
+            buf: [0; 40],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) -> &mut Self {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+        self
+    }
+
+    fn ip(&mut self, ip: IpAddr) -> &mut Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => self.push(&v4.octets()),
+            IpAddr::V6(v6) => self.push(&v6.octets()),
+        }
+    }
+
+    /// IP octets then the port, big endian.
+    fn addr(&mut self, addr: SocketAddr) -> &mut Self {
+        self.ip(addr.ip()).push(&addr.port().to_be_bytes())
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
 /// The stable byte form of an address: IP octets then the port, big endian.
 pub fn addr_bytes(addr: SocketAddr) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(18);
-    push_ip(&mut buf, addr.ip());
-    buf.extend_from_slice(&addr.port().to_be_bytes());
-    buf
+    KeyBytes::new().addr(addr).bytes().to_vec()
 }
 
 /// Hash of a client IP (session affinity).
 pub fn client_ip_key(client: IpAddr) -> u64 {
-    let mut buf = Vec::with_capacity(16);
-    push_ip(&mut buf, client);
-    hash(0, &buf)
+    hash(0, KeyBytes::new().ip(client).bytes())
 }
 
 /// Hash of the five-tuple.
 pub fn five_tuple_key(client: SocketAddr, local: SocketAddr, protocol: u8) -> u64 {
-    let mut buf = addr_bytes(client);
-    buf.extend_from_slice(&addr_bytes(local));
-    buf.push(protocol);
-    hash(0, &buf)
+    hash(
+        0,
+        KeyBytes::new()
+            .addr(client)
+            .addr(local)
+            .push(&[protocol])
+            .bytes(),
+    )
 }
 
 #[cfg(test)]
@@ -72,5 +102,23 @@ mod tests {
         let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
         assert_eq!(client_ip_key(v4), client_ip_key(mapped));
         assert_eq!(hash(7, b"weir"), PINNED_WEIR_7);
+    }
+
+    /// The keys hash exactly the documented bytes (the pinned contract).
+    #[test]
+    fn key_bytes_are_the_documented_form() {
+        let c: SocketAddr = "10.1.2.3:4000".parse().unwrap();
+        let l: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        let mut want = vec![10, 1, 2, 3, 0x0f, 0xa0];
+        assert_eq!(addr_bytes(c), want);
+        want.extend_from_slice(
+            &"2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        want.extend_from_slice(&[0x01, 0xbb, 6]);
+        assert_eq!(five_tuple_key(c, l, 6), hash(0, &want));
+        assert_eq!(client_ip_key(c.ip()), hash(0, &[10, 1, 2, 3]));
     }
 }
