@@ -4,7 +4,8 @@
 //! in [`balance`], [`health::machine`] and [`proxy_protocol`] and never
 //! touches sockets or clocks. The shell ([`server`], [`plane`], [`forward`],
 //! [`engine`]) binds sockets, runs workers and applies configurations.
-//! `unsafe` is allowed only in [`engine::uring`].
+//! `unsafe` is allowed only in the io_uring engine (`engine::uring` and its
+//! driver, `engine::ring`).
 
 pub mod admin;
 pub mod balance;
