@@ -1,6 +1,6 @@
 //! Load generators that no Debian package provides in the form needed:
-//! a closed-loop UDP request/response client, a one-way UDP blaster, a
-//! UDP echo/sink server, a fixed-rate HTTP latency client, and an idle
+//! a closed-loop UDP request/response client, a one-way UDP sender, a
+//! UDP echo server, a counting UDP sink, a fixed-rate HTTP latency client, and an idle
 //! connection holder. All of them target loopback only.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -30,6 +30,88 @@ pub fn udp_echo(addr: SocketAddr, threads: usize) -> anyhow::Result<()> {
         let _ = h.join();
     }
     Ok(())
+}
+
+/// A UDP sink on `addr`: counts the datagrams it receives (the one-way
+/// backend). Runs in this process so the count can be read directly.
+pub struct UdpSink {
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpSink {
+    /// Binds `addr` and starts counting.
+    pub fn start(addr: SocketAddr) -> anyhow::Result<Self> {
+        let sock = UdpSocket::bind(addr)?;
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, st) = (received.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !st.load(Ordering::Relaxed) {
+                if sock.recv(&mut buf).is_ok() {
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Ok(Self {
+            received,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One-way UDP: `sockets` senders each send 64-byte datagrams to `target`
+/// as fast as they can for `duration`. Returns the datagrams/s that
+/// reached `sink` (what a proxy delivers under overload, drops excluded).
+pub fn udp_oneway(
+    target: SocketAddr,
+    sink: &UdpSink,
+    sockets: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for _ in 0..sockets {
+        let s = UdpSocket::bind("127.0.0.1:0")?;
+        s.connect(target)?;
+        let stop = stop.clone();
+        threads.push(std::thread::spawn(move || {
+            let payload = [b'x'; 64];
+            while !stop.load(Ordering::Relaxed) {
+                // ECONNREFUSED from an earlier ICMP error, ENOBUFS: go on.
+                let _ = s.send(&payload);
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let start_count = sink.received();
+    let start = Instant::now();
+    std::thread::sleep(duration);
+    let count = sink.received() - start_count;
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(count as f64 / elapsed)
 }
 
 /// Closed-loop UDP request/response: `sockets` clients each send a

@@ -159,6 +159,7 @@ struct Bench {
     idle: usize,
     dir: PathBuf,
     lbd: PathBuf,
+    sink: load::UdpSink,
     figures: Vec<Figure>,
 }
 
@@ -224,6 +225,16 @@ impl Bench {
                 workers,
                 peer,
                 rr,
+            ));
+            let target = peer.oneway_target();
+            let ow =
+                self.repeat(|| load::udp_oneway(target, &self.sink, 4, Duration::from_secs(s)));
+            self.figures.push(figure(
+                "UDP datagrams/s (one-way, delivered)",
+                "dgram/s",
+                workers,
+                peer,
+                ow,
             ));
         }
         if let Some(r) = &running {
@@ -312,15 +323,81 @@ fn fmt_value(v: f64, unit: &str) -> String {
     }
 }
 
+/// The peer a figure's target compares with: HAProxy with splice for
+/// bulk, nginx stream for UDP (HAProxy has none), HAProxy otherwise.
+fn reference(scenario: &str) -> &'static str {
+    if scenario.starts_with("bulk") {
+        "haproxy-splice"
+    } else if scenario.starts_with("UDP") {
+        "nginx-stream"
+    } else {
+        "haproxy"
+    }
+}
+
+/// The performance targets (issue 6): figure prefix, and the bound on
+/// lbd / reference (`true`: at least, `false`: at most).
+const TARGETS: &[(&str, f64, bool)] = &[
+    ("keep-alive requests/s", 1.25, true),
+    ("new connections/s", 1.25, true),
+    ("bulk Gbit/s", 1.1, true),
+    ("latency p99 at", 0.8, false),
+    ("UDP datagrams/s", 1.5, true),
+    ("memory per idle connection", 1.0, false),
+];
+
+/// A table of every target, per figure, worker count and engine.
+fn targets(figures: &[Figure]) -> String {
+    let mut out = String::from(
+        "\n## Targets\n\n| figure | workers | target | lbd-io_uring | lbd-epoll |\n|---|---|---|---|---|\n",
+    );
+    let mut seen: Vec<(&str, usize)> = Vec::new();
+    for f in figures {
+        let Some(&(_, bound, at_least)) = TARGETS.iter().find(|t| f.scenario.starts_with(t.0))
+        else {
+            continue;
+        };
+        if seen.contains(&(f.scenario, f.workers)) {
+            continue;
+        }
+        seen.push((f.scenario, f.workers));
+        let reference = reference(f.scenario);
+        let median = |peer: &str| {
+            figures
+                .iter()
+                .find(|g| g.scenario == f.scenario && g.workers == f.workers && g.peer == peer)
+                .map(|g| g.median)
+                .filter(|m| m.is_finite())
+        };
+        let cell = |peer: &str| match (median(peer), median(reference)) {
+            (Some(a), Some(b)) if b > 0.0 => {
+                let r = a / b;
+                let met = if at_least { r >= bound } else { r <= bound };
+                format!("{r:.2}× {}", if met { "met" } else { "not met" })
+            }
+            _ => "–".into(),
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} {bound}× {reference} | {} | {} |\n",
+            f.scenario,
+            f.workers,
+            if at_least { "≥" } else { "≤" },
+            cell("lbd-io_uring"),
+            cell("lbd-epoll"),
+        ));
+    }
+    out
+}
+
 fn render(figures: &[Figure], peers: &[Peer], missing: &[String], header: &str) -> String {
     let mut out = String::from(header);
     let names: Vec<String> = peers.iter().map(Peer::name).collect();
     out.push_str(&format!(
-        "\n| figure | workers | {} | lbd-io_uring / haproxy | lbd-epoll / haproxy |\n",
+        "\n| figure | workers | {} | vs | lbd-io_uring / vs | lbd-epoll / vs |\n",
         names.join(" | ")
     ));
     out.push_str(&format!(
-        "|---|---|{}---|---|\n",
+        "|---|---|{}---|---|---|\n",
         "---|".repeat(names.len())
     ));
     let mut rows: BTreeMap<(usize, &str, usize), Vec<&Figure>> = BTreeMap::new();
@@ -346,12 +423,7 @@ fn render(figures: &[Figure], peers: &[Peer], missing: &[String], header: &str) 
                 None => "n/a".into(),
             })
             .collect();
-        // HAProxy reference: splice on for bulk, as the target says; off otherwise.
-        let reference = if scenario.starts_with("bulk") {
-            "haproxy-splice"
-        } else {
-            "haproxy"
-        };
+        let reference = reference(scenario);
         let ratio = |n: &str| match (get(n), get(reference)) {
             (Some(a), Some(b)) if b.median > 0.0 && a.median.is_finite() => {
                 format!("{:.2}×", a.median / b.median)
@@ -359,12 +431,13 @@ fn render(figures: &[Figure], peers: &[Peer], missing: &[String], header: &str) 
             _ => "–".into(),
         };
         out.push_str(&format!(
-            "| {scenario} ({unit}) | {workers} | {} | {} | {} |\n",
+            "| {scenario} ({unit}) | {workers} | {} | {reference} | {} | {} |\n",
             cells.join(" | "),
             ratio("lbd-io_uring"),
             ratio("lbd-epoll")
         ));
     }
+    out.push_str(&targets(figures));
     if !missing.is_empty() {
         out.push_str(&format!(
             "\nMissing peers (not measured): {}.\n",
@@ -420,6 +493,7 @@ fn run(
         idle,
         dir: dir.clone(),
         lbd: lbd.clone(),
+        sink: load::UdpSink::start(peers::BACKEND_UDP_SINK.parse()?)?,
         figures: Vec::new(),
     };
     for &w in &workers {
@@ -466,7 +540,7 @@ fn run(
          - date: {}\n- CPU: {cpu} ({} cores)\n- kernel: {}\n- lbd: {}\n- HAProxy: {}\n- nginx: {}\n- wrk: {}\n- iperf3: {}\n\
          - latency: fixed offered load of half the slowest proxy's keep-alive maximum, 16 connections, timed from each request's scheduled start\n\
          - memory: RSS growth of the proxy's processes with {idle} idle proxied connections open, per connection\n\
-         - UDP: 32 closed-loop clients, 64-byte datagrams, echo backend (HAProxy has no UDP)\n",
+         - UDP: 64-byte datagrams; request/response: 32 closed-loop clients, echo backend; one-way: 4 senders as fast as they can, datagrams counted at the sink (HAProxy has no UDP)\n",
         version("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         version("uname", &["-r"]),

@@ -13,6 +13,10 @@ pub const HTTP_PORT: u16 = 20080;
 pub const BULK_PORT: u16 = 20201;
 /// Front port for UDP.
 pub const UDP_PORT: u16 = 20053;
+/// Front port for one-way UDP.
+pub const UDP_ONEWAY_PORT: u16 = 20054;
+/// The one-way UDP sink (counted inside `lb-bench`).
+pub const BACKEND_UDP_SINK: &str = "127.0.0.2:15354";
 /// The HTTP backend (nginx, small fixed response).
 pub const BACKEND_HTTP: &str = "127.0.0.2:18081";
 /// The iperf3 server.
@@ -54,6 +58,14 @@ impl Peer {
             Peer::Haproxy { .. } => Some(("haproxy", "haproxy")),
             Peer::Nginx => Some(("nginx", "nginx-light libnginx-mod-stream")),
             _ => None,
+        }
+    }
+
+    /// Where one-way UDP senders send.
+    pub fn oneway_target(&self) -> SocketAddr {
+        match self {
+            Peer::Direct => BACKEND_UDP_SINK.parse().expect("static address"),
+            _ => SocketAddr::from(([127, 0, 0, 1], UDP_ONEWAY_PORT)),
         }
     }
 
@@ -227,7 +239,8 @@ pub fn start(
                      [defaults.health]\nkind = \"none\"\n\
                      [[listener]]\nname = \"http\"\nbind = \"127.0.0.1:{HTTP_PORT}\"\nbackends = [{{ addr = \"{BACKEND_HTTP}\" }}]\n\
                      [[listener]]\nname = \"bulk\"\nbind = \"127.0.0.1:{BULK_PORT}\"\nbackends = [{{ addr = \"{BACKEND_BULK}\" }}]\n\
-                     [[listener]]\nname = \"udp\"\nbind = \"127.0.0.1:{UDP_PORT}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{BACKEND_UDP}\" }}]\n"
+                     [[listener]]\nname = \"udp\"\nbind = \"127.0.0.1:{UDP_PORT}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{BACKEND_UDP}\" }}]\n\
+                     [[listener]]\nname = \"udp-oneway\"\nbind = \"127.0.0.1:{UDP_ONEWAY_PORT}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{BACKEND_UDP_SINK}\" }}]\n"
                 ),
             )?;
             spawn(
@@ -267,6 +280,7 @@ pub fn start(
                        server {{ listen 127.0.0.1:{HTTP_PORT} reuseport backlog=4096; proxy_pass {BACKEND_HTTP}; }}\n\
                        server {{ listen 127.0.0.1:{BULK_PORT} reuseport; proxy_pass {BACKEND_BULK}; }}\n\
                        server {{ listen 127.0.0.1:{UDP_PORT} udp reuseport; proxy_pass {BACKEND_UDP}; proxy_responses 1; proxy_timeout 30s; }}\n\
+                       server {{ listen 127.0.0.1:{UDP_ONEWAY_PORT} udp reuseport; proxy_pass {BACKEND_UDP_SINK}; proxy_responses 0; proxy_timeout 30s; }}\n\
                      }}\n",
                     d = dir.display()
                 ),
