@@ -303,7 +303,7 @@ impl<R: Unpin + 'static> Future for Op<R> {
         let this = &mut *self;
         let Some(key) = this.key else {
             let resources = this.resources.take().expect("Op polled after completion");
-            return Poll::Ready((Err(io::Error::other("io_uring is not running")), resources));
+            return Poll::Ready((Err(io::Error::other("io_uring: the operation could not be queued (no ring on this thread, or submission failed)")), resources));
         };
         let done = with_driver(|d| match &mut d.slots[key] {
             Slot::Done(res) => {
