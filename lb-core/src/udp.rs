@@ -303,7 +303,6 @@ fn connect_upstream<E: Engine>(backend: SocketAddr) -> io::Result<E::Udp> {
     };
     let s = std::net::UdpSocket::bind(any)?;
     s.connect(backend)?;
-    s.set_nonblocking(true)?;
     E::Udp::from_std(s)
 }
 

@@ -15,6 +15,7 @@ pub struct EpollUdp(UdpSocket);
 
 impl Datagram for EpollUdp {
     fn from_std(socket: std::net::UdpSocket) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
         UdpSocket::from_std(socket).map(Self)
     }
 

@@ -44,7 +44,8 @@ pub trait Conn: Sized + 'static {
 /// `recv`/`send`.
 #[allow(async_fn_in_trait)]
 pub trait Datagram: Sized + 'static {
-    /// Wraps a bound, non-blocking socket. Called inside `Engine::run`.
+    /// Wraps a bound socket, setting the blocking mode the engine needs.
+    /// Called inside `Engine::run`.
     fn from_std(socket: std::net::UdpSocket) -> io::Result<Self>;
     /// Receives one datagram into `buf`'s spare capacity (`buf` arrives empty).
     async fn recv_from(&self, buf: Vec<u8>) -> (io::Result<(usize, SocketAddr)>, Vec<u8>);
