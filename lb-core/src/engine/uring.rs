@@ -54,7 +54,8 @@ async fn poll_readable(fd: types::Fd) -> io::Result<()> {
 async fn recv(fd: types::Fd, mut buf: Vec<u8>, flags: i32) -> (io::Result<usize>, Vec<u8>) {
     let len = buf.len();
     let spare = buf.spare_capacity_mut();
-    let entry = opcode::Recv::new(fd, spare.as_mut_ptr().cast(), spare.len() as u32)
+    let want = u32::try_from(spare.len()).unwrap_or(u32::MAX);
+    let entry = opcode::Recv::new(fd, spare.as_mut_ptr().cast(), want)
         .flags(flags)
         .build();
     // SAFETY: the entry points into `buf`'s heap allocation, owned by the op.
@@ -72,7 +73,8 @@ async fn recv(fd: types::Fd, mut buf: Vec<u8>, flags: i32) -> (io::Result<usize>
 /// Sends `buf[from..]` once; returns the bytes sent.
 async fn send(fd: types::Fd, buf: Vec<u8>, from: usize) -> (io::Result<usize>, Vec<u8>) {
     let rest = &buf[from..];
-    let entry = opcode::Send::new(fd, rest.as_ptr(), rest.len() as u32)
+    let want = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+    let entry = opcode::Send::new(fd, rest.as_ptr(), want)
         .flags(libc::MSG_NOSIGNAL)
         .build();
     // SAFETY: the entry points into `buf`'s heap allocation, owned by the op.
