@@ -101,17 +101,28 @@ pub fn udp_oneway(
             }
         }));
     }
+    Ok(measure_rate(duration, || sink.received(), &stop, threads))
+}
+
+/// Lets `threads` warm up for half a second, then returns how fast `count`
+/// grows over `duration` (per second), and stops and joins them.
+fn measure_rate(
+    duration: Duration,
+    count: impl Fn() -> u64,
+    stop: &AtomicBool,
+    threads: Vec<std::thread::JoinHandle<()>>,
+) -> f64 {
     std::thread::sleep(Duration::from_millis(500));
-    let start_count = sink.received();
+    let start_count = count();
     let start = Instant::now();
     std::thread::sleep(duration);
-    let count = sink.received() - start_count;
+    let counted = count() - start_count;
     let elapsed = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         let _ = t.join();
     }
-    Ok(count as f64 / elapsed)
+    counted as f64 / elapsed
 }
 
 /// Closed-loop UDP request/response: `sockets` clients each send a
@@ -138,18 +149,12 @@ pub fn udp_rr(target: SocketAddr, sockets: usize, duration: Duration) -> anyhow:
             }
         }));
     }
-    // Warm-up, then measure.
-    std::thread::sleep(Duration::from_millis(500));
-    let start_count = done.load(Ordering::Relaxed);
-    let start = Instant::now();
-    std::thread::sleep(duration);
-    let count = done.load(Ordering::Relaxed) - start_count;
-    let elapsed = start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
-    }
-    Ok(count as f64 / elapsed)
+    Ok(measure_rate(
+        duration,
+        || done.load(Ordering::Relaxed),
+        &stop,
+        threads,
+    ))
 }
 
 /// Fixed-rate HTTP/1.1 keep-alive client: `rate` requests/s spread over

@@ -46,8 +46,9 @@ enum Slot {
 struct Driver {
     ring: IoUring,
     slots: Slab<Slot>,
-    /// SQEs pushed since the last submit.
-    queued: usize,
+    /// Wakers of completed operations, called once the driver is no longer
+    /// borrowed; kept between batches so reaping does not allocate.
+    wakers: Vec<Waker>,
 }
 
 thread_local! {
@@ -81,35 +82,59 @@ impl Driver {
             // SAFETY: every entry pushed here points only at memory owned by
             // an `Op` (or its orphaned slot) until its completion arrives.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
-                self.queued += 1;
                 return Ok(());
             }
             self.submit()?;
         }
     }
 
+    /// Queues a cancel of the operation in slot `key`.
+    fn cancel(&mut self, key: usize) {
+        let cancel = opcode::AsyncCancel::new(key as u64)
+            .build()
+            .user_data(CANCEL);
+        let _ = self.push(&cancel);
+    }
+
+    /// Whether entries are queued that the kernel has not taken yet.
+    fn queued(&mut self) -> bool {
+        !self.ring.submission().is_empty()
+    }
+
+    /// Whether some operation still waits for its completion.
+    fn in_flight(&self) -> bool {
+        self.slots.iter().any(|(_, s)| !matches!(s, Slot::Done(_)))
+    }
+
     fn submit(&mut self) -> io::Result<()> {
         loop {
             match self.ring.submit() {
-                Ok(_) => {
-                    self.queued = 0;
-                    return Ok(());
-                }
+                Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // The completion queue is backed up: make room, then retry.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    let wakers = self.reap();
-                    wakers.into_iter().for_each(Waker::wake);
-                }
+                // The completion queue is backed up: make room, then retry
+                // (the wakers are called at the next flush).
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.reap(),
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Moves completions into their slots; returns the wakers to call once
-    /// the driver is no longer borrowed.
-    fn reap(&mut self) -> Vec<Waker> {
-        let mut wakers = Vec::new();
+    fn submit_logged(&mut self) {
+        if let Err(e) = self.submit() {
+            tracing::error!(error = %e, "io_uring submit failed");
+        }
+    }
+
+    /// Submits what is queued, if anything.
+    fn flush(&mut self) {
+        if self.queued() {
+            self.submit_logged();
+        }
+    }
+
+    /// Moves completions into their slots and their wakers to `wakers`.
+    fn reap(&mut self) {
+        let wakers = &mut self.wakers;
         let mut cq = self.ring.completion();
         cq.sync();
         for cqe in &mut cq {
@@ -119,11 +144,12 @@ impl Driver {
             }
             let key = key as usize;
             match self.slots.get_mut(key) {
-                Some(Slot::Waiting(waker)) => {
-                    if let Some(w) = waker.take() {
+                Some(slot @ Slot::Waiting(_)) => {
+                    if let Slot::Waiting(Some(w)) =
+                        std::mem::replace(slot, Slot::Done(cqe.result()))
+                    {
                         wakers.push(w);
                     }
-                    self.slots[key] = Slot::Done(cqe.result());
                 }
                 Some(Slot::Orphan(_)) => {
                     self.slots.remove(key);
@@ -131,7 +157,6 @@ impl Driver {
                 Some(Slot::Done(_)) | None => {}
             }
         }
-        wakers
     }
 }
 
@@ -139,28 +164,25 @@ impl Driver {
 /// runtime's park hook, so one syscall carries every operation the tasks
 /// queued since the last park.
 fn flush_and_reap() {
-    let wakers = with_driver(|d| {
-        if d.queued > 0 || d.ring.submission().cq_overflow() {
-            if let Err(e) = d.submit() {
-                tracing::error!(error = %e, "io_uring submit failed");
-            }
+    let Some(mut wakers) = with_driver(|d| {
+        if d.ring.submission().cq_overflow() {
+            d.submit_logged();
+        } else {
+            d.flush();
         }
-        d.reap()
-    })
-    .unwrap_or_default();
-    wakers.into_iter().for_each(Waker::wake);
+        d.reap();
+        std::mem::take(&mut d.wakers)
+    }) else {
+        return;
+    };
+    wakers.drain(..).for_each(Waker::wake);
+    with_driver(|d| d.wakers = wakers);
 }
 
 /// Submits what is queued now. Called before a socket is closed, so no
 /// queued entry can name a file descriptor number that gets reused.
 pub fn flush() {
-    with_driver(|d| {
-        if d.queued > 0 {
-            if let Err(e) = d.submit() {
-                tracing::error!(error = %e, "io_uring submit failed");
-            }
-        }
-    });
+    with_driver(Driver::flush);
 }
 
 struct RingFd(RawFd);
@@ -178,7 +200,7 @@ pub fn run(ring: IoUring, worker: impl Future<Output = ()>) -> io::Result<()> {
         *d.borrow_mut() = Some(Driver {
             ring,
             slots: Slab::with_capacity(256),
-            queued: 0,
+            wakers: Vec::new(),
         })
     });
     let result = (|| {
@@ -226,36 +248,27 @@ fn teardown() {
     let Some(mut driver) = DRIVER.with(|d| d.borrow_mut().take()) else {
         return;
     };
-    let keys: Vec<usize> = driver.slots.iter().map(|(k, _)| k).collect();
-    for key in keys {
-        if matches!(driver.slots[key], Slot::Waiting(_)) {
-            let cancel = opcode::AsyncCancel::new(key as u64)
-                .build()
-                .user_data(CANCEL);
-            let _ = driver.push(&cancel);
-        }
-    }
-    let deadline = Instant::now() + TEARDOWN_WAIT;
-    while driver
+    let waiting: Vec<usize> = driver
         .slots
         .iter()
-        .any(|(_, s)| !matches!(s, Slot::Done(_)))
-        && Instant::now() < deadline
-    {
+        .filter(|(_, s)| matches!(s, Slot::Waiting(_)))
+        .map(|(k, _)| k)
+        .collect();
+    for key in waiting {
+        driver.cancel(key);
+    }
+    let deadline = Instant::now() + TEARDOWN_WAIT;
+    while driver.in_flight() && Instant::now() < deadline {
         let ts = types::Timespec::from(Duration::from_millis(50));
         let args = types::SubmitArgs::new().timespec(&ts);
         match driver.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => driver.queued = 0,
+            Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
             Err(_) => break,
         }
         driver.reap();
     }
-    if driver
-        .slots
-        .iter()
-        .any(|(_, s)| !matches!(s, Slot::Done(_)))
-    {
+    if driver.in_flight() {
         tracing::warn!("io_uring teardown: operations still in flight; leaking their buffers");
         std::mem::forget(driver);
     }
@@ -301,43 +314,33 @@ impl<R: Unpin + 'static> Future for Op<R> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let Some(key) = this.key else {
-            let resources = this.resources.take().expect("Op polled after completion");
-            return Poll::Ready((Err(io::Error::other("io_uring: the operation could not be queued (no ring on this thread, or submission failed)")), resources));
-        };
-        let done = with_driver(|d| match &mut d.slots[key] {
-            Slot::Done(res) => {
-                let res = *res;
-                d.slots.remove(key);
-                Some(res)
-            }
-            Slot::Waiting(waker) => {
-                match waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => *waker = Some(cx.waker().clone()),
+        let result = match this.key {
+            None => Err(io::Error::other(
+                "io_uring: the operation could not be queued (no ring on this thread, or submission failed)",
+            )),
+            Some(key) => match with_driver(|d| match &mut d.slots[key] {
+                Slot::Done(res) => {
+                    let res = *res;
+                    d.slots.remove(key);
+                    Some(res)
                 }
-                None
-            }
-            Slot::Orphan(_) => None,
-        });
-        match done {
-            Some(Some(res)) => {
-                this.key = None;
-                let resources = this.resources.take().expect("Op polled after completion");
-                let result = if res < 0 {
-                    Err(io::Error::from_raw_os_error(-res))
-                } else {
-                    Ok(res as u32)
-                };
-                Poll::Ready((result, resources))
-            }
-            Some(None) => Poll::Pending,
-            None => {
-                this.key = None;
-                let resources = this.resources.take().expect("Op polled after completion");
-                Poll::Ready((Err(io::Error::other("io_uring is not running")), resources))
-            }
-        }
+                Slot::Waiting(waker) => {
+                    if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *waker = Some(cx.waker().clone());
+                    }
+                    None
+                }
+                Slot::Orphan(_) => None,
+            }) {
+                Some(None) => return Poll::Pending,
+                Some(Some(res)) if res < 0 => Err(io::Error::from_raw_os_error(-res)),
+                Some(Some(res)) => Ok(res as u32),
+                None => Err(io::Error::other("io_uring is not running")),
+            },
+        };
+        this.key = None;
+        let resources = this.resources.take().expect("Op polled after completion");
+        Poll::Ready((result, resources))
     }
 }
 
@@ -346,20 +349,15 @@ impl<R: 'static> Drop for Op<R> {
         let Some(key) = self.key else {
             return;
         };
-        let resources = self.resources.take();
-        let mut resources = Some(resources);
+        let mut resources = self.resources.take();
         with_driver(|d| {
             if matches!(d.slots.get(key), Some(Slot::Done(_))) {
                 d.slots.remove(key);
                 drop(resources.take());
                 return;
             }
-            let keep: Box<dyn Any> = Box::new(resources.take());
-            d.slots[key] = Slot::Orphan(keep);
-            let cancel = opcode::AsyncCancel::new(key as u64)
-                .build()
-                .user_data(CANCEL);
-            let _ = d.push(&cancel);
+            d.slots[key] = Slot::Orphan(Box::new(resources.take()));
+            d.cancel(key);
         });
         // Still here: the driver is gone (thread teardown) while the kernel
         // may own the memory. Leak it rather than free it under the kernel.
