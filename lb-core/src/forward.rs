@@ -244,8 +244,14 @@ async fn serve<E: Engine>(worker: Rc<Worker>, key: BindKey, client: E::Conn, pee
         stats.reject(Reject::Limit);
         return;
     }
-    let local = client.local_addr().unwrap_or(key.addr);
-    let _ = client.set_nodelay();
+    // A listener bound to one address and port was reached there; only a
+    // wildcard or ephemeral bind needs the kernel to say where (saves a
+    // syscall per connection otherwise).
+    let local = if key.addr.ip().is_unspecified() || key.addr.port() == 0 {
+        client.local_addr().unwrap_or(key.addr)
+    } else {
+        key.addr
+    };
     let Some((backend, upstream)) = connect_backend::<E>(&worker, &route, peer, local).await else {
         stats.reject(Reject::NoBackend);
         return;
@@ -269,6 +275,7 @@ async fn serve<E: Engine>(worker: Rc<Worker>, key: BindKey, client: E::Conn, pee
     let mut close = backend.close_signal();
     let idle = route.listener.idle_timeout.get();
     let activity = Cell::new(Instant::now());
+    let one_way_done = Cell::new(false);
     let copy = async {
         tokio::try_join!(
             pump(
@@ -276,14 +283,16 @@ async fn serve<E: Engine>(worker: Rc<Worker>, key: BindKey, client: E::Conn, pee
                 &client,
                 &upstream,
                 &stats.bytes_to_backend,
-                &activity
+                &activity,
+                &one_way_done,
             ),
             pump(
                 &worker,
                 &upstream,
                 &client,
                 &stats.bytes_to_client,
-                &activity
+                &activity,
+                &one_way_done,
             ),
         )
     };
@@ -296,15 +305,31 @@ async fn serve<E: Engine>(worker: Rc<Worker>, key: BindKey, client: E::Conn, pee
             tokio::time::sleep_until(deadline).await;
         }
     };
-    tokio::select! {
-        result = copy => if let Err(e) = result {
-            tracing::debug!(listener = %route.listener.name, %peer, error = %e, "connection ended with an error");
+    let finished = tokio::select! {
+        result = copy => match result {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(listener = %route.listener.name, %peer, error = %e, "connection ended with an error");
+                false
+            }
         },
-        () = idle_watch => tracing::debug!(listener = %route.listener.name, %peer, "idle timeout"),
-        _ = close.wait_for(|c| *c) => tracing::debug!(listener = %route.listener.name, %peer, backend = %backend.addr, "closed by drain deadline"),
+        () = idle_watch => {
+            tracing::debug!(listener = %route.listener.name, %peer, "idle timeout");
+            false
+        }
+        _ = close.wait_for(|c| *c) => {
+            tracing::debug!(listener = %route.listener.name, %peer, backend = %backend.addr, "closed by drain deadline");
+            false
+        }
+    };
+    // Both ways ended with EOF: nothing is in flight or unread, and closing
+    // the sockets (on drop) sends what FIN is left. Cut short, shut both
+    // sockets down so the peers hear of it now and any read still in
+    // flight completes.
+    if !finished {
+        client.shutdown_both();
+        upstream.shutdown_both();
     }
-    client.shutdown_both();
-    upstream.shutdown_both();
 }
 
 /// Picks and connects a backend, retrying other backends on failure.
@@ -346,12 +371,14 @@ async fn connect_backend<E: Engine>(
 }
 
 /// Copies `from` → `to` until EOF (then half-closes `to`) or an error.
+/// `one_way_done` is shared by the two directions of a connection.
 async fn pump<C: Conn>(
     worker: &Worker,
     from: &C,
     to: &C,
     bytes: &AtomicU64,
     activity: &Cell<Instant>,
+    one_way_done: &Cell<bool>,
 ) -> io::Result<()> {
     loop {
         // Wait without a buffer: idle connections hold none.
@@ -374,6 +401,11 @@ async fn pump<C: Conn>(
         };
         if n == 0 {
             worker.give_buffer(buf);
+            if one_way_done.replace(true) {
+                // The other way ended first: the connection is over, and
+                // closing `to` sends its FIN without a shutdown call.
+                return Ok(());
+            }
             // Peer finished sending: pass the FIN on, keep the other way open.
             // ENOTCONN means the other side is already gone; nothing to tell.
             return match to.shutdown_write() {

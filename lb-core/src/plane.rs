@@ -326,7 +326,7 @@ impl Plane {
 /// Binds one `SO_REUSEPORT` socket per worker on `addr`, with
 /// `IP_FREEBIND` so a VIP not yet on the host still binds. With port 0, the
 /// first socket's port is reused by the others. `Type::STREAM` sockets are
-/// put in listening state.
+/// put in listening state, with `TCP_NODELAY` for the sockets they accept.
 fn bind_reuseport(
     addr: SocketAddr,
     count: usize,
@@ -350,6 +350,9 @@ fn bind_reuseport(
         }
         s.bind(&actual.into())?;
         if kind == Type::STREAM {
+            // Accepted sockets inherit TCP_NODELAY from the listener, so no
+            // connection needs its own setsockopt (test `accepted_sockets_inherit_nodelay`).
+            s.set_tcp_nodelay(true)?;
             s.listen(4096)?;
         }
         if actual.port() == 0 {
@@ -379,4 +382,25 @@ pub fn bind_udp(
 ) -> io::Result<(Vec<std::net::UdpSocket>, SocketAddr)> {
     let (sockets, actual) = bind_reuseport(addr, count, Type::DGRAM)?;
     Ok((sockets.into_iter().map(Into::into).collect(), actual))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forwarder relies on this instead of setting `TCP_NODELAY` on each
+    /// accepted connection.
+    #[test]
+    fn accepted_sockets_inherit_nodelay() {
+        let (listeners, addr) = bind_tcp("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let listener = &listeners[0];
+        listener.set_nonblocking(false).unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
+        assert!(
+            !client.nodelay().unwrap(),
+            "the check itself tells the two apart"
+        );
+    }
 }

@@ -258,6 +258,36 @@ fn half_close_gets_full_reply(engine: EngineChoice) {
     );
 }
 
+/// The backend ends first (say, a server that closes after its reply), the
+/// client later: the backend must then read a clean EOF, not a reset or
+/// nothing at all.
+fn backend_closing_first_sees_client_eof(engine: EngineChoice) {
+    let backend = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut s, _) = backend.accept().unwrap();
+        s.write_all(b"bye").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        let _ = tx.send(s.read_to_end(&mut rest).map(|_| rest));
+    });
+    let toml = format!(
+        "{ADMIN_OFF}{}",
+        listener_toml("web", "127.0.0.1:0", "", &[backend_addr], "kind = \"none\"")
+    );
+    let lbd = start_lbd(&toml, engine);
+    let mut s = connect_from(None, lbd.bound_addr("web").unwrap()).unwrap();
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply, b"bye");
+    s.write_all(b"last words").unwrap();
+    drop(s);
+    let got = rx.recv_timeout(Duration::from_secs(15)).unwrap();
+    assert_eq!(got.unwrap(), b"last words");
+}
+
 fn proxy_protocol_headers(engine: EngineChoice) {
     for (version, client_ip, bind_ip) in [
         ("v1", "127.0.0.1", "127.0.0.1"),
@@ -266,7 +296,14 @@ fn proxy_protocol_headers(engine: EngineChoice) {
         ("v2", "::1", "::1"),
     ] {
         let rec = TestBackend::start("127.0.0.2", Behavior::Record { reply_len: 1 });
-        let bind = SocketAddr::new(bind_ip.parse().unwrap(), 0);
+        // v1 binds an ephemeral port (the VIP comes from the socket), v2 a
+        // fixed one (the VIP comes from the configuration).
+        let port = if version == "v1" {
+            0
+        } else {
+            free_port(bind_ip)
+        };
+        let bind = SocketAddr::new(bind_ip.parse().unwrap(), port);
         let toml = format!(
             "{ADMIN_OFF}{}",
             listener_toml(
@@ -704,6 +741,7 @@ both_engines!(
     black_hole_detected_by_check_timeout,
     refused_backend_is_retried,
     half_close_gets_full_reply,
+    backend_closing_first_sees_client_eof,
     proxy_protocol_headers,
     source_ranges_refuse_and_count,
     max_connections_refuse_and_count,

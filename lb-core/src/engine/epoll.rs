@@ -5,6 +5,7 @@ use std::io;
 use std::net::{Shutdown, SocketAddr};
 
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::{Conn, Datagram, Engine, EngineKind};
@@ -67,8 +68,26 @@ impl Conn for EpollConn {
         // One attempt: a spurious wake-up answers WouldBlock (which also
         // clears tokio's readiness), and the caller gives the buffer back
         // before waiting again, so an idle connection never holds one.
-        let r = self.0.try_read_buf(&mut buf);
-        (r, buf)
+        //
+        // A short read means the receive queue is empty now, so readiness
+        // is cleared right away (by answering WouldBlock to `try_io`);
+        // otherwise the next `ready` would return at once and cost a
+        // `recv` that finds nothing, one per message. Data that arrives
+        // after this read is a new edge, which sets readiness again.
+        let room = buf.capacity() - buf.len();
+        let mut short = None;
+        let r = self.0.try_io(Interest::READABLE, || {
+            let n = self.0.try_read_buf(&mut buf)?;
+            if n > 0 && n < room {
+                short = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match short {
+            Some(n) => (Ok(n), buf),
+            None => (r, buf),
+        }
     }
 
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
@@ -97,10 +116,6 @@ impl Conn for EpollConn {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.0.local_addr()
-    }
-
-    fn set_nodelay(&self) -> io::Result<()> {
-        self.0.set_nodelay(true)
     }
 }
 

@@ -35,8 +35,6 @@ pub trait Conn: Sized + 'static {
     fn shutdown_both(&self);
     /// The local address of the connection (the VIP the client reached).
     fn local_addr(&self) -> io::Result<SocketAddr>;
-    /// Sets `TCP_NODELAY`.
-    fn set_nodelay(&self) -> io::Result<()>;
 }
 
 /// A UDP socket with owned-buffer operations. Listener sockets use

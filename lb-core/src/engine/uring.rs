@@ -254,10 +254,6 @@ impl Conn for UringConn {
             .as_socket()
             .ok_or_else(|| io::Error::other("not an IP socket"))
     }
-
-    fn set_nodelay(&self) -> io::Result<()> {
-        self.sock.0.set_tcp_nodelay(true)
-    }
 }
 
 /// A listening socket on the ring.
