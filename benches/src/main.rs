@@ -341,9 +341,10 @@ fn ratio(figures: &[Figure], scenario: &str, workers: usize, peer: &str) -> Opti
 }
 
 /// The peer a figure's target compares with: HAProxy with splice for
-/// bulk, nginx stream for UDP (HAProxy has none), HAProxy otherwise.
+/// bulk transfers (and their CPU cost), nginx stream for UDP (HAProxy has
+/// none), HAProxy otherwise.
 fn reference(scenario: &str) -> &'static str {
-    if scenario.starts_with("bulk") {
+    if scenario.starts_with("bulk") || scenario.starts_with("CPU seconds per GB") {
         "haproxy-splice"
     } else if scenario.starts_with("UDP") {
         "nginx-stream"
@@ -613,5 +614,22 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_figure_is_compared_with_the_peer_its_target_names() {
+        assert_eq!(reference("keep-alive requests/s"), "haproxy");
+        assert_eq!(reference("new connections/s"), "haproxy");
+        assert_eq!(reference("bulk Gbit/s, 1 stream"), "haproxy-splice");
+        assert_eq!(reference("CPU seconds per GB (1 stream)"), "haproxy-splice");
+        assert_eq!(
+            reference("UDP datagrams/s (one-way, delivered)"),
+            "nginx-stream"
+        );
     }
 }
