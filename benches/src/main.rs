@@ -153,6 +153,14 @@ fn iperf(target: SocketAddr, seconds: u64, streams: usize) -> anyhow::Result<(f6
     Ok((bps / 1e9, sum["bytes"].as_f64().unwrap_or(0.0)))
 }
 
+/// The runs of one scenario through one peer.
+#[derive(Clone)]
+struct Sample {
+    scenario: &'static str,
+    unit: &'static str,
+    runs: Vec<f64>,
+}
+
 struct Bench {
     runs: usize,
     seconds: u64,
@@ -164,95 +172,106 @@ struct Bench {
 }
 
 impl Bench {
-    fn repeat(&self, mut f: impl FnMut() -> anyhow::Result<f64>) -> Vec<f64> {
-        (0..self.runs)
-            .map(|_| {
-                f().unwrap_or_else(|e| {
-                    eprintln!("  run failed: {e:#}");
-                    f64::NAN
-                })
-            })
-            .collect()
+    /// Throughput figures of every peer. Runs are interleaved across peers
+    /// (run 1 of every peer, then run 2, ...), each on a fresh start with a
+    /// discarded warm-up, so a slow spell of a shared machine lands on
+    /// every peer alike instead of on whichever one it was measuring.
+    fn throughput(&mut self, peers: &[Peer], workers: usize) {
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); peers.len()];
+        for run in 0..self.runs {
+            for (peer, acc) in peers.iter().zip(samples.iter_mut()) {
+                eprintln!("{} ({workers} workers), run {}", peer.name(), run + 1);
+                match self.throughput_once(peer, workers, run == 0) {
+                    Ok(measured) => {
+                        for (scenario, unit, value) in measured {
+                            match acc.iter_mut().find(|s| s.scenario == scenario) {
+                                Some(s) => s.runs.push(value),
+                                None => acc.push(Sample {
+                                    scenario,
+                                    unit,
+                                    runs: vec![value],
+                                }),
+                            }
+                        }
+                    }
+                    Err(e) => eprintln!("  {e:#}"),
+                }
+            }
+        }
+        for (peer, acc) in peers.iter().zip(samples) {
+            for s in acc {
+                self.figures
+                    .push(figure(s.scenario, s.unit, workers, peer, s.runs));
+            }
+        }
     }
 
-    /// Throughput scenarios for one peer.
-    fn throughput(&mut self, peer: &Peer, workers: usize) -> anyhow::Result<()> {
+    /// One run of every throughput scenario through `peer`: (scenario,
+    /// unit, value), NaN for a run that failed. Memory per idle connection
+    /// is measured when `memory` (once per peer: it does not vary by run).
+    fn throughput_once(
+        &self,
+        peer: &Peer,
+        workers: usize,
+        memory: bool,
+    ) -> anyhow::Result<Vec<(&'static str, &'static str, f64)>> {
         let running = peers::start(peer, workers, &self.dir, &self.lbd)?;
         let (http, bulk, udp) = peer.targets();
         let s = self.seconds;
-        eprintln!("{} ({workers} workers)", peer.name());
+        let mut out = Vec::new();
+        let mut push = |scenario, unit, value: anyhow::Result<f64>| {
+            let value = value.unwrap_or_else(|e| {
+                eprintln!("  {scenario} failed: {e:#}");
+                f64::NAN
+            });
+            out.push((scenario, unit, value));
+        };
         let _ = wrk(http, 1, false); // warm-up, discarded
-        let ka = self.repeat(|| wrk(http, s, false));
-        self.figures
-            .push(figure("keep-alive requests/s", "req/s", workers, peer, ka));
-        let nc = self.repeat(|| wrk(http, s, true));
-        self.figures
-            .push(figure("new connections/s", "conn/s", workers, peer, nc));
-        let mut cpu = Vec::new();
-        let b1 = self.repeat(|| {
-            let pids = running.as_ref().map(|r| r.pids()).unwrap_or_default();
-            let before = peers::cpu_seconds(&pids);
-            let (gbps, bytes) = iperf(bulk, s, 1)?;
-            if !pids.is_empty() && bytes > 0.0 {
-                cpu.push((peers::cpu_seconds(&pids) - before) / (bytes / 1e9));
+        push("keep-alive requests/s", "req/s", wrk(http, s, false));
+        push("new connections/s", "conn/s", wrk(http, s, true));
+        let pids = running.as_ref().map(|r| r.pids()).unwrap_or_default();
+        let before = peers::cpu_seconds(&pids);
+        let b1 = iperf(bulk, s, 1);
+        let cpu = match &b1 {
+            Ok((_, bytes)) if !pids.is_empty() && *bytes > 0.0 => {
+                Some((peers::cpu_seconds(&pids) - before) / (bytes / 1e9))
             }
-            Ok(gbps)
-        });
-        self.figures
-            .push(figure("bulk Gbit/s, 1 stream", "Gbit/s", workers, peer, b1));
-        if !cpu.is_empty() {
-            self.figures.push(figure(
-                "CPU seconds per GB (1 stream)",
-                "s/GB",
-                workers,
-                peer,
-                cpu,
-            ));
+            _ => None,
+        };
+        push("bulk Gbit/s, 1 stream", "Gbit/s", b1.map(|r| r.0));
+        if let Some(cpu) = cpu {
+            push("CPU seconds per GB (1 stream)", "s/GB", Ok(cpu));
         }
-        let b8 = self.repeat(|| iperf(bulk, s, 8).map(|r| r.0));
-        self.figures.push(figure(
+        push(
             "bulk Gbit/s, 8 streams",
             "Gbit/s",
-            workers,
-            peer,
-            b8,
-        ));
+            iperf(bulk, s, 8).map(|r| r.0),
+        );
         if !matches!(peer, Peer::Haproxy { .. }) {
-            let rr = self.repeat(|| load::udp_rr(udp, 32, Duration::from_secs(s)));
-            self.figures.push(figure(
+            let d = Duration::from_secs(s);
+            push(
                 "UDP datagrams/s (request/response)",
                 "dgram/s",
-                workers,
-                peer,
-                rr,
-            ));
-            let target = peer.oneway_target();
-            let ow =
-                self.repeat(|| load::udp_oneway(target, &self.sink, 4, Duration::from_secs(s)));
-            self.figures.push(figure(
+                load::udp_rr(udp, 32, d),
+            );
+            push(
                 "UDP datagrams/s (one-way, delivered)",
                 "dgram/s",
-                workers,
-                peer,
-                ow,
-            ));
+                load::udp_oneway(peer.oneway_target(), &self.sink, 4, d),
+            );
         }
-        if let Some(r) = &running {
-            let before = peers::rss_kib(&r.pids());
-            let conns = load::idle_connections(http, self.idle)?;
-            std::thread::sleep(Duration::from_secs(1));
-            let after = peers::rss_kib(&r.pids());
-            drop(conns);
-            let per = (after.saturating_sub(before) as f64 * 1024.0) / self.idle as f64;
-            self.figures.push(figure(
-                "memory per idle connection",
-                "bytes",
-                workers,
-                peer,
-                vec![per],
-            ));
+        if let (true, Some(r)) = (memory, &running) {
+            let per = (|| {
+                let before = peers::rss_kib(&r.pids());
+                let conns = load::idle_connections(http, self.idle)?;
+                std::thread::sleep(Duration::from_secs(1));
+                let after = peers::rss_kib(&r.pids());
+                drop(conns);
+                Ok((after.saturating_sub(before) as f64 * 1024.0) / self.idle as f64)
+            })();
+            push("memory per idle connection", "bytes", per);
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Latency at a fixed offered load. Runs are interleaved across peers
@@ -505,11 +524,7 @@ fn run(
         figures: Vec::new(),
     };
     for &w in &workers {
-        for p in &peers {
-            if let Err(e) = bench.throughput(p, w) {
-                eprintln!("{} ({w} workers): {e:#}", p.name());
-            }
-        }
+        bench.throughput(&peers, w);
         // Fixed load: half of the slowest proxy's keep-alive maximum.
         let slowest = bench
             .figures
@@ -541,7 +556,7 @@ fn run(
         "# Weir benchmark results\n\n\
          Generated by `lb-bench run` (do not edit by hand). Setup: loopback (127.0.0.0/8), \
          client, proxy and backends on one machine; same worker count for every proxy; logs off; \
-         {runs} measured run(s) of {seconds}s per figure after a discarded warm-up, median (min–max).\n\n\
+         {runs} measured run(s) of {seconds}s per figure, interleaved across peers, each on a fresh start after a discarded warm-up; median (min–max).\n\n\
          - date: {}\n- CPU: {cpu} ({} cores)\n- kernel: {}\n- lbd: {}\n- HAProxy: {}\n- nginx: {}\n- wrk: {}\n- iperf3: {}\n\
          - latency: fixed offered load of half the slowest proxy's keep-alive maximum, 16 connections, timed from each request's scheduled start; {lat_runs} runs interleaved across peers\n\
          - memory: RSS growth of the proxy's processes with {idle} idle proxied connections open, per connection\n\
