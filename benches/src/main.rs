@@ -90,6 +90,17 @@ struct Figure {
     max: f64,
 }
 
+/// The median of sorted values (the mean of the middle two for an even
+/// count), NaN for none.
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => sorted[n / 2],
+        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 fn figure(
     scenario: &'static str,
     unit: &'static str,
@@ -100,7 +111,7 @@ fn figure(
     runs.retain(|v| v.is_finite());
     let mut sorted = runs.clone();
     sorted.sort_by(f64::total_cmp);
-    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    let median = median(&sorted);
     Figure {
         scenario,
         unit,
@@ -346,14 +357,14 @@ fn latency_runs(runs: usize) -> usize {
 /// The median of `peer`'s figure over its reference's for `scenario` at
 /// `workers`, when both were measured.
 fn ratio(figures: &[Figure], scenario: &str, workers: usize, peer: &str) -> Option<f64> {
-    let median = |name: &str| {
+    let median_of = |name: &str| {
         figures
             .iter()
             .find(|g| g.scenario == scenario && g.workers == workers && g.peer == name)
             .map(|g| g.median)
             .filter(|m| m.is_finite())
     };
-    match (median(peer), median(reference(scenario))) {
+    match (median_of(peer), median_of(reference(scenario))) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
     }
@@ -635,6 +646,13 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_no_runs() {
+        assert_eq!(median(&[1.0, 2.0, 9.0]), 2.0);
+        assert_eq!(median(&[1.0, 2.0, 4.0, 9.0]), 3.0);
+        assert!(median(&[]).is_nan());
+    }
 
     #[test]
     fn each_figure_is_compared_with_the_peer_its_target_names() {
