@@ -164,6 +164,9 @@ fn iperf(target: SocketAddr, seconds: u64, streams: usize) -> anyhow::Result<(f6
     Ok((bps / 1e9, sum["bytes"].as_f64().unwrap_or(0.0)))
 }
 
+/// One measured value: scenario, unit, value (NaN when the run failed).
+type Measured = (&'static str, &'static str, f64);
+
 /// The runs of one scenario through one peer.
 #[derive(Clone)]
 struct Sample {
@@ -183,16 +186,22 @@ struct Bench {
 }
 
 impl Bench {
-    /// Throughput figures of every peer. Runs are interleaved across peers
-    /// (run 1 of every peer, then run 2, ...), each on a fresh start with a
-    /// discarded warm-up, so a slow spell of a shared machine lands on
-    /// every peer alike instead of on whichever one it was measuring.
-    fn throughput(&mut self, peers: &[Peer], workers: usize) {
+    /// Runs `measure` `runs` times through every peer, interleaved (run 1
+    /// of every peer, then run 2, ...), so a slow spell of a shared machine
+    /// lands on every peer alike instead of on whichever one it was
+    /// measuring; then adds a figure per peer and scenario.
+    fn interleaved(
+        &mut self,
+        peers: &[Peer],
+        workers: usize,
+        runs: usize,
+        measure: impl Fn(&Self, &Peer, usize) -> anyhow::Result<Vec<Measured>>,
+    ) {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); peers.len()];
-        for run in 0..self.runs {
+        for run in 0..runs {
             for (peer, acc) in peers.iter().zip(samples.iter_mut()) {
                 eprintln!("{} ({workers} workers), run {}", peer.name(), run + 1);
-                match self.throughput_once(peer, workers, run == 0) {
+                match measure(self, peer, run) {
                     Ok(measured) => {
                         for (scenario, unit, value) in measured {
                             match acc.iter_mut().find(|s| s.scenario == scenario) {
@@ -217,15 +226,23 @@ impl Bench {
         }
     }
 
-    /// One run of every throughput scenario through `peer`: (scenario,
-    /// unit, value), NaN for a run that failed. Memory per idle connection
-    /// is measured when `memory` (once per peer: it does not vary by run).
+    /// Throughput figures of every peer, each run on a fresh start with a
+    /// discarded warm-up. Memory per idle connection is measured in the
+    /// first run only (it does not vary by run).
+    fn throughput(&mut self, peers: &[Peer], workers: usize) {
+        self.interleaved(peers, workers, self.runs, |b, peer, run| {
+            b.throughput_once(peer, workers, run == 0)
+        });
+    }
+
+    /// One run of every throughput scenario through `peer`, NaN for a
+    /// scenario that failed.
     fn throughput_once(
         &self,
         peer: &Peer,
         workers: usize,
         memory: bool,
-    ) -> anyhow::Result<Vec<(&'static str, &'static str, f64)>> {
+    ) -> anyhow::Result<Vec<Measured>> {
         let running = peers::start(peer, workers, &self.dir, &self.lbd)?;
         let (http, bulk, udp) = peer.targets();
         let s = self.seconds;
@@ -272,50 +289,57 @@ impl Bench {
             );
         }
         if let (true, Some(r)) = (memory, &running) {
-            let per = (|| {
-                let before = peers::rss_kib(&r.pids());
-                let conns = load::idle_connections(http, self.idle)?;
-                std::thread::sleep(Duration::from_secs(1));
-                let after = peers::rss_kib(&r.pids());
-                drop(conns);
-                Ok((after.saturating_sub(before) as f64 * 1024.0) / self.idle as f64)
-            })();
-            push("memory per idle connection", "bytes", per);
+            push(
+                "memory per idle connection",
+                "bytes",
+                self.idle_memory(r, http),
+            );
         }
         Ok(out)
     }
 
-    /// Latency at a fixed offered load. Runs are interleaved across peers
-    /// (run 1 of every peer, then run 2, ...), so noise that changes over
-    /// time on a shared machine hits every peer alike; at least 5 runs.
+    /// RSS growth of `proxy`'s processes per idle connection, with
+    /// `self.idle` connections held open through `http`.
+    fn idle_memory(&self, proxy: &peers::Running, http: SocketAddr) -> anyhow::Result<f64> {
+        let before = peers::rss_kib(&proxy.pids());
+        let conns = load::idle_connections(http, self.idle)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let after = peers::rss_kib(&proxy.pids());
+        drop(conns);
+        Ok((after.saturating_sub(before) as f64 * 1024.0) / self.idle as f64)
+    }
+
+    /// Latency at a fixed offered load, at least 5 runs per peer. A run that
+    /// fails counts as no figure (NaN) rather than ending the peer's runs.
     fn latency(&mut self, peers: &[Peer], workers: usize, rate: f64) {
-        let runs = latency_runs(self.runs);
-        let mut samples: Vec<[Vec<f64>; 3]> = vec![Default::default(); peers.len()];
-        for _ in 0..runs {
-            for (peer, out) in peers.iter().zip(samples.iter_mut()) {
-                let measured =
-                    peers::start(peer, workers, &self.dir, &self.lbd).and_then(|_running| {
-                        let (http, _, _) = peer.targets();
-                        load::http_latency(http, rate, 16, Duration::from_secs(self.seconds))
-                    });
-                let lat = measured.unwrap_or_else(|e| {
-                    eprintln!("{} latency: {e:#}", peer.name());
+        self.interleaved(peers, workers, latency_runs(self.runs), |b, peer, _| {
+            let lat = peers::start(peer, workers, &b.dir, &b.lbd)
+                .and_then(|_running| {
+                    let (http, _, _) = peer.targets();
+                    load::http_latency(http, rate, 16, Duration::from_secs(b.seconds))
+                })
+                .unwrap_or_else(|e| {
+                    eprintln!("  latency: {e:#}");
                     Vec::new()
                 });
-                for (q, v) in [0.50, 0.99, 0.999].into_iter().zip(out.iter_mut()) {
-                    v.push(load::quantile(&lat, q));
-                }
-            }
-        }
-        for (peer, [p50, p99, p999]) in peers.iter().zip(samples) {
-            for (name, v) in [
-                ("latency p50 at fixed load", p50),
-                ("latency p99 at fixed load", p99),
-                ("latency p99.9 at fixed load", p999),
-            ] {
-                self.figures.push(figure(name, "µs", workers, peer, v));
-            }
-        }
+            Ok(vec![
+                (
+                    "latency p50 at fixed load",
+                    "µs",
+                    load::quantile(&lat, 0.50),
+                ),
+                (
+                    "latency p99 at fixed load",
+                    "µs",
+                    load::quantile(&lat, 0.99),
+                ),
+                (
+                    "latency p99.9 at fixed load",
+                    "µs",
+                    load::quantile(&lat, 0.999),
+                ),
+            ])
+        });
     }
 }
 

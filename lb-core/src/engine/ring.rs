@@ -165,10 +165,8 @@ impl Driver {
 /// queued since the last park.
 fn flush_and_reap() {
     let Some(mut wakers) = with_driver(|d| {
-        if d.ring.submission().cq_overflow() {
+        if d.queued() || d.ring.submission().cq_overflow() {
             d.submit_logged();
-        } else {
-            d.flush();
         }
         d.reap();
         std::mem::take(&mut d.wakers)
@@ -448,7 +446,7 @@ mod tests {
             let deadline = Instant::now() + Duration::from_secs(5);
             while slots_in_use() != 0 {
                 assert!(Instant::now() < deadline, "cancelled poll never completed");
-                tokio::task::yield_now().await;
+                // Sleeping parks the worker, whose park hook reaps.
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             // SAFETY: as above.
