@@ -234,6 +234,37 @@ pub fn idle_connections(target: SocketAddr, count: usize) -> anyhow::Result<Vec<
     Ok(out)
 }
 
+/// Established IPv4 TCP connections whose local end is `local`, counted in
+/// /proc/net/tcp (on a server's address: the connections it has accepted).
+pub fn established_at(local: SocketAddr) -> anyhow::Result<usize> {
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter(|line| is_established_at(line, local))
+        .count())
+}
+
+/// Whether a /proc/net/tcp row is an established connection with local end
+/// `local`. The kernel prints the address as the native-endian number of its
+/// network-order bytes, and the port in host order, both in hex.
+fn is_established_at(row: &str, local: SocketAddr) -> bool {
+    const ESTABLISHED: &str = "01";
+    let mut fields = row.split_whitespace().skip(1);
+    let (Some(addr), Some(_remote), Some(state)) = (fields.next(), fields.next(), fields.next())
+    else {
+        return false;
+    };
+    let Some((ip, port)) = addr.split_once(':') else {
+        return false;
+    };
+    let (Ok(ip), Ok(port)) = (u32::from_str_radix(ip, 16), u16::from_str_radix(port, 16)) else {
+        return false;
+    };
+    state == ESTABLISHED
+        && SocketAddr::from((std::net::Ipv4Addr::from(ip.to_ne_bytes()), port)) == local
+}
+
 /// The value at quantile `q` of sorted samples.
 pub fn quantile(sorted: &[u64], q: f64) -> f64 {
     if sorted.is_empty() {
@@ -241,4 +272,40 @@ pub fn quantile(sorted: &[u64], q: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     sorted[i.min(sorted.len() - 1)] as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn reads_a_proc_net_tcp_row() {
+        // 127.0.0.2:18081 accepted from 127.0.0.1:50000, established; then
+        // the same address listening (state 0A).
+        let est = "   7: 0200007F:46A1 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 1 1 0 20 4 30 10 -1";
+        let listen = "   0: 0200007F:46A1 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0";
+        let at: SocketAddr = "127.0.0.2:18081".parse().unwrap();
+        assert!(is_established_at(est, at));
+        assert!(!is_established_at(listen, at));
+        assert!(!is_established_at(est, "127.0.0.2:18082".parse().unwrap()));
+        assert!(!is_established_at(est, "127.0.0.3:18081".parse().unwrap()));
+        assert!(!is_established_at("  sl  local_address", at));
+    }
+
+    /// Counts the connections a real listener accepted, and only those.
+    #[test]
+    fn counts_connections_accepted_at_an_address() {
+        let listener = TcpListener::bind("127.0.0.9:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        assert_eq!(established_at(at).unwrap(), 0);
+        let clients: Vec<_> = (0..3).map(|_| TcpStream::connect(at).unwrap()).collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while established_at(at).unwrap() != 3 {
+            assert!(Instant::now() < deadline, "never saw 3 connections");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(clients);
+        drop(listener);
+    }
 }

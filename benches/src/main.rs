@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use peers::Peer;
@@ -43,7 +43,7 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         duration: u64,
         /// Idle connections for the memory figure.
-        #[arg(long, default_value_t = 4000)]
+        #[arg(long, default_value_t = 10_000)]
         idle: usize,
         /// Where the markdown table goes.
         #[arg(long, default_value = "benches/RESULTS.md")]
@@ -164,8 +164,8 @@ fn iperf(target: SocketAddr, seconds: u64, streams: usize) -> anyhow::Result<(f6
     Ok((bps / 1e9, sum["bytes"].as_f64().unwrap_or(0.0)))
 }
 
-/// One measured value: scenario, unit, value (NaN when the run failed).
-type Measured = (&'static str, &'static str, f64);
+/// One measured value: scenario, unit, value or why there is none.
+type Measured = (&'static str, &'static str, anyhow::Result<f64>);
 
 /// The runs of one scenario through one peer.
 #[derive(Clone)]
@@ -178,11 +178,11 @@ struct Sample {
 struct Bench {
     runs: usize,
     seconds: u64,
-    idle: usize,
-    dir: PathBuf,
-    lbd: PathBuf,
+    site: peers::Site,
     sink: load::UdpSink,
     figures: Vec<Figure>,
+    /// Runs, or scenarios within runs, that produced no figure, and why.
+    failures: Vec<String>,
 }
 
 impl Bench {
@@ -198,12 +198,22 @@ impl Bench {
         measure: impl Fn(&Self, &Peer, usize) -> anyhow::Result<Vec<Measured>>,
     ) {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); peers.len()];
+        let mut failures = Vec::new();
         for run in 0..runs {
             for (peer, acc) in peers.iter().zip(samples.iter_mut()) {
-                eprintln!("{} ({workers} workers), run {}", peer.name(), run + 1);
+                let what = format!("{} ({workers} workers), run {}", peer.name(), run + 1);
+                eprintln!("{what}");
+                let mut failed = |e: anyhow::Error| {
+                    eprintln!("  {e:#}");
+                    failures.push(format!("{what}: {e:#}"));
+                };
                 match measure(self, peer, run) {
                     Ok(measured) => {
                         for (scenario, unit, value) in measured {
+                            let value = value.unwrap_or_else(|e| {
+                                failed(e.context(scenario));
+                                f64::NAN
+                            });
                             match acc.iter_mut().find(|s| s.scenario == scenario) {
                                 Some(s) => s.runs.push(value),
                                 None => acc.push(Sample {
@@ -214,10 +224,11 @@ impl Bench {
                             }
                         }
                     }
-                    Err(e) => eprintln!("  {e:#}"),
+                    Err(e) => failed(e),
                 }
             }
         }
+        self.failures.extend(failures);
         for (peer, acc) in peers.iter().zip(samples) {
             for s in acc {
                 self.figures
@@ -235,25 +246,18 @@ impl Bench {
         });
     }
 
-    /// One run of every throughput scenario through `peer`, NaN for a
-    /// scenario that failed.
+    /// One run of every throughput scenario through `peer`.
     fn throughput_once(
         &self,
         peer: &Peer,
         workers: usize,
         memory: bool,
     ) -> anyhow::Result<Vec<Measured>> {
-        let running = peers::start(peer, workers, &self.dir, &self.lbd)?;
+        let running = peers::start(peer, workers, &self.site)?;
         let (http, bulk, udp) = peer.targets();
         let s = self.seconds;
         let mut out = Vec::new();
-        let mut push = |scenario, unit, value: anyhow::Result<f64>| {
-            let value = value.unwrap_or_else(|e| {
-                eprintln!("  {scenario} failed: {e:#}");
-                f64::NAN
-            });
-            out.push((scenario, unit, value));
-        };
+        let mut push = |scenario, unit, value| out.push((scenario, unit, value));
         let _ = wrk(http, 1, false); // warm-up, discarded
         push("keep-alive requests/s", "req/s", wrk(http, s, false));
         push("new connections/s", "conn/s", wrk(http, s, true));
@@ -299,46 +303,48 @@ impl Bench {
     }
 
     /// RSS growth of `proxy`'s processes per idle connection, with
-    /// `self.idle` connections held open through `http`.
+    /// `site.idle` connections held open through `http`. Measured once the
+    /// backend has accepted every one of them from the proxy: a proxy that
+    /// left some in its accept queue, or refused them, would look cheaper.
     fn idle_memory(&self, proxy: &peers::Running, http: SocketAddr) -> anyhow::Result<f64> {
+        let idle = self.site.idle;
+        let backend = peers::BACKEND_HTTP.parse()?;
+        let base = load::established_at(backend)?;
         let before = peers::rss_kib(&proxy.pids());
-        let conns = load::idle_connections(http, self.idle)?;
+        let conns = load::idle_connections(http, idle)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let proxied = load::established_at(backend)?.saturating_sub(base);
+            if proxied >= idle {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {proxied} of {idle} idle connections reached the backend within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Let lazily allocated per-connection state settle before sampling.
         std::thread::sleep(Duration::from_secs(1));
         let after = peers::rss_kib(&proxy.pids());
         drop(conns);
-        Ok((after.saturating_sub(before) as f64 * 1024.0) / self.idle as f64)
+        Ok((after.saturating_sub(before) as f64 * 1024.0) / idle as f64)
     }
 
-    /// Latency at a fixed offered load, at least 5 runs per peer. A run that
-    /// fails counts as no figure (NaN) rather than ending the peer's runs.
+    /// Latency at a fixed offered load, at least 5 runs per peer.
     fn latency(&mut self, peers: &[Peer], workers: usize, rate: f64) {
         self.interleaved(peers, workers, latency_runs(self.runs), |b, peer, _| {
-            let lat = peers::start(peer, workers, &b.dir, &b.lbd)
-                .and_then(|_running| {
-                    let (http, _, _) = peer.targets();
-                    load::http_latency(http, rate, 16, Duration::from_secs(b.seconds))
-                })
-                .unwrap_or_else(|e| {
-                    eprintln!("  latency: {e:#}");
-                    Vec::new()
-                });
-            Ok(vec![
-                (
-                    "latency p50 at fixed load",
-                    "µs",
-                    load::quantile(&lat, 0.50),
-                ),
-                (
-                    "latency p99 at fixed load",
-                    "µs",
-                    load::quantile(&lat, 0.99),
-                ),
-                (
-                    "latency p99.9 at fixed load",
-                    "µs",
-                    load::quantile(&lat, 0.999),
-                ),
-            ])
+            let _running = peers::start(peer, workers, &b.site)?;
+            let (http, _, _) = peer.targets();
+            let lat = load::http_latency(http, rate, 16, Duration::from_secs(b.seconds))?;
+            Ok([
+                ("latency p50 at fixed load", 0.50),
+                ("latency p99 at fixed load", 0.99),
+                ("latency p99.9 at fixed load", 0.999),
+            ]
+            .into_iter()
+            .map(|(scenario, q)| (scenario, "µs", Ok(load::quantile(&lat, q))))
+            .collect())
         });
     }
 }
@@ -453,7 +459,13 @@ fn targets(figures: &[Figure]) -> String {
     out
 }
 
-fn render(figures: &[Figure], peers: &[Peer], missing: &[String], header: &str) -> String {
+fn render(
+    figures: &[Figure],
+    peers: &[Peer],
+    missing: &[String],
+    failures: &[String],
+    header: &str,
+) -> String {
     let mut out = String::from(header);
     let names: Vec<String> = peers.iter().map(Peer::name).collect();
     out.push_str(&format!(
@@ -506,6 +518,12 @@ fn render(figures: &[Figure], peers: &[Peer], missing: &[String], header: &str) 
             missing.join("; ")
         ));
     }
+    if !failures.is_empty() {
+        out.push_str("\nRuns that failed (left out of their figures):\n\n");
+        for f in failures {
+            out.push_str(&format!("- {f}\n"));
+        }
+    }
     out
 }
 
@@ -547,16 +565,25 @@ fn run(
             _ => true,
         })
         .collect();
-    let dir = peers::work_dir()?;
-    let _backends = peers::start_backends(&dir)?;
+    let mut site = peers::Site {
+        dir: peers::work_dir()?,
+        lbd: lbd.clone(),
+        idle,
+    };
+    let idle_note = site.fit_open_files()?;
+    if let Some(note) = &idle_note {
+        eprintln!("note: --idle lowered to {}: {note}", site.idle);
+    }
+    let idle = site.idle;
+    let idle_note = idle_note.map(|n| format!(" ({n})")).unwrap_or_default();
+    let _backends = peers::start_backends(&site)?;
     let mut bench = Bench {
         runs,
         seconds,
-        idle,
-        dir: dir.clone(),
-        lbd: lbd.clone(),
+        site,
         sink: load::UdpSink::start(peers::BACKEND_UDP_SINK.parse()?)?,
         figures: Vec::new(),
+        failures: Vec::new(),
     };
     for &w in &workers {
         bench.throughput(&peers, w);
@@ -594,7 +621,7 @@ fn run(
          {runs} measured run(s) of {seconds}s per figure, interleaved across peers, each on a fresh start after a discarded warm-up; median (min–max).\n\n\
          - date: {}\n- CPU: {cpu} ({} cores)\n- kernel: {}\n- lbd: {}\n- HAProxy: {}\n- nginx: {}\n- wrk: {}\n- iperf3: {}\n\
          - latency: fixed offered load of half the slowest proxy's keep-alive maximum, 16 connections, timed from each request's scheduled start; {lat_runs} runs interleaved across peers\n\
-         - memory: RSS growth of the proxy's processes with {idle} idle proxied connections open, per connection\n\
+         - memory: RSS growth of the proxy's processes with {idle} idle proxied connections open (each checked to have reached the backend), per connection{idle_note}\n\
          - UDP: 64-byte datagrams; request/response: 32 closed-loop clients, echo backend; one-way: 4 senders as fast as they can, datagrams counted at the sink (HAProxy has no UDP)\n",
         version("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -605,7 +632,7 @@ fn run(
         version("wrk", &["-v"]),
         version("iperf3", &["-v"]),
     );
-    let table = render(&bench.figures, &peers, &missing, &header);
+    let table = render(&bench.figures, &peers, &missing, &bench.failures, &header);
     println!("{table}");
     std::fs::write(out, &table)?;
     std::fs::write(
@@ -617,7 +644,7 @@ fn run(
         out.display(),
         out.with_extension("json").display()
     );
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(&bench.site.dir);
     Ok(())
 }
 
@@ -688,5 +715,29 @@ mod tests {
             reference("UDP datagrams/s (one-way, delivered)"),
             "nginx-stream"
         );
+    }
+
+    /// A figure left out because its run failed is listed with the reason,
+    /// next to the table that shows it as missing.
+    #[test]
+    fn failed_runs_are_listed_with_their_reason() {
+        let peers = [Peer::Lbd("epoll"), Peer::Haproxy { splice: true }];
+        let figures = vec![figure(
+            "keep-alive requests/s",
+            "req/s",
+            1,
+            &peers[0],
+            vec![50_000.0],
+        )];
+        let failures =
+            ["haproxy-splice (1 workers), run 1: 127.0.0.1:20080 never accepted".to_owned()];
+        let table = render(&figures, &peers, &[], &failures, "");
+        assert!(
+            table.contains("| keep-alive requests/s (req/s) | 1 | 50000 | n/a |"),
+            "{table}"
+        );
+        assert!(table.contains("Runs that failed"), "{table}");
+        assert!(table.contains(&format!("- {}", failures[0])), "{table}");
+        assert!(!render(&figures, &peers, &[], &[], "").contains("Runs that failed"));
     }
 }

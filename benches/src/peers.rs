@@ -3,7 +3,7 @@
 //! worker count. Everything listens on and forwards to loopback.
 
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -187,20 +187,92 @@ fn spawn(cmd: &mut Command) -> anyhow::Result<Running> {
     Ok(Running { child: Some(child) })
 }
 
+/// Where and how peers run.
+pub struct Site {
+    /// Configs, pid files and error logs.
+    pub dir: PathBuf,
+    /// The `lbd` binary.
+    pub lbd: PathBuf,
+    /// Idle connections the memory figure holds open through each proxy.
+    pub idle: usize,
+}
+
+/// Connections a proxy holds beside the idle ones (load clients, probes).
+const CONN_ROOM: usize = 128;
+/// Open files a proxy needs beside two per connection (listeners, logs,
+/// its own event machinery); lbd keeps 256 back from its connection cap.
+const FILE_ROOM: u64 = 512;
+
+impl Site {
+    /// Connections every proxy (and the HTTP backend) must be able to hold.
+    pub fn conns(&self) -> usize {
+        self.idle + CONN_ROOM
+    }
+
+    /// Open files a process needs to hold [`Site::conns`] proxied
+    /// connections, two sockets each.
+    pub fn files(&self) -> u64 {
+        2 * self.conns() as u64 + FILE_ROOM
+    }
+
+    /// Raises this process's open-files limit to [`Site::files`]; every
+    /// peer inherits it. Raising the hard limit needs CAP_SYS_RESOURCE;
+    /// where the hard limit is lower and cannot be raised, `idle` comes
+    /// down to what fits (to a multiple of 100), and the returned note says
+    /// so: a proxy out of descriptors would refuse connections, and the
+    /// figure would be taken over fewer than it claims.
+    pub fn fit_open_files(&mut self) -> anyhow::Result<Option<String>> {
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        let limit = getrlimit(Resource::Nofile);
+        let raise = |need: u64, hard: Option<u64>| {
+            setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(need),
+                    maximum: hard,
+                },
+            )
+        };
+        let need = self.files();
+        if limit.current.is_none_or(|c| c >= need)
+            || raise(need, limit.maximum.map(|m| m.max(need))).is_ok()
+        {
+            return Ok(None);
+        }
+        let hard = limit.maximum.unwrap_or(u64::MAX);
+        let fits = (hard.saturating_sub(FILE_ROOM) / 2) as usize;
+        let fits = fits.saturating_sub(CONN_ROOM) / 100 * 100;
+        anyhow::ensure!(
+            fits > 0,
+            "the open-files hard limit ({hard}) leaves no room for idle connections"
+        );
+        let asked = self.idle;
+        self.idle = fits.min(asked);
+        raise(self.files(), limit.maximum)?;
+        Ok(Some(format!(
+            "{asked} asked; the open-files hard limit here is {hard} (raising it needs \
+             CAP_SYS_RESOURCE), and each proxied connection takes two descriptors"
+        )))
+    }
+}
+
 /// Starts the shared backends: nginx (HTTP), iperf3, and a UDP echo server
 /// (this binary's `udp-echo`).
-pub fn start_backends(dir: &Path) -> anyhow::Result<Vec<Running>> {
+pub fn start_backends(site: &Site) -> anyhow::Result<Vec<Running>> {
+    let dir = &site.dir;
     ensure_free(BACKEND_HTTP.parse()?)?;
     ensure_free(BACKEND_BULK.parse()?)?;
     let conf = dir.join("backend-nginx.conf");
     std::fs::write(
         &conf,
         format!(
-            "worker_processes 1;\ndaemon off;\nerror_log {d}/backend-error.log crit;\npid {d}/backend.pid;\nworker_rlimit_nofile 20000;\n\
-             events {{ worker_connections 16384; }}\n\
+            "worker_processes 1;\ndaemon off;\nerror_log {d}/backend-error.log crit;\npid {d}/backend.pid;\nworker_rlimit_nofile {files};\n\
+             events {{ worker_connections {conns}; }}\n\
              http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 300s;\n\
                server {{ listen {BACKEND_HTTP} reuseport backlog=4096; location / {{ return 200 \"hello\\n\"; }} }} }}\n",
-            d = dir.display()
+            d = dir.display(),
+            files = site.files(),
+            conns = 2 * site.conns(),
         ),
     )?;
     let nginx = spawn(
@@ -219,12 +291,8 @@ pub fn start_backends(dir: &Path) -> anyhow::Result<Vec<Running>> {
 }
 
 /// Starts `peer` with `workers` workers; `None` for the direct path.
-pub fn start(
-    peer: &Peer,
-    workers: usize,
-    dir: &Path,
-    lbd: &Path,
-) -> anyhow::Result<Option<Running>> {
+pub fn start(peer: &Peer, workers: usize, site: &Site) -> anyhow::Result<Option<Running>> {
+    let (dir, conns) = (&site.dir, site.conns());
     let front = SocketAddr::from(([127, 0, 0, 1], HTTP_PORT));
     ensure_free(front)?;
     ensure_free(SocketAddr::from(([127, 0, 0, 1], BULK_PORT)))?;
@@ -244,7 +312,7 @@ pub fn start(
                 ),
             )?;
             spawn(
-                Command::new(lbd)
+                Command::new(&site.lbd)
                     .args(["run", "--engine", engine, "--config"])
                     .arg(&conf)
                     .env("LBD_LOG", "error"),
@@ -252,15 +320,23 @@ pub fn start(
         }
         Peer::Haproxy { splice } => {
             let conf = dir.join("haproxy.cfg");
-            let splice = if *splice {
-                "  option splice-auto\n"
+            // A pipe (two descriptors) is held only while a connection
+            // splices; the default pool (maxconn / 4) would need more
+            // descriptors than the idle connections leave, and HAProxy
+            // refuses to start. One per direction of every load client's
+            // connection is enough.
+            let (splice, pipes) = if *splice {
+                (
+                    "  option splice-auto\n",
+                    format!("  maxpipes {CONN_ROOM}\n"),
+                )
             } else {
-                ""
+                ("", String::new())
             };
             std::fs::write(
                 &conf,
                 format!(
-                    "global\n  nbthread {workers}\n  maxconn 7000\n  tune.bufsize 16384\n\
+                    "global\n  nbthread {workers}\n  maxconn {conns}\n{pipes}  tune.bufsize 16384\n\
                      defaults\n  mode tcp\n{splice}  timeout connect 3s\n  timeout client 10m\n  timeout server 10m\n\
                      listen http\n  bind 127.0.0.1:{HTTP_PORT}\n  server b {BACKEND_HTTP}\n\
                      listen bulk\n  bind 127.0.0.1:{BULK_PORT}\n  server b {BACKEND_BULK}\n"
@@ -274,15 +350,18 @@ pub fn start(
                 &conf,
                 format!(
                     "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
-                     worker_processes {workers};\ndaemon off;\nerror_log {d}/stream-error.log crit;\npid {d}/stream.pid;\nworker_rlimit_nofile 20000;\n\
-                     events {{ worker_connections 16384; }}\n\
+                     worker_processes {workers};\ndaemon off;\nerror_log {d}/stream-error.log crit;\npid {d}/stream.pid;\nworker_rlimit_nofile {files};\n\
+                     events {{ worker_connections {stream_conns}; }}\n\
                      stream {{\n\
                        server {{ listen 127.0.0.1:{HTTP_PORT} reuseport backlog=4096; proxy_pass {BACKEND_HTTP}; }}\n\
                        server {{ listen 127.0.0.1:{BULK_PORT} reuseport; proxy_pass {BACKEND_BULK}; }}\n\
                        server {{ listen 127.0.0.1:{UDP_PORT} udp reuseport; proxy_pass {BACKEND_UDP}; proxy_responses 1; proxy_timeout 30s; }}\n\
                        server {{ listen 127.0.0.1:{UDP_ONEWAY_PORT} udp reuseport; proxy_pass {BACKEND_UDP_SINK}; proxy_responses 0; proxy_timeout 30s; }}\n\
                      }}\n",
-                    d = dir.display()
+                    d = dir.display(),
+                    files = site.files(),
+                    // Each proxied connection is two nginx connections.
+                    stream_conns = 2 * conns,
                 ),
             )?;
             spawn(
