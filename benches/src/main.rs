@@ -84,7 +84,8 @@ struct Figure {
     unit: &'static str,
     workers: usize,
     peer: String,
-    runs: Vec<f64>,
+    /// One per round of interleaved runs; none where that run failed.
+    runs: Vec<Option<f64>>,
     median: f64,
     min: f64,
     max: f64,
@@ -101,24 +102,29 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
+/// Median, min and max of the finite values (NaN each for none).
+fn summary(values: impl IntoIterator<Item = f64>) -> (f64, f64, f64) {
+    let mut sorted: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
+    sorted.sort_by(f64::total_cmp);
+    let edge = |v: Option<&f64>| v.copied().unwrap_or(f64::NAN);
+    (median(&sorted), edge(sorted.first()), edge(sorted.last()))
+}
+
 fn figure(
     scenario: &'static str,
     unit: &'static str,
     workers: usize,
     peer: &Peer,
-    mut runs: Vec<f64>,
+    runs: Vec<Option<f64>>,
 ) -> Figure {
-    runs.retain(|v| v.is_finite());
-    let mut sorted = runs.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = median(&sorted);
+    let (median, min, max) = summary(runs.iter().flatten().copied());
     Figure {
         scenario,
         unit,
         workers,
         peer: peer.name(),
-        min: sorted.first().copied().unwrap_or(f64::NAN),
-        max: sorted.last().copied().unwrap_or(f64::NAN),
+        min,
+        max,
         median,
         runs,
     }
@@ -172,7 +178,8 @@ type Measured = (&'static str, &'static str, anyhow::Result<f64>);
 struct Sample {
     scenario: &'static str,
     unit: &'static str,
-    runs: Vec<f64>,
+    /// Indexed by round.
+    runs: Vec<Option<f64>>,
 }
 
 struct Bench {
@@ -210,18 +217,22 @@ impl Bench {
                 match measure(self, peer, run) {
                     Ok(measured) => {
                         for (scenario, unit, value) in measured {
-                            let value = value.unwrap_or_else(|e| {
-                                failed(e.context(scenario));
-                                f64::NAN
-                            });
-                            match acc.iter_mut().find(|s| s.scenario == scenario) {
-                                Some(s) => s.runs.push(value),
-                                None => acc.push(Sample {
-                                    scenario,
-                                    unit,
-                                    runs: vec![value],
-                                }),
-                            }
+                            let value = value
+                                .map_err(|e| failed(e.context(scenario)))
+                                .ok()
+                                .filter(|v| v.is_finite());
+                            let i = match acc.iter().position(|s| s.scenario == scenario) {
+                                Some(i) => i,
+                                None => {
+                                    acc.push(Sample {
+                                        scenario,
+                                        unit,
+                                        runs: vec![None; runs],
+                                    });
+                                    acc.len() - 1
+                                }
+                            };
+                            acc[i].runs[run] = value;
                         }
                     }
                     Err(e) => failed(e),
@@ -386,18 +397,29 @@ fn latency_runs(runs: usize) -> usize {
 
 /// The median of `peer`'s figure over its reference's for `scenario` at
 /// `workers`, when both were measured.
-fn ratio(figures: &[Figure], scenario: &str, workers: usize, peer: &str) -> Option<f64> {
-    let median_of = |name: &str| {
+/// `peer`'s figure over its reference's, round by round: median, min and
+/// max of the ratios of the rounds both measured. Rounds are interleaved,
+/// so the two runs of a round were minutes apart, and a drift of the shared
+/// machine over a longer time cancels out of each ratio.
+fn ratio(
+    figures: &[Figure],
+    scenario: &str,
+    workers: usize,
+    peer: &str,
+) -> Option<(f64, f64, f64)> {
+    let runs_of = |name: &str| {
         figures
             .iter()
             .find(|g| g.scenario == scenario && g.workers == workers && g.peer == name)
-            .map(|g| g.median)
-            .filter(|m| m.is_finite())
+            .map(|g| &g.runs)
     };
-    match (median_of(peer), median_of(reference(scenario))) {
-        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-        _ => None,
-    }
+    let (ours, theirs) = (runs_of(peer)?, runs_of(reference(scenario))?);
+    let ratios = ours.iter().zip(theirs).filter_map(|(a, b)| {
+        let (a, b) = ((*a)?, (*b)?);
+        (b > 0.0).then(|| a / b)
+    });
+    let (median, min, max) = summary(ratios);
+    median.is_finite().then_some((median, min, max))
 }
 
 /// The peer a figure's target compares with: HAProxy with splice for
@@ -440,9 +462,14 @@ fn targets(figures: &[Figure]) -> String {
         }
         seen.push((f.scenario, f.workers));
         let cell = |peer: &str| match ratio(figures, f.scenario, f.workers, peer) {
-            Some(r) => {
+            Some((r, lo, hi)) => {
                 let met = if at_least { r >= bound } else { r <= bound };
-                format!("{r:.2}× {}", if met { "met" } else { "not met" })
+                let spread = if lo < hi {
+                    format!(" ({lo:.2}–{hi:.2})")
+                } else {
+                    String::new()
+                };
+                format!("{r:.2}×{spread} {}", if met { "met" } else { "not met" })
             }
             None => "–".into(),
         };
@@ -489,7 +516,7 @@ fn render(
         let cells: Vec<String> = names
             .iter()
             .map(|n| match get(n) {
-                Some(f) if f.runs.len() > 1 => format!(
+                Some(f) if f.runs.iter().flatten().count() > 1 => format!(
                     "{} ({}–{})",
                     fmt_value(f.median, unit),
                     fmt_value(f.min, unit),
@@ -501,7 +528,7 @@ fn render(
             .collect();
         let reference = reference(scenario);
         let ratio = |n: &str| match ratio(figures, scenario, workers, n) {
-            Some(r) => format!("{r:.2}×"),
+            Some((r, _, _)) => format!("{r:.2}×"),
             None => "–".into(),
         };
         out.push_str(&format!(
@@ -618,7 +645,9 @@ fn run(
         "# Weir benchmark results\n\n\
          Generated by `lb-bench run` (do not edit by hand). Setup: loopback (127.0.0.0/8), \
          client, proxy and backends on one machine; same worker count for every proxy; logs off; \
-         {runs} measured run(s) of {seconds}s per figure, interleaved across peers, each on a fresh start after a discarded warm-up; median (min–max).\n\n\
+         {runs} measured run(s) of {seconds}s per figure, interleaved across peers, each on a fresh start after a discarded warm-up; median (min–max). \
+         A ratio is the median of the round-by-round ratios (run k of lbd over run k of the reference), \
+         with their min–max in the Targets table.\n\n\
          - date: {}\n- CPU: {cpu} ({} cores)\n- kernel: {}\n- lbd: {}\n- HAProxy: {}\n- nginx: {}\n- wrk: {}\n- iperf3: {}\n\
          - latency: fixed offered load of half the slowest proxy's keep-alive maximum, 16 connections, timed from each request's scheduled start; {lat_runs} runs interleaved across peers\n\
          - memory: RSS growth of the proxy's processes with {idle} idle proxied connections open (each checked to have reached the backend), per connection{idle_note}\n\
@@ -727,7 +756,7 @@ mod tests {
             "req/s",
             1,
             &peers[0],
-            vec![50_000.0],
+            vec![Some(50_000.0)],
         )];
         let failures =
             ["haproxy-splice (1 workers), run 1: 127.0.0.1:20080 never accepted".to_owned()];
@@ -739,5 +768,32 @@ mod tests {
         assert!(table.contains("Runs that failed"), "{table}");
         assert!(table.contains(&format!("- {}", failures[0])), "{table}");
         assert!(!render(&figures, &peers, &[], &[], "").contains("Runs that failed"));
+    }
+
+    /// Ratios pair the runs of one round, skip rounds either side lacks,
+    /// and report their median and spread (here the ratio of the medians
+    /// would be 45 / 50 = 0.9, though lbd led in two of three rounds).
+    #[test]
+    fn ratios_pair_runs_of_the_same_round() {
+        let lbd = Peer::Lbd("epoll");
+        let haproxy = Peer::Haproxy { splice: false };
+        let fig = |peer, runs| figure("keep-alive requests/s", "req/s", 1, peer, runs);
+        let figures = [
+            fig(&lbd, vec![Some(60.0), Some(30.0), Some(45.0), Some(99.0)]),
+            fig(&haproxy, vec![Some(50.0), Some(25.0), Some(50.0), None]),
+        ];
+        let (median, min, max) = ratio(&figures, "keep-alive requests/s", 1, "lbd-epoll").unwrap();
+        assert!((median - 1.2).abs() < 1e-9, "{median}");
+        assert!((min - 0.9).abs() < 1e-9, "{min}");
+        assert!((max - 1.2).abs() < 1e-9, "{max}");
+        assert_eq!(
+            ratio(&figures, "keep-alive requests/s", 2, "lbd-epoll"),
+            None
+        );
+        let targets = targets(&figures);
+        assert!(
+            targets.contains("| 1.20× (0.90–1.20) not met |"),
+            "{targets}"
+        );
     }
 }
