@@ -63,6 +63,18 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// One-way UDP senders against one target, counted at a sink this
+    /// command binds (where the target forwards); prints datagrams/s.
+    UdpOneway {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "127.0.0.2:15354")]
+        sink: SocketAddr,
+        #[arg(long, default_value_t = 4)]
+        senders: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Fixed-rate HTTP keep-alive client against one target; prints p50, p99
     /// and p99.9 latency in µs (the latency figure's client, on its own).
     HttpLatency {
@@ -697,6 +709,21 @@ fn main() -> anyhow::Result<()> {
                 "{:.0}",
                 load::udp_rr(target, clients, Duration::from_secs(seconds))?
             );
+            Ok(())
+        }
+        Cmd::UdpOneway {
+            target,
+            sink,
+            senders,
+            seconds,
+        } => {
+            anyhow::ensure!(
+                target.ip().is_loopback() && sink.ip().is_loopback(),
+                "loopback targets only"
+            );
+            let sink = load::UdpSink::start(sink)?;
+            let d = Duration::from_secs(seconds);
+            println!("{:.0}", load::udp_oneway(target, &sink, senders, d)?);
             Ok(())
         }
         Cmd::HttpLatency {
