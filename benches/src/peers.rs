@@ -177,6 +177,21 @@ fn ensure_free(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fails when a socket already holds UDP `addr`: a leftover proxy's
+/// `SO_REUSEPORT` listener would silently take part of the datagrams. A
+/// plain bind (no reuseport) is refused while any socket holds the port.
+fn ensure_udp_free(addr: SocketAddr, wait: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + wait;
+    while let Err(e) = std::net::UdpSocket::bind(addr) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "something already holds UDP {addr} ({e}); stop it first (a leftover proxy would take part of the datagrams)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 fn spawn(cmd: &mut Command) -> anyhow::Result<Running> {
     use std::os::unix::process::CommandExt;
     let child = cmd
@@ -296,6 +311,12 @@ pub fn start(peer: &Peer, workers: usize, site: &Site) -> anyhow::Result<Option<
     let front = SocketAddr::from(([127, 0, 0, 1], HTTP_PORT));
     ensure_free(front)?;
     ensure_free(SocketAddr::from(([127, 0, 0, 1], BULK_PORT)))?;
+    for port in [UDP_PORT, UDP_ONEWAY_PORT] {
+        ensure_udp_free(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(5),
+        )?;
+    }
     let running = match peer {
         Peer::Direct => return Ok(None),
         Peer::Lbd(engine) => {
@@ -408,4 +429,19 @@ pub fn work_dir() -> anyhow::Result<PathBuf> {
     let d = std::env::temp_dir().join(format!("weir-bench-{}", std::process::id()));
     std::fs::create_dir_all(&d)?;
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_udp_port_is_not_free() {
+        let held = std::net::UdpSocket::bind("127.0.0.9:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let err = ensure_udp_free(addr, Duration::from_millis(100)).unwrap_err();
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        drop(held);
+        ensure_udp_free(addr, Duration::from_secs(5)).unwrap();
+    }
 }
