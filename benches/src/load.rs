@@ -300,12 +300,9 @@ mod tests {
         let at = listener.local_addr().unwrap();
         assert_eq!(established_at(at).unwrap(), 0);
         let clients: Vec<_> = (0..3).map(|_| TcpStream::connect(at).unwrap()).collect();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while established_at(at).unwrap() != 3 {
-            assert!(Instant::now() < deadline, "never saw 3 connections");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let seen =
+            crate::peers::wait_for(Duration::from_secs(5), || established_at(at).unwrap() == 3);
+        assert!(seen, "never saw 3 connections");
         drop(clients);
-        drop(listener);
     }
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use peers::Peer;
@@ -335,18 +335,17 @@ impl Bench {
         let base = load::established_at(backend)?;
         let before = peers::rss_kib(&proxy.pids());
         let conns = load::idle_connections(http, idle)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let proxied = load::established_at(backend)?.saturating_sub(base);
-            if proxied >= idle {
-                break;
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "only {proxied} of {idle} idle connections reached the backend within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        // Stops early on an error reading the table, which is then returned.
+        let mut counted = Ok(0);
+        peers::wait_for(Duration::from_secs(30), || {
+            counted = load::established_at(backend).map(|n| n.saturating_sub(base));
+            counted.as_ref().map_or(true, |&n| n >= idle)
+        });
+        let proxied = counted?;
+        anyhow::ensure!(
+            proxied >= idle,
+            "only {proxied} of {idle} idle connections reached the backend within 30 s"
+        );
         // Let lazily allocated per-connection state settle before sampling.
         std::thread::sleep(Duration::from_secs(1));
         let after = peers::rss_kib(&proxy.pids());
@@ -407,8 +406,6 @@ fn latency_runs(runs: usize) -> usize {
     runs.max(5)
 }
 
-/// The median of `peer`'s figure over its reference's for `scenario` at
-/// `workers`, when both were measured.
 /// `peer`'s figure over its reference's, round by round: median, min and
 /// max of the ratios of the rounds both measured. Rounds are interleaved,
 /// so the two runs of a round were minutes apart, and a drift of the shared

@@ -122,26 +122,36 @@ impl Drop for Running {
             .args(["-TERM", "--", &group])
             .stderr(Stdio::null())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline && !matches!(c.try_wait(), Ok(Some(_))) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(Duration::from_secs(3), || {
+            matches!(c.try_wait(), Ok(Some(_)))
+        });
         let _ = Command::new("kill")
             .args(["-KILL", "--", &group])
             .stderr(Stdio::null())
             .status();
         let _ = c.wait();
         // Workers of the group may outlive the leader for a moment.
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline
-            && Command::new("pgrep")
+        wait_for(Duration::from_secs(3), || {
+            !Command::new("pgrep")
                 .args(["-g", &c.id().to_string()])
                 .stdout(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success())
-        {
-            std::thread::sleep(Duration::from_millis(20));
+        });
+    }
+}
+
+/// Polls `done` until it holds or `wait` has passed; whether it held.
+pub fn wait_for(wait: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        if done() {
+            return true;
         }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -155,25 +165,22 @@ pub fn have(bin: &str) -> bool {
 }
 
 fn wait_port(addr: SocketAddr) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "{addr} never accepted");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let accepts = || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+    anyhow::ensure!(
+        wait_for(Duration::from_secs(10), accepts),
+        "{addr} never accepted"
+    );
     Ok(())
 }
 
 /// Fails when something still listens on `addr`: a stray proxy would share
 /// the port (reuseport) and take part of the load.
 fn ensure_free(addr: SocketAddr) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "something already listens on {addr}; stop it first (a leftover proxy would take part of the load)"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let refused = || TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err();
+    anyhow::ensure!(
+        wait_for(Duration::from_secs(5), refused),
+        "something already listens on {addr}; stop it first (a leftover proxy would take part of the load)"
+    );
     Ok(())
 }
 
@@ -181,14 +188,19 @@ fn ensure_free(addr: SocketAddr) -> anyhow::Result<()> {
 /// `SO_REUSEPORT` listener would silently take part of the datagrams. A
 /// plain bind (no reuseport) is refused while any socket holds the port.
 fn ensure_udp_free(addr: SocketAddr, wait: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + wait;
-    while let Err(e) = std::net::UdpSocket::bind(addr) {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "something already holds UDP {addr} ({e}); stop it first (a leftover proxy would take part of the datagrams)"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut error = None;
+    let free = wait_for(wait, || match std::net::UdpSocket::bind(addr) {
+        Ok(_) => true,
+        Err(e) => {
+            error = Some(e);
+            false
+        }
+    });
+    anyhow::ensure!(
+        free,
+        "something already holds UDP {addr} ({}); stop it first (a leftover proxy would take part of the datagrams)",
+        error.map(|e| e.to_string()).unwrap_or_default()
+    );
     Ok(())
 }
 
