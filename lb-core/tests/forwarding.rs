@@ -731,7 +731,52 @@ fn one_prober_per_target_and_global_cap(engine: EngineChoice) {
     );
 }
 
+/// A bulk transfer both ways at once (which the io_uring engine runs with
+/// plain syscalls, outside the ring) keeps every byte in order.
+fn bulk_both_ways_arrives_intact(engine: EngineChoice) {
+    const SIZE: usize = 64 << 20;
+    const CHUNK: usize = SIZE / 64;
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let toml = format!(
+        "{ADMIN_OFF}{}",
+        listener_toml("web", "127.0.0.1:0", "", &[b.addr], "kind = \"none\"")
+    );
+    let lbd = start_lbd(&toml, engine);
+    let mut s = connect_from(None, lbd.bound_addr("web").unwrap()).unwrap();
+    let mut greeting = vec![0u8; b.name.len() + 1];
+    s.read_exact(&mut greeting).unwrap();
+    let chunk: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
+    let mut writer = s.try_clone().unwrap();
+    let sender = {
+        let chunk = chunk.clone();
+        std::thread::spawn(move || {
+            for _ in 0..SIZE / CHUNK {
+                writer.write_all(&chunk).unwrap();
+            }
+            writer.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    let mut buf = vec![0u8; 1 << 16];
+    let mut at = 0;
+    loop {
+        let n = match s.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r.unwrap(),
+        };
+        if n == 0 {
+            break;
+        }
+        for (k, &byte) in buf[..n].iter().enumerate() {
+            assert_eq!(byte, chunk[(at + k) % CHUNK], "byte {} of the echo", at + k);
+        }
+        at += n;
+    }
+    sender.join().unwrap();
+    assert_eq!(at, SIZE);
+}
+
 both_engines!(
+    bulk_both_ways_arrives_intact,
     idle_connections_hold_no_buffers,
     one_prober_per_target_and_global_cap,
     removed_listener_refuses_and_rebinds,
