@@ -227,8 +227,9 @@ pub struct Site {
 /// Connections a proxy holds beside the idle ones (load clients, probes).
 const CONN_ROOM: usize = 128;
 /// Open files a proxy needs beside two per connection (listeners, logs,
-/// its own event machinery); lbd keeps 256 back from its connection cap.
-const FILE_ROOM: u64 = 512;
+/// its own event machinery, HAProxy's pipes); lbd keeps 256 back from its
+/// connection cap, plus two per splice pipe (64 pipes per worker).
+const FILE_ROOM: u64 = 768;
 
 impl Site {
     /// Connections every proxy (and the HTTP backend) must be able to hold.

@@ -320,6 +320,10 @@ pub struct RuntimeSpec {
     /// Global connection cap; 0 (default) = derived from RLIMIT_NOFILE.
     #[serde(default)]
     pub max_connections: u64,
+    /// Move bulk TCP transfers through a kernel pipe (`splice`) instead of
+    /// copying them through user space; default on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub splice: Option<bool>,
 }
 
 /// `[admin]` as written.
@@ -382,6 +386,8 @@ pub struct Runtime {
     pub engine: EngineChoice,
     /// 0 = derived from RLIMIT_NOFILE.
     pub max_connections: u64,
+    /// Bulk TCP transfers move through kernel pipes.
+    pub splice: bool,
 }
 
 /// Validated `[admin]`.

@@ -429,6 +429,7 @@ pub fn resolve_file(spec: &FileSpec) -> Result<Config, Vec<FieldError>> {
             workers: rt.workers,
             engine: rt.engine.unwrap_or(EngineChoice::Auto),
             max_connections: rt.max_connections,
+            splice: rt.splice.unwrap_or(true),
         },
         admin: Admin {
             metrics,

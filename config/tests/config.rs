@@ -112,6 +112,7 @@ fn invalid_cases() -> Vec<(String, &'static str, usize, &'static str)> {
         (l("name = \"a\"\nbind = \"0.0.0.0:53\"\nprotocol = \"udp\"\n"), "listener[0].bind", 3, "must bind a specific address"),
         ("[runtime]\nworkers = 5000\n".into(), "runtime.workers", 2, "above the maximum"),
         ("[runtime]\nengine = \"dpdk\"\n".into(), "runtime.engine", 2, "unknown variant `dpdk`"),
+        ("[runtime]\nsplice = \"auto\"\n".into(), "runtime.splice", 2, "expected a boolean"),
         ("[admin]\ncontrol_tcp = \"0.0.0.0:9443\"\n".into(), "admin.tls_cert", 1, "is required with admin.control_tcp"),
         ("[admin]\nmetrics = \"localhost\"\n".into(), "admin.metrics", 2, "not an address"),
         ("[defaults]\ndrain_timeout = \"0ms\"\n".into(), "defaults.drain_timeout", 2, "greater than zero"),
@@ -208,4 +209,11 @@ proptest! {
             prop_assert!(!errors.0.is_empty());
         }
     }
+}
+
+#[test]
+fn splice_is_on_unless_turned_off() {
+    assert!(parse_config("").unwrap().runtime.splice);
+    let off = parse_config("[runtime]\nsplice = false\n").unwrap();
+    assert!(!off.runtime.splice);
 }

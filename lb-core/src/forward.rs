@@ -24,6 +24,7 @@ use crate::balance::hash;
 use crate::engine::{Conn, Engine};
 use crate::proxy_protocol;
 use crate::routing::{BackendHandle, BindKey, ConnectError, Route, Routing};
+use crate::splice::{self, Pipe};
 use crate::stats::Reject;
 
 /// Bytes per copy buffer.
@@ -45,6 +46,8 @@ pub struct Shared {
     pub buffer_bytes: Box<[crate::stats::Padded]>,
     /// Global cap on `active_total`.
     pub max_total: u64,
+    /// Bulk transfers move through kernel pipes (`[runtime] splice`).
+    pub splice: bool,
 }
 
 /// A command from the control side to a worker.
@@ -77,6 +80,10 @@ pub(crate) struct Worker {
     pub(crate) shared: Arc<Shared>,
     rng: Cell<u64>,
     buffers: RefCell<Vec<Vec<u8>>>,
+    /// Idle pipes for the next bulk transfer.
+    pipes: RefCell<Vec<Pipe>>,
+    /// Pipes open on this worker, leased or idle.
+    pipes_open: Cell<u64>,
 }
 
 impl Worker {
@@ -102,6 +109,65 @@ impl Worker {
             pool.push(buf);
         }
     }
+
+    /// A pipe for a bulk transfer, if splicing is on and one is free or
+    /// can be opened within the worker's share.
+    fn lease_pipe(&self) -> Option<PipeLease<'_>> {
+        if !self.shared.splice {
+            return None;
+        }
+        let pipe = match self.pipes.borrow_mut().pop() {
+            Some(pipe) => pipe,
+            None if self.pipes_open.get() >= splice::PIPES_PER_WORKER => return None,
+            None => match Pipe::new() {
+                Ok(pipe) => {
+                    self.pipes_open.set(self.pipes_open.get() + 1);
+                    pipe
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot open a pipe; copying instead");
+                    return None;
+                }
+            },
+        };
+        Some(PipeLease {
+            worker: self,
+            pipe: Some(pipe),
+            empty: true,
+            _held: BytesHeld::new(&self.shared.buffer_bytes[self.id].0, splice::PIPE_SIZE),
+        })
+    }
+}
+
+/// A pipe leased by one direction of a connection. Given back to the
+/// worker's pool only empty: one dropped with bytes in it (the connection
+/// ended mid-transfer) is closed, bytes and all.
+struct PipeLease<'a> {
+    worker: &'a Worker,
+    pipe: Option<Pipe>,
+    empty: bool,
+    _held: BytesHeld<'a>,
+}
+
+impl PipeLease<'_> {
+    fn pipe(&self) -> &Pipe {
+        self.pipe.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for PipeLease<'_> {
+    fn drop(&mut self) {
+        let Some(pipe) = self.pipe.take() else {
+            return;
+        };
+        let mut pool = self.worker.pipes.borrow_mut();
+        if self.empty && pool.len() < splice::POOL_MAX {
+            pool.push(pipe);
+        } else {
+            drop(pipe);
+            self.worker.pipes_open.set(self.worker.pipes_open.get() - 1);
+        }
+    }
 }
 
 /// Runs worker `id` on this thread until the command channel closes.
@@ -119,6 +185,8 @@ pub fn run_worker<E: Engine>(
             shared,
             rng: Cell::new(seed),
             buffers: RefCell::new(Vec::new()),
+            pipes: RefCell::new(Vec::new()),
+            pipes_open: Cell::new(0),
         });
         while let Some(cmd) = commands.recv().await {
             match cmd {
@@ -380,12 +448,13 @@ async fn pump<C: Conn>(
     activity: &Cell<Instant>,
     one_way_done: &Cell<bool>,
 ) -> io::Result<()> {
+    let mut can_splice = true;
     loop {
         // Wait without a buffer: idle connections hold none.
         from.ready().await?;
         let buf = worker.take_buffer();
         let capacity = buf.capacity();
-        let _held = BytesHeld::new(&worker.shared.buffer_bytes[worker.id].0, capacity);
+        let held = BytesHeld::new(&worker.shared.buffer_bytes[worker.id].0, capacity);
         let (read, buf) = from.read(buf).await;
         let n = match read {
             Ok(n) => n,
@@ -401,23 +470,91 @@ async fn pump<C: Conn>(
         };
         if n == 0 {
             worker.give_buffer(buf);
-            if one_way_done.replace(true) {
-                // The other way ended first: the connection is over, and
-                // closing `to` sends its FIN without a shutdown call.
-                return Ok(());
-            }
-            // Peer finished sending: pass the FIN on, keep the other way open.
-            // ENOTCONN means the other side is already gone; nothing to tell.
-            return match to.shutdown_write() {
-                Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
-                _ => Ok(()),
-            };
+            return end_of_stream(to, one_way_done);
         }
         activity.set(Instant::now());
         let (written, buf) = to.write_all(buf).await;
         worker.give_buffer(buf);
+        drop(held);
         written?;
         bytes.fetch_add(n as u64, Ordering::Relaxed);
         activity.set(Instant::now());
+        if n < capacity || !can_splice {
+            continue;
+        }
+        // The read filled the buffer: a bulk transfer. While data keeps
+        // waiting, move it through a pipe instead of copying it.
+        let Some(mut pipe) = worker.lease_pipe() else {
+            continue;
+        };
+        match splice_while_waiting(&mut pipe, from, to, bytes, activity).await {
+            Ok(Spliced::Drained) => {}
+            Ok(Spliced::Eof) => return end_of_stream(to, one_way_done),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && pipe.empty => {
+                // This socket cannot splice (nothing was moved): copy.
+                tracing::debug!(error = %e, "splice refused; copying instead");
+                can_splice = false;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How a spell of splicing ended.
+enum Spliced {
+    /// Nothing waits any more; the pipe is empty.
+    Drained,
+    /// `from` reached end of stream; the pipe is empty.
+    Eof,
+}
+
+/// Moves what waits on `from` to `to` through `pipe` until nothing waits.
+async fn splice_while_waiting<C: Conn>(
+    pipe: &mut PipeLease<'_>,
+    from: &C,
+    to: &C,
+    bytes: &AtomicU64,
+    activity: &Cell<Instant>,
+) -> io::Result<Spliced> {
+    loop {
+        let n = match from.splice_in(pipe.pipe(), splice::PIPE_SIZE) {
+            Ok(0) => return Ok(Spliced::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Spliced::Drained),
+            Err(e) => return Err(e),
+        };
+        pipe.empty = false;
+        activity.set(Instant::now());
+        let mut left = n;
+        while left > 0 {
+            match to.splice_out(pipe.pipe(), left) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        pipe.empty = true;
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        activity.set(Instant::now());
+        // Such a loop never has to wait: let the worker's other tasks run
+        // whenever this task's budget is spent.
+        tokio::task::coop::consume_budget().await;
+    }
+}
+
+/// `from` finished sending: passes the FIN on, or ends the connection if
+/// the other way ended first.
+fn end_of_stream<C: Conn>(to: &C, one_way_done: &Cell<bool>) -> io::Result<()> {
+    if one_way_done.replace(true) {
+        // The other way ended first: the connection is over, and
+        // closing `to` sends its FIN without a shutdown call.
+        return Ok(());
+    }
+    // Keep the other way open. ENOTCONN means the other side is already
+    // gone; nothing to tell.
+    match to.shutdown_write() {
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+        _ => Ok(()),
     }
 }

@@ -23,6 +23,7 @@ pub mod plane;
 pub mod proxy_protocol;
 pub mod routing;
 pub mod server;
+pub mod splice;
 pub mod stats;
 pub mod tls;
 pub mod udp;

@@ -365,9 +365,15 @@ impl Server {
             n => n,
         };
         let nofile = raise_nofile();
+        // Splice pipes (two descriptors each) are kept out of the connections' share.
+        let pipe_fds = if config.runtime.splice {
+            2 * crate::splice::PIPES_PER_WORKER * workers as u64
+        } else {
+            0
+        };
         let max_total = match config.runtime.max_connections {
             // Each proxied connection holds two descriptors; keep some for everything else.
-            0 => nofile.saturating_sub(256) / 2,
+            0 => nofile.saturating_sub(256 + pipe_fds) / 2,
             n => n,
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -384,6 +390,7 @@ impl Server {
             active_total: AtomicU64::new(0),
             buffer_bytes: (0..workers).map(|_| Default::default()).collect(),
             max_total: max_total.max(1),
+            splice: config.runtime.splice,
         });
 
         let (started_tx, started_rx) = std::sync::mpsc::channel();
@@ -514,6 +521,11 @@ impl Server {
             .apply_listeners(&config.listeners, &src.dynamic_listeners)
         {
             Ok(a) => {
+                if config.runtime != src.file.runtime || config.admin != src.file.admin {
+                    tracing::warn!(
+                        "[runtime] or [admin] changed: those take effect at the next restart"
+                    );
+                }
                 src.file = config.clone();
                 self.inner
                     .metrics

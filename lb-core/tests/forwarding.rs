@@ -731,26 +731,20 @@ fn one_prober_per_target_and_global_cap(engine: EngineChoice) {
     );
 }
 
-/// A bulk transfer both ways at once (which the io_uring engine runs with
-/// plain syscalls, outside the ring) keeps every byte in order.
-fn bulk_both_ways_arrives_intact(engine: EngineChoice) {
-    const SIZE: usize = 64 << 20;
-    const CHUNK: usize = SIZE / 64;
-    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
-    let toml = format!(
-        "{ADMIN_OFF}{}",
-        listener_toml("web", "127.0.0.1:0", "", &[b.addr], "kind = \"none\"")
-    );
-    let lbd = start_lbd(&toml, engine);
-    let mut s = connect_from(None, lbd.bound_addr("web").unwrap()).unwrap();
-    let mut greeting = vec![0u8; b.name.len() + 1];
-    s.read_exact(&mut greeting).unwrap();
-    let chunk: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
+/// Sends `size` bytes through `addr` to an echo backend (whose greeting
+/// is `greeting` bytes long) while reading the echo, and checks every byte
+/// of it in order. `seed` varies the pattern between connections.
+fn echo_intact(addr: SocketAddr, greeting: usize, size: usize, seed: usize) {
+    let chunk_len = (size / 64).max(1);
+    let mut s = connect_from(None, addr).unwrap();
+    let mut hello = vec![0u8; greeting];
+    s.read_exact(&mut hello).unwrap();
+    let chunk: Vec<u8> = (0..chunk_len).map(|i| ((i + seed) % 251) as u8).collect();
     let mut writer = s.try_clone().unwrap();
     let sender = {
         let chunk = chunk.clone();
         std::thread::spawn(move || {
-            for _ in 0..SIZE / CHUNK {
+            for _ in 0..size / chunk_len {
                 writer.write_all(&chunk).unwrap();
             }
             writer.shutdown(Shutdown::Write).unwrap();
@@ -767,16 +761,97 @@ fn bulk_both_ways_arrives_intact(engine: EngineChoice) {
             break;
         }
         for (k, &byte) in buf[..n].iter().enumerate() {
-            assert_eq!(byte, chunk[(at + k) % CHUNK], "byte {} of the echo", at + k);
+            assert_eq!(
+                byte,
+                chunk[(at + k) % chunk_len],
+                "byte {} of the echo",
+                at + k
+            );
         }
         at += n;
     }
     sender.join().unwrap();
-    assert_eq!(at, SIZE);
+    assert_eq!(at, size / chunk_len * chunk_len);
+}
+
+/// A bulk transfer both ways at once (which moves through splice pipes,
+/// and on io_uring reads with plain syscalls) keeps every byte in order.
+fn bulk_both_ways_arrives_intact(engine: EngineChoice) {
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let toml = format!(
+        "{ADMIN_OFF}{}",
+        listener_toml("web", "127.0.0.1:0", "", &[b.addr], "kind = \"none\"")
+    );
+    let lbd = start_lbd(&toml, engine);
+    echo_intact(
+        lbd.bound_addr("web").unwrap(),
+        b.name.len() + 1,
+        64 << 20,
+        0,
+    );
+}
+
+/// A connection cut while its splice pipes hold bytes (the client stops
+/// reading, everything backs up, the idle timeout ends it) leaves none of
+/// them behind for the next connections, which reuse the worker's pipes.
+fn cut_transfer_leaves_no_bytes_behind(engine: EngineChoice) {
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let toml = format!(
+        "{ADMIN_OFF}{}",
+        listener_toml(
+            "web",
+            "127.0.0.1:0",
+            "idle_timeout = \"300ms\"",
+            &[b.addr],
+            "kind = \"none\""
+        )
+    );
+    let config = lb_config::parse_config(&toml).unwrap();
+    // One worker: the next connections get the pipes the cut one used.
+    let options = lb_core::Options {
+        engine: Some(engine),
+        workers: Some(1),
+    };
+    let lbd = lb_core::Server::start(&config, &options).unwrap();
+    let addr = lbd.bound_addr("web").unwrap();
+    let mut stuck = connect_from(None, addr).unwrap();
+    let mut hello = vec![0u8; b.name.len() + 1];
+    stuck.read_exact(&mut hello).unwrap();
+    // Flood without reading until the whole path is full.
+    stuck.set_nonblocking(true).unwrap();
+    let junk = vec![0xeeu8; 1 << 16];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut blocked_since: Option<std::time::Instant> = None;
+    while blocked_since.is_none_or(|t| t.elapsed() < Duration::from_millis(100)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the path never filled"
+        );
+        match stuck.write(&junk) {
+            Ok(_) => blocked_since = None,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                blocked_since.get_or_insert_with(std::time::Instant::now);
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("flood: {e}"),
+        }
+    }
+    eventually(Duration::from_secs(10), "the idle timeout cut it", || {
+        metric(
+            &lbd.metrics_text(),
+            "weir_connections_active{listener=\"web\"}",
+        ) == Some(0.0)
+    });
+    let m = lbd.metrics_text();
+    assert_eq!(metric(&m, "weir_buffer_bytes_held"), Some(0.0), "{m}");
+    for seed in 1..=4 {
+        echo_intact(addr, b.name.len() + 1, 4 << 20, seed);
+    }
 }
 
 both_engines!(
     bulk_both_ways_arrives_intact,
+    cut_transfer_leaves_no_bytes_behind,
     idle_connections_hold_no_buffers,
     one_prober_per_target_and_global_cap,
     removed_listener_refuses_and_rebinds,

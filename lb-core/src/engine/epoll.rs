@@ -9,6 +9,7 @@ use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::{Conn, Datagram, Engine, EngineKind};
+use crate::splice::{self, Pipe};
 
 /// A tokio UDP socket.
 #[derive(Debug)]
@@ -104,6 +105,21 @@ impl Conn for EpollConn {
             }
         }
         (Ok(()), buf)
+    }
+
+    fn splice_in(&self, pipe: &Pipe, len: usize) -> io::Result<usize> {
+        // `try_io` clears tokio's readiness on WouldBlock.
+        self.0
+            .try_io(Interest::READABLE, || splice::fill(&self.0, pipe, len))
+    }
+
+    fn splice_out(&self, pipe: &Pipe, len: usize) -> io::Result<usize> {
+        self.0
+            .try_io(Interest::WRITABLE, || splice::drain(pipe, &self.0, len))
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        self.0.writable().await
     }
 
     fn shutdown_write(&self) -> io::Result<()> {

@@ -13,6 +13,8 @@ use std::net::SocketAddr;
 
 use lb_config::EngineChoice;
 
+use crate::splice::Pipe;
+
 /// A proxied TCP stream, used through shared references so one task can
 /// read it while another writes it (io_uring style owned buffers).
 #[allow(async_fn_in_trait)]
@@ -28,6 +30,16 @@ pub trait Conn: Sized + 'static {
     async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
     /// Writes all of `buf`.
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
+    /// Moves up to `len` bytes waiting on the socket into `pipe` without
+    /// waiting: 0 at end of stream, `WouldBlock` when nothing waits (the
+    /// caller then goes back to [`Conn::ready`]).
+    fn splice_in(&self, pipe: &Pipe, len: usize) -> io::Result<usize>;
+    /// Moves up to `len` bytes from `pipe` to the socket without waiting:
+    /// `WouldBlock` when it has no room (the caller waits on
+    /// [`Conn::writable`]).
+    fn splice_out(&self, pipe: &Pipe, len: usize) -> io::Result<usize>;
+    /// Waits until a write would not block.
+    async fn writable(&self) -> io::Result<()>;
     /// Sends FIN (half-close).
     fn shutdown_write(&self) -> io::Result<()>;
     /// Shuts both directions down, which also completes any read still

@@ -27,6 +27,7 @@ use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
 
 use super::ring::{self, Op};
 use super::{Conn, Datagram, Engine, EngineKind};
+use crate::splice::{self, Pipe};
 
 /// A socket used by ring operations. Queued entries name it by number, so
 /// they are submitted before it is closed (the number could be reused).
@@ -44,14 +45,16 @@ impl Drop for RingSocket {
     }
 }
 
-/// Io_uring operations may wait in the kernel; they need no O_NONBLOCK.
+/// Io_uring operations may wait in the kernel; they need no O_NONBLOCK
+/// (a connection sets it when it first splices; ring operations pass their
+/// own flags and do not depend on it).
 fn blocking(s: Socket) -> io::Result<RingSocket> {
     s.set_nonblocking(false)?;
     Ok(RingSocket(s))
 }
 
-async fn poll_readable(fd: types::Fd) -> io::Result<()> {
-    let entry = opcode::PollAdd::new(fd, (libc::POLLIN | libc::POLLRDHUP) as u32).build();
+async fn poll(fd: types::Fd, events: libc::c_short) -> io::Result<()> {
+    let entry = opcode::PollAdd::new(fd, events as u32).build();
     // SAFETY: a poll touches no user memory.
     let (r, ()) = unsafe { Op::new(entry, ()) }.await;
     r.map(drop)
@@ -241,6 +244,9 @@ pub struct UringConn {
     /// The last read filled its buffer: more data is likely waiting, so
     /// the next read skips the poll and the ring.
     hot: Cell<bool>,
+    /// O_NONBLOCK is set (for splice, which has no per-call flag for the
+    /// socket's side; ring operations do not depend on it).
+    nonblocking: Cell<bool>,
 }
 
 impl UringConn {
@@ -248,7 +254,16 @@ impl UringConn {
         Self {
             sock,
             hot: Cell::new(false),
+            nonblocking: Cell::new(false),
         }
+    }
+
+    fn set_nonblocking(&self) -> io::Result<()> {
+        if !self.nonblocking.get() {
+            self.sock.0.set_nonblocking(true)?;
+            self.nonblocking.set(true);
+        }
+        Ok(())
     }
 }
 
@@ -272,7 +287,7 @@ impl Conn for UringConn {
             tokio::task::coop::consume_budget().await;
             return Ok(());
         }
-        poll_readable(self.sock.fd()).await
+        poll(self.sock.fd(), libc::POLLIN | libc::POLLRDHUP).await
     }
 
     async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
@@ -310,6 +325,25 @@ impl Conn for UringConn {
             }
         }
         (Ok(()), buf)
+    }
+
+    fn splice_in(&self, pipe: &Pipe, len: usize) -> io::Result<usize> {
+        self.set_nonblocking()?;
+        let r = splice::fill(&self.sock.0, pipe, len);
+        if r.is_err() {
+            // Nothing waits (or it failed): back to polling before reads.
+            self.hot.set(false);
+        }
+        r
+    }
+
+    fn splice_out(&self, pipe: &Pipe, len: usize) -> io::Result<usize> {
+        self.set_nonblocking()?;
+        splice::drain(pipe, &self.sock.0, len)
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        poll(self.sock.fd(), libc::POLLOUT).await
     }
 
     fn shutdown_write(&self) -> io::Result<()> {
