@@ -11,8 +11,10 @@
 //! non-blocking syscalls, because a ring operation costs a trip through
 //! the scheduler and one more syscall (tokio's `epoll_wait`) for the same
 //! work, about a fifth of the CPU per byte. It returns to the ring when a
-//! read comes back short or a send would block. See
-//! docs/design/0007-own-io-uring-driver.md.
+//! read comes back short or a send would block, and while data keeps
+//! waiting the forwarder moves it through a kernel pipe
+//! ([`crate::splice`]). See docs/design/0007-own-io-uring-driver.md and
+//! 0008-splice.md.
 
 #![allow(unsafe_code)]
 
