@@ -487,7 +487,9 @@ async fn pump<C: Conn>(
         let Some(mut pipe) = worker.lease_pipe() else {
             continue;
         };
-        match splice_while_waiting(&mut pipe, from, to, bytes, activity).await {
+        // Boxed: its state lives only while splicing, so the future that
+        // every connection holds (idle ones too) stays as small as before.
+        match Box::pin(splice_while_waiting(&mut pipe, from, to, bytes, activity)).await {
             Ok(Spliced::Drained) => {}
             Ok(Spliced::Eof) => return end_of_stream(to, one_way_done),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && pipe.empty => {
