@@ -806,13 +806,8 @@ fn cut_transfer_leaves_no_bytes_behind(engine: EngineChoice) {
             "kind = \"none\""
         )
     );
-    let config = lb_config::parse_config(&toml).unwrap();
     // One worker: the next connections get the pipes the cut one used.
-    let options = lb_core::Options {
-        engine: Some(engine),
-        workers: Some(1),
-    };
-    let lbd = lb_core::Server::start(&config, &options).unwrap();
+    let lbd = start_lbd_workers(&toml, engine, 1);
     let addr = lbd.bound_addr("web").unwrap();
     let mut stuck = connect_from(None, addr).unwrap();
     let mut hello = vec![0u8; b.name.len() + 1];

@@ -254,6 +254,11 @@ pub fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) 
 
 /// Starts an in-process lbd with `toml` on `engine`, two workers.
 pub fn start_lbd(toml: &str, engine: EngineChoice) -> Server {
+    start_lbd_workers(toml, engine, 2)
+}
+
+/// Starts an in-process lbd with `toml` on `engine` and `workers` workers.
+pub fn start_lbd_workers(toml: &str, engine: EngineChoice, workers: usize) -> Server {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("warn")
         .with_test_writer()
@@ -264,7 +269,7 @@ pub fn start_lbd(toml: &str, engine: EngineChoice) -> Server {
         &config,
         &Options {
             engine: Some(engine),
-            workers: Some(2),
+            workers: Some(workers),
         },
     )
     .expect("lbd starts")
