@@ -4,8 +4,9 @@
 //! in [`balance`], [`health::machine`] and [`proxy_protocol`] and never
 //! touches sockets or clocks. The shell ([`server`], [`plane`], [`forward`],
 //! [`engine`]) binds sockets, runs workers and applies configurations.
-//! `unsafe` is allowed only in the io_uring engine (`engine::uring` and its
-//! driver, `engine::ring`).
+//! `unsafe` is allowed only at the system-call edge of the engines: the
+//! io_uring engine (`engine::uring` and its driver, `engine::ring`) and the
+//! segmented UDP send both engines share (`engine::gso`).
 
 pub mod admin;
 pub mod balance;

@@ -107,6 +107,15 @@ impl WorkerCounters {
         self.udp_drops[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts `datagrams` UDP datagrams of `bytes` in all forwarded to a
+    /// backend.
+    pub fn count_to_backend(&self, datagrams: usize, bytes: usize) {
+        self.datagrams_to_backend
+            .fetch_add(datagrams as u64, Ordering::Relaxed);
+        self.bytes_to_backend
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
     /// Counts a refusal.
     pub fn reject(&self, why: Reject) {
         self.rejected[why.index()].fetch_add(1, Ordering::Relaxed);

@@ -8,8 +8,8 @@
 //! (`idle_timeout`), when their backend's drain ends, or when their backend
 //! is down at the next datagram (then the datagram opens a new flow).
 
-use std::cell::RefCell;
-use std::io;
+use std::cell::{Cell, RefCell};
+use std::io::{self, IoSlice};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,18 +21,25 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::balance::hash;
-use crate::engine::{Datagram, Engine};
+use crate::engine::{gso, Datagram, Engine};
 use crate::flow::FlowTable;
 use crate::forward::{Shared, Worker};
 use crate::proxy_protocol;
 use crate::routing::{BackendHandle, BindKey, ConnectError, Route};
-use crate::stats::{ListenerStats, UdpDrop};
+use crate::stats::{ListenerStats, UdpDrop, WorkerCounters};
 
 /// Largest datagram forwarded (the IPv4 UDP payload limit).
 pub const MAX_DATAGRAM: usize = 65_507;
 /// Receive buffer: larger than any non-jumbo datagram, so nothing is cut
 /// silently; anything above `MAX_DATAGRAM` is counted and dropped.
 const RECV_BUF: usize = 65_536;
+/// Datagrams taken from a listener socket per wake-up, at most.
+const BATCH: usize = 32;
+/// A receiver's buffer: a batch appends datagrams while a whole
+/// [`RECV_BUF`] is spare. Pages are touched only as datagrams fill them.
+const BATCH_BUF: usize = 2 * RECV_BUF;
+/// While drains find nothing, one receive in this many still tries one.
+const PROBE_EVERY: u32 = 8;
 
 /// Counts held by a flow, released when it ends.
 struct Slots {
@@ -70,6 +77,13 @@ struct Listener<E: Engine> {
     local: SocketAddr,
     socket: Rc<E::Udp>,
     flows: Flows<E::Udp>,
+    /// The last drain found datagrams waiting.
+    draining: Cell<bool>,
+    /// Receives so far (for [`PROBE_EVERY`]).
+    receives: Cell<u32>,
+    /// Runs of datagrams leave in one segmented send (off once the kernel
+    /// or a path refused one).
+    gso: Cell<bool>,
 }
 
 /// Serves one UDP listener socket until `stop`.
@@ -86,16 +100,12 @@ pub(crate) async fn serve<E: Engine>(
         local,
         socket: Rc::new(socket),
         flows: Rc::default(),
+        draining: Cell::new(false),
+        receives: Cell::new(0),
+        gso: Cell::new(true),
     });
     let expiry = tokio::task::spawn_local(expire_loop(l.clone()));
-    // Several receives in flight let io_uring batch them in one submission.
-    let extra: Vec<_> = (1..E::UDP_RECEIVERS)
-        .map(|_| tokio::task::spawn_local(receive(l.clone(), stop.clone())))
-        .collect();
     receive(l.clone(), stop).await;
-    for task in extra {
-        task.abort();
-    }
     expiry.abort();
     let flows: Vec<_> = l
         .flows
@@ -105,15 +115,21 @@ pub(crate) async fn serve<E: Engine>(
     l.socket.close();
 }
 
-/// Receives datagrams until `stop`. Flow lookup and creation have no await
-/// in between, so concurrent receivers never open two flows for a client.
+/// Receives datagrams until `stop`, one receive at a time, so a client's
+/// datagrams leave in the order they came.
+///
+/// After a receive, a socket that had more waiting is drained without
+/// waiting (up to [`BATCH`] datagrams), and the batch goes out with one
+/// send per run of a client's equal-sized datagrams ([`on_batch`]).
 async fn receive<E: Engine>(l: Rc<Listener<E>>, mut stop: watch::Receiver<bool>) {
-    let mut buf = Vec::with_capacity(RECV_BUF);
+    let mut buf = Vec::with_capacity(BATCH_BUF);
+    let mut items = Vec::with_capacity(BATCH);
     loop {
         if *stop.borrow() {
             return;
         }
         buf.clear();
+        items.clear();
         tokio::select! {
             biased;
             changed = stop.changed() => if changed.is_err() {
@@ -122,10 +138,18 @@ async fn receive<E: Engine>(l: Rc<Listener<E>>, mut stop: watch::Receiver<bool>)
             (received, b) = l.socket.recv_from(std::mem::take(&mut buf)) => {
                 buf = b;
                 match received {
-                    Ok((n, client)) => buf = on_datagram(&l, client, n, buf).await,
+                    Ok((len, client)) => {
+                        items.push(Item { start: 0, len, client });
+                        drain(&l, &mut buf, &mut items);
+                        if items.len() == 1 {
+                            buf = on_datagram(&l, client, len, buf).await;
+                        } else {
+                            on_batch(&l, &buf, &items).await;
+                        }
+                    }
                     Err(e) => {
                         tracing::debug!(bind = %l.key.addr, error = %e, "udp receive failed");
-                        buf = Vec::with_capacity(RECV_BUF);
+                        buf = Vec::with_capacity(BATCH_BUF);
                     }
                 }
             }
@@ -133,8 +157,74 @@ async fn receive<E: Engine>(l: Rc<Listener<E>>, mut stop: watch::Receiver<bool>)
     }
 }
 
+/// One received datagram: `buf[start..start + len]`, from `client`.
+#[derive(Clone, Copy, Debug)]
+struct Item {
+    start: usize,
+    len: usize,
+    client: SocketAddr,
+}
+
+/// Appends the datagrams waiting on the listener socket to `buf` and
+/// `items`, without waiting, while the last drain found some (and every
+/// [`PROBE_EVERY`] receives otherwise: a drain that finds nothing costs a
+/// syscall). Stops while less than a whole [`RECV_BUF`] is spare, so no
+/// datagram is ever cut.
+fn drain<E: Engine>(l: &Listener<E>, buf: &mut Vec<u8>, items: &mut Vec<Item>) {
+    let receives = l.receives.get().wrapping_add(1);
+    l.receives.set(receives);
+    if !l.draining.get() && !receives.is_multiple_of(PROBE_EVERY) {
+        return;
+    }
+    let before = items.len();
+    while items.len() < BATCH && buf.capacity() - buf.len() >= RECV_BUF {
+        let start = buf.len();
+        match l.socket.try_recv_from(buf) {
+            Ok((len, client)) => items.push(Item { start, len, client }),
+            Err(e) => {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    tracing::debug!(bind = %l.key.addr, error = %e, "udp receive failed");
+                }
+                break;
+            }
+        }
+    }
+    l.draining.set(items.len() > before);
+}
+
 fn current_route(l: &Listener<impl Engine>) -> Option<Arc<Route>> {
     l.worker.shared.routing.load().routes.get(&l.key).cloned()
+}
+
+/// The upstream socket of `client`'s flow: the existing one, or a new flow
+/// when there is none or its backend is down or drained.
+fn flow_for<E: Engine>(
+    l: &Rc<Listener<E>>,
+    route: &Arc<Route>,
+    client: SocketAddr,
+    now: Instant,
+) -> Result<Rc<E::Udp>, UdpDrop> {
+    let existing = {
+        let mut flows = l.flows.borrow_mut();
+        match flows.touch(client, now) {
+            Some(f) if usable(&f.slots.backend, route) => Some(f.upstream.clone()),
+            Some(_) => {
+                // Backend down or drained: this datagram opens a new flow.
+                drop(flows.remove(client));
+                route
+                    .stats
+                    .worker(l.worker.id)
+                    .flows_expired
+                    .fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            None => None,
+        }
+    };
+    match existing {
+        Some(u) => Ok(u),
+        None => open_flow(l, route, client, now),
+    }
 }
 
 /// Handles one datagram from `client`; returns the buffer for reuse.
@@ -156,50 +246,155 @@ async fn on_datagram<E: Engine>(
         stats.drop_datagram(UdpDrop::SourceRange);
         return buf;
     }
-    let now = Instant::now();
-    let existing = {
-        let mut flows = l.flows.borrow_mut();
-        match flows.touch(client, now) {
-            Some(f) if usable(&f.slots.backend, &route) => Some(f.upstream.clone()),
-            Some(_) => {
-                // Backend down or drained: this datagram opens a new flow.
-                drop(flows.remove(client));
-                stats.flows_expired.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-            None => None,
+    let upstream = match flow_for(l, &route, client, Instant::now()) {
+        Ok(u) => u,
+        Err(why) => {
+            stats.drop_datagram(why);
+            return buf;
         }
-    };
-    let upstream = match existing {
-        Some(u) => u,
-        None => match open_flow(l, &route, client, now) {
-            Ok(u) => u,
-            Err(why) => {
-                stats.drop_datagram(why);
-                return buf;
-            }
-        },
     };
     let (sent, buf) = match route.listener.proxy_protocol {
         ProxyProtocol::V2 => {
-            let mut framed =
-                proxy_protocol::v2(client, l.local, proxy_protocol::Transport::Datagram);
-            framed.extend_from_slice(&buf);
-            let (r, _) = upstream.send(framed).await;
+            let (r, _) = upstream.send(framed_v2(l, client, &buf)).await;
             (r, buf)
         }
         _ => upstream.send(buf).await,
     };
     match sent {
-        Ok(_) => {
-            stats.datagrams_to_backend.fetch_add(1, Ordering::Relaxed);
-            stats
-                .bytes_to_backend
-                .fetch_add(n as u64, Ordering::Relaxed);
-        }
+        Ok(_) => stats.count_to_backend(1, n),
         Err(e) => tracing::debug!(%client, error = %e, "udp send to backend failed"),
     }
     buf
+}
+
+/// `payload` behind a PROXY v2 header naming `client` and the listener.
+fn framed_v2(l: &Listener<impl Engine>, client: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut framed = proxy_protocol::v2(client, l.local, proxy_protocol::Transport::Datagram);
+    framed.extend_from_slice(payload);
+    framed
+}
+
+/// Forwards a batch (`items` in `buf`): each client's datagrams in the
+/// order they came, clients in the order their first datagram came. The
+/// route, the source check and the flow are looked up once per client.
+async fn on_batch<E: Engine>(l: &Rc<Listener<E>>, buf: &[u8], items: &[Item]) {
+    let Some(route) = current_route(l) else {
+        return;
+    };
+    let stats = route.stats.worker(l.worker.id);
+    let now = Instant::now();
+    let mut done = [false; BATCH];
+    let mut mine = Vec::with_capacity(items.len());
+    for (i, first) in items.iter().enumerate() {
+        if done[i] {
+            continue;
+        }
+        mine.clear();
+        for (j, item) in items.iter().enumerate().skip(i) {
+            if item.client != first.client {
+                continue;
+            }
+            done[j] = true;
+            if item.len > MAX_DATAGRAM {
+                stats.drop_datagram(UdpDrop::Truncated);
+            } else {
+                mine.push(*item);
+            }
+        }
+        if mine.is_empty() {
+            continue;
+        }
+        let flow = if route.allows(first.client.ip()) {
+            flow_for(l, &route, first.client, now)
+        } else {
+            Err(UdpDrop::SourceRange)
+        };
+        let upstream = match flow {
+            Ok(u) => u,
+            Err(why) => {
+                for _ in &mine {
+                    stats.drop_datagram(why);
+                }
+                continue;
+            }
+        };
+        if route.listener.proxy_protocol == ProxyProtocol::V2 {
+            for item in &mine {
+                let payload = &buf[item.start..item.start + item.len];
+                match upstream.send(framed_v2(l, first.client, payload)).await.0 {
+                    Ok(_) => stats.count_to_backend(1, item.len),
+                    Err(e) => {
+                        tracing::debug!(client = %first.client, error = %e, "udp send to backend failed")
+                    }
+                }
+            }
+        } else {
+            send_runs(l, &*upstream, buf, &mine, stats).await;
+        }
+    }
+}
+
+/// Sends one client's datagrams (`mine`, in order) in runs: consecutive
+/// datagrams of one size, the last possibly shorter, leave in one segmented
+/// send. A socket or path that cannot segment gets them one by one, and the
+/// listener stops trying segmentation.
+async fn send_runs<E: Engine>(
+    l: &Listener<E>,
+    upstream: &E::Udp,
+    buf: &[u8],
+    mine: &[Item],
+    stats: &WorkerCounters,
+) {
+    let slice = |it: &Item| IoSlice::new(&buf[it.start..it.start + it.len]);
+    let mut parts = Vec::with_capacity(mine.len().min(gso::MAX_SEGMENTS));
+    let mut k = 0;
+    while k < mine.len() {
+        let end = run_end(mine, k, l.gso.get());
+        let run = &mine[k..end];
+        k = end;
+        let bytes: usize = run.iter().map(|it| it.len).sum();
+        let segment = (run.len() > 1).then(|| run[0].len as u16);
+        parts.clear();
+        parts.extend(run.iter().map(slice));
+        match upstream.send_parts(&parts, segment).await {
+            Ok(_) => stats.count_to_backend(run.len(), bytes),
+            Err(e) if segment.is_some() && gso::unsupported(&e) => {
+                tracing::debug!(bind = %l.key.addr, error = %e, "udp segmentation unavailable; sending datagrams one by one");
+                l.gso.set(false);
+                for item in run {
+                    match upstream.send_parts(&[slice(item)], None).await {
+                        Ok(_) => stats.count_to_backend(1, item.len),
+                        Err(e) => tracing::debug!(error = %e, "udp send to backend failed"),
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "udp send to backend failed"),
+        }
+    }
+}
+
+/// Where the run that starts at `mine[k]` ends (exclusive): datagrams of
+/// `mine[k]`'s size, then at most one shorter one, within the segmentation
+/// limits. A run of one when `segment` is off or the size is 0.
+fn run_end(mine: &[Item], k: usize, segment: bool) -> usize {
+    let size = mine[k].len;
+    let mut end = k + 1;
+    if !segment || size == 0 {
+        return end;
+    }
+    let mut bytes = size;
+    while end < mine.len()
+        && end - k < gso::MAX_SEGMENTS
+        && mine[end].len <= size
+        && bytes + mine[end].len <= gso::MAX_BYTES
+    {
+        bytes += mine[end].len;
+        end += 1;
+        if mine[end - 1].len < size {
+            break;
+        }
+    }
+    end
 }
 
 /// Whether a flow may keep its backend: not closed by a drain deadline, and
@@ -368,5 +563,48 @@ async fn expire_loop<E: Engine>(l: Rc<Listener<E>>) {
             }
         }
         drop(gone);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lengths of the runs `run_end` cuts datagrams of `lens` into.
+    fn runs(lens: &[usize], segment: bool) -> Vec<usize> {
+        let client = SocketAddr::from(([127, 0, 0, 1], 9));
+        let mine: Vec<Item> = lens
+            .iter()
+            .map(|&len| Item {
+                start: 0,
+                len,
+                client,
+            })
+            .collect();
+        let (mut k, mut out) = (0, Vec::new());
+        while k < mine.len() {
+            let end = run_end(&mine, k, segment);
+            out.push(end - k);
+            k = end;
+        }
+        out
+    }
+
+    #[test]
+    fn runs_are_one_size_then_at_most_one_shorter() {
+        assert_eq!(runs(&[200, 200, 200, 37, 200, 200], true), [4, 2]);
+        assert_eq!(runs(&[200, 1200, 1200, 200], true), [1, 3]);
+        assert_eq!(runs(&[37, 37, 200], true), [2, 1]);
+        // Empty datagrams cannot be segments.
+        assert_eq!(runs(&[0, 0, 5], true), [1, 1, 1]);
+        assert_eq!(runs(&[200, 200, 37], false), [1, 1, 1]);
+    }
+
+    #[test]
+    fn runs_stay_within_the_segmentation_limits() {
+        assert_eq!(runs(&[100; 70], true), [gso::MAX_SEGMENTS, 6]);
+        let per_run = gso::MAX_BYTES / 1_200;
+        assert_eq!(runs(&[1_200; 60], true), [per_run, 60 - per_run]);
+        assert_eq!(runs(&[MAX_DATAGRAM; 2], true), [1, 1]);
     }
 }

@@ -464,6 +464,146 @@ fn oversized_datagrams_are_counted_not_cut(engine: EngineChoice) {
     );
 }
 
+/// Clients that send faster than lbd forwards: lbd takes what waits in one
+/// go and sends each client's equal-sized datagrams in one segmented send.
+/// Every datagram must arrive whole, once, and in its client's order, with
+/// and without PROXY v2 headers.
+fn bursts_arrive_whole_and_in_order(engine: EngineChoice) {
+    const CLIENTS: u8 = 3;
+    const BURST: u16 = 32;
+    const BURSTS: u16 = 20;
+    /// The bytes of datagram `seq` of `client`: id, sequence, then filler;
+    /// mostly one size, with longer and shorter ones between the runs.
+    fn datagram(client: u8, seq: u16) -> Vec<u8> {
+        let len = match seq % 16 {
+            15 => 37,
+            9 => 1_200,
+            _ => 200,
+        };
+        let mut d = vec![client, (seq >> 8) as u8, seq as u8];
+        d.extend((0..len - 3).map(|i| (i as u16 ^ seq) as u8));
+        d
+    }
+    let plain = UdpBackend::start("127.0.0.2");
+    let framed = UdpBackend::start("127.0.0.3");
+    // One worker: every client's datagrams meet in one socket.
+    let lbd = start_lbd_workers(
+        &format!(
+            "{ADMIN}{}{}",
+            udp_listener(
+                "plain",
+                "127.0.0.68:0",
+                "",
+                &[plain.addr],
+                "kind = \"none\""
+            ),
+            udp_listener(
+                "framed",
+                "127.0.0.69:0",
+                "proxy_protocol = \"v2\"",
+                &[framed.addr],
+                "kind = \"none\""
+            )
+        ),
+        engine,
+        1,
+    );
+    // The v2 header for IPv4 is 28 bytes: 16 fixed, then the addresses.
+    for (backend, name, header) in [(&plain, "plain", 0), (&framed, "framed", 28)] {
+        let vip = lbd.bound_addr(name).unwrap();
+        let clients: Vec<UdpSocket> = (0..CLIENTS).map(|_| client("127.0.0.1")).collect();
+        let mut got: HashMap<u8, Vec<u16>> = HashMap::new();
+        for burst in 0..BURSTS {
+            for i in 0..BURST {
+                let seq = burst * BURST + i;
+                for (id, c) in clients.iter().enumerate() {
+                    c.send_to(&datagram(id as u8, seq), vip).unwrap();
+                }
+            }
+            // The whole burst arrives before the next one is sent, so no
+            // socket buffer on the way overflows.
+            for _ in 0..BURST * u16::from(CLIENTS) {
+                let d = backend
+                    .received
+                    .recv_timeout(Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("{name}: burst {burst} incomplete: {e}"));
+                let d = &d[header..];
+                let (id, seq) = (d[0], u16::from_be_bytes([d[1], d[2]]));
+                assert_eq!(
+                    d,
+                    datagram(id, seq),
+                    "{name}: datagram {seq} of client {id}"
+                );
+                got.entry(id).or_default().push(seq);
+            }
+        }
+        for id in 0..CLIENTS {
+            let want: Vec<u16> = (0..BURSTS * BURST).collect();
+            assert_eq!(got[&id], want, "{name}: client {id}'s datagrams in order");
+        }
+        let m = lbd.metrics_text();
+        let total = f64::from(BURSTS * BURST * u16::from(CLIENTS));
+        assert_eq!(
+            metric(
+                &m,
+                &format!(
+                    "weir_udp_datagrams_total{{direction=\"to_backend\",listener=\"{name}\"}}"
+                )
+            ),
+            Some(total),
+            "{m}"
+        );
+    }
+}
+
+/// `source_ranges` on UDP: datagrams from outside are dropped and counted
+/// one by one, also when they arrive in a batch with allowed ones.
+fn source_ranges_drop_and_count(engine: EngineChoice) {
+    let b = UdpBackend::start("127.0.0.2");
+    let lbd = start_lbd_workers(
+        &format!(
+            "{ADMIN}{}",
+            udp_listener(
+                "u",
+                "127.0.0.70:0",
+                "source_ranges = [\"127.0.3.0/24\"]",
+                &[b.addr],
+                "kind = \"none\""
+            )
+        ),
+        engine,
+        1,
+    );
+    let vip = lbd.bound_addr("u").unwrap();
+    let (inside, outside) = (client("127.0.3.1"), client("127.0.4.1"));
+    for i in 0..40u8 {
+        outside.send_to(&[b'x', i], vip).unwrap();
+        inside.send_to(&[b'y', i], vip).unwrap();
+    }
+    for i in 0..40u8 {
+        let got = b.received.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            got,
+            [b'y', i],
+            "only the allowed client's datagrams, in order"
+        );
+    }
+    eventually(
+        Duration::from_secs(5),
+        "every refused datagram counted",
+        || {
+            metric(
+                &lbd.metrics_text(),
+                "weir_udp_drops_total{listener=\"u\",reason=\"source_range\"}",
+            ) == Some(40.0)
+        },
+    );
+    assert!(
+        b.received.try_recv().is_err(),
+        "nothing from outside reached the backend"
+    );
+}
+
 both_engines!(
     request_response_from_the_listener_address,
     flows_stick_and_spread,
@@ -473,4 +613,6 @@ both_engines!(
     proxy_v2_dgram_header,
     flood_stays_within_the_flow_cap,
     oversized_datagrams_are_counted_not_cut,
+    bursts_arrive_whole_and_in_order,
+    source_ranges_drop_and_count,
 );

@@ -1,14 +1,15 @@
 //! The epoll engine: tokio's reactor, one current-thread runtime per worker.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsFd;
 
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use super::{Conn, Datagram, Engine, EngineKind};
+use super::{gso, Conn, Datagram, Engine, EngineKind};
 use crate::splice::{self, Pipe};
 
 /// A tokio UDP socket.
@@ -39,6 +40,23 @@ impl Datagram for EpollUdp {
     async fn send(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         let r = self.0.send(&buf).await;
         (r, buf)
+    }
+
+    fn try_recv_from(&self, buf: &mut Vec<u8>) -> io::Result<(usize, SocketAddr)> {
+        // Clears tokio's readiness on WouldBlock.
+        self.0.try_recv_buf_from(buf)
+    }
+
+    async fn send_parts(&self, parts: &[IoSlice<'_>], segment: Option<u16>) -> io::Result<usize> {
+        loop {
+            self.0.writable().await?;
+            match self.0.try_io(Interest::WRITABLE, || {
+                gso::send(self.0.as_fd(), parts, segment)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
     }
 
     fn close(&self) {
@@ -139,7 +157,6 @@ impl Engine for Epoll {
     type Conn = EpollConn;
     type Listener = TcpListener;
     type Udp = EpollUdp;
-    const UDP_RECEIVERS: usize = 1;
     const KIND: EngineKind = EngineKind::Epoll;
 
     fn run(worker: impl Future<Output = ()>) -> io::Result<()> {

@@ -4,11 +4,12 @@
 //! shutdown differ. See docs/design/0001-engines-and-workers.md.
 
 pub mod epoll;
+pub mod gso;
 mod ring;
 pub mod uring;
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 
 use lb_config::EngineChoice;
@@ -65,6 +66,16 @@ pub trait Datagram: Sized + 'static {
     async fn recv(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
     /// Sends one datagram on a connected socket.
     async fn send(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+    /// Receives one more datagram into `buf`'s spare capacity (appending
+    /// to what `buf` holds) without waiting: `WouldBlock` when none waits.
+    /// A plain syscall on both engines, for draining a socket after a
+    /// receive found it busy.
+    fn try_recv_from(&self, buf: &mut Vec<u8>) -> io::Result<(usize, SocketAddr)>;
+    /// Sends `parts`, concatenated, on a connected socket in one syscall:
+    /// as one datagram, or with `segment` as datagrams of that many bytes
+    /// (the last may be shorter; see [`gso`]). Waits while the socket has
+    /// no room.
+    async fn send_parts(&self, parts: &[IoSlice<'_>], segment: Option<u16>) -> io::Result<usize>;
     /// Shuts the socket down, completing any receive still in flight.
     fn close(&self);
 }
@@ -80,8 +91,6 @@ pub trait Engine: 'static {
     type Udp: Datagram;
     /// Which engine this is.
     const KIND: EngineKind;
-    /// Receive operations kept in flight per UDP listener socket.
-    const UDP_RECEIVERS: usize;
     /// Runs `worker` to completion on a new runtime on this thread.
     fn run(worker: impl Future<Output = ()>) -> io::Result<()>;
     /// Wraps a bound, listening, non-blocking socket. Called inside `run`.

@@ -20,15 +20,15 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
 
 use io_uring::{opcode, types};
 use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
 
 use super::ring::{self, Op};
-use super::{Conn, Datagram, Engine, EngineKind};
+use super::{gso, Conn, Datagram, Engine, EngineKind};
 use crate::splice::{self, Pipe};
 
 /// A socket used by ring operations. Queued entries name it by number, so
@@ -231,6 +231,33 @@ impl Datagram for UringUdp {
         send(self.0.fd(), buf, 0).await
     }
 
+    fn try_recv_from(&self, buf: &mut Vec<u8>) -> io::Result<(usize, SocketAddr)> {
+        let (n, from) = self
+            .0
+             .0
+            .recv_from_with_flags(buf.spare_capacity_mut(), libc::MSG_DONTWAIT)?;
+        // SAFETY: the kernel initialised `n` bytes of the spare capacity
+        // (`n` never exceeds it: no MSG_TRUNC).
+        unsafe { buf.set_len(buf.len() + n) };
+        let from = from
+            .as_socket()
+            .ok_or_else(|| io::Error::other("datagram from a non-IP address"))?;
+        Ok((n, from))
+    }
+
+    async fn send_parts(&self, parts: &[IoSlice<'_>], segment: Option<u16>) -> io::Result<usize> {
+        // A plain syscall, like bulk TCP: the run is already a batch, and a
+        // ring operation would cost a scheduler trip for the same work.
+        loop {
+            match gso::send(self.0 .0.as_fd(), parts, segment) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    poll(self.0.fd(), libc::POLLOUT).await?;
+                }
+                r => return r,
+            }
+        }
+    }
+
     fn close(&self) {
         let _ = self.0 .0.shutdown(Shutdown::Both);
     }
@@ -378,7 +405,6 @@ impl Engine for IoUring {
     type Conn = UringConn;
     type Listener = UringListener;
     type Udp = UringUdp;
-    const UDP_RECEIVERS: usize = 4;
     const KIND: EngineKind = EngineKind::IoUring;
 
     fn run(worker: impl Future<Output = ()>) -> io::Result<()> {
