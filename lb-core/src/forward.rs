@@ -44,6 +44,10 @@ pub struct Shared {
     /// Per worker: bytes of forwarding buffers held by connections now
     /// (out of the pool): idle connections hold none.
     pub buffer_bytes: Box<[crate::stats::Padded]>,
+    /// Per worker: splice pipes open now, leased or idle.
+    pub pipes_open: Box<[crate::stats::Padded]>,
+    /// Per worker: splice pipes kept idle for the next bulk transfer.
+    pub pipes_idle: Box<[crate::stats::Padded]>,
     /// Global cap on `active_total`.
     pub max_total: u64,
     /// Bulk transfers move through kernel pipes (`[runtime] splice`).
@@ -80,10 +84,9 @@ pub(crate) struct Worker {
     pub(crate) shared: Arc<Shared>,
     rng: Cell<u64>,
     buffers: RefCell<Vec<Vec<u8>>>,
-    /// Idle pipes for the next bulk transfer.
+    /// Idle pipes for the next bulk transfer (counted in
+    /// `shared.pipes_idle`; every pipe open in `shared.pipes_open`).
     pipes: RefCell<Vec<Pipe>>,
-    /// Pipes open on this worker, leased or idle.
-    pipes_open: Cell<u64>,
 }
 
 impl Worker {
@@ -116,12 +119,18 @@ impl Worker {
         if !self.shared.splice {
             return None;
         }
+        let open = &self.shared.pipes_open[self.id].0;
         let pipe = match self.pipes.borrow_mut().pop() {
-            Some(pipe) => pipe,
-            None if self.pipes_open.get() >= splice::PIPES_PER_WORKER => return None,
+            Some(pipe) => {
+                self.shared.pipes_idle[self.id]
+                    .0
+                    .fetch_sub(1, Ordering::Relaxed);
+                pipe
+            }
+            None if open.load(Ordering::Relaxed) >= splice::PIPES_PER_WORKER => return None,
             None => match Pipe::new() {
                 Ok(pipe) => {
-                    self.pipes_open.set(self.pipes_open.get() + 1);
+                    open.fetch_add(1, Ordering::Relaxed);
                     pipe
                 }
                 Err(e) => {
@@ -160,12 +169,18 @@ impl Drop for PipeLease<'_> {
         let Some(pipe) = self.pipe.take() else {
             return;
         };
-        let mut pool = self.worker.pipes.borrow_mut();
+        let (worker, id) = (self.worker, self.worker.id);
+        let mut pool = worker.pipes.borrow_mut();
         if self.empty && pool.len() < splice::POOL_MAX {
             pool.push(pipe);
+            worker.shared.pipes_idle[id]
+                .0
+                .fetch_add(1, Ordering::Relaxed);
         } else {
             drop(pipe);
-            self.worker.pipes_open.set(self.worker.pipes_open.get() - 1);
+            worker.shared.pipes_open[id]
+                .0
+                .fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -186,7 +201,6 @@ pub fn run_worker<E: Engine>(
             rng: Cell::new(seed),
             buffers: RefCell::new(Vec::new()),
             pipes: RefCell::new(Vec::new()),
-            pipes_open: Cell::new(0),
         });
         while let Some(cmd) = commands.recv().await {
             match cmd {

@@ -222,6 +222,11 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
         "Forwarding buffer bytes held by connections now (idle connections hold none on epoll, 2 KiB per direction on io_uring).",
     )
     .expect("static metric");
+    let pipes = gauge(
+        "weir_splice_pipes",
+        "Kernel pipes for bulk transfers (two descriptors each), by state: leased (moving a transfer now) or idle (kept for the next).",
+        &["state"],
+    );
     let info = gauge(
         "weir_info",
         "Engine and worker count of this lbd.",
@@ -353,6 +358,12 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
     }
     global.set(inner.shared.active_total.load(Ordering::Relaxed) as i64);
     buffers.set(crate::stats::sum(&inner.shared.buffer_bytes) as i64);
+    let open = crate::stats::sum(&inner.shared.pipes_open);
+    let idle = crate::stats::sum(&inner.shared.pipes_idle);
+    pipes
+        .with_label_values(&["leased"])
+        .set(open.saturating_sub(idle) as i64);
+    pipes.with_label_values(&["idle"]).set(idle as i64);
     info.with_label_values(&[
         inner.engine.name(),
         &inner.workers.to_string(),
@@ -376,7 +387,15 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
     ] {
         out.extend(c.collect());
     }
-    for g in [&active, &b_active, &b_up, &b_draining, &info, &flows_active] {
+    for g in [
+        &active,
+        &b_active,
+        &b_up,
+        &b_draining,
+        &info,
+        &flows_active,
+        &pipes,
+    ] {
         out.extend(g.collect());
     }
     out.extend(global.collect());

@@ -389,6 +389,8 @@ impl Server {
             routing: ArcSwap::from_pointee(Routing::default()),
             active_total: AtomicU64::new(0),
             buffer_bytes: (0..workers).map(|_| Default::default()).collect(),
+            pipes_open: (0..workers).map(|_| Default::default()).collect(),
+            pipes_idle: (0..workers).map(|_| Default::default()).collect(),
             max_total: max_total.max(1),
             splice: config.runtime.splice,
         });

@@ -789,6 +789,12 @@ fn bulk_both_ways_arrives_intact(engine: EngineChoice) {
         64 << 20,
         0,
     );
+    // The transfer moved through pipes, and each came back to its pool.
+    eventually(Duration::from_secs(5), "every pipe back in a pool", || {
+        let m = lbd.metrics_text();
+        metric(&m, "weir_splice_pipes{state=\"leased\"}") == Some(0.0)
+            && metric(&m, "weir_splice_pipes{state=\"idle\"}").is_some_and(|n| n >= 1.0)
+    });
 }
 
 /// A connection cut while its splice pipes hold bytes (the client stops
