@@ -77,10 +77,10 @@ struct Listener<E: Engine> {
     local: SocketAddr,
     socket: Rc<E::Udp>,
     flows: Flows<E::Udp>,
-    /// The last drain found datagrams waiting.
-    draining: Cell<bool>,
-    /// Receives so far (for [`PROBE_EVERY`]).
-    receives: Cell<u32>,
+    /// Where a flow's reply task drains its socket, leased to one task at
+    /// a time (one that finds it leased relays datagram by datagram);
+    /// grown on first use.
+    scratch: Cell<Option<Vec<u8>>>,
     /// Runs of datagrams leave in one segmented send (off once the kernel
     /// or a path refused one).
     gso: Cell<bool>,
@@ -100,8 +100,7 @@ pub(crate) async fn serve<E: Engine>(
         local,
         socket: Rc::new(socket),
         flows: Rc::default(),
-        draining: Cell::new(false),
-        receives: Cell::new(0),
+        scratch: Cell::new(Some(Vec::new())),
         gso: Cell::new(true),
     });
     let expiry = tokio::task::spawn_local(expire_loop(l.clone()));
@@ -124,6 +123,7 @@ pub(crate) async fn serve<E: Engine>(
 async fn receive<E: Engine>(l: Rc<Listener<E>>, mut stop: watch::Receiver<bool>) {
     let mut buf = Vec::with_capacity(BATCH_BUF);
     let mut items = Vec::with_capacity(BATCH);
+    let mut drainer = Drainer::default();
     loop {
         if *stop.borrow() {
             return;
@@ -140,7 +140,11 @@ async fn receive<E: Engine>(l: Rc<Listener<E>>, mut stop: watch::Receiver<bool>)
                 match received {
                     Ok((len, client)) => {
                         items.push(Item { start: 0, len, client });
-                        drain(&l, &mut buf, &mut items);
+                        if drainer.due() {
+                            if let Some(e) = drainer.drain(&*l.socket, &mut buf, &mut items) {
+                                tracing::debug!(bind = %l.key.addr, error = %e, "udp receive failed");
+                            }
+                        }
                         if items.len() == 1 {
                             buf = on_datagram(&l, client, len, buf).await;
                         } else {
@@ -165,31 +169,51 @@ struct Item {
     client: SocketAddr,
 }
 
-/// Appends the datagrams waiting on the listener socket to `buf` and
-/// `items`, without waiting, while the last drain found some (and every
-/// [`PROBE_EVERY`] receives otherwise: a drain that finds nothing costs a
-/// syscall). Stops while less than a whole [`RECV_BUF`] is spare, so no
-/// datagram is ever cut.
-fn drain<E: Engine>(l: &Listener<E>, buf: &mut Vec<u8>, items: &mut Vec<Item>) {
-    let receives = l.receives.get().wrapping_add(1);
-    l.receives.set(receives);
-    if !l.draining.get() && !receives.is_multiple_of(PROBE_EVERY) {
-        return;
+/// When to drain a socket after a receive: while the last drain found
+/// datagrams waiting, and on every [`PROBE_EVERY`]th receive otherwise (a
+/// drain that finds nothing costs a syscall).
+#[derive(Debug, Default)]
+struct Drainer {
+    draining: bool,
+    receives: u32,
+}
+
+impl Drainer {
+    /// Counts a receive; whether to drain after it.
+    fn due(&mut self) -> bool {
+        self.receives = self.receives.wrapping_add(1);
+        self.draining || self.receives.is_multiple_of(PROBE_EVERY)
     }
-    let before = items.len();
-    while items.len() < BATCH && buf.capacity() - buf.len() >= RECV_BUF {
-        let start = buf.len();
-        match l.socket.try_recv_from(buf) {
-            Ok((len, client)) => items.push(Item { start, len, client }),
-            Err(e) => {
-                if e.kind() != io::ErrorKind::WouldBlock {
-                    tracing::debug!(bind = %l.key.addr, error = %e, "udp receive failed");
+
+    /// Appends the datagrams waiting on `socket` to `buf` and `items`,
+    /// without waiting. Stops while less than a whole [`RECV_BUF`] is
+    /// spare, so no datagram is ever cut. Returns the error that ended the
+    /// drain, unless it was `WouldBlock`.
+    fn drain(
+        &mut self,
+        socket: &impl Datagram,
+        buf: &mut Vec<u8>,
+        items: &mut Vec<Item>,
+    ) -> Option<io::Error> {
+        let before = items.len();
+        let mut failed = None;
+        while items.len() < BATCH && buf.capacity() - buf.len() >= RECV_BUF {
+            let start = buf.len();
+            match socket.try_recv_from(buf) {
+                Ok((len, from)) => items.push(Item {
+                    start,
+                    len,
+                    client: from,
+                }),
+                Err(e) => {
+                    failed = (e.kind() != io::ErrorKind::WouldBlock).then_some(e);
+                    break;
                 }
-                break;
             }
         }
+        self.draining = items.len() > before;
+        failed
     }
-    l.draining.set(items.len() > before);
 }
 
 fn current_route(l: &Listener<impl Engine>) -> Option<Arc<Route>> {
@@ -329,48 +353,57 @@ async fn on_batch<E: Engine>(l: &Rc<Listener<E>>, buf: &[u8], items: &[Item]) {
                 }
             }
         } else {
-            send_runs(l, &*upstream, buf, &mine, stats).await;
+            let (datagrams, bytes) = send_runs(l, &*upstream, None, buf, &mine).await;
+            stats.count_to_backend(datagrams, bytes);
         }
     }
 }
 
-/// Sends one client's datagrams (`mine`, in order) in runs: consecutive
-/// datagrams of one size, the last possibly shorter, leave in one segmented
-/// send. A socket or path that cannot segment gets them one by one, and the
-/// listener stops trying segmentation.
+/// Sends one flow's datagrams (`mine`, in order) on `socket`, to `to` or
+/// the socket's peer, in runs: consecutive datagrams of one size, the last
+/// possibly shorter, leave in one segmented send. A socket or path that
+/// cannot segment gets them one by one, and the listener stops trying
+/// segmentation. Returns the datagrams and bytes sent.
 async fn send_runs<E: Engine>(
     l: &Listener<E>,
-    upstream: &E::Udp,
+    socket: &E::Udp,
+    to: Option<SocketAddr>,
     buf: &[u8],
     mine: &[Item],
-    stats: &WorkerCounters,
-) {
+) -> (usize, usize) {
     let slice = |it: &Item| IoSlice::new(&buf[it.start..it.start + it.len]);
     let mut parts = Vec::with_capacity(mine.len().min(gso::MAX_SEGMENTS));
+    let (mut datagrams, mut bytes) = (0, 0);
     let mut k = 0;
     while k < mine.len() {
         let end = run_end(mine, k, l.gso.get());
         let run = &mine[k..end];
         k = end;
-        let bytes: usize = run.iter().map(|it| it.len).sum();
         let segment = (run.len() > 1).then(|| run[0].len as u16);
         parts.clear();
         parts.extend(run.iter().map(slice));
-        match upstream.send_parts(&parts, segment).await {
-            Ok(_) => stats.count_to_backend(run.len(), bytes),
+        match socket.send_parts(&parts, segment, to).await {
+            Ok(n) => {
+                datagrams += run.len();
+                bytes += n;
+            }
             Err(e) if segment.is_some() && gso::unsupported(&e) => {
                 tracing::debug!(bind = %l.key.addr, error = %e, "udp segmentation unavailable; sending datagrams one by one");
                 l.gso.set(false);
                 for item in run {
-                    match upstream.send_parts(&[slice(item)], None).await {
-                        Ok(_) => stats.count_to_backend(1, item.len),
-                        Err(e) => tracing::debug!(error = %e, "udp send to backend failed"),
+                    match socket.send_parts(&[slice(item)], None, to).await {
+                        Ok(n) => {
+                            datagrams += 1;
+                            bytes += n;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "udp send failed"),
                     }
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "udp send to backend failed"),
+            Err(e) => tracing::debug!(error = %e, "udp send failed"),
         }
     }
+    (datagrams, bytes)
 }
 
 /// Where the run that starts at `mine[k]` ends (exclusive): datagrams of
@@ -503,7 +536,9 @@ fn connect_upstream<E: Engine>(backend: SocketAddr) -> io::Result<E::Udp> {
 
 /// Relays the backend's datagrams to `client` from the listener's socket.
 /// `stats` is the listener's (kept across reloads), so no per-datagram
-/// snapshot lookup is needed.
+/// snapshot lookup is needed. A backend that sends faster than one
+/// datagram per wake-up gets the same batching as clients do
+/// ([`relay_batch`]).
 async fn relay_replies<E: Engine>(
     l: Rc<Listener<E>>,
     upstream: Rc<E::Udp>,
@@ -513,6 +548,16 @@ async fn relay_replies<E: Engine>(
 ) {
     let stats = stats.worker(l.worker.id);
     let mut buf = Vec::with_capacity(RECV_BUF);
+    let mut drainer = Drainer::default();
+    let mut items = Vec::new();
+    let refused = |e: &io::Error| {
+        // ICMP port unreachable from the backend: passive health evidence.
+        backend.count_connect_error(ConnectError::Refused);
+        backend
+            .health
+            .load()
+            .passive_failure(format!("udp: {e}"), Instant::now());
+    };
     loop {
         buf.clear();
         let (received, b) = upstream.recv(buf).await;
@@ -520,6 +565,21 @@ async fn relay_replies<E: Engine>(
         match received {
             Ok(n) if n <= MAX_DATAGRAM => {
                 l.flows.borrow_mut().touch(client, Instant::now());
+                if drainer.due()
+                    && relay_batch(
+                        &l,
+                        &upstream,
+                        client,
+                        &buf,
+                        &mut drainer,
+                        &mut items,
+                        stats,
+                        &refused,
+                    )
+                    .await
+                {
+                    continue;
+                }
                 let (sent, b) = l.socket.send_to(buf, client).await;
                 buf = b;
                 if sent.is_ok() {
@@ -528,16 +588,85 @@ async fn relay_replies<E: Engine>(
                 }
             }
             Ok(_) => stats.drop_datagram(UdpDrop::Truncated),
-            // ICMP port unreachable from the backend: passive health evidence.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                backend.count_connect_error(ConnectError::Refused);
-                backend
-                    .health
-                    .load()
-                    .passive_failure(format!("udp: {e}"), Instant::now());
-            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused(&e),
             Err(_) => return,
         }
+    }
+}
+
+/// After a reply (`first`) from the backend, drains what else waits on the
+/// flow's socket into the listener's scratch buffer and relays it all in
+/// runs. Whether it did (else the caller relays `first` alone: nothing
+/// else waited, or another flow holds the scratch buffer).
+#[allow(clippy::too_many_arguments)]
+async fn relay_batch<E: Engine>(
+    l: &Listener<E>,
+    upstream: &E::Udp,
+    client: SocketAddr,
+    first: &[u8],
+    drainer: &mut Drainer,
+    items: &mut Vec<Item>,
+    stats: &WorkerCounters,
+    refused: impl Fn(&io::Error),
+) -> bool {
+    let Some(mut scratch) = Scratch::lease(&l.scratch) else {
+        return false;
+    };
+    let scratch = &mut scratch.buf;
+    scratch.extend_from_slice(first);
+    items.clear();
+    items.push(Item {
+        start: 0,
+        len: first.len(),
+        client,
+    });
+    match drainer.drain(upstream, scratch, items) {
+        Some(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused(&e),
+        Some(e) => tracing::debug!(%client, error = %e, "udp receive from backend failed"),
+        None => {}
+    }
+    if items.len() == 1 {
+        return false;
+    }
+    items.retain(|it| {
+        let fits = it.len <= MAX_DATAGRAM;
+        if !fits {
+            stats.drop_datagram(UdpDrop::Truncated);
+        }
+        fits
+    });
+    let (datagrams, bytes) = send_runs(l, &l.socket, Some(client), scratch, items).await;
+    stats
+        .datagrams_to_client
+        .fetch_add(datagrams as u64, Ordering::Relaxed);
+    stats
+        .bytes_to_client
+        .fetch_add(bytes as u64, Ordering::Relaxed);
+    true
+}
+
+/// The listener's scratch buffer, leased; given back when dropped, also
+/// when the task holding it is aborted.
+struct Scratch<'a> {
+    slot: &'a Cell<Option<Vec<u8>>>,
+    buf: Vec<u8>,
+}
+
+impl<'a> Scratch<'a> {
+    /// The buffer, empty, with room for a batch; `None` while leased.
+    fn lease(slot: &'a Cell<Option<Vec<u8>>>) -> Option<Self> {
+        let mut buf = slot.take()?;
+        if buf.capacity() < BATCH_BUF {
+            buf = Vec::with_capacity(BATCH_BUF);
+        }
+        buf.clear();
+        Some(Self { slot, buf })
+    }
+}
+
+impl Drop for Scratch<'_> {
+    fn drop(&mut self) {
+        self.slot.set(Some(std::mem::take(&mut self.buf)));
     }
 }
 

@@ -604,6 +604,75 @@ fn source_ranges_drop_and_count(engine: EngineChoice) {
     );
 }
 
+/// A backend that answers faster than lbd relays: lbd drains the flow's
+/// socket and sends the replies to the client in segmented runs. Every
+/// reply must arrive whole, once, in order, from the listener's address.
+fn reply_bursts_arrive_whole_and_in_order(engine: EngineChoice) {
+    const BURSTS: u8 = 20;
+    const REPLIES: u8 = 48;
+    fn reply(burst: u8, i: u8) -> Vec<u8> {
+        let len = match i % 16 {
+            15 => 37,
+            9 => 1_200,
+            _ => 300,
+        };
+        let mut d = vec![burst, i];
+        d.extend((0..len - 2).map(|k| (k as u8) ^ i));
+        d
+    }
+    let backend = UdpSocket::bind("127.0.0.2:0").unwrap();
+    backend
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let addr = backend.local_addr().unwrap();
+    let answering = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        for _ in 0..BURSTS {
+            let Ok((_, from)) = backend.recv_from(&mut buf) else {
+                return;
+            };
+            for i in 0..REPLIES {
+                backend.send_to(&reply(buf[0], i), from).unwrap();
+            }
+        }
+    });
+    let lbd = start_lbd_workers(
+        &format!(
+            "{ADMIN}{}",
+            udp_listener("u", "127.0.0.71:0", "", &[addr], "kind = \"none\"")
+        ),
+        engine,
+        1,
+    );
+    let vip = lbd.bound_addr("u").unwrap();
+    let c = client("127.0.0.1");
+    let mut buf = vec![0u8; 70_000];
+    for burst in 0..BURSTS {
+        c.send_to(&[burst], vip).unwrap();
+        for i in 0..REPLIES {
+            let (n, from) = loop {
+                match c.recv_from(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => {
+                        break r.unwrap_or_else(|e| panic!("burst {burst}: reply {i} missing: {e}"))
+                    }
+                }
+            };
+            assert_eq!(from, vip, "replies come from the listener's address");
+            assert_eq!(&buf[..n], reply(burst, i), "burst {burst}: reply {i}");
+        }
+    }
+    answering.join().unwrap();
+    let total = f64::from(u16::from(BURSTS) * u16::from(REPLIES));
+    assert_eq!(
+        metric(
+            &lbd.metrics_text(),
+            "weir_udp_datagrams_total{direction=\"to_client\",listener=\"u\"}"
+        ),
+        Some(total)
+    );
+}
+
 both_engines!(
     request_response_from_the_listener_address,
     flows_stick_and_spread,
@@ -615,4 +684,5 @@ both_engines!(
     oversized_datagrams_are_counted_not_cut,
     bursts_arrive_whole_and_in_order,
     source_ranges_drop_and_count,
+    reply_bursts_arrive_whole_and_in_order,
 );

@@ -47,11 +47,16 @@ impl Datagram for EpollUdp {
         self.0.try_recv_buf_from(buf)
     }
 
-    async fn send_parts(&self, parts: &[IoSlice<'_>], segment: Option<u16>) -> io::Result<usize> {
+    async fn send_parts(
+        &self,
+        parts: &[IoSlice<'_>],
+        segment: Option<u16>,
+        to: Option<SocketAddr>,
+    ) -> io::Result<usize> {
         loop {
             self.0.writable().await?;
             match self.0.try_io(Interest::WRITABLE, || {
-                gso::send(self.0.as_fd(), parts, segment)
+                gso::send(self.0.as_fd(), parts, segment, to)
             }) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return r,

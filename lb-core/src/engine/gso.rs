@@ -15,7 +15,10 @@
 #![allow(unsafe_code)]
 
 use std::io::{self, IoSlice};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
+
+use socket2::SockAddr;
 
 /// Most datagrams in one run (`UDP_MAX_SEGMENTS` is 64 on older kernels,
 /// 128 on newer ones).
@@ -29,17 +32,28 @@ pub const MAX_BYTES: usize = 65_000;
 #[repr(C, align(8))]
 struct Control([u8; 32]);
 
-/// Sends `parts` (concatenated) on the connected socket `fd` without
-/// waiting. With `segment`, the payload leaves as datagrams of `segment`
+/// Sends `parts` (concatenated) without waiting, to `to` or, on a
+/// connected socket, to its peer. With `segment`, the payload leaves as datagrams of `segment`
 /// bytes each, the last one possibly shorter; without, as one datagram.
 /// Returns the bytes sent; `WouldBlock` when the socket has no room.
 ///
 /// Errors: whatever `sendmsg` says. A kernel or device without UDP
 /// segmentation answers `EIO`, `EINVAL` or `ENOPROTOOPT` (see
 /// [`unsupported`]), and then nothing was sent.
-pub fn send(fd: BorrowedFd<'_>, parts: &[IoSlice<'_>], segment: Option<u16>) -> io::Result<usize> {
+pub fn send(
+    fd: BorrowedFd<'_>,
+    parts: &[IoSlice<'_>],
+    segment: Option<u16>,
+    to: Option<SocketAddr>,
+) -> io::Result<usize> {
     // SAFETY: all-zero is a valid msghdr (no name, no control).
     let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    let to = to.map(SockAddr::from);
+    if let Some(to) = &to {
+        // The kernel only reads the address, which lives until the call ends.
+        hdr.msg_name = to.as_ptr().cast_mut().cast();
+        hdr.msg_namelen = to.len();
+    }
     // `IoSlice` is guaranteed ABI-compatible with `iovec` on Unix; the
     // kernel only reads through these pointers.
     hdr.msg_iov = parts.as_ptr().cast_mut().cast();
@@ -62,8 +76,8 @@ pub fn send(fd: BorrowedFd<'_>, parts: &[IoSlice<'_>], segment: Option<u16>) -> 
         }
     }
     loop {
-        // SAFETY: `hdr` points at `parts` and `control`, both alive for the
-        // call; `fd` is a live socket borrowed for the call.
+        // SAFETY: `hdr` points at `parts`, `control` and `to`, all alive for
+        // the call; `fd` is a live socket borrowed for the call.
         let n = unsafe {
             libc::sendmsg(
                 fd.as_raw_fd(),
@@ -118,7 +132,7 @@ mod tests {
             IoSlice::new(&payload[70..180]),
             IoSlice::new(&payload[180..]),
         ];
-        assert_eq!(send(tx.as_fd(), &parts, Some(100)).unwrap(), 250);
+        assert_eq!(send(tx.as_fd(), &parts, Some(100), None).unwrap(), 250);
         let mut buf = [0u8; 1024];
         for expect in [&payload[..100], &payload[100..200], &payload[200..]] {
             let n = rx.recv(&mut buf).unwrap();
@@ -130,10 +144,27 @@ mod tests {
     fn without_a_segment_size_the_parts_are_one_datagram() {
         let (tx, rx) = pair();
         let parts = [IoSlice::new(b"hello "), IoSlice::new(b"world")];
-        assert_eq!(send(tx.as_fd(), &parts, None).unwrap(), 11);
+        assert_eq!(send(tx.as_fd(), &parts, None, None).unwrap(), 11);
         let mut buf = [0u8; 64];
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"hello world");
+    }
+
+    #[test]
+    fn a_run_to_an_address_leaves_an_unconnected_socket() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let payload = [1u8; 30];
+        let parts = [IoSlice::new(&payload)];
+        let to = Some(rx.local_addr().unwrap());
+        assert_eq!(send(tx.as_fd(), &parts, Some(10), to).unwrap(), 30);
+        let mut buf = [0u8; 64];
+        for _ in 0..3 {
+            let (n, from) = rx.recv_from(&mut buf).unwrap();
+            assert_eq!((n, from), (10, tx.local_addr().unwrap()));
+        }
     }
 
     #[test]
@@ -141,7 +172,7 @@ mod tests {
         let (tx, _rx) = pair();
         // More segments than any kernel takes in one run.
         let payload = vec![7u8; 1000];
-        let e = send(tx.as_fd(), &[IoSlice::new(&payload)], Some(1)).unwrap_err();
+        let e = send(tx.as_fd(), &[IoSlice::new(&payload)], Some(1), None).unwrap_err();
         assert!(unsupported(&e), "{e}");
     }
 }

@@ -71,11 +71,16 @@ pub trait Datagram: Sized + 'static {
     /// A plain syscall on both engines, for draining a socket after a
     /// receive found it busy.
     fn try_recv_from(&self, buf: &mut Vec<u8>) -> io::Result<(usize, SocketAddr)>;
-    /// Sends `parts`, concatenated, on a connected socket in one syscall:
-    /// as one datagram, or with `segment` as datagrams of that many bytes
-    /// (the last may be shorter; see [`gso`]). Waits while the socket has
-    /// no room.
-    async fn send_parts(&self, parts: &[IoSlice<'_>], segment: Option<u16>) -> io::Result<usize>;
+    /// Sends `parts`, concatenated, in one syscall, to `to` (or a connected
+    /// socket's peer): as one datagram, or with `segment` as datagrams of
+    /// that many bytes (the last may be shorter; see [`gso`]). Waits while
+    /// the socket has no room.
+    async fn send_parts(
+        &self,
+        parts: &[IoSlice<'_>],
+        segment: Option<u16>,
+        to: Option<SocketAddr>,
+    ) -> io::Result<usize>;
     /// Shuts the socket down, completing any receive still in flight.
     fn close(&self);
 }

@@ -245,11 +245,16 @@ impl Datagram for UringUdp {
         Ok((n, from))
     }
 
-    async fn send_parts(&self, parts: &[IoSlice<'_>], segment: Option<u16>) -> io::Result<usize> {
+    async fn send_parts(
+        &self,
+        parts: &[IoSlice<'_>],
+        segment: Option<u16>,
+        to: Option<SocketAddr>,
+    ) -> io::Result<usize> {
         // A plain syscall, like bulk TCP: the run is already a batch, and a
         // ring operation would cost a scheduler trip for the same work.
         loop {
-            match gso::send(self.0 .0.as_fd(), parts, segment) {
+            match gso::send(self.0 .0.as_fd(), parts, segment, to) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     poll(self.0.fd(), libc::POLLOUT).await?;
                 }
