@@ -139,7 +139,11 @@ async fn receive<E: Engine>(l: Rc<Listener<E>>, mut stop: watch::Receiver<bool>)
                 buf = b;
                 match received {
                     Ok((len, client)) => {
-                        items.push(Item { start: 0, len, client });
+                        items.push(Item {
+                            start: 0,
+                            len,
+                            from: client,
+                        });
                         if drainer.due() {
                             if let Some(e) = drainer.drain(&*l.socket, &mut buf, &mut items) {
                                 tracing::debug!(bind = %l.key.addr, error = %e, "udp receive failed");
@@ -161,12 +165,12 @@ async fn receive<E: Engine>(l: Rc<Listener<E>>, mut stop: watch::Receiver<bool>)
     }
 }
 
-/// One received datagram: `buf[start..start + len]`, from `client`.
+/// One received datagram: `buf[start..start + len]`, from `from`.
 #[derive(Clone, Copy, Debug)]
 struct Item {
     start: usize,
     len: usize,
-    client: SocketAddr,
+    from: SocketAddr,
 }
 
 /// When to drain a socket after a receive: while the last drain found
@@ -200,11 +204,7 @@ impl Drainer {
         while items.len() < BATCH && buf.capacity() - buf.len() >= RECV_BUF {
             let start = buf.len();
             match socket.try_recv_from(buf) {
-                Ok((len, from)) => items.push(Item {
-                    start,
-                    len,
-                    client: from,
-                }),
+                Ok((len, from)) => items.push(Item { start, len, from }),
                 Err(e) => {
                     failed = (e.kind() != io::ErrorKind::WouldBlock).then_some(e);
                     break;
@@ -315,7 +315,7 @@ async fn on_batch<E: Engine>(l: &Rc<Listener<E>>, buf: &[u8], items: &[Item]) {
         }
         mine.clear();
         for (j, item) in items.iter().enumerate().skip(i) {
-            if item.client != first.client {
+            if item.from != first.from {
                 continue;
             }
             done[j] = true;
@@ -328,8 +328,8 @@ async fn on_batch<E: Engine>(l: &Rc<Listener<E>>, buf: &[u8], items: &[Item]) {
         if mine.is_empty() {
             continue;
         }
-        let flow = if route.allows(first.client.ip()) {
-            flow_for(l, &route, first.client, now)
+        let flow = if route.allows(first.from.ip()) {
+            flow_for(l, &route, first.from, now)
         } else {
             Err(UdpDrop::SourceRange)
         };
@@ -345,10 +345,10 @@ async fn on_batch<E: Engine>(l: &Rc<Listener<E>>, buf: &[u8], items: &[Item]) {
         if route.listener.proxy_protocol == ProxyProtocol::V2 {
             for item in &mine {
                 let payload = &buf[item.start..item.start + item.len];
-                match upstream.send(framed_v2(l, first.client, payload)).await.0 {
+                match upstream.send(framed_v2(l, first.from, payload)).await.0 {
                     Ok(_) => stats.count_to_backend(1, item.len),
                     Err(e) => {
-                        tracing::debug!(client = %first.client, error = %e, "udp send to backend failed")
+                        tracing::debug!(client = %first.from, error = %e, "udp send to backend failed")
                     }
                 }
             }
@@ -618,7 +618,7 @@ async fn relay_batch<E: Engine>(
     items.push(Item {
         start: 0,
         len: first.len(),
-        client,
+        from: client,
     });
     match drainer.drain(upstream, scratch, items) {
         Some(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused(&e),
@@ -707,7 +707,7 @@ mod tests {
             .map(|&len| Item {
                 start: 0,
                 len,
-                client,
+                from: client,
             })
             .collect();
         let (mut k, mut out) = (0, Vec::new());
