@@ -9,7 +9,7 @@
 //! is down at the next datagram (then the datagram opens a new flow).
 
 use std::cell::{Cell, RefCell};
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,8 +20,12 @@ use lb_config::{HashKey, ProxyProtocol};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+mod batch;
+
+use batch::{send_runs, Drainer, Item, Scratch, BATCH, BATCH_BUF, RECV_BUF};
+
 use crate::balance::hash;
-use crate::engine::{gso, Datagram, Engine};
+use crate::engine::{Datagram, Engine};
 use crate::flow::FlowTable;
 use crate::forward::{Shared, Worker};
 use crate::proxy_protocol;
@@ -30,17 +34,6 @@ use crate::stats::{ListenerStats, UdpDrop, WorkerCounters};
 
 /// Largest datagram forwarded (the IPv4 UDP payload limit).
 pub const MAX_DATAGRAM: usize = 65_507;
-/// Receive buffer: larger than any non-jumbo datagram, so nothing is cut
-/// silently; anything above `MAX_DATAGRAM` is counted and dropped.
-const RECV_BUF: usize = 65_536;
-/// Datagrams taken from a listener socket per wake-up, at most.
-const BATCH: usize = 32;
-/// A receiver's buffer: a batch appends datagrams while a whole
-/// [`RECV_BUF`] is spare. Pages are touched only as datagrams fill them.
-const BATCH_BUF: usize = 2 * RECV_BUF;
-/// While drains find nothing, one receive in this many still tries one.
-const PROBE_EVERY: u32 = 8;
-
 /// Counts held by a flow, released when it ends.
 struct Slots {
     shared: Arc<Shared>,
@@ -162,57 +155,6 @@ async fn receive<E: Engine>(l: Rc<Listener<E>>, mut stop: watch::Receiver<bool>)
                 }
             }
         }
-    }
-}
-
-/// One received datagram: `buf[start..start + len]`, from `from`.
-#[derive(Clone, Copy, Debug)]
-struct Item {
-    start: usize,
-    len: usize,
-    from: SocketAddr,
-}
-
-/// When to drain a socket after a receive: while the last drain found
-/// datagrams waiting, and on every [`PROBE_EVERY`]th receive otherwise (a
-/// drain that finds nothing costs a syscall).
-#[derive(Debug, Default)]
-struct Drainer {
-    draining: bool,
-    receives: u32,
-}
-
-impl Drainer {
-    /// Counts a receive; whether to drain after it.
-    fn due(&mut self) -> bool {
-        self.receives = self.receives.wrapping_add(1);
-        self.draining || self.receives.is_multiple_of(PROBE_EVERY)
-    }
-
-    /// Appends the datagrams waiting on `socket` to `buf` and `items`,
-    /// without waiting. Stops while less than a whole [`RECV_BUF`] is
-    /// spare, so no datagram is ever cut. Returns the error that ended the
-    /// drain, unless it was `WouldBlock`.
-    fn drain(
-        &mut self,
-        socket: &impl Datagram,
-        buf: &mut Vec<u8>,
-        items: &mut Vec<Item>,
-    ) -> Option<io::Error> {
-        let before = items.len();
-        let mut failed = None;
-        while items.len() < BATCH && buf.capacity() - buf.len() >= RECV_BUF {
-            let start = buf.len();
-            match socket.try_recv_from(buf) {
-                Ok((len, from)) => items.push(Item { start, len, from }),
-                Err(e) => {
-                    failed = (e.kind() != io::ErrorKind::WouldBlock).then_some(e);
-                    break;
-                }
-            }
-        }
-        self.draining = items.len() > before;
-        failed
     }
 }
 
@@ -353,81 +295,10 @@ async fn on_batch<E: Engine>(l: &Rc<Listener<E>>, buf: &[u8], items: &[Item]) {
                 }
             }
         } else {
-            let (datagrams, bytes) = send_runs(l, &*upstream, None, buf, &mine).await;
+            let (datagrams, bytes) = send_runs(&*upstream, None, buf, &mine, &l.gso).await;
             stats.count_to_backend(datagrams, bytes);
         }
     }
-}
-
-/// Sends one flow's datagrams (`mine`, in order) on `socket`, to `to` or
-/// the socket's peer, in runs: consecutive datagrams of one size, the last
-/// possibly shorter, leave in one segmented send. A socket or path that
-/// cannot segment gets them one by one, and the listener stops trying
-/// segmentation. Returns the datagrams and bytes sent.
-async fn send_runs<E: Engine>(
-    l: &Listener<E>,
-    socket: &E::Udp,
-    to: Option<SocketAddr>,
-    buf: &[u8],
-    mine: &[Item],
-) -> (usize, usize) {
-    let slice = |it: &Item| IoSlice::new(&buf[it.start..it.start + it.len]);
-    let mut parts = Vec::with_capacity(mine.len().min(gso::MAX_SEGMENTS));
-    let (mut datagrams, mut bytes) = (0, 0);
-    let mut k = 0;
-    while k < mine.len() {
-        let end = run_end(mine, k, l.gso.get());
-        let run = &mine[k..end];
-        k = end;
-        let segment = (run.len() > 1).then(|| run[0].len as u16);
-        parts.clear();
-        parts.extend(run.iter().map(slice));
-        match socket.send_parts(&parts, segment, to).await {
-            Ok(n) => {
-                datagrams += run.len();
-                bytes += n;
-            }
-            Err(e) if segment.is_some() && gso::unsupported(&e) => {
-                tracing::debug!(bind = %l.key.addr, error = %e, "udp segmentation unavailable; sending datagrams one by one");
-                l.gso.set(false);
-                for item in run {
-                    match socket.send_parts(&[slice(item)], None, to).await {
-                        Ok(n) => {
-                            datagrams += 1;
-                            bytes += n;
-                        }
-                        Err(e) => tracing::debug!(error = %e, "udp send failed"),
-                    }
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "udp send failed"),
-        }
-    }
-    (datagrams, bytes)
-}
-
-/// Where the run that starts at `mine[k]` ends (exclusive): datagrams of
-/// `mine[k]`'s size, then at most one shorter one, within the segmentation
-/// limits. A run of one when `segment` is off or the size is 0.
-fn run_end(mine: &[Item], k: usize, segment: bool) -> usize {
-    let size = mine[k].len;
-    let mut end = k + 1;
-    if !segment || size == 0 {
-        return end;
-    }
-    let mut bytes = size;
-    while end < mine.len()
-        && end - k < gso::MAX_SEGMENTS
-        && mine[end].len <= size
-        && bytes + mine[end].len <= gso::MAX_BYTES
-    {
-        bytes += mine[end].len;
-        end += 1;
-        if mine[end - 1].len < size {
-            break;
-        }
-    }
-    end
 }
 
 /// Whether a flow may keep its backend: not closed by a drain deadline, and
@@ -635,7 +506,7 @@ async fn relay_batch<E: Engine>(
         }
         fits
     });
-    let (datagrams, bytes) = send_runs(l, &l.socket, Some(client), scratch, items).await;
+    let (datagrams, bytes) = send_runs(&*l.socket, Some(client), scratch, items, &l.gso).await;
     stats
         .datagrams_to_client
         .fetch_add(datagrams as u64, Ordering::Relaxed);
@@ -643,31 +514,6 @@ async fn relay_batch<E: Engine>(
         .bytes_to_client
         .fetch_add(bytes as u64, Ordering::Relaxed);
     true
-}
-
-/// The listener's scratch buffer, leased; given back when dropped, also
-/// when the task holding it is aborted.
-struct Scratch<'a> {
-    slot: &'a Cell<Option<Vec<u8>>>,
-    buf: Vec<u8>,
-}
-
-impl<'a> Scratch<'a> {
-    /// The buffer, empty, with room for a batch; `None` while leased.
-    fn lease(slot: &'a Cell<Option<Vec<u8>>>) -> Option<Self> {
-        let mut buf = slot.take()?;
-        if buf.capacity() < BATCH_BUF {
-            buf = Vec::with_capacity(BATCH_BUF);
-        }
-        buf.clear();
-        Some(Self { slot, buf })
-    }
-}
-
-impl Drop for Scratch<'_> {
-    fn drop(&mut self) {
-        self.slot.set(Some(std::mem::take(&mut self.buf)));
-    }
 }
 
 /// Closes idle and drained flows, a few times per idle timeout.
@@ -692,48 +538,5 @@ async fn expire_loop<E: Engine>(l: Rc<Listener<E>>) {
             }
         }
         drop(gone);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The lengths of the runs `run_end` cuts datagrams of `lens` into.
-    fn runs(lens: &[usize], segment: bool) -> Vec<usize> {
-        let client = SocketAddr::from(([127, 0, 0, 1], 9));
-        let mine: Vec<Item> = lens
-            .iter()
-            .map(|&len| Item {
-                start: 0,
-                len,
-                from: client,
-            })
-            .collect();
-        let (mut k, mut out) = (0, Vec::new());
-        while k < mine.len() {
-            let end = run_end(&mine, k, segment);
-            out.push(end - k);
-            k = end;
-        }
-        out
-    }
-
-    #[test]
-    fn runs_are_one_size_then_at_most_one_shorter() {
-        assert_eq!(runs(&[200, 200, 200, 37, 200, 200], true), [4, 2]);
-        assert_eq!(runs(&[200, 1200, 1200, 200], true), [1, 3]);
-        assert_eq!(runs(&[37, 37, 200], true), [2, 1]);
-        // Empty datagrams cannot be segments.
-        assert_eq!(runs(&[0, 0, 5], true), [1, 1, 1]);
-        assert_eq!(runs(&[200, 200, 37], false), [1, 1, 1]);
-    }
-
-    #[test]
-    fn runs_stay_within_the_segmentation_limits() {
-        assert_eq!(runs(&[100; 70], true), [gso::MAX_SEGMENTS, 6]);
-        let per_run = gso::MAX_BYTES / 1_200;
-        assert_eq!(runs(&[1_200; 60], true), [per_run, 60 - per_run]);
-        assert_eq!(runs(&[MAX_DATAGRAM; 2], true), [1, 1]);
     }
 }
