@@ -116,6 +116,15 @@ impl WorkerCounters {
             .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
+    /// Counts `datagrams` UDP datagrams of `bytes` in all relayed to a
+    /// client.
+    pub fn count_to_client(&self, datagrams: usize, bytes: usize) {
+        self.datagrams_to_client
+            .fetch_add(datagrams as u64, Ordering::Relaxed);
+        self.bytes_to_client
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
     /// Counts a refusal.
     pub fn reject(&self, why: Reject) {
         self.rejected[why.index()].fetch_add(1, Ordering::Relaxed);

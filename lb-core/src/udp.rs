@@ -115,14 +115,12 @@ pub(crate) async fn serve<E: Engine>(
 /// send per run of a client's equal-sized datagrams ([`on_batch`]).
 async fn receive<E: Engine>(l: Rc<Listener<E>>, mut stop: watch::Receiver<bool>) {
     let mut buf = Vec::with_capacity(BATCH_BUF);
-    let mut items = Vec::with_capacity(BATCH);
     let mut drainer = Drainer::default();
     loop {
         if *stop.borrow() {
             return;
         }
         buf.clear();
-        items.clear();
         tokio::select! {
             biased;
             changed = stop.changed() => if changed.is_err() {
@@ -132,20 +130,16 @@ async fn receive<E: Engine>(l: Rc<Listener<E>>, mut stop: watch::Receiver<bool>)
                 buf = b;
                 match received {
                     Ok((len, client)) => {
-                        items.push(Item {
-                            start: 0,
-                            len,
-                            from: client,
-                        });
+                        drainer.start(len, client);
                         if drainer.due() {
-                            if let Some(e) = drainer.drain(&*l.socket, &mut buf, &mut items) {
+                            if let Some(e) = drainer.drain(&*l.socket, &mut buf) {
                                 tracing::debug!(bind = %l.key.addr, error = %e, "udp receive failed");
                             }
                         }
-                        if items.len() == 1 {
+                        if drainer.items.len() == 1 {
                             buf = on_datagram(&l, client, len, buf).await;
                         } else {
-                            on_batch(&l, &buf, &items).await;
+                            on_batch(&l, &buf, &drainer.items).await;
                         }
                     }
                     Err(e) => {
@@ -420,7 +414,6 @@ async fn relay_replies<E: Engine>(
     let stats = stats.worker(l.worker.id);
     let mut buf = Vec::with_capacity(RECV_BUF);
     let mut drainer = Drainer::default();
-    let mut items = Vec::new();
     let refused = |e: &io::Error| {
         // ICMP port unreachable from the backend: passive health evidence.
         backend.count_connect_error(ConnectError::Refused);
@@ -437,25 +430,14 @@ async fn relay_replies<E: Engine>(
             Ok(n) if n <= MAX_DATAGRAM => {
                 l.flows.borrow_mut().touch(client, Instant::now());
                 if drainer.due()
-                    && relay_batch(
-                        &l,
-                        &upstream,
-                        client,
-                        &buf,
-                        &mut drainer,
-                        &mut items,
-                        stats,
-                        &refused,
-                    )
-                    .await
+                    && relay_batch(&l, &upstream, client, &buf, &mut drainer, stats, &refused).await
                 {
                     continue;
                 }
                 let (sent, b) = l.socket.send_to(buf, client).await;
                 buf = b;
                 if sent.is_ok() {
-                    stats.datagrams_to_client.fetch_add(1, Ordering::Relaxed);
-                    stats.bytes_to_client.fetch_add(n as u64, Ordering::Relaxed);
+                    stats.count_to_client(1, n);
                 }
             }
             Ok(_) => stats.drop_datagram(UdpDrop::Truncated),
@@ -469,14 +451,12 @@ async fn relay_replies<E: Engine>(
 /// flow's socket into the listener's scratch buffer and relays it all in
 /// runs. Whether it did (else the caller relays `first` alone: nothing
 /// else waited, or another flow holds the scratch buffer).
-#[allow(clippy::too_many_arguments)]
 async fn relay_batch<E: Engine>(
     l: &Listener<E>,
     upstream: &E::Udp,
     client: SocketAddr,
     first: &[u8],
     drainer: &mut Drainer,
-    items: &mut Vec<Item>,
     stats: &WorkerCounters,
     refused: impl Fn(&io::Error),
 ) -> bool {
@@ -485,17 +465,13 @@ async fn relay_batch<E: Engine>(
     };
     let scratch = &mut scratch.buf;
     scratch.extend_from_slice(first);
-    items.clear();
-    items.push(Item {
-        start: 0,
-        len: first.len(),
-        from: client,
-    });
-    match drainer.drain(upstream, scratch, items) {
+    drainer.start(first.len(), client);
+    match drainer.drain(upstream, scratch) {
         Some(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused(&e),
         Some(e) => tracing::debug!(%client, error = %e, "udp receive from backend failed"),
         None => {}
     }
+    let items = &mut drainer.items;
     if items.len() == 1 {
         return false;
     }
@@ -507,12 +483,7 @@ async fn relay_batch<E: Engine>(
         fits
     });
     let (datagrams, bytes) = send_runs(&*l.socket, Some(client), scratch, items, &l.gso).await;
-    stats
-        .datagrams_to_client
-        .fetch_add(datagrams as u64, Ordering::Relaxed);
-    stats
-        .bytes_to_client
-        .fetch_add(bytes as u64, Ordering::Relaxed);
+    stats.count_to_client(datagrams, bytes);
     true
 }
 

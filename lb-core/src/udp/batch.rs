@@ -27,32 +27,41 @@ pub(super) struct Item {
     pub(super) from: SocketAddr,
 }
 
-/// When to drain a socket after a receive: while the last drain found
-/// datagrams waiting, and on every [`PROBE_EVERY`]th receive otherwise (a
-/// drain that finds nothing costs a syscall).
+/// The datagrams of one batch, and when to drain a socket after a
+/// receive: while the last drain found datagrams waiting, and on every
+/// [`PROBE_EVERY`]th receive otherwise (a drain that finds nothing costs a
+/// syscall).
 #[derive(Debug, Default)]
 pub(super) struct Drainer {
+    /// The batch: the received datagram, then the drained ones.
+    pub(super) items: Vec<Item>,
     draining: bool,
     receives: u32,
 }
 
 impl Drainer {
+    /// Starts a batch with the datagram just received into `buf[..len]`.
+    pub(super) fn start(&mut self, len: usize, from: SocketAddr) {
+        self.items.clear();
+        self.items.push(Item {
+            start: 0,
+            len,
+            from,
+        });
+    }
+
     /// Counts a receive; whether to drain after it.
     pub(super) fn due(&mut self) -> bool {
         self.receives = self.receives.wrapping_add(1);
         self.draining || self.receives.is_multiple_of(PROBE_EVERY)
     }
 
-    /// Appends the datagrams waiting on `socket` to `buf` and `items`,
+    /// Appends the datagrams waiting on `socket` to `buf` and the batch,
     /// without waiting. Stops while less than a whole [`RECV_BUF`] is
     /// spare, so no datagram is ever cut. Returns the error that ended the
     /// drain, unless it was `WouldBlock`.
-    pub(super) fn drain(
-        &mut self,
-        socket: &impl Datagram,
-        buf: &mut Vec<u8>,
-        items: &mut Vec<Item>,
-    ) -> Option<io::Error> {
+    pub(super) fn drain(&mut self, socket: &impl Datagram, buf: &mut Vec<u8>) -> Option<io::Error> {
+        let items = &mut self.items;
         let before = items.len();
         let mut failed = None;
         while items.len() < BATCH && buf.capacity() - buf.len() >= RECV_BUF {
@@ -65,7 +74,7 @@ impl Drainer {
                 }
             }
         }
-        self.draining = items.len() > before;
+        self.draining = self.items.len() > before;
         failed
     }
 }
@@ -83,7 +92,9 @@ pub(super) async fn send_runs(
     gso: &Cell<bool>,
 ) -> (usize, usize) {
     let slice = |it: &Item| IoSlice::new(&buf[it.start..it.start + it.len]);
-    let mut parts = Vec::with_capacity(mine.len().min(gso::MAX_SEGMENTS));
+    // Grown only for runs of more than one: a lone datagram (request and
+    // response traffic, mostly) is sent from the stack.
+    let mut parts = Vec::new();
     let (mut datagrams, mut bytes) = (0, 0);
     let mut k = 0;
     while k < mine.len() {
@@ -91,9 +102,14 @@ pub(super) async fn send_runs(
         let run = &mine[k..end];
         k = end;
         let segment = (run.len() > 1).then(|| run[0].len as u16);
-        parts.clear();
-        parts.extend(run.iter().map(slice));
-        match socket.send_parts(&parts, segment, to).await {
+        let sent = if segment.is_some() {
+            parts.clear();
+            parts.extend(run.iter().map(slice));
+            socket.send_parts(&parts, segment, to).await
+        } else {
+            socket.send_parts(&[slice(&run[0])], None, to).await
+        };
+        match sent {
             Ok(n) => {
                 datagrams += run.len();
                 bytes += n;
