@@ -225,7 +225,8 @@ fn systemd_notifications() {
     let bind: SocketAddr = format!("127.0.0.22:{}", free_port("127.0.0.22"))
         .parse()
         .unwrap();
-    let metrics: SocketAddr = format!("127.0.0.22:{}", free_port("127.0.0.22"))
+    // Its own address: two free ports asked of one address can be the same.
+    let metrics: SocketAddr = format!("127.0.0.24:{}", free_port("127.0.0.24"))
         .parse()
         .unwrap();
     let file = dir.join("lbd.toml");
@@ -291,7 +292,7 @@ fn check_config_reports_every_error_and_exit_code() {
 #[test]
 fn demo_serves_named_backends() {
     let listen = format!("127.0.0.23:{}", free_port("127.0.0.23"));
-    let metrics = format!("127.0.0.23:{}", free_port("127.0.0.23"));
+    let metrics = format!("127.0.0.25:{}", free_port("127.0.0.25"));
     let mut child = Proc(
         Command::new(LBD)
             .args(["demo", "--listen", &listen, "--metrics", &metrics])
