@@ -1,6 +1,6 @@
 //! Load generators that no Debian package provides in the form needed:
 //! a closed-loop UDP request/response client, a one-way UDP sender, a
-//! UDP echo server, a counting UDP sink, a fixed-rate HTTP latency client, and an idle
+//! UDP download source and its clients, a UDP echo server, a counting UDP sink, a fixed-rate HTTP latency client, and an idle
 //! connection holder. All of them target loopback only.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -102,6 +102,85 @@ pub fn udp_oneway(
         }));
     }
     Ok(measure_rate(duration, || sink.received(), &stop, threads))
+}
+
+/// Size of a download datagram: what a QUIC or media server sends.
+pub const DOWNLOAD_SIZE: usize = 1200;
+
+/// UDP download, the direction that carries a QUIC or media server's bytes:
+/// `clients` sockets each send one request to `target`, and a source bound
+/// on `source` for this measurement answers every new sender with
+/// [`DOWNLOAD_SIZE`]-byte datagrams as fast as it can. Returns the
+/// datagrams/s the clients received (drops excluded).
+pub fn udp_download(
+    target: SocketAddr,
+    source: SocketAddr,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    // More senders than that is not this measurement: ignore them.
+    const MAX_PEERS: usize = 64;
+    let src = UdpSocket::bind(source)?;
+    src.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    let st = stop.clone();
+    threads.push(std::thread::spawn(move || {
+        let (mut peers, mut floods) = (Vec::new(), Vec::new());
+        let mut buf = [0u8; 2048];
+        while !st.load(Ordering::Relaxed) {
+            let Ok((_, from)) = src.recv_from(&mut buf) else {
+                continue;
+            };
+            if peers.contains(&from) || peers.len() >= MAX_PEERS {
+                continue;
+            }
+            peers.push(from);
+            let (s, st) = (src.try_clone().expect("clone udp socket"), st.clone());
+            floods.push(std::thread::spawn(move || {
+                let payload = [b'y'; DOWNLOAD_SIZE];
+                while !st.load(Ordering::Relaxed) {
+                    // ENOBUFS under overload: go on.
+                    let _ = s.send_to(&payload, from);
+                }
+            }));
+        }
+        for f in floods {
+            let _ = f.join();
+        }
+    }));
+    for _ in 0..clients {
+        let c = UdpSocket::bind("127.0.0.1:0")?;
+        c.set_read_timeout(Some(Duration::from_millis(100)))?;
+        c.connect(target)?;
+        let (stop, received) = (stop.clone(), received.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            let (mut asked, mut counted) = (false, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                // Asks again after 100 ms of silence (a lost request).
+                if !asked {
+                    asked = c.send(b"download").is_ok();
+                }
+                match c.recv(&mut buf) {
+                    Ok(_) => counted += 1,
+                    Err(_) => asked = false,
+                }
+                // One shared counter touched per 64 datagrams, not each.
+                if counted == 64 {
+                    received.fetch_add(counted, Ordering::Relaxed);
+                    counted = 0;
+                }
+            }
+        }));
+    }
+    Ok(measure_rate(
+        duration,
+        || received.load(Ordering::Relaxed),
+        &stop,
+        threads,
+    ))
 }
 
 /// Lets `threads` warm up for half a second, then returns how fast `count`

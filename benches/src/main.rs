@@ -75,6 +75,19 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// UDP download clients against one target; a source this command binds
+    /// (where the target forwards) floods each client with replies; prints
+    /// the datagrams/s the clients received.
+    UdpDownload {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "127.0.0.2:15355")]
+        source: SocketAddr,
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Fixed-rate HTTP keep-alive client against one target; prints p50, p99
     /// and p99.9 latency in µs (the latency figure's client, on its own).
     HttpLatency {
@@ -313,6 +326,16 @@ impl Bench {
                 "UDP datagrams/s (one-way, delivered)",
                 "dgram/s",
                 load::udp_oneway(peer.oneway_target(), &self.sink, 4, d),
+            );
+            push(
+                "UDP datagrams/s (download, delivered)",
+                "dgram/s",
+                load::udp_download(
+                    peer.download_target(),
+                    peers::BACKEND_UDP_SOURCE.parse()?,
+                    4,
+                    d,
+                ),
             );
         }
         if let (true, Some(r)) = (memory, &running) {
@@ -660,7 +683,8 @@ fn run(
          - date: {}\n- CPU: {cpu} ({} cores)\n- kernel: {}\n- lbd: {}\n- HAProxy: {}\n- nginx: {}\n- wrk: {}\n- iperf3: {}\n\
          - latency: fixed offered load of half the slowest proxy's keep-alive maximum, 16 connections, timed from each request's scheduled start; {lat_runs} runs interleaved across peers\n\
          - memory: RSS growth of the proxy's processes with {idle} idle proxied connections open (each checked to have reached the backend), per connection{idle_note}\n\
-         - UDP: 64-byte datagrams; request/response: 32 closed-loop clients, echo backend; one-way: 4 senders as fast as they can, datagrams counted at the sink (HAProxy has no UDP)\n",
+         - UDP: 64-byte datagrams; request/response: 32 closed-loop clients, echo backend; one-way: 4 senders as fast as they can, datagrams counted at the sink; \
+         download: 4 clients each send one request and a source answers each with {}-byte datagrams as fast as it can, counted at the clients (HAProxy has no UDP)\n",
         version("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         version("uname", &["-r"]),
@@ -669,6 +693,7 @@ fn run(
         version("nginx", &["-v"]),
         version("wrk", &["-v"]),
         version("iperf3", &["-v"]),
+        load::DOWNLOAD_SIZE,
     );
     let table = render(&bench.figures, &peers, &missing, &bench.failures, &header);
     println!("{table}");
@@ -723,6 +748,20 @@ fn main() -> anyhow::Result<()> {
             println!("{:.0}", load::udp_oneway(target, &sink, senders, d)?);
             Ok(())
         }
+        Cmd::UdpDownload {
+            target,
+            source,
+            clients,
+            seconds,
+        } => {
+            anyhow::ensure!(
+                target.ip().is_loopback() && source.ip().is_loopback(),
+                "loopback targets only"
+            );
+            let d = Duration::from_secs(seconds);
+            println!("{:.0}", load::udp_download(target, source, clients, d)?);
+            Ok(())
+        }
         Cmd::HttpLatency {
             target,
             rate,
@@ -766,6 +805,10 @@ mod tests {
         assert_eq!(reference("CPU seconds per GB (1 stream)"), "haproxy-splice");
         assert_eq!(
             reference("UDP datagrams/s (one-way, delivered)"),
+            "nginx-stream"
+        );
+        assert_eq!(
+            reference("UDP datagrams/s (download, delivered)"),
             "nginx-stream"
         );
     }

@@ -17,6 +17,10 @@ pub const UDP_PORT: u16 = 20053;
 pub const UDP_ONEWAY_PORT: u16 = 20054;
 /// The one-way UDP sink (counted inside `lb-bench`).
 pub const BACKEND_UDP_SINK: &str = "127.0.0.2:15354";
+/// Front port for UDP downloads (backend to client).
+pub const UDP_DOWNLOAD_PORT: u16 = 20055;
+/// The UDP download source (runs inside `lb-bench` for each measurement).
+pub const BACKEND_UDP_SOURCE: &str = "127.0.0.2:15355";
 /// The HTTP backend (nginx, small fixed response).
 pub const BACKEND_HTTP: &str = "127.0.0.2:18081";
 /// The iperf3 server.
@@ -66,6 +70,14 @@ impl Peer {
         match self {
             Peer::Direct => BACKEND_UDP_SINK.parse().expect("static address"),
             _ => SocketAddr::from(([127, 0, 0, 1], UDP_ONEWAY_PORT)),
+        }
+    }
+
+    /// Where UDP download clients send their request.
+    pub fn download_target(&self) -> SocketAddr {
+        match self {
+            Peer::Direct => BACKEND_UDP_SOURCE.parse().expect("static address"),
+            _ => SocketAddr::from(([127, 0, 0, 1], UDP_DOWNLOAD_PORT)),
         }
     }
 
@@ -324,7 +336,7 @@ pub fn start(peer: &Peer, workers: usize, site: &Site) -> anyhow::Result<Option<
     let front = SocketAddr::from(([127, 0, 0, 1], HTTP_PORT));
     ensure_free(front)?;
     ensure_free(SocketAddr::from(([127, 0, 0, 1], BULK_PORT)))?;
-    for port in [UDP_PORT, UDP_ONEWAY_PORT] {
+    for port in [UDP_PORT, UDP_ONEWAY_PORT, UDP_DOWNLOAD_PORT] {
         ensure_udp_free(
             SocketAddr::from(([127, 0, 0, 1], port)),
             Duration::from_secs(5),
@@ -342,7 +354,8 @@ pub fn start(peer: &Peer, workers: usize, site: &Site) -> anyhow::Result<Option<
                      [[listener]]\nname = \"http\"\nbind = \"127.0.0.1:{HTTP_PORT}\"\nbackends = [{{ addr = \"{BACKEND_HTTP}\" }}]\n\
                      [[listener]]\nname = \"bulk\"\nbind = \"127.0.0.1:{BULK_PORT}\"\nbackends = [{{ addr = \"{BACKEND_BULK}\" }}]\n\
                      [[listener]]\nname = \"udp\"\nbind = \"127.0.0.1:{UDP_PORT}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{BACKEND_UDP}\" }}]\n\
-                     [[listener]]\nname = \"udp-oneway\"\nbind = \"127.0.0.1:{UDP_ONEWAY_PORT}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{BACKEND_UDP_SINK}\" }}]\n"
+                     [[listener]]\nname = \"udp-oneway\"\nbind = \"127.0.0.1:{UDP_ONEWAY_PORT}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{BACKEND_UDP_SINK}\" }}]\n\
+                     [[listener]]\nname = \"udp-download\"\nbind = \"127.0.0.1:{UDP_DOWNLOAD_PORT}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{BACKEND_UDP_SOURCE}\" }}]\n"
                 ),
             )?;
             spawn(
@@ -391,6 +404,7 @@ pub fn start(peer: &Peer, workers: usize, site: &Site) -> anyhow::Result<Option<
                        server {{ listen 127.0.0.1:{BULK_PORT} reuseport; proxy_pass {BACKEND_BULK}; }}\n\
                        server {{ listen 127.0.0.1:{UDP_PORT} udp reuseport; proxy_pass {BACKEND_UDP}; proxy_responses 1; proxy_timeout 30s; }}\n\
                        server {{ listen 127.0.0.1:{UDP_ONEWAY_PORT} udp reuseport; proxy_pass {BACKEND_UDP_SINK}; proxy_responses 0; proxy_timeout 30s; }}\n\
+                       server {{ listen 127.0.0.1:{UDP_DOWNLOAD_PORT} udp reuseport; proxy_pass {BACKEND_UDP_SOURCE}; proxy_timeout 30s; }}\n\
                      }}\n",
                     d = dir.display(),
                     files = site.files(),
