@@ -9,6 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Where clients bind: the address the route to the target picks (on
+/// loopback, 127.0.0.1).
+const ANY: &str = "0.0.0.0:0";
+
 /// Runs a UDP echo server on `addr` until the process ends (replies to
 /// every datagram, or only counts them with `sink`).
 pub fn udp_echo(addr: SocketAddr, threads: usize) -> anyhow::Result<()> {
@@ -90,7 +94,7 @@ pub fn udp_oneway(
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for _ in 0..sockets {
-        let s = UdpSocket::bind("127.0.0.1:0")?;
+        let s = UdpSocket::bind(ANY)?;
         s.connect(target)?;
         let stop = stop.clone();
         threads.push(std::thread::spawn(move || {
@@ -108,19 +112,19 @@ pub fn udp_oneway(
 pub const DOWNLOAD_SIZE: usize = 1200;
 
 /// UDP download, the direction that carries a QUIC or media server's bytes:
-/// `clients` sockets each send one request to `target`, and a source bound
-/// on `source` for this measurement answers every new sender with
-/// [`DOWNLOAD_SIZE`]-byte datagrams as fast as it can. Returns the
-/// datagrams/s the clients received (drops excluded).
+/// `clients` sockets each send one request to `target`, and the source
+/// `src` (bound by the caller where the target forwards, for this
+/// measurement only) answers every new sender with [`DOWNLOAD_SIZE`]-byte
+/// datagrams as fast as it can. Returns the datagrams/s the clients
+/// received (drops excluded).
 pub fn udp_download(
     target: SocketAddr,
-    source: SocketAddr,
+    src: UdpSocket,
     clients: usize,
     duration: Duration,
 ) -> anyhow::Result<f64> {
     // More senders than that is not this measurement: ignore them.
     const MAX_PEERS: usize = 64;
-    let src = UdpSocket::bind(source)?;
     src.set_read_timeout(Some(Duration::from_millis(100)))?;
     let stop = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
@@ -151,7 +155,7 @@ pub fn udp_download(
         }
     }));
     for _ in 0..clients {
-        let c = UdpSocket::bind("127.0.0.1:0")?;
+        let c = UdpSocket::bind(ANY)?;
         c.set_read_timeout(Some(Duration::from_millis(100)))?;
         c.connect(target)?;
         let (stop, received) = (stop.clone(), received.clone());
@@ -211,7 +215,7 @@ pub fn udp_rr(target: SocketAddr, sockets: usize, duration: Duration) -> anyhow:
     let done = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     for _ in 0..sockets {
-        let s = UdpSocket::bind("127.0.0.1:0")?;
+        let s = UdpSocket::bind(ANY)?;
         s.set_read_timeout(Some(Duration::from_millis(200)))?;
         s.connect(target)?;
         let (stop, done) = (stop.clone(), done.clone());
@@ -314,9 +318,10 @@ pub fn idle_connections(target: SocketAddr, count: usize) -> anyhow::Result<Vec<
 }
 
 /// Established IPv4 TCP connections whose local end is `local`, counted in
-/// /proc/net/tcp (on a server's address: the connections it has accepted).
+/// /proc/net/tcp (on a server's address: the connections it has accepted),
+/// in the calling thread's network namespace.
 pub fn established_at(local: SocketAddr) -> anyhow::Result<usize> {
-    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    let table = std::fs::read_to_string("/proc/thread-self/net/tcp")?;
     Ok(table
         .lines()
         .skip(1)

@@ -3,14 +3,16 @@
 //! the same worker count, and prints one markdown table with ratios; writes
 //! the raw figures as JSON and the table to `benches/RESULTS.md`.
 //!
-//! Every figure is labelled with its setup (loopback, workers). Traffic
-//! goes to 127.0.0.0/8 only.
+//! Every figure is labelled with its setup (loopback or network
+//! namespaces, workers). Traffic goes to 127.0.0.0/8, or with `--setup
+//! netns` to addresses inside the three namespaces the run creates, only.
 
 mod load;
 mod peers;
+mod topo;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -18,6 +20,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use peers::Peer;
 use serde::Serialize;
+use topo::{Side, Topology};
 
 #[derive(Parser)]
 #[command(
@@ -45,9 +48,15 @@ enum Cmd {
         /// Idle connections for the memory figure.
         #[arg(long, default_value_t = 10_000)]
         idle: usize,
-        /// Where the markdown table goes.
-        #[arg(long, default_value = "benches/RESULTS.md")]
-        out: PathBuf,
+        /// Where clients, proxies and backends run: all on loopback, or in
+        /// three network namespaces joined by veth pairs at MTU 1500 (needs
+        /// root).
+        #[arg(long, value_enum, default_value_t = Setup::Loopback)]
+        setup: Setup,
+        /// Where the markdown table goes [default: benches/RESULTS.md, or
+        /// benches/RESULTS-netns.md for `--setup netns`].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// UDP echo server (the UDP backend).
     UdpEcho {
@@ -101,6 +110,12 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    Loopback,
+    Netns,
 }
 
 #[derive(Serialize, Clone)]
@@ -290,14 +305,28 @@ impl Bench {
         memory: bool,
     ) -> anyhow::Result<Vec<Measured>> {
         let running = peers::start(peer, workers, &self.site)?;
-        let (http, bulk, udp) = peer.targets();
+        self.site.topo.within(Side::Client, || {
+            self.measure_throughput(peer, running.as_ref(), memory)
+        })?
+    }
+
+    /// The throughput scenarios through `peer` (started as `running`), from
+    /// the client side.
+    fn measure_throughput(
+        &self,
+        peer: &Peer,
+        running: Option<&peers::Running>,
+        memory: bool,
+    ) -> anyhow::Result<Vec<Measured>> {
+        let topo = &self.site.topo;
+        let (http, bulk, udp) = peer.targets(topo);
         let s = self.seconds;
         let mut out = Vec::new();
         let mut push = |scenario, unit, value| out.push((scenario, unit, value));
         let _ = wrk(http, 1, false); // warm-up, discarded
         push("keep-alive requests/s", "req/s", wrk(http, s, false));
         push("new connections/s", "conn/s", wrk(http, s, true));
-        let pids = running.as_ref().map(|r| r.pids()).unwrap_or_default();
+        let pids = running.map(|r| r.pids()).unwrap_or_default();
         let before = peers::cpu_seconds(&pids);
         let b1 = iperf(bulk, s, 1);
         let cpu = match &b1 {
@@ -325,20 +354,16 @@ impl Bench {
             push(
                 "UDP datagrams/s (one-way, delivered)",
                 "dgram/s",
-                load::udp_oneway(peer.oneway_target(), &self.sink, 4, d),
+                load::udp_oneway(peer.oneway_target(topo), &self.sink, 4, d),
             );
-            push(
-                "UDP datagrams/s (download, delivered)",
-                "dgram/s",
-                load::udp_download(
-                    peer.download_target(),
-                    peers::BACKEND_UDP_SOURCE.parse()?,
-                    4,
-                    d,
-                ),
-            );
+            let source = topo.backend(peers::BACKEND_UDP_SOURCE_PORT);
+            let download = topo
+                .within(Side::Backend, || UdpSocket::bind(source))
+                .and_then(|bound| bound.map_err(Into::into))
+                .and_then(|src| load::udp_download(peer.download_target(topo), src, 4, d));
+            push("UDP datagrams/s (download, delivered)", "dgram/s", download);
         }
-        if let (true, Some(r)) = (memory, &running) {
+        if let (true, Some(r)) = (memory, running) {
             push(
                 "memory per idle connection",
                 "bytes",
@@ -352,16 +377,19 @@ impl Bench {
     /// `site.idle` connections held open through `http`. Measured once the
     /// backend has accepted every one of them from the proxy: a proxy that
     /// left some in its accept queue, or refused them, would look cheaper.
+    /// Runs on the client side.
     fn idle_memory(&self, proxy: &peers::Running, http: SocketAddr) -> anyhow::Result<f64> {
-        let idle = self.site.idle;
-        let backend = peers::BACKEND_HTTP.parse()?;
-        let base = load::established_at(backend)?;
+        let (idle, topo) = (self.site.idle, &self.site.topo);
+        let backend = topo.backend(peers::BACKEND_HTTP_PORT);
+        // The backend's connection table is its namespace's.
+        let established = || topo.within(Side::Backend, || load::established_at(backend))?;
+        let base = established()?;
         let before = peers::rss_kib(&proxy.pids());
         let conns = load::idle_connections(http, idle)?;
         // Stops early on an error reading the table, which is then returned.
         let mut counted = Ok(0);
         peers::wait_for(Duration::from_secs(30), || {
-            counted = load::established_at(backend).map(|n| n.saturating_sub(base));
+            counted = established().map(|n| n.saturating_sub(base));
             counted.as_ref().map_or(true, |&n| n >= idle)
         });
         let proxied = counted?;
@@ -380,8 +408,12 @@ impl Bench {
     fn latency(&mut self, peers: &[Peer], workers: usize, rate: f64) {
         self.interleaved(peers, workers, latency_runs(self.runs), |b, peer, _| {
             let _running = peers::start(peer, workers, &b.site)?;
-            let (http, _, _) = peer.targets();
-            let lat = load::http_latency(http, rate, 16, Duration::from_secs(b.seconds))?;
+            let (http, _, _) = peer.targets(&b.site.topo);
+            let d = Duration::from_secs(b.seconds);
+            let lat = b
+                .site
+                .topo
+                .within(Side::Client, || load::http_latency(http, rate, 16, d))??;
             Ok([
                 ("latency p50 at fixed load", 0.50),
                 ("latency p99 at fixed load", 0.99),
@@ -591,6 +623,7 @@ fn run(
     runs: usize,
     seconds: u64,
     idle: usize,
+    topo: Topology,
     out: &Path,
 ) -> anyhow::Result<()> {
     for tool in ["wrk", "iperf3", "nginx"] {
@@ -628,6 +661,7 @@ fn run(
         dir: peers::work_dir()?,
         lbd: lbd.clone(),
         idle,
+        topo,
     };
     let idle_note = site.fit_open_files()?;
     if let Some(note) = &idle_note {
@@ -636,11 +670,14 @@ fn run(
     let idle = site.idle;
     let idle_note = idle_note.map(|n| format!(" ({n})")).unwrap_or_default();
     let _backends = peers::start_backends(&site)?;
+    let sink = site.topo.within(Side::Backend, || {
+        load::UdpSink::start(site.topo.backend(peers::BACKEND_UDP_SINK_PORT))
+    })??;
     let mut bench = Bench {
         runs,
         seconds,
         site,
-        sink: load::UdpSink::start(peers::BACKEND_UDP_SINK.parse()?)?,
+        sink,
         figures: Vec::new(),
         failures: Vec::new(),
     };
@@ -673,10 +710,16 @@ fn run(
         })
         .unwrap_or_default();
     let lat_runs = latency_runs(runs);
+    let setup = bench.site.topo.label();
+    let setup_flag = if bench.site.topo.is_netns() {
+        " --setup netns"
+    } else {
+        ""
+    };
     let header = format!(
         "# Weir benchmark results\n\n\
-         Generated by `lb-bench run` (do not edit by hand). Setup: loopback (127.0.0.0/8), \
-         client, proxy and backends on one machine; same worker count for every proxy; logs off; \
+         Generated by `lb-bench run{setup_flag}` (do not edit by hand). Setup: {setup}; \
+         same worker count for every proxy; logs off; \
          {runs} measured run(s) of {seconds}s per figure, interleaved across peers, each on a fresh start after a discarded warm-up; median (min–max). \
          A ratio is the median of the round-by-round ratios (run k of lbd over run k of the reference), \
          with their min–max in the Targets table.\n\n\
@@ -718,8 +761,17 @@ fn main() -> anyhow::Result<()> {
             runs,
             duration,
             idle,
+            setup,
             out,
-        } => run(workers, runs.max(1), duration.max(1), idle.max(1), &out),
+        } => {
+            let (topo, default_out) = match setup {
+                Setup::Loopback => (Topology::loopback(), "benches/RESULTS.md"),
+                Setup::Netns => (Topology::netns()?, "benches/RESULTS-netns.md"),
+            };
+            let out = out.unwrap_or_else(|| default_out.into());
+            let (runs, seconds, idle) = (runs.max(1), duration.max(1), idle.max(1));
+            run(workers, runs, seconds, idle, topo, &out)
+        }
         Cmd::UdpEcho { addr } => load::udp_echo(addr, 1),
         Cmd::UdpRr {
             target,
@@ -758,7 +810,7 @@ fn main() -> anyhow::Result<()> {
                 target.ip().is_loopback() && source.ip().is_loopback(),
                 "loopback targets only"
             );
-            let d = Duration::from_secs(seconds);
+            let (d, source) = (Duration::from_secs(seconds), UdpSocket::bind(source)?);
             println!("{:.0}", load::udp_download(target, source, clients, d)?);
             Ok(())
         }

@@ -1,13 +1,16 @@
 //! The proxies under test and their configurations, each set up as its
 //! documentation recommends for L4 forwarding, with logs off and the same
-//! worker count. Everything listens on and forwards to loopback.
+//! worker count. Everything listens on and forwards to loopback, or to
+//! addresses inside the run's own network namespaces (see `topo`).
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Front ports every proxy listens on (127.0.0.1).
+use crate::topo::{Side, Topology};
+
+/// Front ports every proxy listens on (`Topology::front`).
 pub const HTTP_PORT: u16 = 20080;
 /// Front port for bulk (iperf3) traffic.
 pub const BULK_PORT: u16 = 20201;
@@ -15,18 +18,19 @@ pub const BULK_PORT: u16 = 20201;
 pub const UDP_PORT: u16 = 20053;
 /// Front port for one-way UDP.
 pub const UDP_ONEWAY_PORT: u16 = 20054;
-/// The one-way UDP sink (counted inside `lb-bench`).
-pub const BACKEND_UDP_SINK: &str = "127.0.0.2:15354";
 /// Front port for UDP downloads (backend to client).
 pub const UDP_DOWNLOAD_PORT: u16 = 20055;
-/// The UDP download source (runs inside `lb-bench` for each measurement).
-pub const BACKEND_UDP_SOURCE: &str = "127.0.0.2:15355";
-/// The HTTP backend (nginx, small fixed response).
-pub const BACKEND_HTTP: &str = "127.0.0.2:18081";
+/// Backend ports (on `Topology::backend`): the HTTP backend (nginx, small
+/// fixed response).
+pub const BACKEND_HTTP_PORT: u16 = 18081;
 /// The iperf3 server.
-pub const BACKEND_BULK: &str = "127.0.0.2:15201";
+pub const BACKEND_BULK_PORT: u16 = 15201;
 /// The UDP echo backend.
-pub const BACKEND_UDP: &str = "127.0.0.2:15353";
+pub const BACKEND_UDP_PORT: u16 = 15353;
+/// The one-way UDP sink (counted inside `lb-bench`).
+pub const BACKEND_UDP_SINK_PORT: u16 = 15354;
+/// The UDP download source (runs inside `lb-bench` for each measurement).
+pub const BACKEND_UDP_SOURCE_PORT: u16 = 15355;
 
 /// A proxy (or none) under test.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,33 +69,32 @@ impl Peer {
         }
     }
 
-    /// Where one-way UDP senders send.
-    pub fn oneway_target(&self) -> SocketAddr {
+    /// Where clients send to reach the service on `front` (a proxy's
+    /// port) or, on the direct path, on `backend`.
+    fn target(&self, t: &Topology, front: u16, backend: u16) -> SocketAddr {
         match self {
-            Peer::Direct => BACKEND_UDP_SINK.parse().expect("static address"),
-            _ => SocketAddr::from(([127, 0, 0, 1], UDP_ONEWAY_PORT)),
+            Peer::Direct => t.backend(backend),
+            _ => t.front(front),
         }
+    }
+
+    /// Where one-way UDP senders send.
+    pub fn oneway_target(&self, t: &Topology) -> SocketAddr {
+        self.target(t, UDP_ONEWAY_PORT, BACKEND_UDP_SINK_PORT)
     }
 
     /// Where UDP download clients send their request.
-    pub fn download_target(&self) -> SocketAddr {
-        match self {
-            Peer::Direct => BACKEND_UDP_SOURCE.parse().expect("static address"),
-            _ => SocketAddr::from(([127, 0, 0, 1], UDP_DOWNLOAD_PORT)),
-        }
+    pub fn download_target(&self, t: &Topology) -> SocketAddr {
+        self.target(t, UDP_DOWNLOAD_PORT, BACKEND_UDP_SOURCE_PORT)
     }
 
     /// Where clients connect for HTTP, bulk and UDP.
-    pub fn targets(&self) -> (SocketAddr, SocketAddr, SocketAddr) {
-        let p = |s: &str| s.parse().expect("static address");
-        match self {
-            Peer::Direct => (p(BACKEND_HTTP), p(BACKEND_BULK), p(BACKEND_UDP)),
-            _ => (
-                SocketAddr::from(([127, 0, 0, 1], HTTP_PORT)),
-                SocketAddr::from(([127, 0, 0, 1], BULK_PORT)),
-                SocketAddr::from(([127, 0, 0, 1], UDP_PORT)),
-            ),
-        }
+    pub fn targets(&self, t: &Topology) -> (SocketAddr, SocketAddr, SocketAddr) {
+        (
+            self.target(t, HTTP_PORT, BACKEND_HTTP_PORT),
+            self.target(t, BULK_PORT, BACKEND_BULK_PORT),
+            self.target(t, UDP_PORT, BACKEND_UDP_PORT),
+        )
     }
 }
 
@@ -234,6 +237,8 @@ pub struct Site {
     pub lbd: PathBuf,
     /// Idle connections the memory figure holds open through each proxy.
     pub idle: usize,
+    /// Loopback or network namespaces.
+    pub topo: Topology,
 }
 
 /// Connections a proxy holds beside the idle ones (load clients, probes).
@@ -297,11 +302,16 @@ impl Site {
 }
 
 /// Starts the shared backends: nginx (HTTP), iperf3, and a UDP echo server
-/// (this binary's `udp-echo`).
+/// (this binary's `udp-echo`), on the backend side.
 pub fn start_backends(site: &Site) -> anyhow::Result<Vec<Running>> {
-    let dir = &site.dir;
-    ensure_free(BACKEND_HTTP.parse()?)?;
-    ensure_free(BACKEND_BULK.parse()?)?;
+    site.topo.within(Side::Backend, || backends(site))?
+}
+
+fn backends(site: &Site) -> anyhow::Result<Vec<Running>> {
+    let (dir, t) = (&site.dir, &site.topo);
+    let (http, bulk) = (t.backend(BACKEND_HTTP_PORT), t.backend(BACKEND_BULK_PORT));
+    ensure_free(http)?;
+    ensure_free(bulk)?;
     let conf = dir.join("backend-nginx.conf");
     std::fs::write(
         &conf,
@@ -309,7 +319,7 @@ pub fn start_backends(site: &Site) -> anyhow::Result<Vec<Running>> {
             "worker_processes 1;\ndaemon off;\nerror_log {d}/backend-error.log crit;\npid {d}/backend.pid;\nworker_rlimit_nofile {files};\n\
              events {{ worker_connections {conns}; }}\n\
              http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 300s;\n\
-               server {{ listen {BACKEND_HTTP} reuseport backlog=4096; location / {{ return 200 \"hello\\n\"; }} }} }}\n",
+               server {{ listen {http} reuseport backlog=4096; location / {{ return 200 \"hello\\n\"; }} }} }}\n",
             d = dir.display(),
             files = site.files(),
             conns = 2 * site.conns(),
@@ -322,26 +332,43 @@ pub fn start_backends(site: &Site) -> anyhow::Result<Vec<Running>> {
             .arg("-p")
             .arg(dir),
     )?;
-    let iperf = spawn(Command::new("iperf3").args(["-s", "-B", "127.0.0.2", "-p", "15201"]))?;
-    let udp =
-        spawn(Command::new(std::env::current_exe()?).args(["udp-echo", "--addr", BACKEND_UDP]))?;
-    wait_port(BACKEND_HTTP.parse()?)?;
-    wait_port(BACKEND_BULK.parse()?)?;
+    let (ip, port) = (bulk.ip().to_string(), bulk.port().to_string());
+    let iperf = spawn(Command::new("iperf3").args(["-s", "-B", &ip, "-p", &port]))?;
+    let echo = t.backend(BACKEND_UDP_PORT).to_string();
+    let udp = spawn(Command::new(std::env::current_exe()?).args(["udp-echo", "--addr", &echo]))?;
+    wait_port(http)?;
+    wait_port(bulk)?;
     Ok(vec![nginx, iperf, udp])
 }
 
-/// Starts `peer` with `workers` workers; `None` for the direct path.
+/// Starts `peer` with `workers` workers on the proxy side; `None` for the
+/// direct path.
 pub fn start(peer: &Peer, workers: usize, site: &Site) -> anyhow::Result<Option<Running>> {
-    let (dir, conns) = (&site.dir, site.conns());
-    let front = SocketAddr::from(([127, 0, 0, 1], HTTP_PORT));
+    site.topo
+        .within(Side::Proxy, || proxy(peer, workers, site))?
+}
+
+fn proxy(peer: &Peer, workers: usize, site: &Site) -> anyhow::Result<Option<Running>> {
+    let (dir, conns, t) = (&site.dir, site.conns(), &site.topo);
+    let front = t.front(HTTP_PORT);
     ensure_free(front)?;
-    ensure_free(SocketAddr::from(([127, 0, 0, 1], BULK_PORT)))?;
+    ensure_free(t.front(BULK_PORT))?;
     for port in [UDP_PORT, UDP_ONEWAY_PORT, UDP_DOWNLOAD_PORT] {
-        ensure_udp_free(
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_secs(5),
-        )?;
+        ensure_udp_free(t.front(port), Duration::from_secs(5))?;
     }
+    let (f_bulk, f_udp, f_oneway, f_download) = (
+        t.front(BULK_PORT),
+        t.front(UDP_PORT),
+        t.front(UDP_ONEWAY_PORT),
+        t.front(UDP_DOWNLOAD_PORT),
+    );
+    let (b_http, b_bulk, b_udp, b_sink, b_source) = (
+        t.backend(BACKEND_HTTP_PORT),
+        t.backend(BACKEND_BULK_PORT),
+        t.backend(BACKEND_UDP_PORT),
+        t.backend(BACKEND_UDP_SINK_PORT),
+        t.backend(BACKEND_UDP_SOURCE_PORT),
+    );
     let running = match peer {
         Peer::Direct => return Ok(None),
         Peer::Lbd(engine) => {
@@ -351,11 +378,11 @@ pub fn start(peer: &Peer, workers: usize, site: &Site) -> anyhow::Result<Option<
                 format!(
                     "[runtime]\nworkers = {workers}\n[admin]\nmetrics = \"off\"\ncontrol_socket = \"off\"\n\
                      [defaults.health]\nkind = \"none\"\n\
-                     [[listener]]\nname = \"http\"\nbind = \"127.0.0.1:{HTTP_PORT}\"\nbackends = [{{ addr = \"{BACKEND_HTTP}\" }}]\n\
-                     [[listener]]\nname = \"bulk\"\nbind = \"127.0.0.1:{BULK_PORT}\"\nbackends = [{{ addr = \"{BACKEND_BULK}\" }}]\n\
-                     [[listener]]\nname = \"udp\"\nbind = \"127.0.0.1:{UDP_PORT}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{BACKEND_UDP}\" }}]\n\
-                     [[listener]]\nname = \"udp-oneway\"\nbind = \"127.0.0.1:{UDP_ONEWAY_PORT}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{BACKEND_UDP_SINK}\" }}]\n\
-                     [[listener]]\nname = \"udp-download\"\nbind = \"127.0.0.1:{UDP_DOWNLOAD_PORT}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{BACKEND_UDP_SOURCE}\" }}]\n"
+                     [[listener]]\nname = \"http\"\nbind = \"{front}\"\nbackends = [{{ addr = \"{b_http}\" }}]\n\
+                     [[listener]]\nname = \"bulk\"\nbind = \"{f_bulk}\"\nbackends = [{{ addr = \"{b_bulk}\" }}]\n\
+                     [[listener]]\nname = \"udp\"\nbind = \"{f_udp}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{b_udp}\" }}]\n\
+                     [[listener]]\nname = \"udp-oneway\"\nbind = \"{f_oneway}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{b_sink}\" }}]\n\
+                     [[listener]]\nname = \"udp-download\"\nbind = \"{f_download}\"\nprotocol = \"udp\"\nbackends = [{{ addr = \"{b_source}\" }}]\n"
                 ),
             )?;
             spawn(
@@ -385,8 +412,8 @@ pub fn start(peer: &Peer, workers: usize, site: &Site) -> anyhow::Result<Option<
                 format!(
                     "global\n  nbthread {workers}\n  maxconn {conns}\n{pipes}  tune.bufsize 16384\n\
                      defaults\n  mode tcp\n{splice}  timeout connect 3s\n  timeout client 10m\n  timeout server 10m\n\
-                     listen http\n  bind 127.0.0.1:{HTTP_PORT}\n  server b {BACKEND_HTTP}\n\
-                     listen bulk\n  bind 127.0.0.1:{BULK_PORT}\n  server b {BACKEND_BULK}\n"
+                     listen http\n  bind {front}\n  server b {b_http}\n\
+                     listen bulk\n  bind {f_bulk}\n  server b {b_bulk}\n"
                 ),
             )?;
             spawn(Command::new("haproxy").arg("-db").arg("-f").arg(&conf))?
@@ -400,11 +427,11 @@ pub fn start(peer: &Peer, workers: usize, site: &Site) -> anyhow::Result<Option<
                      worker_processes {workers};\ndaemon off;\nerror_log {d}/stream-error.log crit;\npid {d}/stream.pid;\nworker_rlimit_nofile {files};\n\
                      events {{ worker_connections {stream_conns}; }}\n\
                      stream {{\n\
-                       server {{ listen 127.0.0.1:{HTTP_PORT} reuseport backlog=4096; proxy_pass {BACKEND_HTTP}; }}\n\
-                       server {{ listen 127.0.0.1:{BULK_PORT} reuseport; proxy_pass {BACKEND_BULK}; }}\n\
-                       server {{ listen 127.0.0.1:{UDP_PORT} udp reuseport; proxy_pass {BACKEND_UDP}; proxy_responses 1; proxy_timeout 30s; }}\n\
-                       server {{ listen 127.0.0.1:{UDP_ONEWAY_PORT} udp reuseport; proxy_pass {BACKEND_UDP_SINK}; proxy_responses 0; proxy_timeout 30s; }}\n\
-                       server {{ listen 127.0.0.1:{UDP_DOWNLOAD_PORT} udp reuseport; proxy_pass {BACKEND_UDP_SOURCE}; proxy_timeout 30s; }}\n\
+                       server {{ listen {front} reuseport backlog=4096; proxy_pass {b_http}; }}\n\
+                       server {{ listen {f_bulk} reuseport; proxy_pass {b_bulk}; }}\n\
+                       server {{ listen {f_udp} udp reuseport; proxy_pass {b_udp}; proxy_responses 1; proxy_timeout 30s; }}\n\
+                       server {{ listen {f_oneway} udp reuseport; proxy_pass {b_sink}; proxy_responses 0; proxy_timeout 30s; }}\n\
+                       server {{ listen {f_download} udp reuseport; proxy_pass {b_source}; proxy_timeout 30s; }}\n\
                      }}\n",
                     d = dir.display(),
                     files = site.files(),
