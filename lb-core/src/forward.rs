@@ -139,11 +139,13 @@ impl Worker {
                 }
             },
         };
+        // What the pipe may pin counts as held, as a buffer would.
+        let held = BytesHeld::new(&self.shared.buffer_bytes[self.id].0, pipe.capacity());
         Some(PipeLease {
             worker: self,
             pipe: Some(pipe),
             empty: true,
-            _held: BytesHeld::new(&self.shared.buffer_bytes[self.id].0, splice::PIPE_SIZE),
+            _held: held,
         })
     }
 }
@@ -533,7 +535,7 @@ async fn splice_while_waiting<C: Conn>(
     activity: &Cell<Instant>,
 ) -> io::Result<Spliced> {
     loop {
-        let n = match from.splice_in(pipe.pipe(), splice::PIPE_SIZE) {
+        let n = match from.splice_in(pipe.pipe(), pipe.pipe().capacity()) {
             Ok(0) => return Ok(Spliced::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Spliced::Drained),

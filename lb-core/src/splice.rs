@@ -13,8 +13,10 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use rustix::pipe::{PipeFlags, SpliceFlags};
 
-/// Bytes a pipe holds: the kernel's default (16 pages).
-pub const PIPE_SIZE: usize = 64 * 1024;
+/// Bytes a pipe is asked to hold (64 pages; the kernel's default is 16).
+/// A fill moves at most this much, so four times the default means a
+/// quarter of the splice calls per byte.
+pub const PIPE_SIZE: usize = 256 * 1024;
 
 /// Pipes (open, leased or pooled) per worker; beyond that, bulk transfers
 /// are copied. Each is two descriptors, kept out of the connection cap.
@@ -28,13 +30,31 @@ pub const POOL_MAX: usize = 16;
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// What it holds: [`PIPE_SIZE`], or the kernel's default where
+    /// `F_SETPIPE_SZ` was refused (an unprivileged user past
+    /// `fs.pipe-user-pages-soft`, or `fs.pipe-max-size` lower).
+    capacity: usize,
 }
 
 impl Pipe {
     /// Opens a pipe (`pipe2`, non-blocking, close-on-exec).
     pub fn new() -> io::Result<Self> {
         let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
-        Ok(Self { read, write })
+        let capacity = match rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE) {
+            Ok(n) => n,
+            Err(_) => rustix::pipe::fcntl_getpipe_size(&write)?,
+        };
+        Ok(Self {
+            read,
+            write,
+            capacity,
+        })
+    }
+
+    /// Bytes it holds; a fill asks for at most this, so it never meets a
+    /// full pipe.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 }
 
@@ -72,6 +92,17 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+
+    /// A pipe is grown to PIPE_SIZE (within the kernel's limits for any
+    /// user), and holds a fill of that size.
+    #[test]
+    fn a_pipe_holds_pipe_size() {
+        let pipe = Pipe::new().unwrap();
+        assert_eq!(pipe.capacity(), PIPE_SIZE);
+        let data = vec![7u8; PIPE_SIZE];
+        let n = rustix::io::write(&pipe.write, &data).unwrap();
+        assert_eq!(n, PIPE_SIZE, "the pipe took only {n} bytes");
+    }
 
     #[test]
     fn bytes_cross_a_pipe_in_order_and_eof_reads_zero() {
