@@ -1,7 +1,8 @@
 //! Load generators that no Debian package provides in the form needed:
-//! a closed-loop UDP request/response client, a one-way UDP sender, a
-//! UDP download source and its clients, a UDP echo server, a counting UDP sink, a fixed-rate HTTP latency client, and an idle
-//! connection holder. All of them target loopback only.
+//! a closed-loop UDP request/response client, a one-way UDP sender, a UDP
+//! download source and its clients, a UDP echo server, a counting UDP
+//! sink, a fixed-rate HTTP latency client, and an idle connection holder.
+//! All of them target loopback, or the run's own namespaces (`topo`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
