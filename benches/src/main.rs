@@ -7,6 +7,7 @@
 //! namespaces, workers). Traffic goes to 127.0.0.0/8, or with `--setup
 //! netns` to addresses inside the three namespaces the run creates, only.
 
+mod interrupt;
 mod load;
 mod peers;
 mod topo;
@@ -726,8 +727,8 @@ fn run(
          - date: {}\n- CPU: {cpu} ({} cores)\n- kernel: {}\n- lbd: {}\n- HAProxy: {}\n- nginx: {}\n- wrk: {}\n- iperf3: {}\n\
          - latency: fixed offered load of half the slowest proxy's keep-alive maximum, 16 connections, timed from each request's scheduled start; {lat_runs} runs interleaved across peers\n\
          - memory: RSS growth of the proxy's processes with {idle} idle proxied connections open (each checked to have reached the backend), per connection{idle_note}\n\
-         - UDP: 64-byte datagrams; request/response: 32 closed-loop clients, echo backend; one-way: 4 senders as fast as they can, datagrams counted at the sink; \
-         download: 4 clients each send one request and a source answers each with {}-byte datagrams as fast as it can, counted at the clients (HAProxy has no UDP)\n",
+         - UDP (HAProxy has no UDP): request/response: 32 closed-loop clients of 64-byte datagrams, echo backend; one-way: 4 senders of 64-byte datagrams as fast as they can, counted at the sink; \
+         download: 4 clients each send one request and a source answers each with {}-byte datagrams as fast as it can, counted at the clients\n",
         version("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         version("uname", &["-r"]),
@@ -764,6 +765,8 @@ fn main() -> anyhow::Result<()> {
             setup,
             out,
         } => {
+            // Before the first namespace or peer exists.
+            interrupt::install()?;
             let (topo, default_out) = match setup {
                 Setup::Loopback => (Topology::loopback(), "benches/RESULTS.md"),
                 Setup::Netns => (Topology::netns()?, "benches/RESULTS-netns.md"),

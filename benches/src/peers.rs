@@ -126,34 +126,64 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        // Each peer runs in its own process group: signal the group, so
-        // nginx's workers go with their master (killing the master alone
-        // orphans workers that keep serving the port).
         let Some(mut c) = self.child.take() else {
             return;
         };
-        let group = format!("-{}", c.id());
-        let _ = Command::new("kill")
-            .args(["-TERM", "--", &group])
-            .stderr(Stdio::null())
-            .status();
-        wait_for(Duration::from_secs(3), || {
-            matches!(c.try_wait(), Ok(Some(_)))
-        });
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &group])
-            .stderr(Stdio::null())
-            .status();
+        stop_groups(&[c.id()]);
         let _ = c.wait();
-        // Workers of the group may outlive the leader for a moment.
-        wait_for(Duration::from_secs(3), || {
-            !Command::new("pgrep")
-                .args(["-g", &c.id().to_string()])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        });
+        crate::interrupt::untrack_group(c.id());
     }
+}
+
+/// Stops the process groups led by `groups`: SIGTERM to each group (so
+/// nginx's workers go with their master: killing the master alone orphans
+/// workers that keep serving the port), up to 3 s for every member to
+/// exit, then SIGKILL to what is left.
+pub fn stop_groups(groups: &[u32]) {
+    use rustix::process::{kill_process_group, Pid, Signal};
+    let signal = |sig| {
+        for &g in groups {
+            if let Some(pid) = i32::try_from(g).ok().and_then(Pid::from_raw) {
+                // ESRCH: the group is gone already.
+                let _ = kill_process_group(pid, sig);
+            }
+        }
+    };
+    let gone = || groups.iter().all(|&g| group_members(g) == 0);
+    signal(Signal::TERM);
+    if !wait_for(Duration::from_secs(3), gone) {
+        signal(Signal::KILL);
+        wait_for(Duration::from_secs(3), gone);
+    }
+}
+
+/// How many live processes (zombies not counted) are in process group
+/// `pgid`, from `/proc`.
+pub fn group_members(pgid: u32) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let pgid = pgid.to_string();
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter(|e| {
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                return false;
+            };
+            // "pid (comm) state ppid pgrp ...", where comm may hold spaces
+            // and parentheses.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next();
+            state != Some("Z") && fields.nth(1) == Some(pgid.as_str())
+        })
+        .count()
 }
 
 /// Polls `done` until it holds or `wait` has passed; whether it held.
@@ -226,7 +256,13 @@ fn spawn(cmd: &mut Command) -> anyhow::Result<Running> {
         .stderr(Stdio::null())
         .process_group(0)
         .spawn()?;
-    Ok(Running { child: Some(child) })
+    // Dropped at once when a signal is being handled: stopped, not tracked.
+    let running = Running { child: Some(child) };
+    anyhow::ensure!(
+        crate::interrupt::track_group(running.child.as_ref().map_or(0, Child::id)),
+        "interrupted"
+    );
+    Ok(running)
 }
 
 /// Where and how peers run.

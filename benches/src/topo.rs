@@ -70,6 +70,7 @@ impl Topology {
     fn netns_named(prefix: &str) -> anyhow::Result<Self> {
         let names = ["client", "proxy", "backend"].map(|side| format!("{prefix}-{side}"));
         remove_namespaces(&names);
+        crate::interrupt::track_namespaces(&names);
         let [client, proxy, backend] = &names;
         let [l_client, l_proxy_c, l_proxy_b, l_backend] = LINKS;
         let steps: Vec<Vec<String>> = [
@@ -104,6 +105,7 @@ impl Topology {
                 .map_err(|e| anyhow::anyhow!("ip (apt-get install iproute2) could not run: {e}"))?;
             if !out.status.success() {
                 remove_namespaces(&names);
+                crate::interrupt::untrack_namespaces(&names);
                 anyhow::bail!(
                     "ip {}: {} (the netns setup needs root)",
                     args.join(" "),
@@ -206,12 +208,13 @@ impl Drop for Topology {
     fn drop(&mut self) {
         if self.namespaces.take().is_some() {
             remove_namespaces(&self.names);
+            crate::interrupt::untrack_namespaces(&self.names);
         }
     }
 }
 
 /// Deletes the namespaces `names` (and with them the veth pairs).
-fn remove_namespaces(names: &[String; 3]) {
+pub fn remove_namespaces(names: &[String]) {
     for name in names {
         let _ = Command::new("ip")
             .args(["netns", "del", name])
