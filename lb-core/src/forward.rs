@@ -436,9 +436,9 @@ async fn connect_backend<E: Engine>(
         let (reason, message) = match result {
             Ok(Ok(conn)) => return Some((backend.clone(), conn)),
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                (ConnectError::Refused, e.to_string())
+                (ConnectError::Refused, format!("connect: {e}"))
             }
-            Ok(Err(e)) => (ConnectError::Other, e.to_string()),
+            Ok(Err(e)) => (ConnectError::Other, format!("connect: {e}")),
             Err(_) => (
                 ConnectError::Timeout,
                 format!("connect timed out after {}", route.listener.connect_timeout),

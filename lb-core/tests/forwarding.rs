@@ -834,6 +834,16 @@ fn cut_transfer_leaves_no_bytes_behind(engine: EngineChoice) {
                 blocked_since.get_or_insert_with(std::time::Instant::now);
                 std::thread::yield_now();
             }
+            // On a slow machine the kernel buffers can take longer to fill
+            // than the idle timeout gives: the cut then ends the flood.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                break
+            }
             Err(e) => panic!("flood: {e}"),
         }
     }
