@@ -435,10 +435,14 @@ async fn connect_backend<E: Engine>(
         let result = tokio::time::timeout(timeout, E::Conn::connect(backend.addr)).await;
         let (reason, message) = match result {
             Ok(Ok(conn)) => return Some((backend.clone(), conn)),
-            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                (ConnectError::Refused, format!("connect: {e}"))
+            Ok(Err(e)) => {
+                let reason = if e.kind() == io::ErrorKind::ConnectionRefused {
+                    ConnectError::Refused
+                } else {
+                    ConnectError::Other
+                };
+                (reason, format!("connect: {e}"))
             }
-            Ok(Err(e)) => (ConnectError::Other, format!("connect: {e}")),
             Err(_) => (
                 ConnectError::Timeout,
                 format!("connect timed out after {}", route.listener.connect_timeout),
