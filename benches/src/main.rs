@@ -10,6 +10,7 @@
 mod interrupt;
 mod load;
 mod peers;
+mod steal;
 mod topo;
 
 use std::collections::BTreeMap;
@@ -127,6 +128,12 @@ struct Figure {
     peer: String,
     /// One per round of interleaved runs; none where that run failed.
     runs: Vec<Option<f64>>,
+    /// The share of CPU time the hypervisor stole during each round's run
+    /// (`None`: not readable, or the run failed to start).
+    steal: Vec<Option<f64>>,
+    /// How many attempts each round's run took (latency runs are run again
+    /// when stolen from; see `steal`).
+    attempts: Vec<usize>,
     median: f64,
     min: f64,
     max: f64,
@@ -156,9 +163,9 @@ fn figure(
     unit: &'static str,
     workers: usize,
     peer: &Peer,
-    runs: Vec<Option<f64>>,
+    sample: Sample,
 ) -> Figure {
-    let (median, min, max) = summary(runs.iter().flatten().copied());
+    let (median, min, max) = summary(sample.runs.iter().flatten().copied());
     Figure {
         scenario,
         unit,
@@ -167,7 +174,9 @@ fn figure(
         min,
         max,
         median,
-        runs,
+        runs: sample.runs,
+        steal: sample.steal,
+        attempts: sample.attempts,
     }
 }
 
@@ -219,8 +228,10 @@ type Measured = (&'static str, &'static str, anyhow::Result<f64>);
 struct Sample {
     scenario: &'static str,
     unit: &'static str,
-    /// Indexed by round.
+    /// Indexed by round, as are `steal` and `attempts`.
     runs: Vec<Option<f64>>,
+    steal: Vec<Option<f64>>,
+    attempts: Vec<usize>,
 }
 
 struct Bench {
@@ -237,12 +248,14 @@ impl Bench {
     /// Runs `measure` `runs` times through every peer, interleaved (run 1
     /// of every peer, then run 2, ...), so a slow spell of a shared machine
     /// lands on every peer alike instead of on whichever one it was
-    /// measuring; then adds a figure per peer and scenario.
+    /// measuring; then adds a figure per peer and scenario. A run that had
+    /// more than `steal::LIMIT` of its CPU time stolen is run again, up to
+    /// `attempts` times in all, and the least stolen attempt is kept.
     fn interleaved(
         &mut self,
         peers: &[Peer],
         workers: usize,
-        runs: usize,
+        (runs, attempts): (usize, usize),
         measure: impl Fn(&Self, &Peer, usize) -> anyhow::Result<Vec<Measured>>,
     ) {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); peers.len()];
@@ -255,7 +268,18 @@ impl Bench {
                     eprintln!("  {e:#}");
                     failures.push(format!("{what}: {e:#}"));
                 };
-                match measure(self, peer, run) {
+                let kept = steal::least_stolen(attempts, steal::LIMIT, || {
+                    steal::measured(|| measure(self, peer, run))
+                });
+                if kept.made > 1 {
+                    eprintln!(
+                        "  {} attempts (steal above {:.0}%); kept one with {:.1}% steal",
+                        kept.made,
+                        steal::LIMIT * 100.0,
+                        kept.steal.unwrap_or(f64::NAN) * 100.0
+                    );
+                }
+                match kept.value {
                     Ok(measured) => {
                         for (scenario, unit, value) in measured {
                             let value = value
@@ -269,11 +293,15 @@ impl Bench {
                                         scenario,
                                         unit,
                                         runs: vec![None; runs],
+                                        steal: vec![None; runs],
+                                        attempts: vec![0; runs],
                                     });
                                     acc.len() - 1
                                 }
                             };
                             acc[i].runs[run] = value;
+                            acc[i].steal[run] = kept.steal;
+                            acc[i].attempts[run] = kept.made;
                         }
                     }
                     Err(e) => failed(e),
@@ -284,7 +312,7 @@ impl Bench {
         for (peer, acc) in peers.iter().zip(samples) {
             for s in acc {
                 self.figures
-                    .push(figure(s.scenario, s.unit, workers, peer, s.runs));
+                    .push(figure(s.scenario, s.unit, workers, peer, s));
             }
         }
     }
@@ -293,7 +321,7 @@ impl Bench {
     /// discarded warm-up. Memory per idle connection is measured in the
     /// first run only (it does not vary by run).
     fn throughput(&mut self, peers: &[Peer], workers: usize) {
-        self.interleaved(peers, workers, self.runs, |b, peer, run| {
+        self.interleaved(peers, workers, (self.runs, 1), |b, peer, run| {
             b.throughput_once(peer, workers, run == 0)
         });
     }
@@ -405,9 +433,11 @@ impl Bench {
         Ok((after.saturating_sub(before) as f64 * 1024.0) / idle as f64)
     }
 
-    /// Latency at a fixed offered load, at least 5 runs per peer.
+    /// Latency at a fixed offered load, at least 5 runs per peer; a run
+    /// that was stolen from is run again (up to `LATENCY_ATTEMPTS` in all).
     fn latency(&mut self, peers: &[Peer], workers: usize, rate: f64) {
-        self.interleaved(peers, workers, latency_runs(self.runs), |b, peer, _| {
+        let runs = (latency_runs(self.runs), LATENCY_ATTEMPTS);
+        self.interleaved(peers, workers, runs, |b, peer, _| {
             let _running = peers::start(peer, workers, &b.site)?;
             let (http, _, _) = peer.targets(&b.site.topo);
             let d = Duration::from_secs(b.seconds);
@@ -456,6 +486,11 @@ fn fmt_value(v: f64, unit: &str) -> String {
         _ => format!("{v:.0}"),
     }
 }
+
+/// Attempts per latency run when the hypervisor steals CPU time: a tail
+/// figure is set by the longest stall, and a stolen run measures the
+/// machine, not the proxy.
+const LATENCY_ATTEMPTS: usize = 3;
 
 /// Latency runs: at least 5, the tail being the noisiest figure.
 fn latency_runs(runs: usize) -> usize {
@@ -551,6 +586,54 @@ fn targets(figures: &[Figure]) -> String {
     out
 }
 
+/// Steal during the runs behind `scenario` (one figure per peer and worker
+/// count; every scenario of a run shares its steal): median and max over
+/// the runs, reruns, and how many runs kept more than the limit.
+fn steal_summary(figures: &[Figure], scenario: &str) -> Option<String> {
+    let of = || figures.iter().filter(|f| f.scenario == scenario);
+    let steals: Vec<f64> = of()
+        .flat_map(|f| f.steal.iter().flatten().copied())
+        .collect();
+    let above = steals.iter().filter(|&&s| s > steal::LIMIT).count();
+    let reruns: usize = of()
+        .flat_map(|f| f.attempts.iter())
+        .map(|a| a.saturating_sub(1))
+        .sum();
+    let (median, _, max) = summary(steals.iter().copied());
+    median.is_finite().then(|| {
+        format!(
+            "median {:.1}%, max {:.1}% over {} runs; {reruns} rerun(s); {above} run(s) kept above {:.0}%",
+            median * 100.0,
+            max * 100.0,
+            steals.len(),
+            steal::LIMIT * 100.0
+        )
+    })
+}
+
+/// The header's line on CPU steal, or nothing where it was not readable.
+fn steal_note(figures: &[Figure]) -> String {
+    let part = |label: &str, scenario: &str| {
+        steal_summary(figures, scenario).map(|s| format!("{label}: {s}"))
+    };
+    let parts: Vec<String> = [
+        part("throughput runs", "keep-alive requests/s"),
+        part("latency runs", "latency p99 at fixed load"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        return String::new();
+    }
+    format!(
+        "- CPU steal (the share of this machine's CPU time its hypervisor gave to others; a stall it causes sets a tail latency figure by itself): {}. \
+         A latency run with more than {:.0}% steal was run again, up to {LATENCY_ATTEMPTS} attempts, keeping the least stolen; throughput runs are not rerun\n",
+        parts.join("; "),
+        steal::LIMIT * 100.0
+    )
+}
+
 fn render(
     figures: &[Figure],
     peers: &[Peer],
@@ -559,6 +642,7 @@ fn render(
     header: &str,
 ) -> String {
     let mut out = String::from(header);
+    out.push_str(&steal_note(figures));
     let names: Vec<String> = peers.iter().map(Peer::name).collect();
     out.push_str(&format!(
         "\n| figure | workers | {} | vs | lbd-io_uring / vs | lbd-epoll / vs |\n",
@@ -828,13 +912,17 @@ fn main() -> anyhow::Result<()> {
                 rate > 0.0 && connections > 0,
                 "rate and connections must be positive"
             );
-            let lat = load::http_latency(target, rate, connections, Duration::from_secs(seconds))?;
+            let (lat, steal) = steal::measured(|| {
+                load::http_latency(target, rate, connections, Duration::from_secs(seconds))
+            });
+            let lat = lat?;
             println!(
-                "p50 {:.0} p99 {:.0} p99.9 {:.0} (µs, {} requests)",
+                "p50 {:.0} p99 {:.0} p99.9 {:.0} (µs, {} requests; CPU steal {})",
                 load::quantile(&lat, 0.50),
                 load::quantile(&lat, 0.99),
                 load::quantile(&lat, 0.999),
-                lat.len()
+                lat.len(),
+                steal.map_or("unknown".into(), |s| format!("{:.1}%", s * 100.0))
             );
             Ok(())
         }
@@ -868,6 +956,58 @@ mod tests {
         );
     }
 
+    /// The runs of a sample, one attempt each.
+    fn sample(runs: Vec<Option<f64>>, steal: Vec<Option<f64>>) -> Sample {
+        Sample {
+            scenario: "",
+            unit: "",
+            attempts: vec![1; runs.len()],
+            runs,
+            steal,
+        }
+    }
+
+    /// The header says how much CPU time was stolen during the runs behind
+    /// the throughput and latency figures, and how many were run again;
+    /// nothing where steal could not be read.
+    #[test]
+    fn steal_is_summarised_per_kind_of_run() {
+        let lbd = Peer::Lbd("epoll");
+        let mut lat = sample(
+            vec![Some(300.0); 3],
+            vec![Some(0.002), Some(0.004), Some(0.03)],
+        );
+        lat.attempts = vec![1, 2, 3];
+        let figures = [
+            figure(
+                "keep-alive requests/s",
+                "req/s",
+                1,
+                &lbd,
+                sample(vec![Some(1.0)], vec![Some(0.1)]),
+            ),
+            figure("latency p99 at fixed load", "µs", 1, &lbd, lat),
+        ];
+        let note = steal_note(&figures);
+        assert!(
+            note.contains("throughput runs: median 10.0%, max 10.0% over 1 runs; 0 rerun(s); 1 run(s) kept above 1%"),
+            "{note}"
+        );
+        assert!(
+            note.contains("latency runs: median 0.4%, max 3.0% over 3 runs; 3 rerun(s); 1 run(s) kept above 1%"),
+            "{note}"
+        );
+        assert!(render(&figures, &[Peer::Lbd("epoll")], &[], &[], "").contains(&note));
+        let unread = [figure(
+            "keep-alive requests/s",
+            "req/s",
+            1,
+            &lbd,
+            sample(vec![Some(1.0)], vec![None]),
+        )];
+        assert_eq!(steal_note(&unread), "");
+    }
+
     /// A figure left out because its run failed is listed with the reason,
     /// next to the table that shows it as missing.
     #[test]
@@ -878,7 +1018,7 @@ mod tests {
             "req/s",
             1,
             &peers[0],
-            vec![Some(50_000.0)],
+            sample(vec![Some(50_000.0)], vec![None]),
         )];
         let failures =
             ["haproxy-splice (1 workers), run 1: 127.0.0.1:20080 never accepted".to_owned()];
@@ -899,7 +1039,16 @@ mod tests {
     fn ratios_pair_runs_of_the_same_round() {
         let lbd = Peer::Lbd("epoll");
         let haproxy = Peer::Haproxy { splice: false };
-        let fig = |peer, runs| figure("keep-alive requests/s", "req/s", 1, peer, runs);
+        let fig = |peer, runs: Vec<_>| {
+            let steal = vec![None; runs.len()];
+            figure(
+                "keep-alive requests/s",
+                "req/s",
+                1,
+                peer,
+                sample(runs, steal),
+            )
+        };
         let figures = [
             fig(&lbd, vec![Some(60.0), Some(30.0), Some(45.0), Some(99.0)]),
             fig(&haproxy, vec![Some(50.0), Some(25.0), Some(50.0), None]),
