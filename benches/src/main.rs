@@ -563,13 +563,19 @@ fn targets(figures: &[Figure]) -> String {
         seen.push((f.scenario, f.workers));
         let cell = |peer: &str| match ratio(figures, f.scenario, f.workers, peer) {
             Some((r, lo, hi)) => {
-                let met = if at_least { r >= bound } else { r <= bound };
+                let meets = |v: f64| if at_least { v >= bound } else { v <= bound };
                 let spread = if lo < hi {
                     format!(" ({lo:.2}–{hi:.2})")
                 } else {
                     String::new()
                 };
-                format!("{r:.2}×{spread} {}", if met { "met" } else { "not met" })
+                // Firm when every round falls on the same side as the median.
+                let firm = meets(lo) == meets(hi);
+                format!(
+                    "{r:.2}×{spread} {}{}",
+                    if meets(r) { "met" } else { "not met" },
+                    if firm { "" } else { ", not firm" }
+                )
             }
             None => "–".into(),
         };
@@ -1064,6 +1070,16 @@ mod tests {
         let targets = targets(&figures);
         assert!(
             targets.contains("| 1.20× (0.90–1.20) not met |"),
+            "{targets}"
+        );
+        // A spread that crosses the target makes the verdict not firm.
+        let crossing = [
+            fig(&lbd, vec![Some(60.0), Some(30.0)]),
+            fig(&haproxy, vec![Some(40.0), Some(30.0)]),
+        ];
+        let targets = super::targets(&crossing);
+        assert!(
+            targets.contains("| 1.25× (1.00–1.50) met, not firm |"),
             "{targets}"
         );
     }
