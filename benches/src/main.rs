@@ -158,17 +158,11 @@ fn summary(values: impl IntoIterator<Item = f64>) -> (f64, f64, f64) {
     (median(&sorted), edge(sorted.first()), edge(sorted.last()))
 }
 
-fn figure(
-    scenario: &'static str,
-    unit: &'static str,
-    workers: usize,
-    peer: &Peer,
-    sample: Sample,
-) -> Figure {
+fn figure(workers: usize, peer: &Peer, sample: Sample) -> Figure {
     let (median, min, max) = summary(sample.runs.iter().flatten().copied());
     Figure {
-        scenario,
-        unit,
+        scenario: sample.scenario,
+        unit: sample.unit,
         workers,
         peer: peer.name(),
         min,
@@ -311,8 +305,7 @@ impl Bench {
         self.failures.extend(failures);
         for (peer, acc) in peers.iter().zip(samples) {
             for s in acc {
-                self.figures
-                    .push(figure(s.scenario, s.unit, workers, peer, s));
+                self.figures.push(figure(workers, peer, s));
             }
         }
     }
@@ -962,11 +955,16 @@ mod tests {
         );
     }
 
-    /// The runs of a sample, one attempt each.
-    fn sample(runs: Vec<Option<f64>>, steal: Vec<Option<f64>>) -> Sample {
+    /// The runs of a sample of `scenario`, one attempt each.
+    fn sample(
+        scenario: &'static str,
+        unit: &'static str,
+        runs: Vec<Option<f64>>,
+        steal: Vec<Option<f64>>,
+    ) -> Sample {
         Sample {
-            scenario: "",
-            unit: "",
+            scenario,
+            unit,
             attempts: vec![1; runs.len()],
             runs,
             steal,
@@ -980,19 +978,24 @@ mod tests {
     fn steal_is_summarised_per_kind_of_run() {
         let lbd = Peer::Lbd("epoll");
         let mut lat = sample(
+            "latency p99 at fixed load",
+            "µs",
             vec![Some(300.0); 3],
             vec![Some(0.002), Some(0.004), Some(0.03)],
         );
         lat.attempts = vec![1, 2, 3];
         let figures = [
             figure(
-                "keep-alive requests/s",
-                "req/s",
                 1,
                 &lbd,
-                sample(vec![Some(1.0)], vec![Some(0.1)]),
+                sample(
+                    "keep-alive requests/s",
+                    "req/s",
+                    vec![Some(1.0)],
+                    vec![Some(0.1)],
+                ),
             ),
-            figure("latency p99 at fixed load", "µs", 1, &lbd, lat),
+            figure(1, &lbd, lat),
         ];
         let note = steal_note(&figures);
         assert!(
@@ -1005,11 +1008,14 @@ mod tests {
         );
         assert!(render(&figures, &[Peer::Lbd("epoll")], &[], &[], "").contains(&note));
         let unread = [figure(
-            "keep-alive requests/s",
-            "req/s",
             1,
             &lbd,
-            sample(vec![Some(1.0)], vec![None]),
+            sample(
+                "keep-alive requests/s",
+                "req/s",
+                vec![Some(1.0)],
+                vec![None],
+            ),
         )];
         assert_eq!(steal_note(&unread), "");
     }
@@ -1020,11 +1026,14 @@ mod tests {
     fn failed_runs_are_listed_with_their_reason() {
         let peers = [Peer::Lbd("epoll"), Peer::Haproxy { splice: true }];
         let figures = vec![figure(
-            "keep-alive requests/s",
-            "req/s",
             1,
             &peers[0],
-            sample(vec![Some(50_000.0)], vec![None]),
+            sample(
+                "keep-alive requests/s",
+                "req/s",
+                vec![Some(50_000.0)],
+                vec![None],
+            ),
         )];
         let failures =
             ["haproxy-splice (1 workers), run 1: 127.0.0.1:20080 never accepted".to_owned()];
@@ -1048,11 +1057,9 @@ mod tests {
         let fig = |peer, runs: Vec<_>| {
             let steal = vec![None; runs.len()];
             figure(
-                "keep-alive requests/s",
-                "req/s",
                 1,
                 peer,
-                sample(runs, steal),
+                sample("keep-alive requests/s", "req/s", runs, steal),
             )
         };
         let figures = [
