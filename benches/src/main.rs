@@ -128,11 +128,12 @@ struct Figure {
     peer: String,
     /// One per round of interleaved runs; none where that run failed.
     runs: Vec<Option<f64>>,
-    /// The share of CPU time the hypervisor stole during each round's run
-    /// (`None`: not readable, or the run failed to start).
+    /// The share of CPU time the hypervisor stole during each round's
+    /// measurement (`None`: not readable, not measured, or the run failed
+    /// to start).
     steal: Vec<Option<f64>>,
-    /// How many attempts each round's run took (latency runs are run again
-    /// when stolen from; see `steal`).
+    /// How many attempts each round's measurement took (one stolen from is
+    /// run again; see `steal::Retry`).
     attempts: Vec<usize>,
     median: f64,
     min: f64,
@@ -214,8 +215,47 @@ fn iperf(target: SocketAddr, seconds: u64, streams: usize) -> anyhow::Result<(f6
     Ok((bps / 1e9, sum["bytes"].as_f64().unwrap_or(0.0)))
 }
 
-/// One measured value: scenario, unit, value or why there is none.
-type Measured = (&'static str, &'static str, anyhow::Result<f64>);
+/// One measured value of a scenario, or why there is none, with the steal
+/// during the attempt it came from and how many attempts were made.
+struct Measured {
+    scenario: &'static str,
+    unit: &'static str,
+    value: anyhow::Result<f64>,
+    steal: Option<f64>,
+    attempts: usize,
+}
+
+/// `retry.run(measure)`, saying on stderr when `what` took more than one
+/// attempt.
+fn retried<T>(what: &str, retry: steal::Retry, measure: impl FnMut() -> T) -> steal::Attempts<T> {
+    let kept = retry.run(measure);
+    if kept.made > 1 {
+        eprintln!(
+            "  {what}: {} attempts (steal above {:.0}%); kept one with {:.1}% steal",
+            kept.made,
+            retry.limit * 100.0,
+            kept.steal.unwrap_or(f64::NAN) * 100.0
+        );
+    }
+    kept
+}
+
+/// Measures one throughput scenario into `out`, run again when stolen from.
+fn scenario(
+    out: &mut Vec<Measured>,
+    scenario: &'static str,
+    unit: &'static str,
+    measure: impl FnMut() -> anyhow::Result<f64>,
+) {
+    let kept = retried(scenario, steal::Retry::THROUGHPUT, measure);
+    out.push(Measured {
+        scenario,
+        unit,
+        value: kept.value,
+        steal: kept.steal,
+        attempts: kept.made,
+    });
+}
 
 /// The runs of one scenario through one peer.
 #[derive(Clone)]
@@ -242,14 +282,13 @@ impl Bench {
     /// Runs `measure` `runs` times through every peer, interleaved (run 1
     /// of every peer, then run 2, ...), so a slow spell of a shared machine
     /// lands on every peer alike instead of on whichever one it was
-    /// measuring; then adds a figure per peer and scenario. A run that had
-    /// more than `steal::LIMIT` of its CPU time stolen is run again, up to
-    /// `attempts` times in all, and the least stolen attempt is kept.
+    /// measuring; then adds a figure per peer and scenario. `measure`
+    /// runs again whatever was stolen from (see `steal::Retry`).
     fn interleaved(
         &mut self,
         peers: &[Peer],
         workers: usize,
-        (runs, attempts): (usize, usize),
+        runs: usize,
         measure: impl Fn(&Self, &Peer, usize) -> anyhow::Result<Vec<Measured>>,
     ) {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); peers.len()];
@@ -262,20 +301,16 @@ impl Bench {
                     eprintln!("  {e:#}");
                     failures.push(format!("{what}: {e:#}"));
                 };
-                let kept = steal::least_stolen(attempts, steal::LIMIT, || {
-                    steal::measured(|| measure(self, peer, run))
-                });
-                if kept.made > 1 {
-                    eprintln!(
-                        "  {} attempts (steal above {:.0}%); kept one with {:.1}% steal",
-                        kept.made,
-                        steal::LIMIT * 100.0,
-                        kept.steal.unwrap_or(f64::NAN) * 100.0
-                    );
-                }
-                match kept.value {
+                match measure(self, peer, run) {
                     Ok(measured) => {
-                        for (scenario, unit, value) in measured {
+                        for Measured {
+                            scenario,
+                            unit,
+                            value,
+                            steal,
+                            attempts,
+                        } in measured
+                        {
                             let value = value
                                 .map_err(|e| failed(e.context(scenario)))
                                 .ok()
@@ -294,8 +329,8 @@ impl Bench {
                                 }
                             };
                             acc[i].runs[run] = value;
-                            acc[i].steal[run] = kept.steal;
-                            acc[i].attempts[run] = kept.made;
+                            acc[i].steal[run] = steal;
+                            acc[i].attempts[run] = attempts;
                         }
                     }
                     Err(e) => failed(e),
@@ -314,7 +349,7 @@ impl Bench {
     /// discarded warm-up. Memory per idle connection is measured in the
     /// first run only (it does not vary by run).
     fn throughput(&mut self, peers: &[Peer], workers: usize) {
-        self.interleaved(peers, workers, (self.runs, 1), |b, peer, run| {
+        self.interleaved(peers, workers, self.runs, |b, peer, run| {
             b.throughput_once(peer, workers, run == 0)
         });
     }
@@ -333,7 +368,7 @@ impl Bench {
     }
 
     /// The throughput scenarios through `peer` (started as `running`), from
-    /// the client side.
+    /// the client side, each run again when stolen from.
     fn measure_throughput(
         &self,
         peer: &Peer,
@@ -344,53 +379,82 @@ impl Bench {
         let (http, bulk, udp) = peer.targets(topo);
         let s = self.seconds;
         let mut out = Vec::new();
-        let mut push = |scenario, unit, value| out.push((scenario, unit, value));
         let _ = wrk(http, 1, false); // warm-up, discarded
-        push("keep-alive requests/s", "req/s", wrk(http, s, false));
-        push("new connections/s", "conn/s", wrk(http, s, true));
+        scenario(&mut out, "keep-alive requests/s", "req/s", || {
+            wrk(http, s, false)
+        });
+        scenario(&mut out, "new connections/s", "conn/s", || {
+            wrk(http, s, true)
+        });
+        // One iperf3 run gives both the rate and the CPU it cost.
         let pids = running.map(|r| r.pids()).unwrap_or_default();
-        let before = peers::cpu_seconds(&pids);
-        let b1 = iperf(bulk, s, 1);
-        let cpu = match &b1 {
-            Ok((_, bytes)) if !pids.is_empty() && *bytes > 0.0 => {
-                Some((peers::cpu_seconds(&pids) - before) / (bytes / 1e9))
-            }
-            _ => None,
-        };
-        push("bulk Gbit/s, 1 stream", "Gbit/s", b1.map(|r| r.0));
+        let kept = retried("bulk Gbit/s, 1 stream", steal::Retry::THROUGHPUT, || {
+            let before = peers::cpu_seconds(&pids);
+            let b1 = iperf(bulk, s, 1);
+            let cpu = match &b1 {
+                Ok((_, bytes)) if !pids.is_empty() && *bytes > 0.0 => {
+                    Some((peers::cpu_seconds(&pids) - before) / (bytes / 1e9))
+                }
+                _ => None,
+            };
+            (b1.map(|r| r.0), cpu)
+        });
+        let ((b1, cpu), steal, attempts) = (kept.value, kept.steal, kept.made);
+        out.push(Measured {
+            scenario: "bulk Gbit/s, 1 stream",
+            unit: "Gbit/s",
+            value: b1,
+            steal,
+            attempts,
+        });
         if let Some(cpu) = cpu {
-            push("CPU seconds per GB (1 stream)", "s/GB", Ok(cpu));
+            out.push(Measured {
+                scenario: "CPU seconds per GB (1 stream)",
+                unit: "s/GB",
+                value: Ok(cpu),
+                steal,
+                attempts,
+            });
         }
-        push(
-            "bulk Gbit/s, 8 streams",
-            "Gbit/s",
-            iperf(bulk, s, 8).map(|r| r.0),
-        );
+        scenario(&mut out, "bulk Gbit/s, 8 streams", "Gbit/s", || {
+            iperf(bulk, s, 8).map(|r| r.0)
+        });
         if !matches!(peer, Peer::Haproxy { .. }) {
             let d = Duration::from_secs(s);
-            push(
+            scenario(
+                &mut out,
                 "UDP datagrams/s (request/response)",
                 "dgram/s",
-                load::udp_rr(udp, 32, d),
+                || load::udp_rr(udp, 32, d),
             );
-            push(
+            scenario(
+                &mut out,
                 "UDP datagrams/s (one-way, delivered)",
                 "dgram/s",
-                load::udp_oneway(peer.oneway_target(topo), &self.sink, 4, d),
+                || load::udp_oneway(peer.oneway_target(topo), &self.sink, 4, d),
             );
             let source = topo.backend(peers::BACKEND_UDP_SOURCE_PORT);
-            let download = topo
-                .within(Side::Backend, || UdpSocket::bind(source))
-                .and_then(|bound| bound.map_err(Into::into))
-                .and_then(|src| load::udp_download(peer.download_target(topo), src, 4, d));
-            push("UDP datagrams/s (download, delivered)", "dgram/s", download);
+            scenario(
+                &mut out,
+                "UDP datagrams/s (download, delivered)",
+                "dgram/s",
+                || {
+                    topo.within(Side::Backend, || UdpSocket::bind(source))
+                        .and_then(|bound| bound.map_err(Into::into))
+                        .and_then(|src| load::udp_download(peer.download_target(topo), src, 4, d))
+                },
+            );
         }
         if let (true, Some(r)) = (memory, running) {
-            push(
-                "memory per idle connection",
-                "bytes",
-                self.idle_memory(r, http),
-            );
+            // A size, not a rate: steal does not bend it, so it is neither
+            // measured nor retried.
+            out.push(Measured {
+                scenario: "memory per idle connection",
+                unit: "bytes",
+                value: self.idle_memory(r, http),
+                steal: None,
+                attempts: 1,
+            });
         }
         Ok(out)
     }
@@ -427,24 +491,32 @@ impl Bench {
     }
 
     /// Latency at a fixed offered load, at least 5 runs per peer; a run
-    /// that was stolen from is run again (up to `LATENCY_ATTEMPTS` in all).
+    /// that was stolen from is run again, from a fresh start (see
+    /// `steal::Retry::LATENCY`).
     fn latency(&mut self, peers: &[Peer], workers: usize, rate: f64) {
-        let runs = (latency_runs(self.runs), LATENCY_ATTEMPTS);
-        self.interleaved(peers, workers, runs, |b, peer, _| {
-            let _running = peers::start(peer, workers, &b.site)?;
-            let (http, _, _) = peer.targets(&b.site.topo);
-            let d = Duration::from_secs(b.seconds);
-            let lat = b
-                .site
-                .topo
-                .within(Side::Client, || load::http_latency(http, rate, 16, d))??;
+        self.interleaved(peers, workers, latency_runs(self.runs), |b, peer, _| {
+            let kept = retried("latency", steal::Retry::LATENCY, || {
+                let _running = peers::start(peer, workers, &b.site)?;
+                let (http, _, _) = peer.targets(&b.site.topo);
+                let d = Duration::from_secs(b.seconds);
+                b.site
+                    .topo
+                    .within(Side::Client, || load::http_latency(http, rate, 16, d))?
+            });
+            let lat = kept.value?;
             Ok([
                 ("latency p50 at fixed load", 0.50),
                 ("latency p99 at fixed load", 0.99),
                 ("latency p99.9 at fixed load", 0.999),
             ]
             .into_iter()
-            .map(|(scenario, q)| (scenario, "µs", Ok(load::quantile(&lat, q))))
+            .map(|(scenario, q)| Measured {
+                scenario,
+                unit: "µs",
+                value: Ok(load::quantile(&lat, q)),
+                steal: kept.steal,
+                attempts: kept.made,
+            })
             .collect())
         });
     }
@@ -479,11 +551,6 @@ fn fmt_value(v: f64, unit: &str) -> String {
         _ => format!("{v:.0}"),
     }
 }
-
-/// Attempts per latency run when the hypervisor steals CPU time: a tail
-/// figure is set by the longest stall, and a stolen run measures the
-/// machine, not the proxy.
-const LATENCY_ATTEMPTS: usize = 3;
 
 /// Latency runs: at least 5, the tail being the noisiest figure.
 fn latency_runs(runs: usize) -> usize {
@@ -585,39 +652,53 @@ fn targets(figures: &[Figure]) -> String {
     out
 }
 
-/// Steal during the runs behind `scenario` (one figure per peer and worker
-/// count; every scenario of a run shares its steal): median and max over
-/// the runs, reruns, and how many runs kept more than the limit.
-fn steal_summary(figures: &[Figure], scenario: &str) -> Option<String> {
-    let of = || figures.iter().filter(|f| f.scenario == scenario);
-    let steals: Vec<f64> = of()
+/// Steal during the measurements behind the figures `of` picks: median
+/// and max, reruns, and how many were kept above `retry`'s limit.
+fn steal_summary(
+    figures: &[Figure],
+    of: impl Fn(&Figure) -> bool,
+    retry: steal::Retry,
+) -> Option<String> {
+    let picked = || figures.iter().filter(|f| of(f));
+    let steals: Vec<f64> = picked()
         .flat_map(|f| f.steal.iter().flatten().copied())
         .collect();
-    let above = steals.iter().filter(|&&s| s > steal::LIMIT).count();
-    let reruns: usize = of()
+    let above = steals.iter().filter(|&&s| s > retry.limit).count();
+    let reruns: usize = picked()
         .flat_map(|f| f.attempts.iter())
         .map(|a| a.saturating_sub(1))
         .sum();
     let (median, _, max) = summary(steals.iter().copied());
     median.is_finite().then(|| {
         format!(
-            "median {:.1}%, max {:.1}% over {} runs; {reruns} rerun(s); {above} run(s) kept above {:.0}%",
+            "median {:.1}%, max {:.1}% over {}; {reruns} rerun(s); {above} kept above {:.0}%",
             median * 100.0,
             max * 100.0,
             steals.len(),
-            steal::LIMIT * 100.0
+            retry.limit * 100.0
         )
     })
 }
 
 /// The header's line on CPU steal, or nothing where it was not readable.
 fn steal_note(figures: &[Figure]) -> String {
-    let part = |label: &str, scenario: &str| {
-        steal_summary(figures, scenario).map(|s| format!("{label}: {s}"))
-    };
+    let (throughput, latency) = (steal::Retry::THROUGHPUT, steal::Retry::LATENCY);
     let parts: Vec<String> = [
-        part("throughput runs", "keep-alive requests/s"),
-        part("latency runs", "latency p99 at fixed load"),
+        // Each throughput scenario has its own steal, and CPU per GB shares
+        // the bulk run's.
+        steal_summary(
+            figures,
+            |f| !f.scenario.starts_with("latency") && !f.scenario.starts_with("CPU seconds"),
+            throughput,
+        )
+        .map(|s| format!("throughput measurements: {s}")),
+        // The quantiles of a latency run share its steal: count one.
+        steal_summary(
+            figures,
+            |f| f.scenario == "latency p99 at fixed load",
+            latency,
+        )
+        .map(|s| format!("latency runs: {s}")),
     ]
     .into_iter()
     .flatten()
@@ -626,10 +707,13 @@ fn steal_note(figures: &[Figure]) -> String {
         return String::new();
     }
     format!(
-        "- CPU steal (the share of this machine's CPU time its hypervisor gave to others; a stall it causes sets a tail latency figure by itself): {}. \
-         A latency run with more than {:.0}% steal was run again, up to {LATENCY_ATTEMPTS} attempts, keeping the least stolen; throughput runs are not rerun\n",
+        "- CPU steal (the share of this machine's CPU time its hypervisor gave to others; a stall it causes sets a tail latency figure by itself and lowers throughput): {}. \
+         A measurement with more steal than its limit was run again, keeping the least stolen attempt: a throughput scenario above {:.0}% up to {} attempts, a latency run (from a fresh start) above {:.0}% up to {}\n",
         parts.join("; "),
-        steal::LIMIT * 100.0
+        throughput.limit * 100.0,
+        throughput.attempts,
+        latency.limit * 100.0,
+        latency.attempts,
     )
 }
 
@@ -971,9 +1055,10 @@ mod tests {
         }
     }
 
-    /// The header says how much CPU time was stolen during the runs behind
-    /// the throughput and latency figures, and how many were run again;
-    /// nothing where steal could not be read.
+    /// The header says how much CPU time was stolen during the measurements
+    /// behind the throughput and latency figures, how many were run again
+    /// and how many stayed above their limit; nothing where steal could not
+    /// be read.
     #[test]
     fn steal_is_summarised_per_kind_of_run() {
         let lbd = Peer::Lbd("epoll");
@@ -984,6 +1069,21 @@ mod tests {
             vec![Some(0.002), Some(0.004), Some(0.03)],
         );
         lat.attempts = vec![1, 2, 3];
+        let mut bulk = sample(
+            "bulk Gbit/s, 8 streams",
+            "Gbit/s",
+            vec![Some(9.0)],
+            vec![Some(0.01)],
+        );
+        bulk.attempts = vec![2];
+        // Shares the bulk run's steal and attempts: not counted twice.
+        let mut cpu = sample(
+            "CPU seconds per GB (1 stream)",
+            "s/GB",
+            vec![Some(0.5)],
+            vec![Some(0.5)],
+        );
+        cpu.attempts = vec![2];
         let figures = [
             figure(
                 1,
@@ -995,17 +1095,33 @@ mod tests {
                     vec![Some(0.1)],
                 ),
             ),
+            figure(1, &lbd, bulk),
+            figure(1, &lbd, cpu),
+            figure(
+                1,
+                &lbd,
+                sample(
+                    "memory per idle connection",
+                    "bytes",
+                    vec![Some(2000.0)],
+                    vec![None],
+                ),
+            ),
             figure(1, &lbd, lat),
         ];
         let note = steal_note(&figures);
         assert!(
-            note.contains("throughput runs: median 10.0%, max 10.0% over 1 runs; 0 rerun(s); 1 run(s) kept above 1%"),
+            note.contains("throughput measurements: median 5.5%, max 10.0% over 2; 1 rerun(s); 1 kept above 2%"),
             "{note}"
         );
         assert!(
-            note.contains("latency runs: median 0.4%, max 3.0% over 3 runs; 3 rerun(s); 1 run(s) kept above 1%"),
+            note.contains(
+                "latency runs: median 0.4%, max 3.0% over 3; 3 rerun(s); 1 kept above 1%"
+            ),
             "{note}"
         );
+        assert!(note.contains("above 2% up to 2 attempts"), "{note}");
+        assert!(note.contains("above 1% up to 3"), "{note}");
         assert!(render(&figures, &[Peer::Lbd("epoll")], &[], &[], "").contains(&note));
         let unread = [figure(
             1,
