@@ -366,7 +366,8 @@ fn bind_reuseport(
     Ok((out, actual))
 }
 
-/// One listening TCP socket per worker (see [`bind_reuseport`]).
+/// One listening TCP socket per worker, each with `SO_REUSEPORT` and
+/// `IP_FREEBIND` (a VIP not yet on the host still binds).
 pub fn bind_tcp(
     addr: SocketAddr,
     count: usize,
@@ -375,7 +376,7 @@ pub fn bind_tcp(
     Ok((sockets.into_iter().map(Into::into).collect(), actual))
 }
 
-/// One UDP socket per worker (see [`bind_reuseport`]).
+/// One UDP socket per worker, each with `SO_REUSEPORT` and `IP_FREEBIND`.
 pub fn bind_udp(
     addr: SocketAddr,
     count: usize,
