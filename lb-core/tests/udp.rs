@@ -139,9 +139,13 @@ fn request_response_from_the_listener_address(engine: EngineChoice) {
         );
         let vip = lbd.bound_addr("dns").unwrap();
         let mut seen = HashSet::new();
-        for _ in 0..30 {
-            let c = client(if ip == "::1" { "::1" } else { "127.0.0.1" });
-            let (name, from) = ask(&c, vip, b"question").unwrap();
+        // Every client stays open to the end, so each has its own port (a
+        // dropped one's port may come back, and with it the same flow).
+        let clients: Vec<UdpSocket> = (0..30)
+            .map(|_| client(if ip == "::1" { "::1" } else { "127.0.0.1" }))
+            .collect();
+        for c in &clients {
+            let (name, from) = ask(c, vip, b"question").unwrap();
             assert_eq!(
                 from, vip,
                 "the reply must come from the listener's address and port"
@@ -167,12 +171,15 @@ fn flows_stick_and_spread(engine: EngineChoice) {
     );
     let vip = lbd.bound_addr("u").unwrap();
     let mut per_client: HashMap<SocketAddr, String> = HashMap::new();
-    for _ in 0..30 {
-        let c = client("127.0.0.1");
-        let first = ask(&c, vip, b"a").unwrap().0;
+    // Every client stays open to the end, so the 30 flows have 30 distinct
+    // ports (a dropped client's port may be handed out again and would
+    // rightly find its old flow).
+    let clients: Vec<UdpSocket> = (0..30).map(|_| client("127.0.0.1")).collect();
+    for c in &clients {
+        let first = ask(c, vip, b"a").unwrap().0;
         for i in 0..10 {
             assert_eq!(
-                ask(&c, vip, format!("b{i}").as_bytes()).unwrap().0,
+                ask(c, vip, format!("b{i}").as_bytes()).unwrap().0,
                 first,
                 "a client's datagrams stay on one backend"
             );
