@@ -82,6 +82,13 @@ fn client(ip: &str) -> UdpSocket {
     s
 }
 
+/// `n` clients on `ip`, to be held together: each has its own port while
+/// they live (a dropped client's port may be handed out again, and the new
+/// socket would rightly find the old one's flow).
+fn clients(ip: &str, n: usize) -> Vec<UdpSocket> {
+    (0..n).map(|_| client(ip)).collect()
+}
+
 /// Sends `payload` to `vip` and returns (backend name, reply source).
 fn ask(c: &UdpSocket, vip: SocketAddr, payload: &[u8]) -> std::io::Result<(String, SocketAddr)> {
     c.send_to(payload, vip)?;
@@ -139,12 +146,7 @@ fn request_response_from_the_listener_address(engine: EngineChoice) {
         );
         let vip = lbd.bound_addr("dns").unwrap();
         let mut seen = HashSet::new();
-        // Every client stays open to the end, so each has its own port (a
-        // dropped one's port may come back, and with it the same flow).
-        let clients: Vec<UdpSocket> = (0..30)
-            .map(|_| client(if ip == "::1" { "::1" } else { "127.0.0.1" }))
-            .collect();
-        for c in &clients {
+        for c in &clients(if ip == "::1" { "::1" } else { "127.0.0.1" }, 30) {
             let (name, from) = ask(c, vip, b"question").unwrap();
             assert_eq!(
                 from, vip,
@@ -171,11 +173,7 @@ fn flows_stick_and_spread(engine: EngineChoice) {
     );
     let vip = lbd.bound_addr("u").unwrap();
     let mut per_client: HashMap<SocketAddr, String> = HashMap::new();
-    // Every client stays open to the end, so the 30 flows have 30 distinct
-    // ports (a dropped client's port may be handed out again and would
-    // rightly find its old flow).
-    let clients: Vec<UdpSocket> = (0..30).map(|_| client("127.0.0.1")).collect();
-    for c in &clients {
+    for c in &clients("127.0.0.1", 30) {
         let first = ask(c, vip, b"a").unwrap().0;
         for i in 0..10 {
             assert_eq!(
@@ -518,7 +516,7 @@ fn bursts_arrive_whole_and_in_order(engine: EngineChoice) {
     // The v2 header for IPv4 is 28 bytes: 16 fixed, then the addresses.
     for (backend, name, header) in [(&plain, "plain", 0), (&framed, "framed", 28)] {
         let vip = lbd.bound_addr(name).unwrap();
-        let clients: Vec<UdpSocket> = (0..CLIENTS).map(|_| client("127.0.0.1")).collect();
+        let clients = clients("127.0.0.1", usize::from(CLIENTS));
         let mut got: HashMap<u8, Vec<u16>> = HashMap::new();
         for burst in 0..BURSTS {
             for i in 0..BURST {

@@ -1,4 +1,5 @@
-//! The io_uring engine: one ring per worker, driven by the driver in `engine/ring.rs`.
+//! The io_uring engine: one ring per worker, run by our own driver
+//! (`engine/ring.rs`).
 //!
 //! Reads wait for readability with a poll operation that holds no buffer,
 //! then receive with `MSG_DONTWAIT` into a buffer taken at that moment, so
