@@ -8,11 +8,14 @@
 //! backend's drain deadline.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant as StdInstant;
 
 use arc_swap::ArcSwap;
@@ -469,9 +472,15 @@ async fn pump<C: Conn>(
     one_way_done: &Cell<bool>,
 ) -> io::Result<()> {
     let mut can_splice = true;
+    // Whether `from` is known readable (a wait that ran during the last
+    // write ended).
+    let mut readable = false;
     loop {
         // Wait without a buffer: idle connections hold none.
-        from.ready().await?;
+        if !readable {
+            from.ready().await?;
+        }
+        readable = false;
         let buf = worker.take_buffer();
         let capacity = buf.capacity();
         let held = BytesHeld::new(&worker.shared.buffer_bytes[worker.id].0, capacity);
@@ -493,12 +502,33 @@ async fn pump<C: Conn>(
             return end_of_stream(to, one_way_done);
         }
         activity.set(Instant::now());
+        // A short read is a message, not a bulk transfer: where the engine
+        // gains by it, start waiting for the next one before writing this
+        // one (docs/design/0007). The wait holds no buffer.
+        let next = if n < capacity {
+            from.ready_while_writing()
+        } else {
+            None
+        };
+        let mut next = std::pin::pin!(next);
+        let early = match next.as_mut().as_pin_mut() {
+            Some(wait) => poll_once(wait).await,
+            None => None,
+        };
         let (written, buf) = to.write_all(buf).await;
         worker.give_buffer(buf);
         drop(held);
         written?;
         bytes.fetch_add(n as u64, Ordering::Relaxed);
         activity.set(Instant::now());
+        if let Some(wait) = next.as_mut().as_pin_mut() {
+            match early {
+                Some(r) => r?,
+                None => wait.await?,
+            }
+            readable = true;
+            continue;
+        }
         if n < capacity || !can_splice {
             continue;
         }
@@ -519,6 +549,15 @@ async fn pump<C: Conn>(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Polls `f` once, so that what it waits on is registered (or queued),
+/// and returns its output if that poll finished it.
+async fn poll_once<F: Future>(mut f: Pin<&mut F>) -> Option<F::Output> {
+    match std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await {
+        Poll::Ready(out) => Some(out),
+        Poll::Pending => None,
     }
 }
 

@@ -88,6 +88,13 @@ impl Conn for EpollConn {
         self.0.readable().await
     }
 
+    fn ready_while_writing(&self) -> Option<impl Future<Output = io::Result<()>> + '_> {
+        // tokio registers a socket's readiness once: starting the wait
+        // early saves no syscall, and its future (a waiter in tokio's
+        // list) made idle connections 378 bytes bigger (docs/design/0007).
+        None::<std::future::Pending<io::Result<()>>>
+    }
+
     async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         // One attempt: a spurious wake-up answers WouldBlock (which also
         // clears tokio's readiness), and the caller gives the buffer back

@@ -25,6 +25,11 @@ pub trait Conn: Sized + 'static {
     /// Waits until a read would not block, holding no buffer, so idle
     /// connections hold none.
     async fn ready(&self) -> io::Result<()>;
+    /// A [`Conn::ready`] wait for the forwarder to start before it writes
+    /// a message it read from this connection, so the wait runs during
+    /// the write; `None` where that saves nothing (the future would only
+    /// make every connection's state bigger).
+    fn ready_while_writing(&self) -> Option<impl Future<Output = io::Result<()>> + '_>;
     /// Reads into `buf`'s spare capacity (`buf` arrives empty), after
     /// [`Conn::ready`]. It tries once and may answer `WouldBlock`: the
     /// caller then returns the buffer and waits on `ready` again.

@@ -325,6 +325,12 @@ impl Conn for UringConn {
         poll(self.sock.fd(), libc::POLLIN | libc::POLLRDHUP).await
     }
 
+    fn ready_while_writing(&self) -> Option<impl Future<Output = io::Result<()>> + '_> {
+        // The poll is queued now and goes to the kernel in the same batch
+        // as the send, which saves one ring round trip per message.
+        Some(self.ready())
+    }
+
     async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         let spare = buf.capacity() - buf.len();
         let r = if self.hot.get() {
