@@ -8,10 +8,8 @@
 //! backend's drain deadline.
 
 use std::cell::{Cell, RefCell};
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -511,10 +509,11 @@ async fn pump<C: Conn>(
             None
         };
         let mut next = std::pin::pin!(next);
-        let early = match next.as_mut().as_pin_mut() {
-            Some(wait) => poll_once(wait).await,
-            None => None,
-        };
+        // One poll queues the wait (and may already find it done).
+        let mut early = Poll::Pending;
+        if let Some(wait) = next.as_mut().as_pin_mut() {
+            early = futures::poll!(wait);
+        }
         let (written, buf) = to.write_all(buf).await;
         worker.give_buffer(buf);
         drop(held);
@@ -523,8 +522,8 @@ async fn pump<C: Conn>(
         activity.set(Instant::now());
         if let Some(wait) = next.as_mut().as_pin_mut() {
             match early {
-                Some(r) => r?,
-                None => wait.await?,
+                Poll::Ready(r) => r?,
+                Poll::Pending => wait.await?,
             }
             readable = true;
             continue;
@@ -549,15 +548,6 @@ async fn pump<C: Conn>(
             }
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// Polls `f` once, so that what it waits on is registered (or queued),
-/// and returns its output if that poll finished it.
-async fn poll_once<F: Future>(mut f: Pin<&mut F>) -> Option<F::Output> {
-    match std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await {
-        Poll::Ready(out) => Some(out),
-        Poll::Pending => None,
     }
 }
 
