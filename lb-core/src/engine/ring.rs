@@ -8,7 +8,7 @@
 //! cancel; they are freed when the kernel posts the completion. SQEs are
 //! queued without a syscall and submitted in one batch when the runtime is
 //! about to park (or the queue is full); completions are reaped in the same
-//! hook and whenever the ring's fd turns readable.
+//! hook and whenever the ring wakes the parked runtime (see [`run`]).
 //!
 //! Why not tokio-uring: see docs/design/0007-own-io-uring-driver.md.
 
@@ -45,6 +45,9 @@ enum Slot {
 
 struct Driver {
     ring: IoUring,
+    /// Completion work waits for our next `io_uring_enter` with
+    /// `GETEVENTS` (`DEFER_TASKRUN`) instead of interrupting the thread.
+    deferred: bool,
     slots: Slab<Slot>,
     /// Wakers of completed operations, called once the driver is no longer
     /// borrowed; kept between batches so reaping does not allocate.
@@ -55,20 +58,51 @@ thread_local! {
     static DRIVER: RefCell<Option<Driver>> = const { RefCell::new(None) };
 }
 
-/// Builds a ring for this thread. Completions are handled by this thread
-/// only, so the kernel may run their task work at our next syscall instead
-/// of interrupting us (`COOP_TASKRUN`, `SINGLE_ISSUER`); kernels before 6.0
-/// refuse these flags, and then a plain ring is used.
-pub fn new_ring() -> io::Result<IoUring> {
-    IoUring::builder()
+/// `IORING_ENTER_GETEVENTS`: with `min_complete` 0 it waits for nothing,
+/// but runs the completion work a `DEFER_TASKRUN` ring kept for us.
+const ENTER_GETEVENTS: u32 = 1;
+
+/// A ring, and whether its completion work is deferred to our own
+/// `io_uring_enter` calls.
+pub struct Ring {
+    ring: IoUring,
+    deferred: bool,
+}
+
+/// Builds a ring for this thread (the one that will submit to it).
+/// Completions are handled by this thread only, so the kernel may keep
+/// their task work until we ask for it (`DEFER_TASKRUN`, kernel 6.1+), or
+/// run it at our next syscall instead of interrupting us (`COOP_TASKRUN`,
+/// 5.19+); older kernels refuse these flags, and then a plain ring is used.
+pub fn new_ring() -> io::Result<Ring> {
+    let builder = || {
+        let mut b = IoUring::builder();
+        b.setup_cqsize(ENTRIES * 2);
+        b
+    };
+    if let Ok(ring) = builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .build(ENTRIES)
+    {
+        return Ok(Ring {
+            ring,
+            deferred: true,
+        });
+    }
+    let ring = builder()
         .setup_coop_taskrun()
         .setup_single_issuer()
-        .setup_cqsize(ENTRIES * 2)
         .build(ENTRIES)
         .or_else(|e| {
             tracing::debug!(error = %e, "io_uring: COOP_TASKRUN/SINGLE_ISSUER refused, using a plain ring");
-            IoUring::builder().setup_cqsize(ENTRIES * 2).build(ENTRIES)
-        })
+            builder().build(ENTRIES)
+        })?;
+    Ok(Ring {
+        ring,
+        deferred: false,
+    })
 }
 
 fn with_driver<T>(f: impl FnOnce(&mut Driver) -> T) -> Option<T> {
@@ -106,9 +140,32 @@ impl Driver {
         self.slots.iter().any(|(_, s)| !matches!(s, Slot::Done(_)))
     }
 
+    /// Hands the queued entries to the kernel; on a deferred ring, also runs
+    /// the completion work the kernel kept for us.
+    fn enter(&mut self) -> io::Result<usize> {
+        if !self.deferred {
+            return self.ring.submit();
+        }
+        let queued = self.ring.submission().len() as u32;
+        // SAFETY: no argument is passed; the entries handed over point only
+        // at memory their operations own (see `push`).
+        unsafe {
+            self.ring
+                .submitter()
+                .enter::<libc::sigset_t>(queued, 0, ENTER_GETEVENTS, None)
+        }
+    }
+
+    /// Whether the kernel has completions for us that `reap` cannot see yet:
+    /// deferred completion work, or completions that overflowed the queue.
+    fn pending(&mut self) -> bool {
+        let sq = self.ring.submission();
+        sq.cq_overflow() || (self.deferred && sq.taskrun())
+    }
+
     fn submit(&mut self) -> io::Result<()> {
         loop {
-            match self.ring.submit() {
+            match self.enter() {
                 Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 // The completion queue is backed up: make room, then retry
@@ -165,7 +222,7 @@ impl Driver {
 /// queued since the last park.
 fn flush_and_reap() {
     let Some(mut wakers) = with_driver(|d| {
-        if d.queued() || d.ring.submission().cq_overflow() {
+        if d.queued() || d.pending() {
             d.submit_logged();
         }
         d.reap();
@@ -191,12 +248,40 @@ impl AsRawFd for RingFd {
     }
 }
 
+/// Calls `flush_and_reap` whenever `ready` turns readable.
+async fn reap_when_readable<T: AsRawFd>(ready: tokio::io::unix::AsyncFd<T>) {
+    while let Ok(mut guard) = ready.readable().await {
+        guard.clear_ready();
+        flush_and_reap();
+    }
+}
+
 /// Runs `worker` on a new current-thread runtime with a ring on this thread.
-pub fn run(ring: IoUring, worker: impl Future<Output = ()>) -> io::Result<()> {
+///
+/// The runtime parks in tokio's `epoll_wait`, so the ring must wake it. A
+/// deferred ring signals an eventfd registered with it when completion
+/// work arrives while the list was empty; other rings run their task work
+/// on the thread (interrupting the wait) and their fd turns readable.
+/// Either fd is registered edge-triggered with tokio's reactor, so every
+/// signal wakes the reader once; the eventfd's counter is never read (it
+/// cannot reach its 2^64 - 1 limit).
+pub fn run(ring: Ring, worker: impl Future<Output = ()>) -> io::Result<()> {
+    let Ring { ring, deferred } = ring;
     let ring_fd = ring.as_raw_fd();
+    let eventfd = if deferred {
+        let fd = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?;
+        ring.submitter().register_eventfd(fd.as_raw_fd())?;
+        Some(fd)
+    } else {
+        None
+    };
     DRIVER.with(|d| {
         *d.borrow_mut() = Some(Driver {
             ring,
+            deferred,
             slots: Slab::with_capacity(256),
             wakers: Vec::new(),
         })
@@ -207,27 +292,30 @@ pub fn run(ring: IoUring, worker: impl Future<Output = ()>) -> io::Result<()> {
             .on_thread_park(flush_and_reap)
             .build()?;
         let local = tokio::task::LocalSet::new();
-        let ready = {
+        {
             let _guard = rt.enter();
-            // SAFETY: the ring's fd stays open until `teardown`, after this
-            // task (which owns the AsyncFd) is dropped with `local`.
-            unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(
-                    RingFd(ring_fd),
-                    tokio::io::Interest::READABLE,
-                )
+            let interest = tokio::io::Interest::READABLE;
+            let to_io = |e: &dyn std::fmt::Display| io::Error::other(e.to_string());
+            match eventfd {
+                Some(fd) => {
+                    // SAFETY: the AsyncFd owns the eventfd, so it stays open
+                    // while registered.
+                    let ready =
+                        unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+                            .map_err(|e| to_io(&e))?;
+                    local.spawn_local(reap_when_readable(ready));
+                }
+                None => {
+                    // SAFETY: the ring's fd stays open until `teardown`, after
+                    // this task (which owns the AsyncFd) is dropped with `local`.
+                    let ready = unsafe {
+                        tokio::io::unix::AsyncFd::register_with_interest(RingFd(ring_fd), interest)
+                    }
+                    .map_err(|e| to_io(&e))?;
+                    local.spawn_local(reap_when_readable(ready));
+                }
             }
-            .map_err(|e| io::Error::other(e.to_string()))?
-        };
-        local.spawn_local(async move {
-            loop {
-                let Ok(mut guard) = ready.readable().await else {
-                    return;
-                };
-                guard.clear_ready();
-                flush_and_reap();
-            }
-        });
+        }
         local.block_on(&rt, worker);
         // Dropping the tasks drops their operations, which orphan their
         // resources and queue cancels.
@@ -364,9 +452,10 @@ impl<R: 'static> Drop for Op<R> {
 }
 
 /// Checks that the kernel supports every operation this driver submits.
-pub fn probe_opcodes(ring: &IoUring) -> Result<(), String> {
+pub fn probe_opcodes(ring: &Ring) -> Result<(), String> {
     let mut probe = io_uring::Probe::new();
-    ring.submitter()
+    ring.ring
+        .submitter()
         .register_probe(&mut probe)
         .map_err(|e| format!("io_uring probe failed: {e}"))?;
     let needed = [
@@ -425,6 +514,68 @@ mod tests {
                 assert_eq!(r.unwrap(), 0);
             }
             assert_eq!(slots_in_use(), 0);
+        });
+    }
+
+    /// Completions that arrive while the worker sleeps in tokio's
+    /// `epoll_wait` wake it, every one of them: more at once than the
+    /// kernel runs in one pass of deferred work (20). The writer waits
+    /// (with a deadline) until the worker thread is asleep before it makes
+    /// the sockets readable. The worker has no timer that could wake it
+    /// instead: if the completions have not all woken it 5 s after the
+    /// writes, the writer does, through a channel, and the test fails.
+    #[test]
+    fn completions_wake_a_parked_worker() {
+        const SOCKETS: usize = 64;
+        on_ring(async {
+            let pairs: Vec<_> = (0..SOCKETS).map(|_| UnixStream::pair().unwrap()).collect();
+            // SAFETY: gettid has no preconditions.
+            let worker = unsafe { libc::gettid() };
+            let polls = pairs.iter().map(|(a, _)| {
+                let entry =
+                    opcode::PollAdd::new(types::Fd(a.as_raw_fd()), libc::POLLIN as u32).build();
+                // SAFETY: a poll touches no user memory.
+                unsafe { Op::new(entry, ()) }
+            });
+            let ready = futures::future::join_all(polls);
+            flush();
+            let (woken_tx, woken_rx) = std::sync::mpsc::channel::<()>();
+            let (give_up_tx, give_up_rx) = tokio::sync::oneshot::channel::<()>();
+            let writer = std::thread::spawn(move || {
+                let stat = format!("/proc/self/task/{worker}/stat");
+                let asleep = || {
+                    std::fs::read_to_string(&stat)
+                        .ok()
+                        .and_then(|s| Some(s.rsplit_once(") ")?.1.starts_with('S')))
+                        .unwrap_or(false)
+                };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !asleep() && Instant::now() < deadline {
+                    std::thread::yield_now();
+                }
+                let slept = asleep();
+                for (_, b) in &pairs {
+                    std::io::Write::write_all(&mut &*b, b"x").unwrap();
+                }
+                if woken_rx.recv_timeout(Duration::from_secs(5)).is_err() {
+                    let _ = give_up_tx.send(());
+                }
+                (slept, pairs)
+            });
+            let done = tokio::select! {
+                biased;
+                _ = give_up_rx => panic!("the completions never woke the worker"),
+                done = ready => done,
+            };
+            woken_tx.send(()).unwrap();
+            for (r, ()) in done {
+                assert_ne!(r.unwrap() & libc::POLLIN as u32, 0);
+            }
+            let (slept, _pairs) = writer.join().unwrap();
+            assert!(
+                slept,
+                "the worker never went to sleep, so no wake-up was tested"
+            );
         });
     }
 
