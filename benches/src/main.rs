@@ -175,7 +175,9 @@ fn figure(workers: usize, peer: &Peer, sample: Sample) -> Figure {
     }
 }
 
-fn wrk(target: SocketAddr, seconds: u64, close: bool) -> anyhow::Result<f64> {
+/// Requests (or connections, with `close`) per second, and how many were
+/// completed.
+fn wrk(target: SocketAddr, seconds: u64, close: bool) -> anyhow::Result<(f64, f64)> {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", "-c64", &format!("-d{seconds}s")]);
     if close {
@@ -183,13 +185,17 @@ fn wrk(target: SocketAddr, seconds: u64, close: bool) -> anyhow::Result<f64> {
     }
     let out = cmd.arg(format!("http://{target}/")).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("Requests/sec:")
-                .map(|v| v.trim().parse::<f64>())
-        })
+    let rate = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:").map(str::trim))
         .ok_or_else(|| anyhow::anyhow!("wrk printed no rate: {text}"))?
-        .map_err(Into::into)
+        .parse::<f64>()?;
+    let done = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ").map(|(n, _)| n))
+        .ok_or_else(|| anyhow::anyhow!("wrk printed no request count: {text}"))?
+        .parse::<f64>()?;
+    Ok((rate, done))
 }
 
 /// Gbit/s and bytes received through `target` with `streams` parallel streams.
@@ -255,6 +261,59 @@ fn scenario(
         steal: kept.steal,
         attempts: kept.made,
     });
+}
+
+/// Measures a throughput scenario (run again when stolen from) whose run
+/// also says how much work it moved (requests, connections, bytes), and
+/// the CPU the proxy's processes (`pids`) spent on it, as `cost(cpu
+/// seconds, work)`: two figures from one run, sharing its steal. No cost
+/// figure for the direct path (no `pids`) or a run that failed.
+fn scenario_with_cost(
+    out: &mut Vec<Measured>,
+    pids: &[u32],
+    (scenario, unit): (&'static str, &'static str),
+    (cost_scenario, cost_unit): (&'static str, &'static str),
+    cost: fn(f64, f64) -> f64,
+    mut measure: impl FnMut() -> anyhow::Result<(f64, f64)>,
+) {
+    let kept = retried(scenario, steal::Retry::THROUGHPUT, || {
+        let before = peers::cpu_seconds(pids);
+        let run = measure();
+        let spent = match &run {
+            Ok((_, work)) if !pids.is_empty() && *work > 0.0 => {
+                Some(cost(peers::cpu_seconds(pids) - before, *work))
+            }
+            _ => None,
+        };
+        (run.map(|r| r.0), spent)
+    });
+    let ((value, spent), steal, attempts) = (kept.value, kept.steal, kept.made);
+    out.push(Measured {
+        scenario,
+        unit,
+        value,
+        steal,
+        attempts,
+    });
+    if let Some(spent) = spent {
+        out.push(Measured {
+            scenario: cost_scenario,
+            unit: cost_unit,
+            value: Ok(spent),
+            steal,
+            attempts,
+        });
+    }
+}
+
+/// CPU microseconds per request (or connection).
+fn micros_per(cpu: f64, done: f64) -> f64 {
+    cpu * 1e6 / done
+}
+
+/// CPU seconds per GB.
+fn seconds_per_gb(cpu: f64, bytes: f64) -> f64 {
+    cpu / (bytes / 1e9)
 }
 
 /// The runs of one scenario through one peer.
@@ -380,42 +439,33 @@ impl Bench {
         let s = self.seconds;
         let mut out = Vec::new();
         let _ = wrk(http, 1, false); // warm-up, discarded
-        scenario(&mut out, "keep-alive requests/s", "req/s", || {
-            wrk(http, s, false)
-        });
-        scenario(&mut out, "new connections/s", "conn/s", || {
-            wrk(http, s, true)
-        });
-        // One iperf3 run gives both the rate and the CPU it cost.
+                                     // Each run gives its rate and, from the proxy's CPU over the same
+                                     // run, what one unit of it cost.
         let pids = running.map(|r| r.pids()).unwrap_or_default();
-        let kept = retried("bulk Gbit/s, 1 stream", steal::Retry::THROUGHPUT, || {
-            let before = peers::cpu_seconds(&pids);
-            let b1 = iperf(bulk, s, 1);
-            let cpu = match &b1 {
-                Ok((_, bytes)) if !pids.is_empty() && *bytes > 0.0 => {
-                    Some((peers::cpu_seconds(&pids) - before) / (bytes / 1e9))
-                }
-                _ => None,
-            };
-            (b1.map(|r| r.0), cpu)
-        });
-        let ((b1, cpu), steal, attempts) = (kept.value, kept.steal, kept.made);
-        out.push(Measured {
-            scenario: "bulk Gbit/s, 1 stream",
-            unit: "Gbit/s",
-            value: b1,
-            steal,
-            attempts,
-        });
-        if let Some(cpu) = cpu {
-            out.push(Measured {
-                scenario: "CPU seconds per GB (1 stream)",
-                unit: "s/GB",
-                value: Ok(cpu),
-                steal,
-                attempts,
-            });
-        }
+        scenario_with_cost(
+            &mut out,
+            &pids,
+            ("keep-alive requests/s", "req/s"),
+            ("CPU µs per request (keep-alive)", "µs/req"),
+            micros_per,
+            || wrk(http, s, false),
+        );
+        scenario_with_cost(
+            &mut out,
+            &pids,
+            ("new connections/s", "conn/s"),
+            ("CPU µs per new connection", "µs/conn"),
+            micros_per,
+            || wrk(http, s, true),
+        );
+        scenario_with_cost(
+            &mut out,
+            &pids,
+            ("bulk Gbit/s, 1 stream", "Gbit/s"),
+            ("CPU seconds per GB (1 stream)", "s/GB"),
+            seconds_per_gb,
+            || iperf(bulk, s, 1),
+        );
         scenario(&mut out, "bulk Gbit/s, 8 streams", "Gbit/s", || {
             iperf(bulk, s, 8).map(|r| r.0)
         });
@@ -547,7 +597,8 @@ fn fmt_value(v: f64, unit: &str) -> String {
         return "–".into();
     }
     match unit {
-        "Gbit/s" | "s/GB" => format!("{v:.2}"),
+        "Gbit/s" | "s/GB" | "µs/req" => format!("{v:.2}"),
+        "µs/conn" => format!("{v:.1}"),
         _ => format!("{v:.0}"),
     }
 }
@@ -684,11 +735,11 @@ fn steal_summary(
 fn steal_note(figures: &[Figure]) -> String {
     let (throughput, latency) = (steal::Retry::THROUGHPUT, steal::Retry::LATENCY);
     let parts: Vec<String> = [
-        // Each throughput scenario has its own steal, and CPU per GB shares
-        // the bulk run's.
+        // Each throughput scenario has its own steal, and a CPU cost figure
+        // shares its run's.
         steal_summary(
             figures,
-            |f| !f.scenario.starts_with("latency") && !f.scenario.starts_with("CPU seconds"),
+            |f| !f.scenario.starts_with("latency") && !f.scenario.starts_with("CPU "),
             throughput,
         )
         .map(|s| format!("throughput measurements: {s}")),
