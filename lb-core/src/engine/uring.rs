@@ -2,10 +2,11 @@
 //! (`engine/ring.rs`).
 //!
 //! Reads wait for readability with a poll operation that holds no buffer,
-//! then receive with `MSG_DONTWAIT` into a buffer taken at that moment, so
-//! an idle connection holds no buffer. Writes, accepts and connects are
-//! plain ring operations; everything a task queues is submitted in one
-//! batch when the worker's runtime is about to park.
+//! then receive at once with a plain `recv(MSG_DONTWAIT)` into a buffer
+//! taken at that moment, so an idle connection holds no buffer and a
+//! message costs one ring round trip (the poll), not two. Writes, accepts
+//! and connects are ring operations; everything a task queues is submitted
+//! in one batch when the worker's runtime is about to park.
 //!
 //! A bulk transfer (reads that fill the whole buffer) leaves the ring:
 //! while data keeps waiting, the connection receives and sends with plain
@@ -332,14 +333,13 @@ impl Conn for UringConn {
     }
 
     async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        // The caller waited for readability (`ready`), or the last read
+        // filled its buffer: receive now with a plain syscall. A ring
+        // receive would do the same work one scheduler round trip later.
+        // Nothing there after all answers WouldBlock, and the caller waits
+        // again without holding the buffer.
         let spare = buf.capacity() - buf.len();
-        let r = if self.hot.get() {
-            recv_now(&self.sock, &mut buf)
-        } else {
-            let (r, b) = recv(self.sock.fd(), buf, libc::MSG_DONTWAIT).await;
-            buf = b;
-            r
-        };
+        let r = recv_now(&self.sock, &mut buf);
         self.hot.set(matches!(r, Ok(n) if n == spare && n > 0));
         (r, buf)
     }
