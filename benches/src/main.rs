@@ -184,7 +184,11 @@ fn wrk(target: SocketAddr, seconds: u64, close: bool) -> anyhow::Result<(f64, f6
         cmd.args(["-H", "Connection: close"]);
     }
     let out = cmd.arg(format!("http://{target}/")).output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    wrk_figures(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The rate and the count of completed requests in wrk's report.
+fn wrk_figures(text: &str) -> anyhow::Result<(f64, f64)> {
     let rate = text
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:").map(str::trim))
@@ -439,8 +443,9 @@ impl Bench {
         let s = self.seconds;
         let mut out = Vec::new();
         let _ = wrk(http, 1, false); // warm-up, discarded
-                                     // Each run gives its rate and, from the proxy's CPU over the same
-                                     // run, what one unit of it cost.
+
+        // Each run gives its rate and, from the proxy's CPU over the same
+        // run, what one unit of it cost.
         let pids = running.map(|r| r.pids()).unwrap_or_default();
         scenario_with_cost(
             &mut out,
@@ -1066,6 +1071,20 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// wrk 4.1's report: the count comes from "N requests in", the rate
+    /// from "Requests/sec:"; a report without them is an error.
+    #[test]
+    fn wrk_report_gives_rate_and_count() {
+        let report = "Running 5s test @ http://127.0.0.1:20080/\n  1 threads and 64 connections\n\
+            \x20 Thread Stats   Avg      Stdev     Max   +/- Stdev\n\
+            \x20   Latency   561.36us  132.26us   4.11ms   87.51%\n\
+            \x20 584321 requests in 5.00s, 85.26MB read\n\
+            Requests/sec: 116853.41\nTransfer/sec:     17.05MB\n";
+        assert_eq!(wrk_figures(report).unwrap(), (116853.41, 584321.0));
+        assert!(wrk_figures("Requests/sec: 5\n").is_err());
+        assert!(wrk_figures("unable to connect to 127.0.0.1:20080\n").is_err());
+    }
 
     #[test]
     fn median_of_odd_even_and_no_runs() {
