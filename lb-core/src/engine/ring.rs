@@ -248,14 +248,6 @@ impl AsRawFd for RingFd {
     }
 }
 
-/// Calls `flush_and_reap` whenever `ready` turns readable.
-async fn reap_when_readable<T: AsRawFd>(ready: tokio::io::unix::AsyncFd<T>) {
-    while let Ok(mut guard) = ready.readable().await {
-        guard.clear_ready();
-        flush_and_reap();
-    }
-}
-
 /// Runs `worker` on a new current-thread runtime with a ring on this thread.
 ///
 /// The runtime parks in tokio's `epoll_wait`, so the ring must wake it. A
@@ -292,30 +284,27 @@ pub fn run(ring: Ring, worker: impl Future<Output = ()>) -> io::Result<()> {
             .on_thread_park(flush_and_reap)
             .build()?;
         let local = tokio::task::LocalSet::new();
-        {
+        // The eventfd where there is one, else the ring's fd.
+        let wake_fd = eventfd.as_ref().map_or(ring_fd, |fd| fd.as_raw_fd());
+        let ready = {
             let _guard = rt.enter();
-            let interest = tokio::io::Interest::READABLE;
-            let to_io = |e: &dyn std::fmt::Display| io::Error::other(e.to_string());
-            match eventfd {
-                Some(fd) => {
-                    // SAFETY: the AsyncFd owns the eventfd, so it stays open
-                    // while registered.
-                    let ready =
-                        unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
-                            .map_err(|e| to_io(&e))?;
-                    local.spawn_local(reap_when_readable(ready));
-                }
-                None => {
-                    // SAFETY: the ring's fd stays open until `teardown`, after
-                    // this task (which owns the AsyncFd) is dropped with `local`.
-                    let ready = unsafe {
-                        tokio::io::unix::AsyncFd::register_with_interest(RingFd(ring_fd), interest)
-                    }
-                    .map_err(|e| to_io(&e))?;
-                    local.spawn_local(reap_when_readable(ready));
-                }
+            // SAFETY: the ring's fd stays open until `teardown`, and the
+            // eventfd until this function returns; both outlive this task
+            // (which owns the AsyncFd), dropped with `local`.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    RingFd(wake_fd),
+                    tokio::io::Interest::READABLE,
+                )
             }
-        }
+            .map_err(|e| io::Error::other(e.to_string()))?
+        };
+        local.spawn_local(async move {
+            while let Ok(mut guard) = ready.readable().await {
+                guard.clear_ready();
+                flush_and_reap();
+            }
+        });
         local.block_on(&rt, worker);
         // Dropping the tasks drops their operations, which orphan their
         // resources and queue cancels.

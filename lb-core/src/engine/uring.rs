@@ -65,13 +65,11 @@ async fn poll(fd: types::Fd, events: libc::c_short) -> io::Result<()> {
 }
 
 /// Receives into `buf`'s spare capacity.
-async fn recv(fd: types::Fd, mut buf: Vec<u8>, flags: i32) -> (io::Result<usize>, Vec<u8>) {
+async fn recv(fd: types::Fd, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
     let len = buf.len();
     let spare = buf.spare_capacity_mut();
     let want = u32::try_from(spare.len()).unwrap_or(u32::MAX);
-    let entry = opcode::Recv::new(fd, spare.as_mut_ptr().cast(), want)
-        .flags(flags)
-        .build();
+    let entry = opcode::Recv::new(fd, spare.as_mut_ptr().cast(), want).build();
     // SAFETY: the entry points into `buf`'s heap allocation, owned by the op.
     let (r, mut buf) = unsafe { Op::new(entry, buf) }.await;
     match r {
@@ -226,7 +224,7 @@ impl Datagram for UringUdp {
     }
 
     async fn recv(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-        recv(self.0.fd(), buf, 0).await
+        recv(self.0.fd(), buf).await
     }
 
     async fn send(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
