@@ -9,7 +9,7 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use super::{gso, Conn, Datagram, Engine, EngineKind};
+use super::{gso, sys, Conn, Datagram, Engine, EngineKind};
 use crate::splice::{self, Pipe};
 
 /// A tokio UDP socket.
@@ -108,7 +108,7 @@ impl Conn for EpollConn {
         let room = buf.capacity() - buf.len();
         let mut short = None;
         let r = self.0.try_io(Interest::READABLE, || {
-            let n = self.0.try_read_buf(&mut buf)?;
+            let n = sys::recv(self.0.as_fd(), &mut buf)?;
             if n > 0 && n < room {
                 short = Some(n);
                 return Err(io::ErrorKind::WouldBlock.into());
@@ -127,7 +127,10 @@ impl Conn for EpollConn {
             if let Err(e) = self.0.writable().await {
                 return (Err(e), buf);
             }
-            match self.0.try_write(&buf[done..]) {
+            // `try_io` clears tokio's readiness on WouldBlock.
+            match self.0.try_io(Interest::WRITABLE, || {
+                sys::send(self.0.as_fd(), &buf[done..])
+            }) {
                 Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -6,6 +6,7 @@
 pub mod epoll;
 pub mod gso;
 mod ring;
+mod sys;
 pub mod uring;
 
 use std::future::Future;

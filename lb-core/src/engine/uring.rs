@@ -32,7 +32,7 @@ use io_uring::{opcode, types};
 use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
 
 use super::ring::{self, Op};
-use super::{gso, Conn, Datagram, Engine, EngineKind};
+use super::{gso, sys, Conn, Datagram, Engine, EngineKind};
 use crate::splice::{self, Pipe};
 
 /// A socket used by ring operations. Queued entries name it by number, so
@@ -81,54 +81,6 @@ async fn recv(fd: types::Fd, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
             (Ok(n as usize), buf)
         }
         Err(e) => (Err(e), buf),
-    }
-}
-
-/// Receives into `buf`'s spare capacity now, without the ring.
-fn recv_now(sock: &RingSocket, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let len = buf.len();
-    let spare = buf.spare_capacity_mut();
-    loop {
-        // SAFETY: the kernel writes at most `spare.len()` bytes into `spare`.
-        let n = unsafe {
-            libc::recv(
-                sock.0.as_raw_fd(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if let Ok(n) = usize::try_from(n) {
-            // SAFETY: the kernel initialised `n` bytes after `len`.
-            unsafe { buf.set_len(len + n) };
-            return Ok(n);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// Sends as much of `buf` as the socket takes now, without the ring.
-fn send_now(sock: &RingSocket, buf: &[u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`.
-        let n = unsafe {
-            libc::send(
-                sock.0.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if let Ok(n) = usize::try_from(n) {
-            return Ok(n);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
     }
 }
 
@@ -339,7 +291,7 @@ impl Conn for UringConn {
         // Nothing there after all answers WouldBlock, and the caller waits
         // again without holding the buffer.
         let spare = buf.capacity() - buf.len();
-        let r = recv_now(&self.sock, &mut buf);
+        let r = sys::recv(self.sock.0.as_fd(), &mut buf);
         self.hot.set(matches!(r, Ok(n) if n == spare && n > 0));
         (r, buf)
     }
@@ -351,7 +303,7 @@ impl Conn for UringConn {
             // through the ring, which waits for room in the kernel. Ring
             // sends that left in one batch at the park hook made the rate
             // at two workers swing by a tenth from run to run (0007).
-            match send_now(&self.sock, &buf) {
+            match sys::send(self.sock.0.as_fd(), &buf) {
                 Ok(n) => done = n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return (Err(e), buf),
