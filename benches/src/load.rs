@@ -243,7 +243,9 @@ pub fn udp_rr(target: SocketAddr, sockets: usize, duration: Duration) -> anyhow:
 
 /// Fixed-rate HTTP/1.1 keep-alive client: `rate` requests/s spread over
 /// `connections`, each request timed from its scheduled start (so a stall
-/// counts against every request it delays). Returns sorted latencies in µs.
+/// counts against every request it delays). The connections' schedules are
+/// staggered ([`scheduled_at`]), so requests arrive evenly, not in bursts
+/// of one per connection. Returns sorted latencies in µs.
 pub fn http_latency(
     target: SocketAddr,
     rate: f64,
@@ -253,7 +255,7 @@ pub fn http_latency(
     let per_conn = rate / connections as f64;
     let interval = Duration::from_secs_f64(1.0 / per_conn);
     let mut threads = Vec::new();
-    for _ in 0..connections {
+    for conn in 0..connections {
         let stream = TcpStream::connect(target)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -264,7 +266,7 @@ pub fn http_latency(
             let start = Instant::now();
             let mut k: u32 = 0;
             loop {
-                let scheduled = start + interval * k;
+                let scheduled = start + scheduled_at(interval, k, conn, connections);
                 if scheduled.duration_since(start) >= duration {
                     return out;
                 }
@@ -307,6 +309,14 @@ pub fn http_latency(
         .collect();
     all.sort_unstable();
     Ok(all)
+}
+
+/// When request `k` of connection `conn` (of `connections`, each sending
+/// one request per `interval`) is due, after the start: connection `conn`
+/// is offset by `conn / connections` of an interval, so the requests of
+/// all connections together are `interval / connections` apart.
+fn scheduled_at(interval: Duration, k: u32, conn: usize, connections: usize) -> Duration {
+    interval * k + interval.mul_f64(conn as f64 / connections as f64)
 }
 
 /// Opens `count` TCP connections to `target` and keeps them idle; returns them.
@@ -363,6 +373,22 @@ pub fn quantile(sorted: &[u64], q: f64) -> f64 {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    #[test]
+    fn connections_take_turns_at_even_gaps() {
+        let interval = Duration::from_millis(1);
+        let mut due: Vec<Duration> = (0..3)
+            .flat_map(|k| (0..4).map(move |c| scheduled_at(interval, k, c, 4)))
+            .collect();
+        due.sort();
+        let gaps: Vec<Duration> = due.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(due.len(), 12);
+        assert!(
+            gaps.iter().all(|&g| g == Duration::from_micros(250)),
+            "{gaps:?}"
+        );
+        assert_eq!(scheduled_at(interval, 2, 0, 4), Duration::from_millis(2));
+    }
 
     #[test]
     fn reads_a_proc_net_tcp_row() {
