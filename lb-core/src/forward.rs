@@ -49,6 +49,13 @@ pub struct Shared {
     pub pipes_open: Box<[crate::stats::Padded]>,
     /// Per worker: splice pipes kept idle for the next bulk transfer.
     pub pipes_idle: Box<[crate::stats::Padded]>,
+    /// Per worker: TCP connections it serves now, including those handed
+    /// to it and not yet started (see [`place`]).
+    pub worker_conns: Box<[crate::stats::Padded]>,
+    /// Per worker: connections it accepted and handed to another worker.
+    pub handed_off: Box<[crate::stats::Padded]>,
+    /// Per worker: where the other workers hand it connections.
+    pub handoff: Box<[mpsc::UnboundedSender<Handoff>]>,
     /// Global cap on `active_total`.
     pub max_total: u64,
     /// Bulk transfers move through kernel pipes (`[runtime] splice`).
@@ -78,6 +85,46 @@ pub enum WorkerCmd {
         /// Becomes true when the listener is removed or the process stops.
         stop: watch::Receiver<bool>,
     },
+}
+
+/// A connection one worker accepted for another to serve, already counted
+/// in the other's `worker_conns`.
+#[derive(Debug)]
+pub struct Handoff {
+    key: BindKey,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+}
+
+/// Which worker serves a connection that worker `me` just accepted, given
+/// each worker's connection count: `me`, unless the least loaded worker
+/// serves clearly fewer ([`handoff_slack`]).
+///
+/// The kernel spreads accepts over the workers' `SO_REUSEPORT` sockets by
+/// a hash of the addresses, which evens out over many connections but not
+/// over a few long-lived ones: 16 connections often split 11 to 5. A
+/// worker that is clearly ahead passes the new connection on, as HAProxy
+/// does between its threads (docs/design/0001).
+fn place(counts: &[crate::stats::Padded], me: usize) -> usize {
+    let count = |i: usize| counts[i].0.load(Ordering::Relaxed);
+    let mine = count(me);
+    let (least, fewest) = (0..counts.len())
+        .map(|i| (i, count(i)))
+        .min_by_key(|&(_, n)| n)
+        .unwrap_or((me, mine));
+    if mine > fewest + handoff_slack(fewest) {
+        least
+    } else {
+        me
+    }
+}
+
+/// How many more connections than the least loaded worker a worker keeps
+/// before it hands new ones over: 1, plus a sixteenth of the load, so many
+/// short connections (each hand-off costs a wake-up of the other worker)
+/// move only when the spread is wider than their churn.
+fn handoff_slack(fewest: u64) -> u64 {
+    1 + fewest / 16
 }
 
 pub(crate) struct Worker {
@@ -193,6 +240,7 @@ pub fn run_worker<E: Engine>(
     id: usize,
     shared: Arc<Shared>,
     mut commands: mpsc::UnboundedReceiver<WorkerCmd>,
+    mut handoffs: mpsc::UnboundedReceiver<Handoff>,
 ) -> io::Result<()> {
     E::run(async move {
         let seed = hash::fmix64(
@@ -205,7 +253,17 @@ pub fn run_worker<E: Engine>(
             buffers: RefCell::new(Vec::new()),
             pipes: RefCell::new(Vec::new()),
         });
-        while let Some(cmd) = commands.recv().await {
+        loop {
+            let cmd = tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => cmd,
+                    None => return, // the control side is gone: stop
+                },
+                Some(handoff) = handoffs.recv() => {
+                    adopt::<E>(&worker, handoff);
+                    continue;
+                }
+            };
             match cmd {
                 WorkerCmd::Listen { key, socket, stop } => match E::listener(socket) {
                     Ok(listener) => {
@@ -262,15 +320,57 @@ async fn accept_loop<E: Engine>(
                 return; // the control side is gone
             },
             accepted = E::accept(&listener) => match accepted {
-                Ok((conn, peer)) => {
-                    tokio::task::spawn_local(serve::<E>(worker.clone(), key, conn, peer));
-                }
+                Ok((stream, peer)) => dispatch::<E>(&worker, key, stream, peer),
                 Err(e) => {
                     // EMFILE/ENFILE/ENOBUFS: back off briefly instead of spinning.
                     tracing::debug!(bind = %key.addr, error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
             },
+        }
+    }
+}
+
+/// Serves a connection this worker accepted, or hands it to the worker
+/// [`place`] picks.
+fn dispatch<E: Engine>(
+    worker: &Rc<Worker>,
+    key: BindKey,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let shared = &worker.shared;
+    let to = place(&shared.worker_conns, worker.id);
+    // Counted now, so the next accept anywhere sees it.
+    shared.worker_conns[to].0.fetch_add(1, Ordering::Relaxed);
+    if to == worker.id {
+        adopt::<E>(worker, Handoff { key, stream, peer });
+    } else if shared.handoff[to]
+        .send(Handoff { key, stream, peer })
+        .is_ok()
+    {
+        shared.handed_off[worker.id]
+            .0
+            .fetch_add(1, Ordering::Relaxed);
+    } else {
+        // That worker is gone (shutting down): the connection closes.
+        shared.worker_conns[to].0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves a connection counted for this worker, accepted here or handed
+/// over.
+fn adopt<E: Engine>(worker: &Rc<Worker>, handoff: Handoff) {
+    let Handoff { key, stream, peer } = handoff;
+    match E::Conn::from_std(stream) {
+        Ok(conn) => {
+            tokio::task::spawn_local(serve::<E>(worker.clone(), key, conn, peer));
+        }
+        Err(e) => {
+            worker.shared.worker_conns[worker.id]
+                .0
+                .fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(bind = %key.addr, error = %e, "cannot serve an accepted connection");
         }
     }
 }
@@ -308,7 +408,10 @@ impl Drop for BytesHeld<'_> {
     }
 }
 
+/// Serves one connection, counted in this worker's `worker_conns` by
+/// [`dispatch`].
 async fn serve<E: Engine>(worker: Rc<Worker>, key: BindKey, client: E::Conn, peer: SocketAddr) {
+    let _slot = Held(&worker.shared.worker_conns[worker.id].0);
     let Some(route) = worker.shared.routing.load().routes.get(&key).cloned() else {
         return; // the listener was removed between accept and now
     };
@@ -607,5 +710,51 @@ fn end_of_stream<C: Conn>(to: &C, one_way_done: &Cell<bool>) -> io::Result<()> {
     match to.shutdown_write() {
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Padded;
+
+    fn counts(ns: &[u64]) -> Vec<Padded> {
+        ns.iter().map(|&n| Padded(AtomicU64::new(n))).collect()
+    }
+
+    #[test]
+    fn a_worker_keeps_connections_while_the_spread_is_small() {
+        assert_eq!(place(&counts(&[0]), 0), 0, "one worker");
+        assert_eq!(place(&counts(&[0, 0]), 1), 1);
+        assert_eq!(
+            place(&counts(&[1, 0]), 0),
+            0,
+            "one ahead is within the slack"
+        );
+        assert_eq!(place(&counts(&[39, 36, 38]), 0), 0, "39 <= 36 + 1 + 36/16");
+    }
+
+    #[test]
+    fn a_worker_clearly_ahead_hands_over_to_the_least_loaded() {
+        assert_eq!(place(&counts(&[2, 0]), 0), 1);
+        assert_eq!(place(&counts(&[7, 5, 3, 4]), 0), 2);
+        assert_eq!(place(&counts(&[40, 36, 35]), 0), 2, "40 > 35 + 1 + 35/16");
+        // Only the accepting worker's own lead matters.
+        assert_eq!(place(&counts(&[9, 3, 8]), 2), 1);
+        assert_eq!(place(&counts(&[9, 3, 4]), 2), 2);
+    }
+
+    #[test]
+    fn placing_one_by_one_keeps_workers_within_the_slack() {
+        // Every connection accepted by worker 0 (the worst a hash can do).
+        let c = counts(&[0, 0, 0, 0]);
+        for _ in 0..40 {
+            let to = place(&c, 0);
+            c[to].0.fetch_add(1, Ordering::Relaxed);
+        }
+        let n: Vec<u64> = c.iter().map(|p| p.0.load(Ordering::Relaxed)).collect();
+        let (max, min) = (*n.iter().max().unwrap(), *n.iter().min().unwrap());
+        assert!(max - min <= 2, "{n:?}");
+        assert_eq!(n.iter().sum::<u64>(), 40);
     }
 }

@@ -227,6 +227,16 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
         "Kernel pipes for bulk transfers (two descriptors each), by state: leased (moving a transfer now) or idle (kept for the next).",
         &["state"],
     );
+    let per_worker = gauge(
+        "weir_worker_connections",
+        "TCP connections each worker serves now; the kernel spreads accepts over the workers, and a worker clearly ahead hands new ones to the least loaded.",
+        &["worker"],
+    );
+    let handed_off = counter(
+        "weir_worker_handoffs_total",
+        "TCP connections a worker accepted and handed to a less loaded worker.",
+        &["worker"],
+    );
     let info = gauge(
         "weir_info",
         "Engine and worker count of this lbd.",
@@ -364,6 +374,20 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
         .with_label_values(&["leased"])
         .set(open.saturating_sub(idle) as i64);
     pipes.with_label_values(&["idle"]).set(idle as i64);
+    let workers = inner
+        .shared
+        .worker_conns
+        .iter()
+        .zip(&*inner.shared.handed_off);
+    for (id, (conns, handed)) in workers.enumerate() {
+        let id = id.to_string();
+        per_worker
+            .with_label_values(&[&id])
+            .set(conns.0.load(Ordering::Relaxed) as i64);
+        handed_off
+            .with_label_values(&[&id])
+            .inc_by(handed.0.load(Ordering::Relaxed));
+    }
     info.with_label_values(&[
         inner.engine.name(),
         &inner.workers.to_string(),
@@ -384,6 +408,7 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
         &flows_created,
         &flows_expired,
         &udp_drops,
+        &handed_off,
     ] {
         out.extend(c.collect());
     }
@@ -395,6 +420,7 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
         &info,
         &flows_active,
         &pipes,
+        &per_worker,
     ] {
         out.extend(g.collect());
     }

@@ -385,12 +385,17 @@ impl Server {
                 what: "control runtime",
                 source,
             })?;
+        let (handoff, handoffs): (Vec<_>, Vec<_>) =
+            (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
         let shared = Arc::new(Shared {
             routing: ArcSwap::from_pointee(Routing::default()),
             active_total: AtomicU64::new(0),
             buffer_bytes: (0..workers).map(|_| Default::default()).collect(),
             pipes_open: (0..workers).map(|_| Default::default()).collect(),
             pipes_idle: (0..workers).map(|_| Default::default()).collect(),
+            worker_conns: (0..workers).map(|_| Default::default()).collect(),
+            handed_off: (0..workers).map(|_| Default::default()).collect(),
+            handoff: handoff.into(),
             max_total: max_total.max(1),
             splice: config.runtime.splice,
         });
@@ -398,7 +403,7 @@ impl Server {
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let mut senders = Vec::with_capacity(workers);
         let mut threads = Vec::with_capacity(workers);
-        for id in 0..workers {
+        for (id, handoffs) in handoffs.into_iter().enumerate() {
             let (tx, rx) = mpsc::unbounded_channel();
             senders.push(tx);
             let shared = shared.clone();
@@ -408,8 +413,8 @@ impl Server {
                 .spawn(move || {
                     let _ = started.send(Ok(()));
                     let result = match engine {
-                        EngineKind::IoUring => run_worker::<IoUring>(id, shared, rx),
-                        EngineKind::Epoll => run_worker::<Epoll>(id, shared, rx),
+                        EngineKind::IoUring => run_worker::<IoUring>(id, shared, rx, handoffs),
+                        EngineKind::Epoll => run_worker::<Epoll>(id, shared, rx, handoffs),
                     };
                     if let Err(e) = result {
                         tracing::error!(worker = id, error = %e, "worker runtime failed");

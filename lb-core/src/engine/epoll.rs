@@ -6,8 +6,9 @@ use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsFd;
 
 use socket2::SockRef;
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 
 use super::{gso, sys, Conn, Datagram, Engine, EngineKind};
 use crate::splice::{self, Pipe};
@@ -166,11 +167,19 @@ impl Conn for EpollConn {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.0.local_addr()
     }
+
+    fn from_std(stream: std::net::TcpStream) -> io::Result<Self> {
+        // Accepted non-blocking: registering it is the only syscall.
+        TcpStream::from_std(stream).map(Self)
+    }
 }
 
 impl Engine for Epoll {
     type Conn = EpollConn;
-    type Listener = TcpListener;
+    /// Not tokio's `TcpListener`, whose accept registers the new socket
+    /// with this worker's reactor: the worker that serves a connection may
+    /// be another one (`forward::place`).
+    type Listener = AsyncFd<std::net::TcpListener>;
     type Udp = EpollUdp;
     const KIND: EngineKind = EngineKind::Epoll;
 
@@ -182,16 +191,26 @@ impl Engine for Epoll {
         Ok(())
     }
 
-    fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
-        TcpListener::from_std(socket)
+    #[allow(unsafe_code)]
+    fn listener(socket: std::net::TcpListener) -> io::Result<Self::Listener> {
+        socket.set_nonblocking(true)?;
+        // SAFETY: the `AsyncFd` owns the listener, so its descriptor stays
+        // open, and the same, for as long as it is registered.
+        unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
+            .map_err(io::Error::from)
     }
 
-    fn close_listener(listener: &TcpListener) {
-        let _ = SockRef::from(listener).shutdown(Shutdown::Both);
+    fn close_listener(listener: &Self::Listener) {
+        let _ = SockRef::from(listener.get_ref()).shutdown(Shutdown::Both);
     }
 
-    async fn accept(listener: &TcpListener) -> io::Result<(EpollConn, SocketAddr)> {
-        let (s, peer) = listener.accept().await?;
-        Ok((EpollConn(s), peer))
+    async fn accept(listener: &Self::Listener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+        loop {
+            let mut ready = listener.readable().await?;
+            // `try_io` clears the readiness on WouldBlock.
+            if let Ok(accepted) = ready.try_io(|l| sys::accept(l.as_fd())) {
+                return accepted;
+            }
+        }
     }
 }

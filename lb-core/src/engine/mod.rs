@@ -54,6 +54,9 @@ pub trait Conn: Sized + 'static {
     fn shutdown_both(&self);
     /// The local address of the connection (the VIP the client reached).
     fn local_addr(&self) -> io::Result<SocketAddr>;
+    /// Takes over a socket that this engine's [`Engine::accept`] returned,
+    /// on this worker or another. Called inside `Engine::run`.
+    fn from_std(stream: std::net::TcpStream) -> io::Result<Self>;
 }
 
 /// A UDP socket with owned-buffer operations. Listener sockets use
@@ -109,8 +112,10 @@ pub trait Engine: 'static {
     /// Stops the listening socket now, failing an accept still in flight
     /// (io_uring would otherwise keep the socket open until it completes).
     fn close_listener(listener: &Self::Listener);
-    /// Accepts one connection.
-    async fn accept(listener: &Self::Listener) -> io::Result<(Self::Conn, SocketAddr)>;
+    /// Accepts one connection: its socket, on no worker's runtime yet (the
+    /// worker that serves it takes it with [`Conn::from_std`]), and the
+    /// peer's address.
+    async fn accept(listener: &Self::Listener) -> io::Result<(std::net::TcpStream, SocketAddr)>;
 }
 
 /// The engine in use.

@@ -1,4 +1,5 @@
-//! The non-blocking socket calls both engines make on the hot path.
+//! The non-blocking socket calls both engines make on the hot path (and
+//! the epoll engine's accept).
 //!
 //! They go straight to the kernel through rustix rather than through
 //! glibc's `recv` and `send` (or std's, which call them): those two are
@@ -8,11 +9,12 @@
 //! without glibc").
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
 
 use rustix::buffer::spare_capacity;
 use rustix::io::Errno;
-use rustix::net::{RecvFlags, SendFlags};
+use rustix::net::{RecvFlags, SendFlags, SocketFlags};
 
 /// Receives into `buf`'s spare capacity without waiting: the bytes
 /// received (0 at end of stream), or `WouldBlock` when none wait. `buf`
@@ -40,6 +42,25 @@ pub fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Accepts one connection waiting on a non-blocking listener, or
+/// `WouldBlock`; the socket comes non-blocking and close-on-exec, with the
+/// peer's address.
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+    let (fd, peer) = loop {
+        match rustix::net::acceptfrom_with(listener, flags) {
+            Ok(accepted) => break accepted,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    };
+    // Closes the socket (`fd` drops) if the peer is not an IP address.
+    let peer = peer
+        .and_then(|p| SocketAddr::try_from(p).ok())
+        .ok_or_else(|| io::Error::other("accepted a connection with no IP peer"))?;
+    Ok((fd.into(), peer))
 }
 
 #[cfg(test)]

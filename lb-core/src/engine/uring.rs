@@ -356,6 +356,12 @@ impl Conn for UringConn {
             .as_socket()
             .ok_or_else(|| io::Error::other("not an IP socket"))
     }
+
+    fn from_std(stream: std::net::TcpStream) -> io::Result<Self> {
+        // Accepted by the ring without SOCK_NONBLOCK: blocking already,
+        // as ring operations want it.
+        Ok(Self::new(RingSocket(Socket::from(stream))))
+    }
 }
 
 /// A listening socket on the ring.
@@ -385,7 +391,7 @@ impl Engine for IoUring {
         let _ = listener.0 .0.shutdown(Shutdown::Both);
     }
 
-    async fn accept(listener: &UringListener) -> io::Result<(UringConn, SocketAddr)> {
+    async fn accept(listener: &UringListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
         let mut peer = Box::new(PeerAddr {
             storage: SockAddrStorage::zeroed(),
             len: 0,
@@ -402,12 +408,12 @@ impl Engine for IoUring {
         let (r, peer) = unsafe { Op::new(entry, peer) }.await;
         let fd = r? as RawFd;
         // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
-        let sock = RingSocket(unsafe { Socket::from_raw_fd(fd) });
+        let sock = unsafe { std::net::TcpStream::from_raw_fd(fd) };
         // SAFETY: the kernel initialised the address up to `len`.
         let addr = unsafe { SockAddr::new(peer.storage, peer.len) };
         let addr = addr
             .as_socket()
             .ok_or_else(|| io::Error::other("accepted a non-IP connection"))?;
-        Ok((UringConn::new(sock), addr))
+        Ok((sock, addr))
     }
 }
