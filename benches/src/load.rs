@@ -4,7 +4,7 @@
 //! sink, a fixed-rate HTTP latency client, and an idle connection holder.
 //! All of them target loopback, or the run's own namespaces (`topo`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -246,69 +246,189 @@ pub fn udp_rr(target: SocketAddr, sockets: usize, duration: Duration) -> anyhow:
 /// counts against every request it delays). The connections' schedules are
 /// staggered ([`scheduled_at`]), so requests arrive evenly, not in bursts
 /// of one per connection. Returns sorted latencies in µs.
+///
+/// One thread drives every connection, on a clock of [`TICK`]: each tick
+/// it collects the responses that arrived (one `epoll_wait` that does not
+/// block) and sends the requests that are due. A thread per connection,
+/// each sleeping until its next request and blocking on the response,
+/// woke twice per request and cost about 11 µs of CPU per request at 62k
+/// requests/s, so with 2 cores shared by client, proxy and backend the
+/// proxy waited for a CPU as long as it ran. Requests leave up to a tick
+/// late and responses are seen up to a tick late; both count, alike for
+/// every peer. A connection that fails, closes, or leaves a request
+/// unanswered for [`STALL`] fails the measurement.
 pub fn http_latency(
     target: SocketAddr,
     rate: f64,
     connections: usize,
     duration: Duration,
 ) -> anyhow::Result<Vec<u64>> {
-    let per_conn = rate / connections as f64;
-    let interval = Duration::from_secs_f64(1.0 / per_conn);
-    let mut threads = Vec::new();
-    for conn in 0..connections {
+    use rustix::event::epoll;
+    use rustix::time::{
+        timerfd_create, timerfd_settime, Itimerspec, TimerfdClockId, TimerfdFlags,
+        TimerfdTimerFlags, Timespec,
+    };
+
+    let interval = Duration::from_secs_f64(connections as f64 / rate);
+    let poll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+    let mut clients = Vec::with_capacity(connections);
+    for c in 0..connections {
         let stream = TcpStream::connect(target)?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        threads.push(std::thread::spawn(move || -> Vec<u64> {
-            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-            let mut w = stream;
-            let mut out = Vec::new();
-            let start = Instant::now();
-            let mut k: u32 = 0;
-            loop {
-                let scheduled = start + scheduled_at(interval, k, conn, connections);
-                if scheduled.duration_since(start) >= duration {
-                    return out;
-                }
-                let now = Instant::now();
-                if scheduled > now {
-                    std::thread::sleep(scheduled - now);
-                }
-                if w.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
-                    .is_err()
-                {
-                    return out;
-                }
-                // Status line, headers, then Content-Length bytes.
-                let mut len = 0usize;
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return out;
-                    }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
-                    if line == "\r\n" {
-                        break;
-                    }
-                }
-                let mut body = vec![0u8; len];
-                if reader.read_exact(&mut body).is_err() {
-                    return out;
-                }
-                out.push(scheduled.elapsed().as_micros() as u64);
-                k += 1;
-            }
-        }));
+        stream.set_nonblocking(true)?;
+        epoll::add(
+            &poll,
+            &stream,
+            epoll::EventData::new_u64(c as u64),
+            epoll::EventFlags::IN,
+        )?;
+        clients.push(Client {
+            stream,
+            next: 0,
+            waiting: None,
+            buf: Vec::with_capacity(4096),
+        });
     }
-    let mut all: Vec<u64> = threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap_or_default())
-        .collect();
-    all.sort_unstable();
-    Ok(all)
+    let timer = timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::CLOEXEC)?;
+    let tick = Timespec {
+        tv_sec: 0,
+        tv_nsec: TICK.as_nanos() as _,
+    };
+    let every_tick = Itimerspec {
+        it_interval: tick,
+        it_value: tick,
+    };
+    timerfd_settime(&timer, TimerfdTimerFlags::empty(), &every_tick)?;
+    let start = monotonic();
+    let mut out = Vec::with_capacity((rate * duration.as_secs_f64()) as usize + connections);
+    let mut events = Vec::with_capacity(connections);
+    loop {
+        let now = monotonic();
+        // What arrived since the last tick.
+        events.clear();
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match epoll::wait(
+            &poll,
+            rustix::buffer::spare_capacity(&mut events),
+            Some(&zero),
+        ) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        for event in &events {
+            let id = event.data.u64();
+            let client = &mut clients[id as usize];
+            client.receive(id)?;
+            while let Some(len) = response_len(&client.buf) {
+                let Some(due) = client.waiting.take() else {
+                    anyhow::bail!("response with no request on connection {id}");
+                };
+                out.push(now.saturating_sub(due).as_micros() as u64);
+                client.buf.drain(..len);
+                client.next += 1;
+            }
+        }
+        // What is due now.
+        let mut busy = false;
+        for (c, client) in clients.iter_mut().enumerate() {
+            if let Some(due) = client.waiting {
+                anyhow::ensure!(
+                    now.saturating_sub(due) < STALL,
+                    "no response within {STALL:?} on connection {c}"
+                );
+                busy = true;
+                continue;
+            }
+            let due = scheduled_at(interval, client.next, c, connections);
+            if due >= duration {
+                continue; // this connection's schedule is done
+            }
+            busy = true;
+            let due = start + due;
+            if due <= now {
+                // One request in flight per connection: the socket's send
+                // buffer is empty, so it takes the request whole.
+                let n = (&client.stream).write(REQUEST)?;
+                anyhow::ensure!(n == REQUEST.len(), "request cut short on connection {c}");
+                client.waiting = Some(due);
+            }
+        }
+        if !busy {
+            return Ok({
+                out.sort_unstable();
+                out
+            });
+        }
+        // Until the next tick (the count of ticks passed is not needed).
+        let mut expirations = [0u8; 8];
+        match rustix::io::read(&timer, &mut expirations) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The latency client's clock: how often it sends what is due and looks
+/// for responses.
+const TICK: Duration = Duration::from_micros(50);
+
+/// The request the latency client sends.
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
+
+/// How long the latency client waits for a response before it gives up.
+const STALL: Duration = Duration::from_secs(5);
+
+/// One connection of the latency client.
+struct Client {
+    stream: TcpStream,
+    /// Index of its next request.
+    next: u32,
+    /// When the request in flight was due (its latency counts from there).
+    waiting: Option<Duration>,
+    /// Bytes of responses received and not yet consumed.
+    buf: Vec<u8>,
+}
+
+impl Client {
+    /// Reads what the socket holds; end of stream is an error.
+    fn receive(&mut self, id: u64) -> anyhow::Result<()> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match (&self.stream).read(&mut chunk) {
+                Ok(0) => anyhow::bail!("connection {id} closed by the peer"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` now, the clock the timerfd counts in.
+fn monotonic() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// The length of the first HTTP/1.1 response in `buf` if all of it is
+/// there: status line and headers up to the blank line, then
+/// `Content-Length` bytes of body.
+fn response_len(buf: &[u8]) -> Option<usize> {
+    let head = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let body = String::from_utf8_lossy(&buf[..head])
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    (buf.len() >= head + body).then_some(head + body)
 }
 
 /// When request `k` of connection `conn` (of `connections`, each sending
@@ -373,6 +493,64 @@ pub fn quantile(sorted: &[u64], q: f64) -> f64 {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    #[test]
+    fn finds_whole_responses_only() {
+        let one = b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 6\r\n\r\nhello\n";
+        assert_eq!(response_len(one), Some(one.len()));
+        assert_eq!(response_len(&one[..one.len() - 1]), None, "body cut");
+        assert_eq!(response_len(&one[..20]), None, "headers cut");
+        let mut two = one.to_vec();
+        two.extend_from_slice(b"HTTP/1.1 204 No Content\r\n\r\n");
+        assert_eq!(response_len(&two), Some(one.len()), "the first of two");
+        assert_eq!(response_len(&two[one.len()..]), Some(27), "no body");
+    }
+
+    /// An HTTP server on loopback answering every request on every
+    /// connection; with `close_after`, it closes each connection after that
+    /// many requests.
+    fn http_server(close_after: Option<usize>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { return };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let mut answered = 0;
+                    while close_after != Some(answered) {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhello\n";
+                        if s.write_all(reply).is_err() {
+                            return;
+                        }
+                        answered += 1;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn latency_client_sends_exactly_its_schedule() {
+        let addr = http_server(None);
+        // 4 connections, one request each per 2 ms, for 0.5 s: 250 each.
+        let lat = http_latency(addr, 2000.0, 4, Duration::from_millis(500)).unwrap();
+        assert_eq!(lat.len(), 1000);
+        assert!(lat.windows(2).all(|w| w[0] <= w[1]), "sorted");
+        assert!(lat[0] > 0, "every request takes some time");
+    }
+
+    #[test]
+    fn latency_client_fails_when_a_connection_closes() {
+        let addr = http_server(Some(3));
+        let e = http_latency(addr, 2000.0, 2, Duration::from_millis(200)).unwrap_err();
+        assert!(e.to_string().contains("closed by the peer"), "{e}");
+    }
 
     #[test]
     fn connections_take_turns_at_even_gaps() {

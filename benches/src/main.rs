@@ -948,7 +948,7 @@ fn run(
          A ratio is the median of the round-by-round ratios (run k of lbd over run k of the reference), \
          with their min–max in the Targets table.\n\n\
          - date: {}\n- CPU: {cpu} ({} cores)\n- kernel: {}\n- lbd: {}\n- HAProxy: {}\n- nginx: {}\n- wrk: {}\n- iperf3: {}\n\
-         - latency: fixed offered load of half the slowest proxy's keep-alive maximum, 16 connections whose schedules are staggered so requests arrive evenly, timed from each request's scheduled start; {lat_runs} runs interleaved across peers\n\
+         - latency: fixed offered load of half the slowest proxy's keep-alive maximum, 16 connections whose schedules are staggered so requests arrive evenly, driven by one thread on a 50 µs tick, timed from each request's scheduled start; {lat_runs} runs interleaved across peers\n\
          - memory: RSS growth of the proxy's processes with {idle} idle proxied connections open (each checked to have reached the backend), per connection{idle_note}\n\
          - UDP (HAProxy has no UDP): request/response: 32 closed-loop clients of 64-byte datagrams, echo backend; one-way: 4 senders of 64-byte datagrams as fast as they can, counted at the sink; \
          download: 4 clients each send one request and a source answers each with {}-byte datagrams as fast as it can, counted at the clients\n",
