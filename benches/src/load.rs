@@ -302,14 +302,14 @@ pub fn http_latency(
     let start = monotonic();
     let mut out = Vec::with_capacity((rate * duration.as_secs_f64()) as usize + connections);
     let mut events = Vec::with_capacity(connections);
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     loop {
         let now = monotonic();
         // What arrived since the last tick.
         events.clear();
-        let zero = Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
         match epoll::wait(
             &poll,
             rustix::buffer::spare_capacity(&mut events),
@@ -357,10 +357,8 @@ pub fn http_latency(
             }
         }
         if !busy {
-            return Ok({
-                out.sort_unstable();
-                out
-            });
+            out.sort_unstable();
+            return Ok(out);
         }
         // Until the next tick (the count of ticks passed is not needed).
         let mut expirations = [0u8; 8];

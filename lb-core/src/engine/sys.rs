@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
 
 use rustix::buffer::spare_capacity;
-use rustix::io::Errno;
+use rustix::io::retry_on_intr;
 use rustix::net::{RecvFlags, SendFlags, SocketFlags};
 
 /// Receives into `buf`'s spare capacity without waiting: the bytes
@@ -21,13 +21,9 @@ use rustix::net::{RecvFlags, SendFlags, SocketFlags};
 /// must have spare capacity (none would read as end of stream).
 pub fn recv(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> io::Result<usize> {
     debug_assert!(buf.len() < buf.capacity(), "no room to receive into");
-    loop {
-        match rustix::net::recv(fd, spare_capacity(buf), RecvFlags::DONTWAIT) {
-            Ok((n, _)) => return Ok(n),
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let (n, _) =
+        retry_on_intr(|| rustix::net::recv(fd, spare_capacity(&mut *buf), RecvFlags::DONTWAIT))?;
+    Ok(n)
 }
 
 /// Sends as much of `buf` as the socket takes without waiting, or
@@ -35,13 +31,8 @@ pub fn recv(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> io::Result<usize> {
 /// error (`MSG_NOSIGNAL`: never a `SIGPIPE`, whatever the process does
 /// with that signal).
 pub fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
-    loop {
-        match rustix::net::send(fd, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
-            Ok(n) => return Ok(n),
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+    Ok(retry_on_intr(|| rustix::net::send(fd, buf, flags))?)
 }
 
 /// Accepts one connection waiting on a non-blocking listener, or
@@ -49,13 +40,7 @@ pub fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
 /// peer's address.
 pub fn accept(listener: BorrowedFd<'_>) -> io::Result<(std::net::TcpStream, SocketAddr)> {
     let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
-    let (fd, peer) = loop {
-        match rustix::net::acceptfrom_with(listener, flags) {
-            Ok(accepted) => break accepted,
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    };
+    let (fd, peer) = retry_on_intr(|| rustix::net::acceptfrom_with(listener, flags))?;
     // Closes the socket (`fd` drops) if the peer is not an IP address.
     let peer = peer
         .and_then(|p| SocketAddr::try_from(p).ok())
