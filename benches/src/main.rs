@@ -10,6 +10,7 @@
 mod interrupt;
 mod load;
 mod peers;
+mod placement;
 mod steal;
 mod topo;
 
@@ -336,6 +337,11 @@ struct Bench {
     seconds: u64,
     site: peers::Site,
     sink: load::UdpSink,
+    /// The processes of the HTTP backend (nginx), held to their CPUs
+    /// during the latency runs.
+    backend: Vec<u32>,
+    /// The CPUs this run may use.
+    cpus: Vec<usize>,
     figures: Vec<Figure>,
     /// Runs, or scenarios within runs, that produced no figure, and why.
     failures: Vec<String>,
@@ -547,16 +553,33 @@ impl Bench {
 
     /// Latency at a fixed offered load, at least 5 runs per peer; a run
     /// that was stolen from is run again, from a fresh start (see
-    /// `steal::Retry::LATENCY`).
+    /// `steal::Retry::LATENCY`). The client, the backend and the proxy are
+    /// held to the CPUs of `placement` meanwhile (see `placement`); the
+    /// backend gets all of them back afterwards.
     fn latency(&mut self, peers: &[Peer], workers: usize, rate: f64) {
+        let place = placement::Placement::plan(&self.cpus, workers);
+        if let Some(place) = &place {
+            if let Err(e) = placement::pin(&self.backend, &place.backend) {
+                self.failures
+                    .push(format!("latency ({workers} workers): {e:#}"));
+                return;
+            }
+        }
         self.interleaved(peers, workers, latency_runs(self.runs), |b, peer, _| {
             let kept = retried("latency", steal::Retry::LATENCY, || {
-                let _running = peers::start(peer, workers, &b.site)?;
+                let running = peers::start(peer, workers, &b.site)?;
                 let (http, _, _) = peer.targets(&b.site.topo);
                 let d = Duration::from_secs(b.seconds);
+                let measure = || load::http_latency(http, rate, 16, d);
+                let Some(place) = &place else {
+                    return b.site.topo.within(Side::Client, measure)?;
+                };
+                if let Some(running) = &running {
+                    placement::pin(&running.pids(), &place.proxy)?;
+                }
                 b.site
                     .topo
-                    .within(Side::Client, || load::http_latency(http, rate, 16, d))?
+                    .within(Side::Client, || placement::on(&place.client, measure))??
             });
             let lat = kept.value?;
             Ok([
@@ -574,6 +597,13 @@ impl Bench {
             })
             .collect())
         });
+        if place.is_some() {
+            if let Err(e) = placement::pin(&self.backend, &self.cpus) {
+                self.failures.push(format!(
+                    "backend CPUs after latency ({workers} workers): {e:#}"
+                ));
+            }
+        }
     }
 }
 
@@ -893,7 +923,12 @@ fn run(
     }
     let idle = site.idle;
     let idle_note = idle_note.map(|n| format!(" ({n})")).unwrap_or_default();
-    let _backends = peers::start_backends(&site)?;
+    let backends = peers::start_backends(&site)?;
+    // The first is the HTTP backend (nginx: master and worker).
+    let backend = backends
+        .first()
+        .map(peers::Running::pids)
+        .unwrap_or_default();
     let sink = site.topo.within(Side::Backend, || {
         load::UdpSink::start(site.topo.backend(peers::BACKEND_UDP_SINK_PORT))
     })??;
@@ -902,6 +937,8 @@ fn run(
         seconds,
         site,
         sink,
+        backend,
+        cpus: placement::allowed()?,
         figures: Vec::new(),
         failures: Vec::new(),
     };
@@ -934,6 +971,21 @@ fn run(
         })
         .unwrap_or_default();
     let lat_runs = latency_runs(runs);
+    let placed = workers
+        .iter()
+        .filter_map(|&w| {
+            placement::Placement::plan(&bench.cpus, w)
+                .map(|p| format!("{w} worker(s): {}", p.describe()))
+        })
+        .collect::<Vec<_>>();
+    let placed = if placed.is_empty() {
+        "no CPU placement (fewer than 2 CPUs)".to_owned()
+    } else {
+        format!(
+            "during these runs each part is held to its CPUs ({}), the same for every peer, so the scheduler cannot leave two of them sharing a CPU while another idles",
+            placed.join("; ")
+        )
+    };
     let setup = bench.site.topo.label();
     let setup_flag = if bench.site.topo.is_netns() {
         " --setup netns"
@@ -948,7 +1000,7 @@ fn run(
          A ratio is the median of the round-by-round ratios (run k of lbd over run k of the reference), \
          with their min–max in the Targets table.\n\n\
          - date: {}\n- CPU: {cpu} ({} cores)\n- kernel: {}\n- lbd: {}\n- HAProxy: {}\n- nginx: {}\n- wrk: {}\n- iperf3: {}\n\
-         - latency: fixed offered load of half the slowest proxy's keep-alive maximum, 16 connections whose schedules are staggered so requests arrive evenly, driven by one thread on a 50 µs tick, timed from each request's scheduled start; {lat_runs} runs interleaved across peers\n\
+         - latency: fixed offered load of half the slowest proxy's keep-alive maximum, 16 connections whose schedules are staggered so requests arrive evenly, driven by one thread on a 50 µs tick, timed from each request's scheduled start; {lat_runs} runs interleaved across peers; {placed}\n\
          - memory: RSS growth of the proxy's processes with {idle} idle proxied connections open (each checked to have reached the backend), per connection{idle_note}\n\
          - UDP (HAProxy has no UDP): request/response: 32 closed-loop clients of 64-byte datagrams, echo backend; one-way: 4 senders of 64-byte datagrams as fast as they can, counted at the sink; \
          download: 4 clients each send one request and a source answers each with {}-byte datagrams as fast as it can, counted at the clients\n",
