@@ -982,7 +982,7 @@ fn run(
         "no CPU placement (fewer than 2 CPUs)".to_owned()
     } else {
         format!(
-            "during these runs each part is held to its CPUs ({}), the same for every peer, so the scheduler cannot leave two of them sharing a CPU while another idles",
+            "during these runs each part is held to its CPUs ({}), the same for every peer, so the scheduler cannot stack them differently from run to run",
             placed.join("; ")
         )
     };
