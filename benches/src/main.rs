@@ -570,16 +570,14 @@ impl Bench {
                 let running = peers::start(peer, workers, &b.site)?;
                 let (http, _, _) = peer.targets(&b.site.topo);
                 let d = Duration::from_secs(b.seconds);
-                let measure = || load::http_latency(http, rate, 16, d);
-                let Some(place) = &place else {
-                    return b.site.topo.within(Side::Client, measure)?;
-                };
-                if let Some(running) = &running {
+                if let (Some(place), Some(running)) = (&place, &running) {
                     placement::pin(&running.pids(), &place.proxy)?;
                 }
+                let client = place.as_ref().map_or(&b.cpus[..], |p| &p.client[..]);
+                let measure = || load::http_latency(http, rate, 16, d);
                 b.site
                     .topo
-                    .within(Side::Client, || placement::on(&place.client, measure))??
+                    .within(Side::Client, || placement::on(client, measure))??
             });
             let lat = kept.value?;
             Ok([
