@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_config::EngineChoice;
 use lb_core::{notify, Options, Server};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Parser)]
 #[command(
@@ -216,27 +216,45 @@ fn run(
         workers,
     };
     let server = Server::start(&config, &options).context("cannot start")?;
+    let signals = Signals::register(&server)?;
     notify::notify("READY=1");
-    serve_until_stopped(server, Some(path))
+    serve_until_stopped(server, signals, Some(path))
+}
+
+/// The signals lbd acts on. They are registered before lbd says it is
+/// ready (READY=1, the demo's banner): until then a signal takes its
+/// default action, and SIGHUP's ends the process, so a `systemctl reload`
+/// sent the moment the service is up would otherwise kill it.
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn register(server: &Server) -> anyhow::Result<Self> {
+        let _guard = server.handle().enter();
+        Ok(Self {
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        })
+    }
 }
 
 /// Waits for signals: SIGHUP reloads (when there is a file), SIGTERM and SIGINT stop gracefully.
-fn serve_until_stopped(server: Server, path: Option<&std::path::Path>) -> anyhow::Result<()> {
+fn serve_until_stopped(
+    server: Server,
+    mut signals: Signals,
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let handle = server.handle();
-    let (mut hup, mut term, mut int) = {
-        let _guard = handle.enter();
-        (
-            signal(SignalKind::hangup()).context("SIGHUP handler")?,
-            signal(SignalKind::terminate()).context("SIGTERM handler")?,
-            signal(SignalKind::interrupt()).context("SIGINT handler")?,
-        )
-    };
     loop {
         let reload = handle.block_on(async {
             tokio::select! {
-                _ = hup.recv() => true,
-                _ = term.recv() => false,
-                _ = int.recv() => false,
+                _ = signals.hup.recv() => true,
+                _ = signals.term.recv() => false,
+                _ = signals.int.recv() => false,
             }
         });
         if !reload {
@@ -266,8 +284,9 @@ fn demo(
 ) -> anyhow::Result<()> {
     let backends = lb_core::demo::start_backends(3)
         .context("cannot start the demo backends on 127.0.0.2-4")?;
-    let run_dir = std::env::temp_dir().join(format!("lbd-demo-{}", std::process::id()));
-    let config = lb_core::demo::config(listen, metrics, &backends, &run_dir)
+    // Removed however the demo ends, a failed start included.
+    let run_dir = RunDir(std::env::temp_dir().join(format!("lbd-demo-{}", std::process::id())));
+    let config = lb_core::demo::config(listen, metrics, &backends, &run_dir.0)
         .map_err(|e| anyhow::anyhow!("demo config:\n{e}"))?;
     let options = Options {
         engine: engine.map(Into::into),
@@ -276,6 +295,7 @@ fn demo(
     let server = Server::start(&config, &options).with_context(|| {
         format!("cannot start the demo (is {listen} or {metrics} in use? try --listen / --metrics)")
     })?;
+    let signals = Signals::register(&server)?;
     let url = format!("http://{}/", server.bound_addr("demo").unwrap_or(listen));
     println!();
     println!(
@@ -293,13 +313,20 @@ fn demo(
     }
     println!(
         "  status:  lbd status --socket {}",
-        run_dir.join("control.sock").display()
+        run_dir.0.join("control.sock").display()
     );
     println!();
     println!("Ctrl-C to stop.");
-    let result = serve_until_stopped(server, None);
-    let _ = std::fs::remove_dir_all(&run_dir);
-    result
+    serve_until_stopped(server, signals, None)
+}
+
+/// The demo's private directory (control socket, state), removed on drop.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Writes to stdout; a closed pipe (`lbd status | head`) is not an error.

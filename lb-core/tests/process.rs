@@ -213,6 +213,17 @@ fn reload_under_load_io_uring() {
     reload_under_load("io_uring");
 }
 
+/// The signals a process catches (`SigCgt` in `/proc/<pid>/status`), as a
+/// mask with bit `n - 1` for signal `n`.
+fn caught_signals(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
 #[test]
 fn systemd_notifications() {
     let b = TestBackend::start("127.0.0.2", Behavior::Echo);
@@ -222,6 +233,17 @@ fn systemd_notifications() {
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    // Fill the socket's queue, so that lbd blocks in sending READY=1 until
+    // the fillers are read: the signals it catches while it waits there
+    // are the ones a `systemctl reload` or `stop` sent the moment it is
+    // ready would meet.
+    let filler = UnixDatagram::unbound().unwrap();
+    filler.set_nonblocking(true).unwrap();
+    let mut fillers = 0;
+    while filler.send_to(b"filler", &sock_path).is_ok() {
+        fillers += 1;
+        assert!(fillers < 100_000, "the queue never filled");
+    }
     let bind: SocketAddr = format!("127.0.0.22:{}", free_port("127.0.0.22"))
         .parse()
         .unwrap();
@@ -237,6 +259,18 @@ fn systemd_notifications() {
         let n = sock.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
+    // SIGHUP (1), SIGINT (2) and SIGTERM (15) are caught while READY=1
+    // cannot have been sent yet; before the fix, lbd registered them only
+    // after sending it, and a SIGHUP in between ended the process.
+    let handled = 1 << 0 | 1 << 1 | 1 << 14;
+    eventually(
+        Duration::from_secs(10),
+        "SIGHUP, SIGINT and SIGTERM caught before READY=1",
+        || caught_signals(lbd.0.id()) & handled == handled,
+    );
+    for _ in 0..fillers {
+        assert_eq!(next(), "filler");
+    }
     assert_eq!(next(), "READY=1");
     signal(&lbd.0, "HUP");
     let reloading = next();
