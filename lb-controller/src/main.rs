@@ -62,21 +62,24 @@ fn identity(given: Option<String>) -> String {
         })
 }
 
-async fn shutdown_signal() {
+/// Registers SIGTERM and SIGINT at once, and returns what completes at the
+/// first of them. Registered before the controller can report ready: until
+/// then a SIGTERM would end it without releasing its Lease.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use anyhow::Context;
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 async fn run(cfg: Config, identity: String) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal()?;
     let client = client(cfg.kubeconfig.as_deref()).await?;
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
@@ -88,7 +91,7 @@ async fn run(cfg: Config, identity: String) -> anyhow::Result<()> {
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        shutdown_signal().await;
+        shutdown.await;
         let _ = stop_tx.send(true);
     });
     let stopped = move || {
