@@ -260,8 +260,8 @@ fn systemd_notifications() {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     // SIGHUP (1), SIGINT (2) and SIGTERM (15) are caught while READY=1
-    // cannot have been sent yet; before the fix, lbd registered them only
-    // after sending it, and a SIGHUP in between ended the process.
+    // cannot have been sent yet: one that came between READY=1 and its
+    // handler would take the default action, which ends the process.
     let handled = 1 << 0 | 1 << 1 | 1 << 14;
     eventually(
         Duration::from_secs(10),
