@@ -354,9 +354,17 @@ impl Server {
             _ => None,
         };
         let choice = options.engine.unwrap_or(config.runtime.engine);
-        let (engine, fallback) = engine::choose(choice).map_err(StartError::Engine)?;
-        if let Some(why) = fallback {
-            tracing::warn!(reason = %why, "io_uring unavailable, using epoll");
+        let chosen = engine::choose(choice).map_err(StartError::Engine)?;
+        let engine = chosen.kind;
+        if let Some(why) = &chosen.fallback {
+            tracing::warn!(reason = %why, "io_uring unsuitable here, using epoll");
+        }
+        match (&chosen.note, chosen.slow) {
+            (Some(note), true) => {
+                tracing::warn!(reason = %note, "engine = \"io_uring\" as configured, but replies will be late; \"auto\" would use epoll")
+            }
+            (Some(note), false) => tracing::info!(engine = engine.name(), "{note}"),
+            (None, _) => {}
         }
         let workers = match options.workers.unwrap_or(config.runtime.workers) {
             0 => std::thread::available_parallelism()

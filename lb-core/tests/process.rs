@@ -215,6 +215,116 @@ fn reload_under_load_io_uring() {
 
 /// The signals a process catches (`SigCgt` in `/proc/<pid>/status`), as a
 /// mask with bit `n - 1` for signal `n`.
+/// 200 sequential TCP round trips on one connection, and 200 sequential
+/// UDP exchanges, through the `lbd` binary with one worker: every message
+/// reaches a sleeping worker, so a late wake-up shows as milliseconds per
+/// trip. Each set takes about 30 ms on a healthy engine; the bound is 2 s
+/// (a guard against lost or late wake-ups, not a performance assertion).
+fn sequential_round_trips_through_the_binary(engine: &str) {
+    let tcp_backend = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let udp_backend = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+    udp_backend
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let udp_addr = udp_backend.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok((n, from)) = udp_backend.recv_from(&mut buf) {
+                    let _ = udp_backend.send_to(&buf[..n], from);
+                }
+            }
+        })
+    };
+    let tcp_bind: SocketAddr = format!("127.0.0.23:{}", free_port("127.0.0.23"))
+        .parse()
+        .unwrap();
+    let udp_bind: SocketAddr = "127.0.0.23:0".parse().unwrap();
+    let udp_port = std::net::UdpSocket::bind(udp_bind)
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let udp_bind = SocketAddr::new(udp_bind.ip(), udp_port);
+    let dir = temp_dir(&format!("prompt-{engine}"));
+    let file = dir.join("lbd.toml");
+    let none = "kind = \"none\"";
+    std::fs::write(
+        &file,
+        format!(
+            "[admin]\nmetrics = \"off\"\ncontrol_socket = \"off\"\n{}{}",
+            listener_toml("t", &tcp_bind.to_string(), "", &[tcp_backend.addr], none),
+            listener_toml(
+                "u",
+                &udp_bind.to_string(),
+                "protocol = \"udp\"",
+                &[udp_addr],
+                none
+            ),
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(LBD);
+    cmd.args(["run", "--config"])
+        .arg(&file)
+        .args(["--engine", engine, "--workers", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _lbd = Proc(cmd.spawn().expect("spawn lbd"));
+    let mut conn = None;
+    eventually(Duration::from_secs(10), "lbd accepts", || {
+        conn = connect_from(None, tcp_bind).ok();
+        conn.is_some()
+    });
+    let s = conn.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let started = Instant::now();
+    for i in 0..200u32 {
+        let request = format!("request {i:05}\n");
+        (&s).write_all(request.as_bytes()).unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, request);
+    }
+    let tcp = started.elapsed();
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let started = Instant::now();
+    for i in 0..200u32 {
+        let request = format!("datagram {i:05}");
+        client.send_to(request.as_bytes(), udp_bind).unwrap();
+        let (n, _) = client.recv_from(&mut buf).expect("a reply");
+        assert_eq!(&buf[..n], request.as_bytes());
+    }
+    let udp = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    echo.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        tcp < Duration::from_secs(2) && udp < Duration::from_secs(2),
+        "{engine}: 200 TCP round trips took {tcp:?}, 200 UDP exchanges {udp:?}: late wake-ups"
+    );
+}
+
+#[test]
+fn sequential_round_trips_through_the_binary_epoll() {
+    sequential_round_trips_through_the_binary("epoll");
+}
+
+#[test]
+fn sequential_round_trips_through_the_binary_io_uring() {
+    sequential_round_trips_through_the_binary("io_uring");
+}
+
 fn caught_signals(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status

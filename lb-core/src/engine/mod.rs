@@ -8,6 +8,7 @@ pub mod gso;
 mod ring;
 mod sys;
 pub mod uring;
+pub mod wakeup;
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -137,16 +138,46 @@ impl EngineKind {
     }
 }
 
-/// Resolves the configured choice to an engine. `auto` probes io_uring and
-/// falls back to epoll with the reason; an explicit `io_uring` that cannot
-/// work is an error.
-pub fn choose(choice: EngineChoice) -> Result<(EngineKind, Option<String>), String> {
+/// The engine a configuration resolves to, and what the log should say
+/// about the choice.
+#[derive(Clone, Debug)]
+pub struct Chosen {
+    /// The engine to run.
+    pub kind: EngineKind,
+    /// Why `auto` fell back to epoll (a warning).
+    pub fallback: Option<String>,
+    /// What the start-up checks measured (information), or why an explicit
+    /// `io_uring` may be slow here (a warning, in `slow`).
+    pub note: Option<String>,
+    /// An explicit `io_uring` failed the wake-up check: it runs anyway, as
+    /// configured, but every idle worker will answer late.
+    pub slow: bool,
+}
+
+/// Resolves the configured choice to an engine. `auto` takes io_uring when
+/// it can be set up, supports every operation the engine submits, and
+/// wakes a parked worker promptly ([`wakeup::check`]); otherwise epoll,
+/// with the reason. An explicit `io_uring` that cannot be set up is an
+/// error; one that wakes late runs, with a warning.
+pub fn choose(choice: EngineChoice) -> Result<Chosen, String> {
+    let chosen = |kind, fallback, note, slow| Chosen {
+        kind,
+        fallback,
+        note,
+        slow,
+    };
     match choice {
-        EngineChoice::Epoll => Ok((EngineKind::Epoll, None)),
-        EngineChoice::IoUring => probe_io_uring().map(|()| (EngineKind::IoUring, None)),
-        EngineChoice::Auto => match probe_io_uring() {
-            Ok(()) => Ok((EngineKind::IoUring, None)),
-            Err(why) => Ok((EngineKind::Epoll, Some(why))),
+        EngineChoice::Epoll => Ok(chosen(EngineKind::Epoll, None, None, false)),
+        EngineChoice::IoUring => {
+            probe_io_uring()?;
+            Ok(match wakeup::check() {
+                Ok(figures) => chosen(EngineKind::IoUring, None, Some(figures), false),
+                Err(why) => chosen(EngineKind::IoUring, None, Some(why), true),
+            })
+        }
+        EngineChoice::Auto => match probe_io_uring().and_then(|()| wakeup::check()) {
+            Ok(figures) => Ok(chosen(EngineKind::IoUring, None, Some(figures), false)),
+            Err(why) => Ok(chosen(EngineKind::Epoll, Some(why), None, false)),
         },
     }
 }
