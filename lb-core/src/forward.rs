@@ -236,13 +236,17 @@ impl Drop for PipeLease<'_> {
 }
 
 /// Runs worker `id` on this thread until the command channel closes.
+/// `started` is called once the worker's runtime runs; an error before
+/// that is returned.
 pub fn run_worker<E: Engine>(
     id: usize,
     shared: Arc<Shared>,
     mut commands: mpsc::UnboundedReceiver<WorkerCmd>,
     mut handoffs: mpsc::UnboundedReceiver<Handoff>,
+    started: impl FnOnce(),
 ) -> io::Result<()> {
     E::run(async move {
+        started();
         let seed = hash::fmix64(
             id as u64 ^ StdInstant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64,
         );
