@@ -1,7 +1,8 @@
 //! Load generators that no Debian package provides in the form needed:
 //! a closed-loop UDP request/response client, a one-way UDP sender, a UDP
 //! download source and its clients, a UDP echo server, a counting UDP
-//! sink, a fixed-rate HTTP latency client, and an idle connection holder.
+//! sink, a fixed-rate HTTP latency client, a one-request-at-a-time HTTP
+//! client (the latency floor), and an idle connection holder.
 //! All of them target loopback, or the run's own namespaces (`topo`).
 
 use std::io::{Read, Write};
@@ -369,6 +370,42 @@ pub fn http_latency(
     }
 }
 
+/// One keep-alive connection to `target`, one request at a time for
+/// `duration`, each sent as soon as the previous response is whole: the
+/// round-trip times in nanoseconds, sorted (the latency floor: no
+/// queueing, every request reaching a proxy that waits for it).
+pub fn round_trips(target: SocketAddr, duration: Duration) -> anyhow::Result<Vec<u64>> {
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(STALL))?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let mut out = Vec::new();
+    let end = monotonic() + duration;
+    loop {
+        let sent = monotonic();
+        if sent >= end {
+            break;
+        }
+        stream.write_all(REQUEST)?;
+        let len = loop {
+            if let Some(len) = response_len(&buf) {
+                break len;
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) => anyhow::bail!("closed by the peer"),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        out.push(monotonic().saturating_sub(sent).as_nanos() as u64);
+        buf.drain(..len);
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
 /// The latency client's clock: how often it sends what is due and looks
 /// for responses.
 const TICK: Duration = Duration::from_micros(50);
@@ -547,6 +584,19 @@ mod tests {
     fn latency_client_fails_when_a_connection_closes() {
         let addr = http_server(Some(3));
         let e = http_latency(addr, 2000.0, 2, Duration::from_millis(200)).unwrap_err();
+        assert!(e.to_string().contains("closed by the peer"), "{e}");
+    }
+
+    /// One request in flight at a time: every round trip is counted, and
+    /// a connection the server closes is an error.
+    #[test]
+    fn round_trips_one_at_a_time() {
+        let addr = http_server(None);
+        let trips = round_trips(addr, Duration::from_millis(200)).unwrap();
+        assert!(trips.len() > 10, "only {} round trips", trips.len());
+        assert!(trips.windows(2).all(|w| w[0] <= w[1]), "sorted");
+        assert!(trips[0] > 0);
+        let e = round_trips(http_server(Some(3)), Duration::from_secs(1)).unwrap_err();
         assert!(e.to_string().contains("closed by the peer"), "{e}");
     }
 
