@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
+use lb_api::client::{self, Target};
 use lb_config::{DesiredState, ListenerSpec};
-use lb_core::client::{self, Target};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Forwarder, ForwarderTarget};
@@ -109,7 +109,7 @@ pub fn target(f: &Forwarder) -> anyhow::Result<Target> {
                 f.name,
                 token_file.display()
             );
-            let tls = lb_core::tls::client_config(
+            let tls = lb_api::tls::client_config(
                 ca_file,
                 identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
             )

@@ -11,7 +11,6 @@
 
 pub mod admin;
 pub mod balance;
-pub mod client;
 pub mod control;
 pub mod demo;
 pub mod engine;

@@ -64,8 +64,8 @@ struct Remote {
 }
 
 impl Remote {
-    fn target(&self) -> anyhow::Result<lb_core::client::Target> {
-        use lb_core::client::Target;
+    fn target(&self) -> anyhow::Result<lb_api::client::Target> {
+        use lb_api::client::Target;
         let Some(url) = &self.url else {
             return Ok(Target::Unix(self.socket.clone()));
         };
@@ -79,7 +79,7 @@ impl Remote {
             .to_owned();
         let ca = self.ca.as_ref().context("--url needs --ca")?;
         let identity = self.cert.as_deref().zip(self.key.as_deref());
-        let tls = lb_core::tls::client_config(ca, identity)?;
+        let tls = lb_api::tls::client_config(ca, identity)?;
         Ok(Target::Https {
             url: url.clone(),
             token,
@@ -344,7 +344,7 @@ fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
 
 fn status(remote: &Remote, output: Output) -> anyhow::Result<()> {
     let target = remote.target()?;
-    let (code, body) = block_on(lb_core::client::send(
+    let (code, body) = block_on(lb_api::client::send(
         &target,
         hyper::Method::GET,
         "/v1/status",
@@ -429,7 +429,7 @@ fn apply(file: &std::path::Path, remote: &Remote, output: Output) -> anyhow::Res
         toml::from_str(&text).with_context(|| format!("{}: not a TOML state", file.display()))?
     };
     let body = serde_json::to_vec(&state)?;
-    let (code, reply) = block_on(lb_core::client::send(
+    let (code, reply) = block_on(lb_api::client::send(
         &target,
         hyper::Method::PUT,
         "/v1/state",

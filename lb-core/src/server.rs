@@ -12,8 +12,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use std::path::{Path, PathBuf};
 
-use lb_config::{Config, ConfigErrors, DesiredState, EngineChoice, FieldError, Listener, Protocol};
-use serde::{Deserialize, Serialize};
+use lb_config::{Config, ConfigErrors, DesiredState, EngineChoice, FieldError, Listener};
 use tokio::sync::mpsc;
 
 use crate::engine::{self, epoll::Epoll, uring::IoUring, EngineKind};
@@ -21,6 +20,7 @@ use crate::forward::{run_worker, Shared};
 use crate::metrics::Metrics;
 use crate::plane::{Applied, ApplyError, Plane};
 use crate::routing::{BindKey, Routing};
+pub use lb_api::wire::{BackendStatus, ListenerStatus, Status};
 
 /// Overrides of the file's `[runtime]` (command line, tests).
 #[derive(Clone, Debug, Default)]
@@ -50,7 +50,7 @@ pub enum StartError {
     Apply(#[from] ApplyError),
     /// The control API's TLS material or token is unusable.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] lb_api::tls::TlsError),
 }
 
 /// Why a reload was rejected. The running configuration is unchanged.
@@ -710,55 +710,6 @@ impl Drop for Server {
             self.stop_now();
         }
     }
-}
-
-/// A backend as `status` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BackendStatus {
-    /// Address.
-    pub addr: SocketAddr,
-    /// Configured weight.
-    pub weight: u32,
-    /// Whether it takes new connections.
-    pub healthy: bool,
-    /// Last check error, if the last result failed.
-    pub last_error: Option<String>,
-    /// Connections open now.
-    pub active: u64,
-    /// Removed, finishing its connections.
-    pub draining: bool,
-}
-
-/// A listener as `status` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ListenerStatus {
-    /// Name.
-    pub name: String,
-    /// Bound address.
-    pub bind: SocketAddr,
-    /// tcp or udp.
-    pub protocol: Protocol,
-    /// Connections open now.
-    pub active: u64,
-    /// Connections accepted so far.
-    pub accepted: u64,
-    /// Backends, including draining ones.
-    pub backends: Vec<BackendStatus>,
-}
-
-/// What `lbd` is doing.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    /// Engine in use.
-    pub engine: String,
-    /// Worker count.
-    pub workers: usize,
-    /// Generation of the applied configuration.
-    pub generation: u64,
-    /// Version of the dynamic state (control API); 0 before any.
-    pub dynamic_version: u64,
-    /// Listeners in configuration order.
-    pub listeners: Vec<ListenerStatus>,
 }
 
 fn status(inner: &Inner) -> Status {

@@ -61,7 +61,7 @@ fn call(socket: &Path, method: Method, path: &str, body: Option<Vec<u8>>) -> (St
         .build()
         .unwrap();
     let (code, bytes) = rt
-        .block_on(lb_core::client::request(socket, method, path, body))
+        .block_on(lb_api::client::request(socket, method, path, body))
         .expect("control API answers");
     (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
 }
@@ -600,14 +600,14 @@ impl Pki {
         )
     }
 
-    fn target(&self, url: &str, token: &str, ca: &str, identity: bool) -> lb_core::client::Target {
+    fn target(&self, url: &str, token: &str, ca: &str, identity: bool) -> lb_api::client::Target {
         let (cert, key) = (self.path("client.pem"), self.path("client.key"));
-        let tls = lb_core::tls::client_config(
+        let tls = lb_api::tls::client_config(
             &self.path(ca),
             identity.then_some((cert.as_path(), key.as_path())),
         )
         .unwrap();
-        lb_core::client::Target::Https {
+        lb_api::client::Target::Https {
             url: url.to_owned(),
             token: token.to_owned(),
             tls,
@@ -615,12 +615,12 @@ impl Pki {
     }
 }
 
-fn send(target: &lb_core::client::Target, path: &str) -> Result<(StatusCode, Value), String> {
+fn send(target: &lb_api::client::Target, path: &str) -> Result<(StatusCode, Value), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(lb_core::client::send(target, Method::GET, path, None))
+    rt.block_on(lb_api::client::send(target, Method::GET, path, None))
         .map(|(c, b)| (c, serde_json::from_slice(&b).unwrap_or(Value::Null)))
         .map_err(|e| e.to_string())
 }

@@ -287,7 +287,7 @@ pub async fn start_forwarder(dir: &Path, extra: &str) -> Forwarder {
 
 /// `GET /v1/state` of an lbd.
 pub async fn lbd_state(socket: &Path) -> Option<Value> {
-    let (status, body) = lb_core::client::request(socket, hyper::Method::GET, "/v1/state", None)
+    let (status, body) = lb_api::client::request(socket, hyper::Method::GET, "/v1/state", None)
         .await
         .ok()?;
     (status == hyper::StatusCode::OK).then(|| serde_json::from_slice(&body).ok())?

@@ -1,5 +1,8 @@
 //! A small client of the control API, over its unix socket or over HTTPS
-//! with a bearer token, for `lbd status` and `lbd apply` (and tests).
+//! with a bearer token: one request ([`send`]), and typed helpers for the
+//! status ([`status`]), the state ([`state`]) and a new state
+//! ([`put_state`]). Used by `lbd status`, `lbd apply`, `lb-controller` and
+//! tests.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,6 +11,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use lb_config::{DesiredState, FieldError};
+
+use crate::wire;
 
 /// Where the control API is.
 #[derive(Clone, Debug)]
@@ -43,6 +49,22 @@ pub enum ClientError {
     /// The HTTP exchange failed.
     #[error("control API: {0}")]
     Http(String),
+    /// The API answered with an error.
+    #[error("lbd answered {code}: {message}")]
+    Status {
+        /// The HTTP status.
+        code: StatusCode,
+        /// The error it gave (or the body).
+        message: String,
+    },
+    /// The answer was not what the endpoint returns.
+    #[error("unexpected answer from {endpoint}: {message}")]
+    Decode {
+        /// The endpoint.
+        endpoint: &'static str,
+        /// What did not parse.
+        message: String,
+    },
 }
 
 async fn exchange<S>(
@@ -130,4 +152,84 @@ pub async fn request(
     body: Option<Vec<u8>>,
 ) -> Result<(StatusCode, Bytes), ClientError> {
     send(&Target::Unix(socket.to_owned()), method, path, body).await
+}
+
+/// What a `PUT /v1/state` came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// 200: applied and persisted; the version now in force.
+    Applied(u64),
+    /// 409: the version in force, which a new state must exceed.
+    Conflict(u64),
+    /// 422: the problems, each with its field path; nothing changed.
+    Rejected(Vec<FieldError>),
+    /// Any other answer (413, 500, ...): nothing changed.
+    Failed {
+        /// The HTTP status.
+        code: StatusCode,
+        /// The error it gave (or the body).
+        message: String,
+    },
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    endpoint: &'static str,
+    body: &[u8],
+) -> Result<T, ClientError> {
+    serde_json::from_slice(body).map_err(|e| ClientError::Decode {
+        endpoint,
+        message: e.to_string(),
+    })
+}
+
+/// The message of an error answer: its `error` field, or the body.
+fn message(body: &[u8]) -> String {
+    serde_json::from_slice::<wire::ErrorBody>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).trim_end().to_owned())
+}
+
+async fn get<T: serde::de::DeserializeOwned>(
+    target: &Target,
+    endpoint: &'static str,
+) -> Result<T, ClientError> {
+    let (code, body) = send(target, Method::GET, endpoint, None).await?;
+    if !code.is_success() {
+        return Err(ClientError::Status {
+            code,
+            message: message(&body),
+        });
+    }
+    decode(endpoint, &body)
+}
+
+/// `GET /v1/status`.
+pub async fn status(target: &Target) -> Result<wire::Status, ClientError> {
+    get(target, wire::STATUS).await
+}
+
+/// `GET /v1/state`: the dynamic state in force.
+pub async fn state(target: &Target) -> Result<DesiredState, ClientError> {
+    get(target, wire::STATE).await
+}
+
+/// `PUT /v1/state` with `state`.
+pub async fn put_state(target: &Target, state: &DesiredState) -> Result<PutOutcome, ClientError> {
+    let body = serde_json::to_vec(state).map_err(|e| ClientError::Http(e.to_string()))?;
+    let (code, reply) = send(target, Method::PUT, wire::STATE, Some(body)).await?;
+    Ok(match code {
+        StatusCode::OK => {
+            PutOutcome::Applied(decode::<wire::Applied>(wire::STATE, &reply)?.version)
+        }
+        StatusCode::CONFLICT => {
+            PutOutcome::Conflict(decode::<wire::Conflict>(wire::STATE, &reply)?.current_version)
+        }
+        StatusCode::UNPROCESSABLE_ENTITY => {
+            PutOutcome::Rejected(decode::<wire::Rejected>(wire::STATE, &reply)?.errors)
+        }
+        code => PutOutcome::Failed {
+            code,
+            message: message(&reply),
+        },
+    })
 }
