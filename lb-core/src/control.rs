@@ -79,27 +79,22 @@ pub async fn serve_unix(
     Ok(())
 }
 
-/// A group's id: a number, or a name from `/etc/group` (local groups only).
+/// A group's id: a number, or a name looked up through the system's group
+/// database (NSS: `/etc/group`, LDAP, sssd, ...).
 fn group_id(group: &str) -> std::io::Result<u32> {
     if let Ok(gid) = group.parse() {
         return Ok(gid);
     }
-    let groups = std::fs::read_to_string("/etc/group")?;
-    groups
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            let name = f.next()?;
-            let gid = f.nth(1)?.parse().ok()?;
-            (name == group).then_some(gid)
-        })
-        .next()
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("admin.control_socket_group: no group {group:?} in /etc/group"),
-            )
-        })
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("admin.control_socket_group: no group named {group:?}"),
+        )),
+        Err(e) => Err(std::io::Error::other(format!(
+            "admin.control_socket_group: cannot look up group {group:?}: {e}"
+        ))),
+    }
 }
 
 /// Serves the control API over TLS on `addr`; every request must carry

@@ -5,9 +5,8 @@
 //! touches sockets or clocks. The shell ([`server`], [`plane`], [`forward`],
 //! [`engine`]) binds sockets, runs workers and applies configurations.
 //! `unsafe` is allowed only at the system-call edge of the engines: the
-//! io_uring engine (`engine::uring` and its driver, `engine::ring`), the
-//! segmented UDP send both engines share (`engine::gso`), and the epoll
-//! engine's registration of its listening sockets (`engine::epoll`).
+//! io_uring engine (`engine::uring` and its driver, `engine::ring`) and the
+//! epoll engine's registration of its listening sockets (`engine::epoll`).
 
 pub mod admin;
 pub mod balance;

@@ -234,11 +234,19 @@ fn error_classes_and_unchanged_state() {
 #[test]
 fn control_socket_group_gives_mode_0660() {
     let dir = Dir::new("group");
-    let config = admin(&dir).replace("state_dir", "control_socket_group = \"0\"\nstate_dir");
-    let _lbd = start_lbd(&config, EngineChoice::Epoll);
-    let meta = std::fs::metadata(dir.socket()).unwrap();
-    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
-    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 0);
+    // By number, and by name through the system's group database (the
+    // group of gid 0 is named "root" on every Linux).
+    for group in ["0", "root"] {
+        let config = admin(&dir).replace(
+            "state_dir",
+            &format!("control_socket_group = \"{group}\"\nstate_dir"),
+        );
+        let lbd = start_lbd(&config, EngineChoice::Epoll);
+        let meta = std::fs::metadata(dir.socket()).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660, "{group}");
+        assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 0, "{group}");
+        drop(lbd);
+    }
     let config = admin(&dir).replace(
         "state_dir",
         "control_socket_group = \"no-such-group-weir\"\nstate_dir",

@@ -12,13 +12,11 @@
 //! This module only sends; it does not wait (both engines wait for
 //! writability their own way) and never coalesces received datagrams.
 
-#![allow(unsafe_code)]
-
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use socket2::SockAddr;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
 
 /// Most datagrams in one run (`UDP_MAX_SEGMENTS` is 64 on older kernels,
 /// 128 on newer ones).
@@ -28,14 +26,11 @@ pub const MAX_SEGMENTS: usize = 64;
 /// segmentation, whose length field has 16 bits.
 pub const MAX_BYTES: usize = 65_000;
 
-/// Control-message space for one `u16`, aligned like a `cmsghdr`.
-#[repr(C, align(8))]
-struct Control([u8; 32]);
-
 /// Sends `parts` (concatenated) without waiting, to `to` or, on a
-/// connected socket, to its peer. With `segment`, the payload leaves as datagrams of `segment`
-/// bytes each, the last one possibly shorter; without, as one datagram.
-/// Returns the bytes sent; `WouldBlock` when the socket has no room.
+/// connected socket, to its peer. With `segment`, the payload leaves as
+/// datagrams of `segment` bytes each, the last one possibly shorter;
+/// without, as one datagram. Returns the bytes sent; `WouldBlock` when the
+/// socket has no room. `EINTR` is retried.
 ///
 /// Errors: whatever `sendmsg` says. A kernel or device without UDP
 /// segmentation answers `EIO`, `EINVAL` or `ENOPROTOOPT` (see
@@ -46,51 +41,21 @@ pub fn send(
     segment: Option<u16>,
     to: Option<SocketAddr>,
 ) -> io::Result<usize> {
-    // SAFETY: all-zero is a valid msghdr (no name, no control).
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    let to = to.map(SockAddr::from);
-    if let Some(to) = &to {
-        // The kernel only reads the address, which lives until the call ends.
-        hdr.msg_name = to.as_ptr().cast_mut().cast();
-        hdr.msg_namelen = to.len();
-    }
-    // `IoSlice` is guaranteed ABI-compatible with `iovec` on Unix; the
-    // kernel only reads through these pointers.
-    hdr.msg_iov = parts.as_ptr().cast_mut().cast();
-    hdr.msg_iovlen = parts.len() as _;
-    let mut control = Control([0; 32]);
-    if let Some(size) = segment {
-        // SAFETY: CMSG_SPACE of a u16 (24 bytes) fits in `control`, which is
-        // aligned for a cmsghdr; CMSG_FIRSTHDR then points into it, and the
-        // u16 is written inside the space CMSG_LEN reserves.
-        unsafe {
-            let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
-            debug_assert!(space <= control.0.len());
-            hdr.msg_control = control.0.as_mut_ptr().cast();
-            hdr.msg_controllen = space as _;
-            let cmsg = libc::CMSG_FIRSTHDR(&raw const hdr);
-            (*cmsg).cmsg_level = libc::SOL_UDP;
-            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), size);
+    let to = to.map(SockaddrStorage::from);
+    let size;
+    let control: &[ControlMessage<'_>] = match segment {
+        Some(s) => {
+            size = s;
+            &[ControlMessage::UdpGsoSegments(&size)]
         }
-    }
+        None => &[],
+    };
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
     loop {
-        // SAFETY: `hdr` points at `parts`, `control` and `to`, all alive for
-        // the call; `fd` is a live socket borrowed for the call.
-        let n = unsafe {
-            libc::sendmsg(
-                fd.as_raw_fd(),
-                &raw const hdr,
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match sendmsg(fd.as_raw_fd(), parts, control, flags, to.as_ref()) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
