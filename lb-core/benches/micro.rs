@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use lb_core::balance::hash::{client_ip_key, five_tuple_key};
 use lb_core::balance::maglev::Maglev;
-use lb_core::flow::FlowTable;
+use lb_core::udp::flow::FlowTable;
 
 fn backends(n: u32) -> Vec<(SocketAddr, u32)> {
     (0..n)

@@ -13,10 +13,10 @@ use socket2::{Domain, Socket, Type};
 use tokio::sync::{mpsc, watch};
 
 use crate::balance::Selector;
-use crate::forward::{Shared, WorkerCmd};
 use crate::health::HealthRegistry;
 use crate::routing::{BackendHandle, BindKey, Route, Routing};
 use crate::stats::ListenerStats;
+use crate::worker::{Shared, WorkerCmd};
 
 /// Why a configuration was not applied. Nothing changed.
 #[derive(Debug, thiserror::Error)]

@@ -16,10 +16,10 @@ use lb_config::{Config, ConfigErrors, DesiredState, EngineChoice, FieldError, Li
 use tokio::sync::mpsc;
 
 use crate::engine::{self, epoll::Epoll, uring::IoUring, EngineKind};
-use crate::forward::{run_worker, Shared};
 use crate::metrics::Metrics;
 use crate::plane::{Applied, ApplyError, Plane};
 use crate::routing::{BindKey, Routing};
+use crate::worker::{run_worker, Shared};
 pub use lb_api::wire::{BackendStatus, ListenerStatus, Status};
 
 /// Overrides of the file's `[runtime]` (command line, tests).
@@ -434,7 +434,7 @@ impl Server {
         let nofile = raise_nofile();
         // Splice pipes (two descriptors each) are kept out of the connections' share.
         let pipe_fds = if config.runtime.splice {
-            2 * crate::splice::PIPES_PER_WORKER * workers as u64
+            2 * crate::engine::splice::PIPES_PER_WORKER * workers as u64
         } else {
             0
         };

@@ -199,3 +199,25 @@ impl ListenerStats {
         t
     }
 }
+
+/// Counts one more in a counter until dropped (a connection slot).
+pub struct Held<'a>(&'a AtomicU64);
+
+impl<'a> Held<'a> {
+    /// Takes a slot in `counter`; returns the guard and the count before.
+    pub fn take(counter: &'a AtomicU64) -> (Self, u64) {
+        let before = counter.fetch_add(1, Ordering::Relaxed);
+        (Self(counter), before)
+    }
+
+    /// Holds a slot already counted in `counter` (by whoever placed it).
+    pub fn counted(counter: &'a AtomicU64) -> Self {
+        Self(counter)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

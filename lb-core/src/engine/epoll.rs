@@ -10,8 +10,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UdpSocket};
 
+use super::splice::{self, Pipe};
 use super::{gso, sys, Conn, Datagram, Engine, EngineKind};
-use crate::splice::{self, Pipe};
 
 /// A tokio UDP socket.
 #[derive(Debug)]

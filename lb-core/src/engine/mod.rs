@@ -6,6 +6,7 @@
 pub mod epoll;
 pub mod gso;
 mod ring;
+pub mod splice;
 mod sys;
 pub mod uring;
 pub mod wakeup;
@@ -16,7 +17,7 @@ use std::net::SocketAddr;
 
 use lb_config::EngineChoice;
 
-use crate::splice::Pipe;
+use splice::Pipe;
 
 /// A proxied TCP stream, used through shared references so one task can
 /// read it while another writes it (io_uring style owned buffers).

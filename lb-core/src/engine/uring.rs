@@ -17,7 +17,7 @@
 //! work, about a fifth of the CPU per byte. It returns to the ring when a
 //! read comes back short or a send would block, and while data keeps
 //! waiting the forwarder moves it through a kernel pipe
-//! ([`crate::splice`]). See docs/design/0007-own-io-uring-driver.md and
+//! ([`super::splice`]). See docs/design/0007-own-io-uring-driver.md and
 //! 0008-splice.md.
 
 #![allow(unsafe_code)]
@@ -32,8 +32,8 @@ use io_uring::{opcode, types};
 use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
 
 use super::ring::{self, Op};
+use super::splice::{self, Pipe};
 use super::{gso, sys, Conn, Datagram, Engine, EngineKind};
-use crate::splice::{self, Pipe};
 
 /// A socket used by ring operations. Queued entries name it by number, so
 /// they are submitted before it is closed (the number could be reused).

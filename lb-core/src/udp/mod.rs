@@ -21,16 +21,17 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 mod batch;
+pub mod flow;
 
 use batch::{send_runs, Drainer, Item, Scratch, BATCH, BATCH_BUF, RECV_BUF};
 
 use crate::balance::hash;
 use crate::engine::{Datagram, Engine};
-use crate::flow::FlowTable;
-use crate::forward::{Shared, Worker};
 use crate::proxy_protocol;
 use crate::routing::{BackendHandle, BindKey, ConnectError, Route};
 use crate::stats::{ListenerStats, UdpDrop, WorkerCounters};
+use crate::worker::{Shared, Worker};
+use flow::FlowTable;
 
 /// Largest datagram forwarded (the IPv4 UDP payload limit).
 pub const MAX_DATAGRAM: usize = 65_507;

@@ -1,0 +1,38 @@
+//! What every worker and the control side share: the routing snapshot
+//! and the counters the control side reads (metrics, placement, caps).
+
+use std::sync::atomic::AtomicU64;
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+
+use super::handoff::Handoff;
+use crate::routing::Routing;
+use crate::stats::Padded;
+
+/// What every worker and the control side share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The routing snapshot.
+    pub routing: ArcSwap<Routing>,
+    /// Proxied connections open now, all listeners.
+    pub active_total: AtomicU64,
+    /// Per worker: bytes of forwarding buffers held by connections now
+    /// (out of the pool): idle connections hold none.
+    pub buffer_bytes: Box<[Padded]>,
+    /// Per worker: splice pipes open now, leased or idle.
+    pub pipes_open: Box<[Padded]>,
+    /// Per worker: splice pipes kept idle for the next bulk transfer.
+    pub pipes_idle: Box<[Padded]>,
+    /// Per worker: TCP connections it serves now, including those handed
+    /// to it and not yet started (see [`super::handoff::place`]).
+    pub worker_conns: Box<[Padded]>,
+    /// Per worker: connections it accepted and handed to another worker.
+    pub handed_off: Box<[Padded]>,
+    /// Per worker: where the other workers hand it connections.
+    pub handoff: Box<[mpsc::UnboundedSender<Handoff>]>,
+    /// Global cap on `active_total`.
+    pub max_total: u64,
+    /// Bulk transfers move through kernel pipes (`[runtime] splice`).
+    pub splice: bool,
+}
