@@ -5,11 +5,10 @@
 //! it from plain threads, and all async work stays on runtimes it owns.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use std::path::{Path, PathBuf};
 
 use lb_config::{Config, ConfigErrors, DesiredState, EngineChoice, FieldError, Listener};
@@ -18,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::engine::{self, epoll::Epoll, uring::IoUring, EngineKind};
 use crate::metrics::Metrics;
 use crate::plane::{Applied, ApplyError, Plane};
-use crate::routing::{BindKey, Routing};
+use crate::routing::BindKey;
 use crate::worker::{run_worker, Shared};
 pub use lb_api::wire::{BackendStatus, ListenerStatus, Status};
 
@@ -454,18 +453,7 @@ impl Server {
             })?;
         let (handoff, handoffs): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
-        let shared = Arc::new(Shared {
-            routing: ArcSwap::from_pointee(Routing::default()),
-            active_total: AtomicU64::new(0),
-            buffer_bytes: (0..workers).map(|_| Default::default()).collect(),
-            pipes_open: (0..workers).map(|_| Default::default()).collect(),
-            pipes_idle: (0..workers).map(|_| Default::default()).collect(),
-            worker_conns: (0..workers).map(|_| Default::default()).collect(),
-            handed_off: (0..workers).map(|_| Default::default()).collect(),
-            handoff: handoff.into(),
-            max_total: max_total.max(1),
-            splice: config.runtime.splice,
-        });
+        let shared = Arc::new(Shared::new(handoff, max_total, config.runtime.splice));
 
         let mut senders = Vec::with_capacity(workers);
         let mut receivers = Vec::with_capacity(workers);

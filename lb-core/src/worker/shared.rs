@@ -36,3 +36,23 @@ pub struct Shared {
     /// Bulk transfers move through kernel pipes (`[runtime] splice`).
     pub splice: bool,
 }
+
+impl Shared {
+    /// State for one worker per `handoff` sender (where that worker takes
+    /// connections others hand it), with an empty routing snapshot.
+    pub fn new(handoff: Vec<mpsc::UnboundedSender<Handoff>>, max_total: u64, splice: bool) -> Self {
+        let per_worker = || (0..handoff.len()).map(|_| Padded::default()).collect();
+        Self {
+            routing: ArcSwap::from_pointee(Routing::default()),
+            active_total: AtomicU64::new(0),
+            buffer_bytes: per_worker(),
+            pipes_open: per_worker(),
+            pipes_idle: per_worker(),
+            worker_conns: per_worker(),
+            handed_off: per_worker(),
+            handoff: handoff.into(),
+            max_total: max_total.max(1),
+            splice,
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! Applying a configuration to the running data plane. First the pure
+//! [`diff`] from the listeners in force to the new ones; then the shell
+//! follows the invariants: bind new sockets first, publish one snapshot,
+//! then stop removed listeners and drain removed backends. A configuration
+//! that cannot be applied (a bind fails) changes nothing. Listeners the
+//! diff does not name keep their route (selector, handles, counters) as is.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use lb_config::{Listener, Protocol};
+use tokio::sync::{mpsc, watch};
+
+mod bind;
+pub mod diff;
+
+pub use bind::{bind_tcp, bind_udp};
+use diff::Diff;
+
+use crate::balance::Selector;
+use crate::health::HealthRegistry;
+use crate::routing::{BackendHandle, BindKey, Route, Routing};
+use crate::stats::ListenerStats;
+use crate::worker::{Shared, WorkerCmd};
+
+/// Why a configuration was not applied. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A new listener's address could not be bound.
+    #[error("listener {name:?}: cannot bind {addr}: {source}")]
+    Bind {
+        /// The listener.
+        name: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// What an apply changed, for the log line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The generation now published.
+    pub generation: u64,
+    /// Listeners bound by this apply.
+    pub added: usize,
+    /// Listeners whose sockets were closed.
+    pub removed: usize,
+    /// Backends that started draining.
+    pub draining: usize,
+}
+
+struct Bound {
+    stop: watch::Sender<bool>,
+    local: SocketAddr,
+}
+
+type HandleKey = (BindKey, SocketAddr);
+
+/// Freshly bound sockets, one per worker.
+enum Sockets {
+    Tcp(Vec<std::net::TcpListener>),
+    Udp(Vec<std::net::UdpSocket>),
+}
+
+/// The control side's view of the data plane. Not on the data path: only
+/// reloads and metrics scrapes take its lock.
+pub struct Plane {
+    shared: Arc<Shared>,
+    workers: Vec<mpsc::UnboundedSender<WorkerCmd>>,
+    rt: tokio::runtime::Handle,
+    generation: u64,
+    listeners: Vec<Listener>,
+    sockets: HashMap<BindKey, Bound>,
+    handles: HashMap<HandleKey, Arc<BackendHandle>>,
+    draining: HashMap<HandleKey, Arc<BackendHandle>>,
+    stats: HashMap<String, Arc<ListenerStats>>,
+    health: HealthRegistry,
+}
+
+impl std::fmt::Debug for Plane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plane")
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+impl Plane {
+    /// An empty plane driving `workers`; probers and timers run on `rt`.
+    pub fn new(
+        shared: Arc<Shared>,
+        workers: Vec<mpsc::UnboundedSender<WorkerCmd>>,
+        rt: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            shared,
+            workers,
+            rt,
+            generation: 0,
+            listeners: Vec::new(),
+            sockets: HashMap::new(),
+            handles: HashMap::new(),
+            draining: HashMap::new(),
+            stats: HashMap::new(),
+            health: HealthRegistry::default(),
+        }
+    }
+
+    /// The listeners now applied.
+    pub fn listeners(&self) -> &[Listener] {
+        &self.listeners
+    }
+
+    /// The address a listener is actually bound to (differs from the
+    /// configured one when that has port 0).
+    pub fn bound_addr(&self, key: &BindKey) -> Option<SocketAddr> {
+        self.sockets.get(key).map(|b| b.local)
+    }
+
+    /// Backends draining now, with the bind key of the listener they left.
+    pub fn draining(&self) -> impl Iterator<Item = (&BindKey, &Arc<BackendHandle>)> {
+        self.draining.iter().map(|((k, _), h)| (k, h))
+    }
+
+    /// The health registry (for metrics).
+    pub fn health(&self) -> &HealthRegistry {
+        &self.health
+    }
+
+    /// Applies `listeners` (static and dynamic together). On error nothing changed.
+    pub fn apply(&mut self, listeners: &[Listener]) -> Result<Applied, ApplyError> {
+        let d = diff::diff(&self.listeners, listeners);
+        // 1. Bind every new socket; any failure undoes the others.
+        let mut fresh: Vec<(BindKey, Sockets, SocketAddr)> = Vec::with_capacity(d.added.len());
+        for l in &d.added {
+            let workers = self.workers.len();
+            let bound = match l.protocol {
+                Protocol::Tcp => bind_tcp(l.bind, workers).map(|(s, a)| (Sockets::Tcp(s), a)),
+                Protocol::Udp => bind_udp(l.bind, workers).map(|(s, a)| (Sockets::Udp(s), a)),
+            };
+            let (sockets, local) = bound.map_err(|source| ApplyError::Bind {
+                name: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
+            fresh.push((BindKey::of(l), sockets, local));
+        }
+
+        // 2. The new snapshot: listeners the diff does not name keep their
+        // route; the others get one, reusing handles, counters and
+        // selectors where the diff allows.
+        let previous = self.shared.routing.load_full();
+        let rebuilt: HashMap<BindKey, (&Listener, bool)> = d
+            .changed
+            .iter()
+            .map(|c| (BindKey::of(&c.listener), (&c.listener, c.reselect)))
+            .chain(d.added.iter().map(|l| (BindKey::of(l), (l, true))))
+            .collect();
+        let mut routes = HashMap::with_capacity(listeners.len());
+        let mut probes = HashSet::new();
+        let mut stats: HashMap<String, Arc<ListenerStats>> = HashMap::new();
+        for l in listeners {
+            let key = BindKey::of(l);
+            let kept = previous
+                .routes
+                .get(&key)
+                .filter(|_| !rebuilt.contains_key(&key));
+            let route = match kept {
+                Some(route) => route.clone(),
+                None => {
+                    let reselect = rebuilt.get(&key).is_none_or(|&(_, r)| r);
+                    Arc::new(self.route(l, &previous, reselect))
+                }
+            };
+            probes.extend(route.backends.iter().map(|b| b.health.load().key.clone()));
+            stats.insert(l.name.clone(), route.stats.clone());
+            routes.insert(key, route);
+        }
+
+        // 3. Publish: one store.
+        self.generation += 1;
+        self.shared.routing.store(Arc::new(Routing {
+            generation: self.generation,
+            routes,
+        }));
+
+        // 4. Hand new sockets to the workers.
+        let added = fresh.len();
+        for (key, sockets, local) in fresh {
+            self.listen(key, sockets, local);
+        }
+
+        // 5. Close removed listeners' sockets.
+        for l in &d.removed {
+            if let Some(bound) = self.sockets.remove(&BindKey::of(l)) {
+                bound.stop.send_replace(true);
+                tracing::info!(bind = %bound.local, "listener closed");
+            }
+        }
+
+        // 6. Drain backends that left (including every backend of a removed
+        // listener), each for its old listener's drain timeout.
+        let draining = self.drain(&d);
+        self.draining
+            .retain(|_, h| !h.is_closed() && h.is_draining());
+        self.stats = stats;
+        self.health.retain(&probes);
+        self.listeners = listeners.to_vec();
+        Ok(Applied {
+            generation: self.generation,
+            added,
+            removed: d.removed.len(),
+            draining,
+        })
+    }
+
+    /// A route for `l`: its handles (kept, revived from draining, or new),
+    /// its counters (kept by name), and its selector (the previous one
+    /// unless `reselect`).
+    fn route(&mut self, l: &Listener, previous: &Routing, reselect: bool) -> Route {
+        let key = BindKey::of(l);
+        let backends = l
+            .backends
+            .iter()
+            .map(|b| {
+                let hk = (key, b.addr);
+                let cell = self.health.cell(b.addr, &l.health, &self.rt);
+                let reuse = self.handles.get(&hk).cloned().or_else(|| {
+                    let revived = self.draining.get(&hk).filter(|h| h.revive()).cloned();
+                    if revived.is_some() {
+                        self.draining.remove(&hk);
+                    }
+                    revived
+                });
+                let handle = match reuse {
+                    Some(h) => {
+                        if !Arc::ptr_eq(&h.health.load(), &cell) {
+                            h.health.store(cell);
+                        }
+                        h
+                    }
+                    None => Arc::new(BackendHandle::new(b.addr, cell)),
+                };
+                self.handles.insert(hk, handle.clone());
+                handle
+            })
+            .collect();
+        let stats = self
+            .stats
+            .get(&l.name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(ListenerStats::new(self.workers.len())));
+        let kept = previous
+            .routes
+            .get(&key)
+            .filter(|_| !reselect)
+            .map(|r| r.selector.clone());
+        let selector = kept.unwrap_or_else(|| Arc::new(Selector::new(l.balance, &l.backends)));
+        Route {
+            listener: l.clone(),
+            selector,
+            backends,
+            stats,
+        }
+    }
+
+    /// Gives a new listener's sockets to the workers (one each).
+    fn listen(&mut self, key: BindKey, sockets: Sockets, local: SocketAddr) {
+        let (stop, stop_rx) = watch::channel(false);
+        match sockets {
+            Sockets::Tcp(list) => {
+                for (socket, worker) in list.into_iter().zip(&self.workers) {
+                    let _ = worker.send(WorkerCmd::Listen {
+                        key,
+                        socket,
+                        stop: stop_rx.clone(),
+                    });
+                }
+            }
+            Sockets::Udp(list) => {
+                for (socket, worker) in list.into_iter().zip(&self.workers) {
+                    let _ = worker.send(WorkerCmd::ListenUdp {
+                        key,
+                        socket,
+                        local,
+                        stop: stop_rx.clone(),
+                    });
+                }
+            }
+        }
+        tracing::info!(bind = %local, "listening");
+        self.sockets.insert(key, Bound { stop, local });
+    }
+
+    /// Starts the drains the diff calls for, each ending at its old
+    /// listener's `drain_timeout`; returns how many started.
+    fn drain(&mut self, d: &Diff) -> usize {
+        let drain_of: HashMap<BindKey, lb_config::Duration> = self
+            .listeners
+            .iter()
+            .map(|l| (BindKey::of(l), l.drain_timeout))
+            .collect();
+        let mut started = 0;
+        for hk in d.draining() {
+            let Some(handle) = self.handles.remove(&hk) else {
+                continue;
+            };
+            started += 1;
+            let epoch = handle.start_drain();
+            let timeout = drain_of
+                .get(&hk.0)
+                .copied()
+                .unwrap_or(lb_config::Duration::from_secs(30));
+            let timer = handle.clone();
+            self.rt.spawn(async move {
+                tokio::time::sleep(timeout.get()).await;
+                timer.close_if_drained(epoch);
+            });
+            self.draining.insert(hk, handle);
+        }
+        started
+    }
+
+    /// Drops the worker channels so worker threads finish (shutdown, last step).
+    pub fn disconnect_workers(&mut self) {
+        self.workers.clear();
+    }
+
+    /// Stops every accept loop (shutdown, step 1).
+    pub fn stop_accepting(&mut self) {
+        for bound in self.sockets.values() {
+            bound.stop.send_replace(true);
+        }
+    }
+
+    /// Closes every connection now (shutdown, last step).
+    pub fn close_all(&mut self) {
+        for h in self.handles.values().chain(self.draining.values()) {
+            h.close_all();
+        }
+    }
+
+    /// The longest drain timeout of any listener (the shutdown grace).
+    pub fn max_drain(&self) -> std::time::Duration {
+        self.listeners
+            .iter()
+            .map(|l| l.drain_timeout.get())
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listeners(text: &str) -> Vec<Listener> {
+        lb_config::parse_config(text).unwrap().listeners
+    }
+
+    /// An apply that changes one listener leaves every other listener's
+    /// route (selector, handles, counters) as it was, and bumps the
+    /// generation once.
+    #[test]
+    fn unchanged_listeners_keep_their_routes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let shared = Arc::new(Shared::new(Vec::new(), 100, false));
+        let mut plane = Plane::new(shared.clone(), Vec::new(), rt.handle().clone());
+        let a = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nbackends = [{ addr = \"127.0.0.2:80\" }]\n[listener.health]\nkind = \"none\"\n";
+        let b = "[[listener]]\nname = \"b\"\nbind = \"127.0.0.9:0\"\nbackends = [{ addr = \"127.0.0.3:80\" }]\n[listener.health]\nkind = \"none\"\n";
+        let first = listeners(&format!("{a}{b}"));
+        let _guard = rt.enter();
+        plane.apply(&first).unwrap();
+        let before = shared.routing.load_full();
+        let mut second = first.clone();
+        second[1].backends[0].weight = 5;
+        let applied = plane.apply(&second).unwrap();
+        let after = shared.routing.load_full();
+        assert_eq!(applied.generation, before.generation + 1);
+        let key = |l: &Listener| BindKey::of(l);
+        assert!(
+            Arc::ptr_eq(
+                &before.routes[&key(&first[0])],
+                &after.routes[&key(&first[0])]
+            ),
+            "listener a did not change: its route is the same one"
+        );
+        let (old_b, new_b) = (
+            &before.routes[&key(&first[1])],
+            &after.routes[&key(&first[1])],
+        );
+        assert!(!Arc::ptr_eq(old_b, new_b), "listener b changed");
+        assert!(
+            !Arc::ptr_eq(&old_b.selector, &new_b.selector),
+            "its weights changed"
+        );
+        assert!(
+            Arc::ptr_eq(&old_b.backends[0], &new_b.backends[0]),
+            "same backend handle"
+        );
+        assert!(Arc::ptr_eq(&old_b.stats, &new_b.stats), "same counters");
+    }
+}
