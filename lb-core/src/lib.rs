@@ -10,20 +10,17 @@
 
 pub mod admin;
 pub mod balance;
-pub mod control;
 pub mod demo;
 pub mod engine;
 pub mod health;
 pub mod metrics;
 pub mod notify;
-pub mod persist;
 pub mod plane;
 pub mod proxy_protocol;
 pub mod routing;
 pub mod server;
 pub mod stats;
 pub mod tcp;
-pub mod tls;
 pub mod udp;
 pub mod worker;
 

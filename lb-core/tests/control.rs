@@ -194,7 +194,7 @@ fn error_classes_and_unchanged_state() {
     // The same state again is idempotent.
     assert_eq!(put(&sock, &good).0, StatusCode::OK);
     // Oversized body: 413.
-    let huge = vec![b' '; lb_core::control::MAX_BODY + 1];
+    let huge = vec![b' '; lb_core::admin::control::MAX_BODY + 1];
     assert_eq!(
         call(&sock, Method::PUT, "/v1/state", Some(huge)).0,
         StatusCode::PAYLOAD_TOO_LARGE
@@ -229,6 +229,43 @@ fn error_classes_and_unchanged_state() {
         ) == Some(1.0),
         "{m}"
     );
+}
+
+/// A state that cannot be persisted is never in force: the PUT answers
+/// 500, the new listener was never bound or published (the generation did
+/// not move), and the state in force is the old one.
+#[test]
+fn a_state_that_cannot_be_persisted_is_never_applied() {
+    let dir = Dir::new("persist");
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    // state_dir under a regular file: creating it fails (even for root).
+    let blocker = dir.0.join("blocker");
+    std::fs::write(&blocker, b"").unwrap();
+    let config = admin(&dir).replace(
+        &format!("state_dir = \"{}\"", dir.state().display()),
+        &format!("state_dir = \"{}\"", blocker.join("state").display()),
+    );
+    let lbd = start_lbd(&config, EngineChoice::Epoll);
+    let sock = dir.socket();
+    let generation = || metric(&lbd.metrics_text(), "weir_config_generation");
+    let before = generation();
+    let port = free_port("127.0.0.36");
+    let state = json!({ "version": 3, "listeners": [listener("svc", &format!("127.0.0.36:{port}"), b.addr)] });
+    let (code, body) = put(&sock, &state);
+    assert_eq!(code, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not persisted"),
+        "{body}"
+    );
+    assert_eq!(generation(), before, "nothing was published");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.36", port)).is_err(),
+        "the new listener is not bound"
+    );
+    assert_eq!(call(&sock, Method::GET, "/v1/state", None).1["version"], 0);
 }
 
 #[test]

@@ -407,4 +407,39 @@ mod tests {
             assert_eq!(sel.pick(&pool(0), 1, 2), None);
         }
     }
+
+    proptest::proptest! {
+        /// Whatever the algorithm, weights, health, load, key and random
+        /// number, a pick is a usable backend with a weight above zero, or
+        /// nothing when there is none.
+        #[test]
+        fn selection_never_returns_an_unusable_backend(
+            balance in proptest::sample::select(vec![
+                Balance::Maglev, Balance::RoundRobin, Balance::LeastConn, Balance::RandomTwo,
+            ]),
+            backends_up in proptest::collection::vec((0u32..4, proptest::bool::ANY, 0u64..5), 0..9),
+            picks in proptest::collection::vec((proptest::num::u64::ANY, proptest::num::u64::ANY), 1..20),
+        ) {
+            let weights: Vec<u32> = backends_up.iter().map(|b| b.0).collect();
+            let sel = Selector::new(balance, &backends(&weights));
+            let p = TestPool {
+                up: backends_up.iter().map(|b| b.1).collect(),
+                active: RefCell::new(backends_up.iter().map(|b| b.2).collect()),
+            };
+            let any = backends_up.iter().any(|b| b.0 > 0 && b.1);
+            for (key, random) in picks {
+                match sel.pick(&p, key, random) {
+                    Some(i) => {
+                        proptest::prop_assert!(p.up[i], "{balance:?} picked down backend {i}");
+                        proptest::prop_assert!(weights[i] > 0, "{balance:?} picked weight-0 backend {i}");
+                    }
+                    // Maglev and round robin look a bounded number of places
+                    // (8 probes, 64 steps) before they give up; the others
+                    // find a usable backend whenever there is one.
+                    None if matches!(balance, Balance::LeastConn) => proptest::prop_assert!(!any),
+                    None => {}
+                }
+            }
+        }
+    }
 }

@@ -164,4 +164,45 @@ mod tests {
         assert!(m.observe(false, t).is_some());
         assert_eq!(m.state(), Health::Down);
     }
+
+    proptest::proptest! {
+        /// After its first success, the machine goes down on exactly the
+        /// `fall`th failure in a row and up on exactly the `rise`th success
+        /// in a row, whatever came before; a model counting streaks agrees
+        /// with it on every step of any sequence of results.
+        #[test]
+        fn flips_after_exactly_rise_and_fall_in_any_sequence(
+            rise in 1u32..6,
+            fall in 1u32..6,
+            results in proptest::collection::vec(proptest::bool::ANY, 0..200),
+        ) {
+            let t = Instant::now();
+            let mut m = HealthMachine::new(rise, fall, t);
+            m.observe(true, t); // confirmed
+            let (mut up, mut streak) = (true, 0u32);
+            for (step, ok) in results.into_iter().enumerate() {
+                let flipped = match (up, ok) {
+                    (true, false) | (false, true) => {
+                        streak += 1;
+                        let limit = if up { fall } else { rise };
+                        if streak == limit {
+                            up = !up;
+                            streak = 0;
+                            true
+                        } else {
+                            false
+                        }
+                    }
+                    _ => {
+                        streak = 0;
+                        false
+                    }
+                };
+                let t = m.observe(ok, t);
+                proptest::prop_assert_eq!(t.is_some(), flipped, "step {}", step);
+                let expected = if up { Health::Up } else { Health::Down };
+                proptest::prop_assert_eq!(m.state(), expected, "step {}", step);
+            }
+        }
+    }
 }

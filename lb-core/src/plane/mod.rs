@@ -59,6 +59,22 @@ struct Bound {
 
 type HandleKey = (BindKey, SocketAddr);
 
+/// An apply half done: see [`Plane::prepare`].
+pub struct Prepared {
+    diff: Diff,
+    fresh: Vec<(BindKey, Sockets, SocketAddr)>,
+    listeners: Vec<Listener>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("diff", &self.diff)
+            .field("bound", &self.fresh.len())
+            .finish()
+    }
+}
+
 /// Freshly bound sockets, one per worker.
 enum Sockets {
     Tcp(Vec<std::net::TcpListener>),
@@ -132,10 +148,19 @@ impl Plane {
 
     /// Applies `listeners` (static and dynamic together). On error nothing changed.
     pub fn apply(&mut self, listeners: &[Listener]) -> Result<Applied, ApplyError> {
-        let d = diff::diff(&self.listeners, listeners);
-        // 1. Bind every new socket; any failure undoes the others.
-        let mut fresh: Vec<(BindKey, Sockets, SocketAddr)> = Vec::with_capacity(d.added.len());
-        for l in &d.added {
+        let prepared = self.prepare(listeners)?;
+        Ok(self.commit(prepared))
+    }
+
+    /// The first half of an apply: the diff from the listeners in force,
+    /// and the sockets of the new ones, bound (any failure undoes the
+    /// others, and nothing changed). Nothing is published: dropping the
+    /// result closes the sockets. The caller keeps the plane from changing
+    /// until it commits.
+    pub fn prepare(&self, listeners: &[Listener]) -> Result<Prepared, ApplyError> {
+        let diff = diff::diff(&self.listeners, listeners);
+        let mut fresh: Vec<(BindKey, Sockets, SocketAddr)> = Vec::with_capacity(diff.added.len());
+        for l in &diff.added {
             let workers = self.workers.len();
             let bound = match l.protocol {
                 Protocol::Tcp => bind_tcp(l.bind, workers).map(|(s, a)| (Sockets::Tcp(s), a)),
@@ -148,7 +173,23 @@ impl Plane {
             })?;
             fresh.push((BindKey::of(l), sockets, local));
         }
+        Ok(Prepared {
+            diff,
+            fresh,
+            listeners: listeners.to_vec(),
+        })
+    }
 
+    /// The second half: publishes the prepared listeners, hands their new
+    /// sockets to the workers, closes removed listeners and starts drains.
+    /// It cannot fail.
+    pub fn commit(&mut self, prepared: Prepared) -> Applied {
+        let Prepared {
+            diff: d,
+            fresh,
+            listeners,
+        } = prepared;
+        let listeners = &listeners[..];
         // 2. The new snapshot: listeners the diff does not name keep their
         // route; the others get one, reusing handles, counters and
         // selectors where the diff allows.
@@ -209,12 +250,12 @@ impl Plane {
         self.stats = stats;
         self.health.retain(&probes);
         self.listeners = listeners.to_vec();
-        Ok(Applied {
+        Applied {
             generation: self.generation,
             added,
             removed: d.removed.len(),
             draining,
-        })
+        }
     }
 
     /// A route for `l`: its handles (kept, revived from draining, or new),

@@ -1,138 +1,31 @@
-//! Prometheus metrics. Data-path counters live in per-worker and per-handle
-//! atomics; this collector reads and sums them at scrape time, so the data
-//! path never takes a lock or touches a metric family.
+//! The scrape-time collector: reads the routing snapshot, the plane's
+//! draining handles and health cells, and the per-worker counters, and
+//! turns them into metric families. Nothing here is on the data path.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
+use crate::engine::EngineKind;
+use crate::plane::Plane;
 use crate::routing::ConnectError;
-use crate::server::Inner;
 use crate::stats::{Reject, UdpDrop};
+use crate::worker::Shared;
 
-/// Registered metrics of one server.
-pub struct Metrics {
-    /// The registry `/metrics` encodes.
-    pub registry: Registry,
-    /// Configuration reloads by result (`applied`, `rejected`).
-    pub reloads: IntCounterVec,
-    /// Generation of the applied configuration.
-    pub generation: IntGauge,
-    /// Control API requests by endpoint and status code.
-    pub api_requests: IntCounterVec,
-    /// `PUT /v1/state` outcomes (`applied`, `conflict`, `invalid`, `error`).
-    pub applies: IntCounterVec,
-    /// Time to validate, apply and persist a dynamic state.
-    pub apply_seconds: Histogram,
-    /// Version of the dynamic state in force.
-    pub dynamic_version: IntGauge,
-}
-
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Metrics")
-    }
-}
-
-impl Metrics {
-    /// Creates the registry; `inner` is read at scrape time.
-    pub fn new() -> Self {
-        let registry = Registry::new();
-        let reloads = IntCounterVec::new(
-            Opts::new(
-                "weir_config_reloads_total",
-                "Configuration reloads by result.",
-            ),
-            &["result"],
-        )
-        .expect("static metric");
-        let generation = IntGauge::new(
-            "weir_config_generation",
-            "Generation of the applied configuration (increments per applied change).",
-        )
-        .expect("static metric");
-        let api_requests = IntCounterVec::new(
-            Opts::new(
-                "weir_api_requests_total",
-                "Control API requests by endpoint and status code.",
-            ),
-            &["endpoint", "code"],
-        )
-        .expect("static metric");
-        let applies = IntCounterVec::new(
-            Opts::new(
-                "weir_api_applies_total",
-                "Dynamic state applies by result (applied, conflict, invalid, error).",
-            ),
-            &["result"],
-        )
-        .expect("static metric");
-        let apply_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "weir_api_apply_duration_seconds",
-                "Time to validate, apply and persist a dynamic state.",
-            )
-            .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
-        )
-        .expect("static metric");
-        let dynamic_version = IntGauge::new(
-            "weir_dynamic_state_version",
-            "Version of the dynamic state in force (0 before any).",
-        )
-        .expect("static metric");
-        let collectors: [Box<dyn Collector>; 6] = [
-            Box::new(reloads.clone()),
-            Box::new(generation.clone()),
-            Box::new(api_requests.clone()),
-            Box::new(applies.clone()),
-            Box::new(apply_seconds.clone()),
-            Box::new(dynamic_version.clone()),
-        ];
-        for c in collectors {
-            registry.register(c).expect("unique metric");
-        }
-        for r in ["applied", "rejected"] {
-            reloads.with_label_values(&[r]);
-        }
-        Self {
-            registry,
-            reloads,
-            generation,
-            api_requests,
-            applies,
-            apply_seconds,
-            dynamic_version,
-        }
-    }
-
-    /// Registers the scrape-time collector over `inner`.
-    pub fn attach(&self, inner: Weak<Inner>) {
-        let _ = self.registry.register(Box::new(StateCollector {
-            inner,
-            descs: Vec::new(),
-        }));
-    }
-
-    /// The text exposition of every metric.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
-        out
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-struct StateCollector {
-    inner: Weak<Inner>,
-    descs: Vec<Desc>,
+/// What the collector reads: the data plane's shared state and the plane
+/// (draining handles, health cells), and what the `weir_info` line says.
+pub struct DataPlaneView {
+    /// What workers share (the routing snapshot, per-worker counters).
+    pub shared: Arc<Shared>,
+    /// The plane, for draining backends and health cells.
+    pub plane: Arc<Mutex<Plane>>,
+    /// Engine in use.
+    pub engine: EngineKind,
+    /// Worker count.
+    pub workers: usize,
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -143,20 +36,19 @@ fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric")
 }
 
-impl Collector for StateCollector {
+impl Collector for DataPlaneView {
+    /// Families vary with the configuration, so none is declared up front
+    /// (an unchecked collector, as prometheus allows).
     fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
+        Vec::new()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let Some(inner) = self.inner.upgrade() else {
-            return Vec::new();
-        };
-        collect(&inner)
+        collect(self)
     }
 }
 
-fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
+fn collect(view: &DataPlaneView) -> Vec<MetricFamily> {
     let accepted = counter(
         "weir_connections_accepted_total",
         "TCP connections accepted, by listener.",
@@ -268,7 +160,7 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
         "UDP datagrams dropped, by listener and reason (flow_limit, no_backend, truncated, source_range).",
         &["listener", "reason"],
     );
-    let routing = inner.shared.routing.load();
+    let routing = view.shared.routing.load();
     for route in routing.routes.values() {
         let name = route.listener.name.as_str();
         let t = route.stats.totals();
@@ -335,7 +227,7 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
             .with_label_values(&[name, "to_client"])
             .inc_by(t.bytes_to_client);
     }
-    if let Ok(plane) = inner.plane.lock() {
+    if let Ok(plane) = view.plane.lock() {
         let names: std::collections::HashMap<_, _> = routing
             .routes
             .iter()
@@ -366,19 +258,19 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
                 .inc_by(cell.passive_failures.load(Ordering::Relaxed));
         }
     }
-    global.set(inner.shared.active_total.load(Ordering::Relaxed) as i64);
-    buffers.set(crate::stats::sum(&inner.shared.buffer_bytes) as i64);
-    let open = crate::stats::sum(&inner.shared.pipes_open);
-    let idle = crate::stats::sum(&inner.shared.pipes_idle);
+    global.set(view.shared.active_total.load(Ordering::Relaxed) as i64);
+    buffers.set(crate::stats::sum(&view.shared.buffer_bytes) as i64);
+    let open = crate::stats::sum(&view.shared.pipes_open);
+    let idle = crate::stats::sum(&view.shared.pipes_idle);
     pipes
         .with_label_values(&["leased"])
         .set(open.saturating_sub(idle) as i64);
     pipes.with_label_values(&["idle"]).set(idle as i64);
-    let workers = inner
+    let workers = view
         .shared
         .worker_conns
         .iter()
-        .zip(&*inner.shared.handed_off);
+        .zip(&*view.shared.handed_off);
     for (id, (conns, handed)) in workers.enumerate() {
         let id = id.to_string();
         per_worker
@@ -389,8 +281,8 @@ fn collect(inner: &Arc<Inner>) -> Vec<MetricFamily> {
             .inc_by(handed.0.load(Ordering::Relaxed));
     }
     info.with_label_values(&[
-        inner.engine.name(),
-        &inner.workers.to_string(),
+        view.engine.name(),
+        &view.workers.to_string(),
         env!("CARGO_PKG_VERSION"),
     ])
     .set(1);

@@ -7,41 +7,72 @@
 //! every request needs `Authorization: Bearer <token>` (401 otherwise, with
 //! no detail); `admin.client_ca` adds mutual TLS.
 //!
-//! Limits: request bodies (16 MiB), header, handshake and whole-connection
-//! timeouts, and a bounded number of concurrent connections; applies are
-//! serialised by the server.
+//! Limits: request bodies (16 MiB), and what [`super::http`] bounds
+//! (pending and total connections, per-source connections, handshake, head
+//! and exchange deadlines); applies are serialised by the server.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use lb_config::DesiredState;
+use lb_api::wire::Status;
+use lb_config::{DesiredState, FieldError};
 use serde_json::json;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
-use crate::server::{Inner, PutError};
-use crate::tls::Token;
+use super::http::{self, Body, Limits};
+use super::tls::Token;
+use crate::metrics::ApiMetrics;
+
+/// What the control API needs of a running `lbd`: its readiness, its
+/// dynamic state, its status, and a way to replace the state. Applies are
+/// serialised by the implementation.
+pub trait ControlApi: Send + Sync {
+    /// Whether the initial state is applied and listeners bound.
+    fn ready(&self) -> bool;
+    /// The dynamic state in force.
+    fn state(&self) -> DesiredState;
+    /// Listeners and backends now.
+    fn status(&self) -> Status;
+    /// Validates, persists and applies `state` (`PUT /v1/state`).
+    fn put_state(&self, state: DesiredState) -> Result<u64, PutError>;
+}
+
+/// Why a `PUT /v1/state` was refused. Nothing changed.
+#[derive(Debug)]
+pub enum PutError {
+    /// Stale or conflicting version (409).
+    Conflict {
+        /// The version now applied.
+        current: u64,
+    },
+    /// Invalid content (422), every error with its path.
+    Invalid(Vec<FieldError>),
+    /// The state could not be written to disk (500); nothing was applied.
+    Persist(std::io::Error),
+}
+
+/// The control API's handle on the server and on its metrics.
+#[derive(Clone)]
+pub struct Control {
+    /// The server.
+    pub api: Arc<dyn ControlApi>,
+    /// What the API counts.
+    pub metrics: ApiMetrics,
+}
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 16 << 20;
-/// Concurrent control connections served; more wait in the backlog.
-const MAX_CONNECTIONS: usize = 32;
 
 /// Binds the control socket at `path` (creating its directory, replacing a
 /// stale socket file, mode 0600) and serves it on the current runtime.
-pub async fn serve_unix(
-    path: &Path,
-    group: Option<&str>,
-    inner: Arc<Inner>,
-) -> std::io::Result<()> {
+pub async fn serve_unix(path: &Path, group: Option<&str>, control: Control) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -59,23 +90,12 @@ pub async fn serve_unix(
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     tracing::info!(socket = %path.display(), "control API listening");
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    tokio::spawn(async move {
-        loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, inner.clone(), None, permit));
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "control accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    });
+    http::spawn(
+        http::Listener::Unix(listener),
+        Limits::CONTROL,
+        handler(control, None),
+        "control",
+    );
     Ok(())
 }
 
@@ -103,63 +123,36 @@ pub async fn serve_tls(
     addr: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     token: Token,
-    inner: Arc<Inner>,
+    control: Control,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let token = Arc::new(token);
     tracing::info!(addr = %local, "control API listening (TLS)");
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    tokio::spawn(async move {
-        loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::debug!(error = %e, "control accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let (acceptor, inner, token) = (acceptor.clone(), inner.clone(), token.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve_connection(tls, inner, Some(token), permit).await,
-                    Ok(Err(e)) => tracing::debug!(error = %e, "control TLS handshake failed"),
-                    Err(_) => tracing::debug!("control TLS handshake timed out"),
-                }
-            });
-        }
-    });
+    http::spawn(
+        http::Listener::Tls(listener, acceptor),
+        Limits::CONTROL,
+        handler(control, Some(Arc::new(token))),
+        "control-tls",
+    );
     Ok(local)
 }
 
-/// Serves one connection: header and whole-connection timeouts, a body
-/// limit, and (over TCP) the token check before anything else.
-async fn serve_connection<S>(
-    stream: S,
-    inner: Arc<Inner>,
-    token: Option<Arc<Token>>,
-    permit: OwnedSemaphorePermit,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let inner = inner.clone();
-        let token = token.clone();
-        async move {
+/// The request handler: the token check (over TCP) before anything else,
+/// then the routes.
+fn handler(control: Control, token: Option<Arc<Token>>) -> http::Handler {
+    Arc::new(move |req: Request<Incoming>| {
+        let (control, token) = (control.clone(), token.clone());
+        Box::pin(async move {
             if let Some(t) = &token {
-                if !t.accepts(
-                    req.headers()
-                        .get(hyper::header::AUTHORIZATION)
-                        .map(|v| v.as_bytes()),
-                ) {
-                    inner
+                let presented = req
+                    .headers()
+                    .get(hyper::header::AUTHORIZATION)
+                    .map(|v| v.as_bytes());
+                if !t.accepts(presented) {
+                    control
                         .metrics
-                        .api_requests
+                        .requests
                         .with_label_values(&["unauthorized", "401"])
                         .inc();
                     let mut r = error(StatusCode::UNAUTHORIZED, "unauthorized");
@@ -167,36 +160,29 @@ async fn serve_connection<S>(
                         hyper::header::WWW_AUTHENTICATE,
                         hyper::header::HeaderValue::from_static("Bearer"),
                     );
-                    return Ok::<_, Infallible>(r);
+                    return r;
                 }
             }
-            Ok::<_, Infallible>(handle(&inner, req).await)
-        }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(5))
-        .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(stream), service);
-    let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
-    drop(permit);
+            handle(&control, req).await
+        })
+    })
 }
 
-fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+fn reply(status: StatusCode, body: serde_json::Value) -> Response<Body> {
     let mut text = serde_json::to_vec_pretty(&body).unwrap_or_default();
     text.push(b'\n');
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(text)))
+        .body(Body::new(Bytes::from(text)))
         .expect("static response")
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
     reply(status, json!({ "error": message.into() }))
 }
 
-async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(control: &Control, req: Request<Incoming>) -> Response<Body> {
     let endpoint = match req.uri().path() {
         "/v1/state" => "/v1/state",
         "/v1/status" => "/v1/status",
@@ -204,20 +190,20 @@ async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<Byt
         "/readyz" => "/readyz",
         _ => "other",
     };
-    let response = route(inner, req).await;
-    inner
+    let response = route(control, req).await;
+    control
         .metrics
-        .api_requests
+        .requests
         .with_label_values(&[endpoint, response.status().as_str()])
         .inc();
     response
 }
 
-async fn route(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(control: &Control, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     match (method, req.uri().path()) {
         (Method::GET, "/healthz") => reply(StatusCode::OK, json!({ "status": "ok" })),
-        (Method::GET, "/readyz") if inner.is_ready() => {
+        (Method::GET, "/readyz") if control.api.ready() => {
             reply(StatusCode::OK, json!({ "status": "ready" }))
         }
         (Method::GET, "/readyz") => reply(
@@ -226,13 +212,13 @@ async fn route(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<Byte
         ),
         (Method::GET, "/v1/state") => reply(
             StatusCode::OK,
-            serde_json::to_value(inner.dynamic_state()).unwrap_or_default(),
+            serde_json::to_value(control.api.state()).unwrap_or_default(),
         ),
         (Method::GET, "/v1/status") => reply(
             StatusCode::OK,
-            serde_json::to_value(inner.status()).unwrap_or_default(),
+            serde_json::to_value(control.api.status()).unwrap_or_default(),
         ),
-        (Method::PUT, "/v1/state") => put_state(inner, req).await,
+        (Method::PUT, "/v1/state") => put_state(control, req).await,
         (_, "/healthz" | "/readyz" | "/v1/state" | "/v1/status") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
@@ -244,7 +230,7 @@ async fn route(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<Byte
 /// concurrent PUTs can make us hold (applies are serialised anyway).
 static BODY_SLOTS: Semaphore = Semaphore::const_new(2);
 
-async fn put_state(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn put_state(control: &Control, req: Request<Incoming>) -> Response<Body> {
     let Ok(_slot) = BODY_SLOTS.acquire().await else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
@@ -271,10 +257,10 @@ async fn put_state(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed state: {e}")),
     };
     let started = Instant::now();
-    let inner2 = inner.clone();
+    let api = control.api.clone();
     // Applying binds sockets and writes the state file: keep it off the reactor.
-    let result = tokio::task::spawn_blocking(move || inner2.put_state(state)).await;
-    inner
+    let result = tokio::task::spawn_blocking(move || api.put_state(state)).await;
+    control
         .metrics
         .apply_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -309,6 +295,6 @@ async fn put_state(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<
             ),
         ),
     };
-    inner.metrics.applies.with_label_values(&[label]).inc();
+    control.metrics.applies.with_label_values(&[label]).inc();
     response
 }

@@ -1,0 +1,99 @@
+//! One active check (a TCP connect, or an HTTP `GET` whose status must be
+//! 2xx or 3xx) bounded by the check's timeout, and the loop that runs it
+//! every interval for a cell.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use lb_config::{HealthCheck, HealthKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::cell::HealthCell;
+
+/// Checks `cell`'s target every interval, for as long as it runs.
+pub async fn run_prober(cell: Arc<HealthCell>) {
+    let check = cell.key.check.clone();
+    let mut ticker = tokio::time::interval(check.interval.get());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let result = probe(&check, cell.key.target).await;
+        cell.record(result, Instant::now());
+    }
+}
+
+/// Runs one check against `target`, bounded by the check's timeout.
+pub async fn probe(check: &HealthCheck, target: SocketAddr) -> Result<(), String> {
+    let work = async {
+        let mut stream = TcpStream::connect(target)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        if check.kind != HealthKind::Http {
+            return Ok(());
+        }
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: weir-lbd-health\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+            check.path
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut head = Vec::with_capacity(256);
+        let mut buf = [0u8; 256];
+        while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 1024 {
+            let n = stream
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        match parse_status(&head) {
+            Some(code) if (200..400).contains(&code) => Ok(()),
+            Some(code) => Err(format!("HTTP status {code}")),
+            None => Err("no HTTP status line in the reply".to_owned()),
+        }
+    };
+    match tokio::time::timeout(check.timeout.get(), work).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("timed out after {}", check.timeout)),
+    }
+}
+
+/// The status code of an HTTP/1.x status line.
+fn parse_status(head: &[u8]) -> Option<u16> {
+    let line = head.split(|&b| b == b'\n').next()?;
+    let text = std::str::from_utf8(line).ok()?;
+    let mut parts = text.split_ascii_whitespace();
+    if !parts.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    let code = parts.next()?;
+    if code.len() != 3 {
+        return None;
+    }
+    code.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(
+            parse_status(b"HTTP/1.0 503 Service Unavailable\r\n"),
+            Some(503)
+        );
+        assert_eq!(parse_status(b"HTTP/1.1 302\r\n"), Some(302));
+        assert_eq!(parse_status(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(parse_status(b"HTTP/1.1 2000 OK\r\n"), None);
+        assert_eq!(parse_status(b""), None);
+    }
+}

@@ -1,0 +1,366 @@
+//! The running `lbd`: worker threads, the control runtime (health probes,
+//! drain timers, the HTTP surfaces), reloads and graceful shutdown.
+//!
+//! - [`core`]: the sources of listeners, the plane and the persisted state,
+//!   behind every apply;
+//! - [`sources`]: what a new file or state means (pure);
+//! - [`persist`]: the dynamic state on disk;
+//! - [`status`]: the status snapshot;
+//! - [`workers`]: starting the worker threads.
+//!
+//! The API is blocking on purpose: `main`, signal handling and tests drive
+//! it from plain threads, and all async work stays on runtimes it owns.
+
+mod core;
+pub mod persist;
+mod sources;
+mod status;
+mod workers;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lb_config::{Config, DesiredState, EngineChoice};
+use tokio::sync::mpsc;
+
+pub use self::core::ReloadError;
+use self::core::{Core, Parts};
+use crate::admin::control::{Control, ControlApi, PutError};
+use crate::admin::endpoint::Endpoint;
+use crate::engine::{self, epoll::Epoll, uring::IoUring, EngineKind};
+use crate::metrics::{DataPlaneView, Metrics};
+use crate::plane::{Applied, ApplyError, Plane};
+use crate::worker::{run_worker, Shared};
+pub use lb_api::wire::{BackendStatus, ListenerStatus, Status};
+pub use workers::WorkerError;
+use workers::{raise_nofile, spawn_workers, Started};
+
+/// Overrides of the file's `[runtime]` (command line, tests).
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Engine instead of `runtime.engine`.
+    pub engine: Option<EngineChoice>,
+    /// Worker count instead of `runtime.workers`.
+    pub workers: Option<usize>,
+}
+
+/// Why the server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The requested engine is unavailable.
+    #[error("engine: {0}")]
+    Engine(String),
+    /// A runtime or thread could not be created.
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The worker threads did not start.
+    #[error(transparent)]
+    Workers(#[from] WorkerError),
+    /// The initial configuration could not be applied.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The control API's TLS material or token is unusable.
+    #[error(transparent)]
+    Tls(#[from] lb_api::tls::TlsError),
+}
+
+/// A running `lbd`.
+#[derive(Debug)]
+pub struct Server {
+    core: Arc<Core>,
+    metrics: Metrics,
+    engine: EngineKind,
+    rt: Option<tokio::runtime::Runtime>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    admin: Option<SocketAddr>,
+    control_tcp: Option<SocketAddr>,
+}
+
+impl Server {
+    /// Starts workers, applies `config`, and serves the admin endpoint.
+    pub fn start(config: &Config, options: &Options) -> Result<Self, StartError> {
+        // TLS material and the token are read before anything binds, so a
+        // bad file fails the start cleanly.
+        let control_tcp = match (
+            &config.admin.control_tcp,
+            &config.admin.tls_cert,
+            &config.admin.tls_key,
+            &config.admin.token_file,
+        ) {
+            (Some(addr), Some(cert), Some(key), Some(token)) => {
+                let tls = crate::admin::tls::server_config(
+                    Path::new(cert),
+                    Path::new(key),
+                    config.admin.client_ca.as_deref().map(Path::new),
+                )?;
+                Some((
+                    *addr,
+                    tls,
+                    crate::admin::tls::Token::load(Path::new(token))?,
+                ))
+            }
+            _ => None,
+        };
+        let choice = options.engine.unwrap_or(config.runtime.engine);
+        let chosen = engine::choose(choice).map_err(StartError::Engine)?;
+        let engine = chosen.kind;
+        if let Some(why) = &chosen.fallback {
+            tracing::warn!(reason = %why, "io_uring unsuitable here, using epoll");
+        }
+        match (&chosen.note, chosen.slow) {
+            (Some(note), true) => {
+                tracing::warn!(reason = %note, "engine = \"io_uring\" as configured, but replies will be late; \"auto\" would use epoll")
+            }
+            (Some(note), false) => tracing::info!(engine = engine.name(), "{note}"),
+            (None, _) => {}
+        }
+        let workers = match options.workers.unwrap_or(config.runtime.workers) {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        };
+        let nofile = raise_nofile();
+        // Splice pipes (two descriptors each) are kept out of the connections' share.
+        let pipe_fds = if config.runtime.splice {
+            2 * crate::engine::splice::PIPES_PER_WORKER * workers as u64
+        } else {
+            0
+        };
+        let max_total = match config.runtime.max_connections {
+            // Each proxied connection holds two descriptors; keep some for everything else.
+            0 => nofile.saturating_sub(256 + pipe_fds) / 2,
+            n => n,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("lbd-control")
+            .enable_all()
+            .build()
+            .map_err(|source| StartError::Io {
+                what: "control runtime",
+                source,
+            })?;
+        let (handoff, handoffs): (Vec<_>, Vec<_>) =
+            (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
+        let shared = Arc::new(Shared::new(handoff, max_total, config.runtime.splice));
+
+        let mut senders = Vec::with_capacity(workers);
+        let mut receivers = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let inputs = receivers.into_iter().zip(handoffs).collect();
+        let threads = spawn_workers(inputs, {
+            let shared = shared.clone();
+            move |id, (rx, handoffs), started: Started| {
+                let shared = shared.clone();
+                let started = move || started.running();
+                match engine {
+                    EngineKind::IoUring => run_worker::<IoUring>(id, shared, rx, handoffs, started),
+                    EngineKind::Epoll => run_worker::<Epoll>(id, shared, rx, handoffs, started),
+                }
+            }
+        })?;
+
+        let plane = Arc::new(Mutex::new(Plane::new(
+            shared.clone(),
+            senders,
+            rt.handle().clone(),
+        )));
+        let metrics = Metrics::new();
+        metrics.attach(DataPlaneView {
+            shared: shared.clone(),
+            plane: plane.clone(),
+            engine,
+            workers,
+        });
+        let ready = Arc::new(AtomicBool::new(false));
+        let core = Arc::new(Core::new(Parts {
+            plane,
+            file: config.clone(),
+            state_dir: (config.admin.control_socket.is_some()
+                || config.admin.control_tcp.is_some())
+            .then(|| PathBuf::from(&config.admin.state_dir)),
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+            shared,
+            engine,
+            workers,
+        }));
+        let mut server = Self {
+            core: core.clone(),
+            metrics: metrics.clone(),
+            engine,
+            rt: Some(rt),
+            threads,
+            admin: None,
+            control_tcp: None,
+        };
+        let applied = core.apply_file()?;
+        core.load_persisted();
+        let control = Control {
+            api: core.clone(),
+            metrics: metrics.api.clone(),
+        };
+        let rt = server.rt.as_ref().expect("runtime lives until drop");
+        let _guard = rt.enter();
+        if let Some((addr, tls, token)) = control_tcp {
+            let bound = rt
+                .block_on(crate::admin::control::serve_tls(
+                    addr,
+                    tls,
+                    token,
+                    control.clone(),
+                ))
+                .map_err(|source| StartError::Io {
+                    what: "admin.control_tcp bind",
+                    source,
+                })?;
+            server.control_tcp = Some(bound);
+        }
+        if let Some(path) = &config.admin.control_socket {
+            rt.block_on(crate::admin::control::serve_unix(
+                Path::new(path),
+                config.admin.control_socket_group.as_deref(),
+                control,
+            ))
+            .map_err(|source| StartError::Io {
+                what: "admin.control_socket bind",
+                source,
+            })?;
+        }
+        if let Some(addr) = config.admin.metrics {
+            let bound = rt
+                .block_on(crate::admin::endpoint::serve(
+                    addr,
+                    Endpoint { metrics, ready },
+                ))
+                .map_err(|source| StartError::Io {
+                    what: "admin.metrics bind",
+                    source,
+                })?;
+            server.admin = Some(bound);
+        }
+        core.set_ready(true);
+        tracing::info!(
+            engine = engine.name(),
+            workers,
+            max_connections = max_total,
+            listeners = config.listeners.len(),
+            generation = applied.generation,
+            "lbd started"
+        );
+        Ok(server)
+    }
+
+    /// Applies a new configuration file (a reload). On error the running
+    /// configuration stays, and the rejection is logged and counted.
+    pub fn reload(&self, config: &Config) -> Result<Applied, ReloadError> {
+        self.core.reload(config)
+    }
+
+    /// Applies a dynamic state, as `PUT /v1/state` does.
+    pub fn put_state(&self, state: DesiredState) -> Result<u64, PutError> {
+        self.core.put_state(state)
+    }
+
+    /// Re-reads `path` and applies it (SIGHUP).
+    pub fn reload_file(&self, path: &std::path::Path) -> Result<Applied, ReloadError> {
+        match lb_config::load_config(path) {
+            Ok(config) => self.reload(&config),
+            Err(errors) => Err(self.core.rejected(ReloadError::Invalid(errors))),
+        }
+    }
+
+    /// The engine in use.
+    pub fn engine(&self) -> EngineKind {
+        self.engine
+    }
+
+    /// Where the admin endpoint listens.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// Where the TLS control API listens.
+    pub fn control_tcp_addr(&self) -> Option<SocketAddr> {
+        self.control_tcp
+    }
+
+    /// The address listener `name` is bound to.
+    pub fn bound_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.core.bound_addr(name)
+    }
+
+    /// The metrics text, as `/metrics` serves it.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.encode()
+    }
+
+    /// A snapshot of listeners and backends.
+    pub fn status(&self) -> Status {
+        self.core.status()
+    }
+
+    /// A handle to the control runtime (signals, timers).
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        self.rt
+            .as_ref()
+            .expect("runtime lives until drop")
+            .handle()
+            .clone()
+    }
+
+    /// Graceful stop: close listening sockets, let connections finish for
+    /// up to `grace` (default: the longest `drain_timeout`), close the rest.
+    pub fn shutdown(mut self, grace: Option<Duration>) {
+        self.core.set_ready(false);
+        let grace = {
+            let mut plane = self.core.plane();
+            plane.stop_accepting();
+            grace.unwrap_or_else(|| plane.max_drain())
+        };
+        let deadline = std::time::Instant::now() + grace;
+        let active = || self.core.shared().active_total.load(Ordering::Relaxed);
+        if active() > 0 {
+            tracing::info!(connections = active(), grace = ?grace, "draining before exit");
+        }
+        while active() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        {
+            let mut plane = self.core.plane();
+            plane.close_all();
+            plane.disconnect_workers();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.rt.is_some() {
+            self.stop_now();
+        }
+    }
+}
