@@ -10,7 +10,6 @@
 
 pub mod admin;
 pub mod balance;
-pub mod demo;
 pub mod engine;
 pub mod health;
 pub mod metrics;

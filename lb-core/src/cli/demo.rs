@@ -1,17 +1,23 @@
 //! `lbd demo`: the quickstart. Three HTTP backends on 127.0.0.2-4 that name
 //! themselves, and an embedded configuration that balances over them
 //! round robin with HTTP health checks, so repeated `curl`s show the
-//! balancing. Everything stays on loopback.
+//! balancing. Everything stays on loopback; Ctrl-C stops it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
+use anyhow::Context;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use lb_config::{Config, ConfigErrors};
+use lb_core::{Options, Server};
 use tokio::net::TcpListener;
+
+use super::run::{serve_until_stopped, Signals};
+use crate::EngineArg;
 
 /// The embedded configuration; `{listen}`, `{metrics}`, `{backends}` and
 /// `{run_dir}` (control socket and state, in a private temporary directory)
@@ -123,5 +129,57 @@ async fn serve_named(name: String, listener: TcpListener) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// Runs the demo until Ctrl-C.
+pub fn demo(
+    listen: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
+    engine: Option<EngineArg>,
+) -> anyhow::Result<()> {
+    let backends = start_backends(3).context("cannot start the demo backends on 127.0.0.2-4")?;
+    // Removed however the demo ends, a failed start included.
+    let run_dir = RunDir(std::env::temp_dir().join(format!("lbd-demo-{}", std::process::id())));
+    let config = config(listen, metrics, &backends, &run_dir.0)
+        .map_err(|e| anyhow::anyhow!("demo config:\n{e}"))?;
+    let options = Options {
+        engine: engine.map(Into::into),
+        workers: None,
+    };
+    let server = Server::start(&config, &options).with_context(|| {
+        format!("cannot start the demo (is {listen} or {metrics} in use? try --listen / --metrics)")
+    })?;
+    let signals = Signals::register(&server)?;
+    let url = format!("http://{}/", server.bound_addr("demo").unwrap_or(listen));
+    println!();
+    println!(
+        "Weir demo: lbd ({} engine, {} workers) balancing round robin over 3 backends:",
+        server.engine().name(),
+        server.status().workers
+    );
+    for b in &backends {
+        println!("  backend  http://{b}/");
+    }
+    println!();
+    println!("  try:     for i in 1 2 3 4 5 6; do curl -s {url}; done");
+    if let Some(m) = server.admin_addr() {
+        println!("  metrics: curl -s http://{m}/metrics | grep weir_");
+    }
+    println!(
+        "  status:  lbd status --socket {}",
+        run_dir.0.join("control.sock").display()
+    );
+    println!();
+    println!("Ctrl-C to stop.");
+    serve_until_stopped(server, signals, None)
+}
+
+/// The demo's private directory (control socket, state), removed on drop.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -1,0 +1,71 @@
+//! `lbd status`: listeners and backends of a running `lbd`, as a table for
+//! people or JSON for scripts.
+
+use lb_api::wire::Status;
+
+use super::{block_on, say, Output, Remote};
+
+/// Prints the status of the `lbd` that `remote` names.
+pub fn status(remote: &Remote, output: Output) -> anyhow::Result<()> {
+    let target = remote.target()?;
+    let st = block_on(lb_api::client::status(&target))??;
+    match output {
+        Output::Json => say(&format!("{}\n", serde_json::to_string_pretty(&st)?)),
+        Output::Table => say(&render_status(&st)),
+    }
+    Ok(())
+}
+
+fn render_status(st: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "engine {}, {} workers, config generation {}, dynamic state version {}",
+        st.engine, st.workers, st.generation, st.dynamic_version
+    );
+    if st.listeners.is_empty() {
+        let _ = writeln!(out, "no listeners");
+    }
+    for l in &st.listeners {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<32} {:<24} {:<5} {:>8} {:>10}",
+            "LISTENER", "BIND", "PROTO", "ACTIVE", "ACCEPTED"
+        );
+        let proto = format!("{:?}", l.protocol).to_lowercase();
+        let _ = writeln!(
+            out,
+            "{:<32} {:<24} {:<5} {:>8} {:>10}",
+            l.name,
+            l.bind.to_string(),
+            proto,
+            l.active,
+            l.accepted
+        );
+        let _ = writeln!(
+            out,
+            "  {:<30} {:<9} {:>8} {:>6}  LAST CHECK ERROR",
+            "BACKEND", "HEALTH", "ACTIVE", "WEIGHT"
+        );
+        for b in &l.backends {
+            let health = match (b.draining, b.healthy) {
+                (true, _) => "draining",
+                (false, true) => "up",
+                (false, false) => "down",
+            };
+            let err = b.last_error.as_deref().unwrap_or("-");
+            let _ = writeln!(
+                out,
+                "  {:<30} {:<9} {:>8} {:>6}  {}",
+                b.addr.to_string(),
+                health,
+                b.active,
+                b.weight,
+                err
+            );
+        }
+    }
+    out
+}
