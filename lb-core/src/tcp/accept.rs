@@ -10,7 +10,8 @@ use tokio::sync::watch;
 use super::connection::serve;
 use crate::engine::{Conn, Engine};
 use crate::routing::BindKey;
-use crate::worker::{place, Handoff, Worker};
+use crate::worker::context::Worker;
+use crate::worker::handoff::{place, Handoff};
 
 /// Accepts on `listener` until `stop`, dispatching each connection.
 pub async fn accept_loop<E: Engine>(

@@ -21,10 +21,10 @@ use crate::engine::{Conn, Engine};
 use crate::proxy_protocol;
 use crate::routing::{BackendHandle, BindKey, ConnectError, Route};
 use crate::stats::{Held, Reject};
-use crate::worker::Worker;
+use crate::worker::context::Worker;
 
 /// Serves one connection, counted in this worker's `worker_conns` by
-/// [`super::accept`].
+/// the accept loop.
 pub(super) async fn serve<E: Engine>(
     worker: Rc<Worker>,
     key: BindKey,

@@ -10,7 +10,8 @@ use std::task::Poll;
 use tokio::time::Instant;
 
 use crate::engine::Conn;
-use crate::worker::{BytesHeld, PipeLease, Worker};
+use crate::worker::context::Worker;
+use crate::worker::pools::{lease_pipe, BytesHeld, PipeLease};
 
 /// Copies `from` → `to` until EOF (then half-closes `to`) or an error.
 /// `one_way_done` is shared by the two directions of a connection.
@@ -86,7 +87,7 @@ pub(super) async fn pump<C: Conn>(
         }
         // The read filled the buffer: a bulk transfer. While data keeps
         // waiting, move it through a pipe instead of copying it.
-        let Some(mut pipe) = worker.lease_pipe() else {
+        let Some(mut pipe) = lease_pipe(worker) else {
             continue;
         };
         // Boxed: its state lives only while splicing, so the future that

@@ -30,7 +30,8 @@ use crate::engine::{Datagram, Engine};
 use crate::proxy_protocol;
 use crate::routing::{BackendHandle, BindKey, ConnectError, Route};
 use crate::stats::{ListenerStats, UdpDrop, WorkerCounters};
-use crate::worker::{Shared, Worker};
+use crate::worker::context::Worker;
+use crate::worker::shared::Shared;
 use flow::FlowTable;
 
 /// Largest datagram forwarded (the IPv4 UDP payload limit).

@@ -2,13 +2,11 @@
 //! the others, its random numbers, and its pools of buffers and pipes.
 
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::pools::{BytesHeld, PipeLease};
 use super::shared::Shared;
 use crate::balance::hash;
-use crate::engine::splice::{self, Pipe};
+use crate::engine::splice::Pipe;
 
 /// Bytes per copy buffer.
 pub const BUF_SIZE: usize = 64 * 1024;
@@ -50,36 +48,5 @@ impl Worker {
             buf.clear();
             pool.push(buf);
         }
-    }
-
-    /// A pipe for a bulk transfer, if splicing is on and one is free or
-    /// can be opened within the worker's share.
-    pub(crate) fn lease_pipe(&self) -> Option<PipeLease<'_>> {
-        if !self.shared.splice {
-            return None;
-        }
-        let open = &self.shared.pipes_open[self.id].0;
-        let pipe = match self.pipes.borrow_mut().pop() {
-            Some(pipe) => {
-                self.shared.pipes_idle[self.id]
-                    .0
-                    .fetch_sub(1, Ordering::Relaxed);
-                pipe
-            }
-            None if open.load(Ordering::Relaxed) >= splice::PIPES_PER_WORKER => return None,
-            None => match Pipe::new() {
-                Ok(pipe) => {
-                    open.fetch_add(1, Ordering::Relaxed);
-                    pipe
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot open a pipe; copying instead");
-                    return None;
-                }
-            },
-        };
-        // What the pipe may pin counts as held, as a buffer would.
-        let held = BytesHeld::new(&self.shared.buffer_bytes[self.id].0, pipe.capacity());
-        Some(PipeLease::new(self, pipe, held))
     }
 }

@@ -4,10 +4,10 @@
 //! connection or a UDP flow then does is in [`crate::tcp`] and
 //! [`crate::udp`].
 
-mod context;
-mod handoff;
-mod pools;
-mod shared;
+pub mod context;
+pub mod handoff;
+pub mod pools;
+pub mod shared;
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -22,9 +22,8 @@ use crate::balance::hash;
 use crate::engine::Engine;
 use crate::routing::BindKey;
 
-pub use context::{Worker, BUF_SIZE};
-pub use handoff::{place, Handoff};
-pub use pools::{BytesHeld, PipeLease};
+use context::Worker;
+use handoff::Handoff;
 pub use shared::Shared;
 
 /// A command from the control side to a worker.

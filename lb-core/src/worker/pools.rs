@@ -18,7 +18,7 @@ pub struct PipeLease<'a> {
 }
 
 impl<'a> PipeLease<'a> {
-    pub(super) fn new(worker: &'a Worker, pipe: Pipe, held: BytesHeld<'a>) -> Self {
+    fn new(worker: &'a Worker, pipe: Pipe, held: BytesHeld<'a>) -> Self {
         Self {
             worker,
             pipe: Some(pipe),
@@ -70,4 +70,35 @@ impl Drop for BytesHeld<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(self.1, Ordering::Relaxed);
     }
+}
+
+/// A pipe for a bulk transfer, if splicing is on and one is free or
+/// can be opened within the worker's share.
+pub fn lease_pipe(worker: &Worker) -> Option<PipeLease<'_>> {
+    if !worker.shared.splice {
+        return None;
+    }
+    let open = &worker.shared.pipes_open[worker.id].0;
+    let pipe = match worker.pipes.borrow_mut().pop() {
+        Some(pipe) => {
+            worker.shared.pipes_idle[worker.id]
+                .0
+                .fetch_sub(1, Ordering::Relaxed);
+            pipe
+        }
+        None if open.load(Ordering::Relaxed) >= splice::PIPES_PER_WORKER => return None,
+        None => match Pipe::new() {
+            Ok(pipe) => {
+                open.fetch_add(1, Ordering::Relaxed);
+                pipe
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot open a pipe; copying instead");
+                return None;
+            }
+        },
+    };
+    // What the pipe may pin counts as held, as a buffer would.
+    let held = BytesHeld::new(&worker.shared.buffer_bytes[worker.id].0, pipe.capacity());
+    Some(PipeLease::new(worker, pipe, held))
 }
