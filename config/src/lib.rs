@@ -75,12 +75,33 @@ pub fn load_config(path: &std::path::Path) -> Result<Config, ConfigErrors> {
     parse_config(&read_file(path)?)
 }
 
-/// Reads a configuration file, or says which one could not be read.
+/// Largest configuration file read (a file of 2,000 listeners is about
+/// 1 MiB).
+pub const MAX_FILE: u64 = 16 << 20;
+
+/// Reads a configuration file, or says which one could not be read: it must
+/// be a regular file of at most [`MAX_FILE`] bytes of UTF-8 (a device such
+/// as `/dev/zero` would otherwise be read until memory runs out).
 pub fn read_file(path: &std::path::Path) -> Result<String, ConfigErrors> {
-    std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![FieldError::new(
-            "",
-            format!("cannot read {}: {e}", path.display()),
-        )])
-    })
+    use std::io::Read;
+    let fail = |why: String| ConfigErrors(vec![FieldError::new("", why)]);
+    let file = std::fs::File::open(path)
+        .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(fail(format!("{} is not a regular file", path.display())));
+    }
+    let mut text = Vec::new();
+    file.take(MAX_FILE + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(fail(format!(
+            "{} is larger than {MAX_FILE} bytes",
+            path.display()
+        )));
+    }
+    String::from_utf8(text).map_err(|e| fail(format!("{}: not UTF-8: {e}", path.display())))
 }

@@ -47,10 +47,11 @@ pub enum HashKey {
 }
 
 /// PROXY protocol header sent to the backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProxyProtocol {
     /// No header.
+    #[default]
     Off,
     /// Human-readable header (TCP only).
     V1,
@@ -130,6 +131,11 @@ pub struct HealthSpec {
     /// Consecutive failures to become unhealthy; default 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fall: Option<u32>,
+    /// Send a PROXY protocol header before each check. Default: on when
+    /// the check probes the backend's own port and the listener sends
+    /// PROXY protocol (the backend then expects it on every connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_proxy: Option<bool>,
 }
 
 /// Listener fields that `[defaults]` may set for every listener.
@@ -243,6 +249,11 @@ pub struct HealthCheck {
     pub rise: u32,
     /// Consecutive failures to become unhealthy (≥ 1).
     pub fall: u32,
+    /// The PROXY header each check sends first (`Off`: none): v1
+    /// `PROXY UNKNOWN`, or a v2 `LOCAL` header, as the protocol says for
+    /// connections a proxy makes on its own behalf.
+    #[serde(default)]
+    pub send_proxy: ProxyProtocol,
 }
 
 impl ListenerSpec {

@@ -12,6 +12,8 @@ use ipnet::IpNet;
 use crate::model::*;
 use crate::{Duration, FieldError};
 
+/// Most consecutive results `rise` and `fall` may ask for.
+pub const MAX_STREAK: u32 = 100;
 /// Default health check interval.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 /// Default health check timeout.
@@ -53,6 +55,20 @@ impl Errors<'_> {
     }
 }
 
+/// Longest part of a value an error message repeats back.
+const SHOWN: usize = 64;
+
+/// `value` as an error message quotes it: debug-escaped, and cut after
+/// [`SHOWN`] characters (with its full length), so a huge value in a
+/// request or file does not come back at full size.
+pub fn shown(value: &str) -> String {
+    if value.chars().count() <= SHOWN {
+        return format!("{value:?}");
+    }
+    let head: String = value.chars().take(SHOWN).collect();
+    format!("{head:?}... ({} bytes)", value.len())
+}
+
 fn valid_name(name: &str) -> bool {
     (1..=253).contains(&name.len())
         && name
@@ -89,6 +105,7 @@ fn resolve_health(
     spec: Option<&HealthSpec>,
     defaults: Option<&HealthSpec>,
     protocol: Protocol,
+    proxy_protocol: ProxyProtocol,
     e: &mut Errors<'_>,
 ) -> HealthCheck {
     let empty = HealthSpec::default();
@@ -98,7 +115,7 @@ fn resolve_health(
         Protocol::Tcp => HealthKind::Tcp,
         Protocol::Udp => HealthKind::None,
     });
-    let check = HealthCheck {
+    let mut check = HealthCheck {
         kind,
         port: s.port.or(d.port),
         path: s
@@ -110,7 +127,28 @@ fn resolve_health(
         timeout: s.timeout.or(d.timeout).unwrap_or(DEFAULT_CHECK_TIMEOUT),
         rise: s.rise.or(d.rise).unwrap_or(2),
         fall: s.fall.or(d.fall).unwrap_or(3),
+        send_proxy: ProxyProtocol::Off,
     };
+    // A check of the backend's own port meets what every proxied
+    // connection meets there: the PROXY header, if the listener sends one.
+    check.send_proxy = match s.send_proxy.or(d.send_proxy) {
+        Some(false) => ProxyProtocol::Off,
+        Some(true) if proxy_protocol == ProxyProtocol::Off => {
+            e.push(
+                "health.send_proxy",
+                "the listener sends no PROXY header (proxy_protocol = \"off\"); set proxy_protocol, or leave send_proxy out",
+            );
+            ProxyProtocol::Off
+        }
+        Some(true) => proxy_protocol,
+        None if check.port.is_none() && kind != HealthKind::None => proxy_protocol,
+        None => ProxyProtocol::Off,
+    };
+    if check.send_proxy != ProxyProtocol::Off && protocol == Protocol::Udp && check.port.is_none() {
+        // The backend's own port is UDP; a check there cannot carry a
+        // stream header. (Unreachable today: such a check is refused below.)
+        check.send_proxy = ProxyProtocol::Off;
+    }
     if check.port == Some(0) {
         e.push("health.port", "must be between 1 and 65535");
     }
@@ -131,11 +169,20 @@ fn resolve_health(
     if check.timeout.is_zero() {
         e.push("health.timeout", "must be greater than zero");
     }
-    if check.rise == 0 {
-        e.push("health.rise", "must be at least 1");
+    if !(1..=MAX_STREAK).contains(&check.rise) {
+        e.push("health.rise", format!("must be 1 to {MAX_STREAK}"));
     }
-    if check.fall == 0 {
-        e.push("health.fall", "must be at least 1");
+    if !(1..=MAX_STREAK).contains(&check.fall) {
+        e.push("health.fall", format!("must be 1 to {MAX_STREAK}"));
+    }
+    if check.timeout > check.interval {
+        e.push(
+            "health.timeout",
+            format!(
+                "{} is longer than health.interval ({}): a check would still run when the next one starts",
+                check.timeout, check.interval
+            ),
+        );
     }
     if kind == HealthKind::Tcp && protocol == Protocol::Udp && check.port.is_none() {
         e.push(
@@ -162,8 +209,8 @@ pub fn resolve_listener(
         e.push(
             "name",
             format!(
-                "{:?} must be 1 to 253 characters of A-Z a-z 0-9 . _ : / -",
-                spec.name
+                "{} must be 1 to 253 characters of A-Z a-z 0-9 . _ : / -",
+                shown(&spec.name)
             ),
         );
     }
@@ -279,6 +326,7 @@ pub fn resolve_listener(
         spec.health.as_ref(),
         defaults.health.as_ref(),
         protocol,
+        proxy_protocol,
         &mut e,
     );
     Listener {
@@ -395,6 +443,14 @@ pub fn resolve_file(spec: &FileSpec) -> Result<Config, Vec<FieldError>> {
                     "is required with admin.control_tcp (the TCP control API is TLS with a bearer token, never plain)",
                 ));
             }
+        }
+    }
+    if let Some(dir) = a.state_dir.as_deref() {
+        if !dir.starts_with('/') {
+            errors.push(FieldError::new(
+                "admin.state_dir",
+                format!("{} must be an absolute path", shown(dir)),
+            ));
         }
     }
     let control_socket = match a.control_socket.as_deref() {

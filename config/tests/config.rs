@@ -99,8 +99,13 @@ fn invalid_cases() -> Vec<(String, &'static str, usize, &'static str)> {
         (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nprotocol = \"udp\"\nproxy_protocol = \"v1\"\n"), "listener[0].proxy_protocol", 5, "v1 is TCP only"),
         (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nconnect_timeout = \"0s\"\n"), "listener[0].connect_timeout", 4, "greater than zero"),
         (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nidle_timeout = \"ten\"\n"), "listener[0].idle_timeout", 4, "invalid duration"),
-        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\nrise = 0\n"), "listener[0].health.rise", 5, "at least 1"),
-        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\nfall = 0\n"), "listener[0].health.fall", 5, "at least 1"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\nrise = 0\n"), "listener[0].health.rise", 5, "must be 1 to 100"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\nfall = 0\n"), "listener[0].health.fall", 5, "must be 1 to 100"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\nfall = 4294967295\n"), "listener[0].health.fall", 5, "must be 1 to 100"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n"), "listener[0].health.timeout", 6, "longer than health.interval"),
+        (l("name = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\nsend_proxy = true\n"), "listener[0].health.send_proxy", 5, "sends no PROXY header"),
+        ("[admin]\nstate_dir = \"\"\n".into(), "admin.state_dir", 2, "must be an absolute path"),
+        ("[admin]\nstate_dir = \"var/lib/lbd\"\n".into(), "admin.state_dir", 2, "must be an absolute path"),
         (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nbogus = 1\n"), "listener[0]", 4, "unknown field `bogus`"),
         (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nbalance = \"fastest\"\n"), "listener[0].balance", 4, "unknown variant `fastest`"),
         (l("name = \"a\"\nbind = \"127.0.0.1:80\"\nbackends = [{ addr = \"127.0.0.2:0\" }]\n"), "listener[0].backends[0].addr", 4, "port 0"),
@@ -216,4 +221,62 @@ fn splice_is_on_unless_turned_off() {
     assert!(parse_config("").unwrap().runtime.splice);
     let off = parse_config("[runtime]\nsplice = false\n").unwrap();
     assert!(!off.runtime.splice);
+}
+
+/// An error repeats at most the start of a huge value, with its length.
+#[test]
+fn errors_quote_huge_values_in_part() {
+    let name = "x y".repeat(300_000);
+    let text = format!("[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:80\"\n");
+    let errors = parse_config(&text).unwrap_err().0;
+    let e = errors
+        .iter()
+        .find(|e| e.path == "listener[0].name")
+        .unwrap();
+    assert!(e.message.len() < 300, "{} bytes", e.message.len());
+    assert!(e.message.contains("900000 bytes"), "{}", e.message);
+}
+
+/// Only regular files are read, and at most MAX_FILE bytes of them: a
+/// device or a huge file is an error, not a hang or an exhausted memory.
+#[test]
+fn only_regular_files_of_bounded_size_are_read() {
+    let err = lb_config::load_config(std::path::Path::new("/dev/zero")).unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+    let dir = std::env::temp_dir().join(format!("weir-config-big-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let big = dir.join("big.toml");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(lb_config::MAX_FILE + 1).unwrap();
+    let err = lb_config::load_config(&big).unwrap_err();
+    assert!(err.to_string().contains("larger than"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A check of the backend's own port sends the listener's PROXY header by
+/// default; a check of another port does not; either can be set.
+#[test]
+fn health_checks_send_proxy_where_the_backend_expects_it() {
+    use lb_config::ProxyProtocol;
+    let cfg = |extra: &str, health: &str| {
+        let text = format!(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n{extra}\nbackends = [{{ addr = \"127.0.0.2:80\" }}]\n[listener.health]\nkind = \"http\"\n{health}"
+        );
+        parse_config(&text).unwrap().listeners[0].health.send_proxy
+    };
+    assert_eq!(cfg("", ""), ProxyProtocol::Off);
+    assert_eq!(cfg("proxy_protocol = \"v1\"", ""), ProxyProtocol::V1);
+    assert_eq!(cfg("proxy_protocol = \"v2\"", ""), ProxyProtocol::V2);
+    assert_eq!(
+        cfg("proxy_protocol = \"v2\"", "port = 10256"),
+        ProxyProtocol::Off
+    );
+    assert_eq!(
+        cfg("proxy_protocol = \"v2\"", "port = 10256\nsend_proxy = true"),
+        ProxyProtocol::V2
+    );
+    assert_eq!(
+        cfg("proxy_protocol = \"v1\"", "send_proxy = false"),
+        ProxyProtocol::Off
+    );
 }

@@ -579,5 +579,8 @@ fn health_for(
         timeout: t.health_timeout,
         rise: t.health_rise,
         fall: t.health_fall,
+        // lbd's default: on when the check probes the NodePort itself and
+        // the listener sends PROXY protocol.
+        send_proxy: None,
     }
 }

@@ -47,6 +47,24 @@ pub fn v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The header for a connection the proxy makes on its own behalf (a
+/// health check): v1 `PROXY UNKNOWN`, or a v2 `LOCAL` header with no
+/// addresses; the receiver then uses the connection's real endpoints.
+pub fn local(version: lb_config::ProxyProtocol) -> Option<Vec<u8>> {
+    match version {
+        lb_config::ProxyProtocol::Off => None,
+        lb_config::ProxyProtocol::V1 => Some(b"PROXY UNKNOWN\r\n".to_vec()),
+        lb_config::ProxyProtocol::V2 => {
+            let mut out = Vec::with_capacity(16);
+            out.extend_from_slice(&V2_SIGNATURE);
+            out.push(0x20); // version 2, command LOCAL
+            out.push(0x00); // AF_UNSPEC, UNSPEC
+            out.extend_from_slice(&0u16.to_be_bytes());
+            Some(out)
+        }
+    }
+}
+
 /// The v2 header (command `PROXY`, no TLVs) for `src` (client) to `dst` (listener).
 pub fn v2(src: SocketAddr, dst: SocketAddr, transport: Transport) -> Vec<u8> {
     let (src, dst) = same_family(src, dst);
@@ -139,5 +157,15 @@ mod tests {
         assert_eq!(h.len(), 52);
         let h4 = v2(a("10.0.0.1:1"), a("10.0.0.2:2"), Transport::Datagram);
         assert_eq!(h4[13], 0x12);
+    }
+
+    #[test]
+    fn local_headers_for_health_checks() {
+        use lb_config::ProxyProtocol;
+        assert_eq!(local(ProxyProtocol::Off), None);
+        assert_eq!(local(ProxyProtocol::V1).unwrap(), b"PROXY UNKNOWN\r\n");
+        let v2 = local(ProxyProtocol::V2).unwrap();
+        assert_eq!(&v2[..12], &V2_SIGNATURE);
+        assert_eq!(&v2[12..], &[0x20, 0x00, 0x00, 0x00]);
     }
 }

@@ -30,6 +30,12 @@ pub async fn probe(check: &HealthCheck, target: SocketAddr) -> Result<(), String
         let mut stream = TcpStream::connect(target)
             .await
             .map_err(|e| format!("connect: {e}"))?;
+        if let Some(header) = crate::proxy_protocol::local(check.send_proxy) {
+            stream
+                .write_all(&header)
+                .await
+                .map_err(|e| format!("write PROXY header: {e}"))?;
+        }
         if check.kind != HealthKind::Http {
             return Ok(());
         }
