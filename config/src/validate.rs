@@ -124,7 +124,12 @@ fn resolve_health(
             .or_else(|| d.path.clone())
             .unwrap_or_else(|| "/".into()),
         interval: s.interval.or(d.interval).unwrap_or(DEFAULT_INTERVAL),
-        timeout: s.timeout.or(d.timeout).unwrap_or(DEFAULT_CHECK_TIMEOUT),
+        // Unset, the timeout is the default or the interval if shorter; set,
+        // it must fit in the interval (checked below).
+        timeout: s.timeout.or(d.timeout).unwrap_or_else(|| {
+            let interval = s.interval.or(d.interval).unwrap_or(DEFAULT_INTERVAL);
+            DEFAULT_CHECK_TIMEOUT.min(interval)
+        }),
         rise: s.rise.or(d.rise).unwrap_or(2),
         fall: s.fall.or(d.fall).unwrap_or(3),
         send_proxy: ProxyProtocol::Off,

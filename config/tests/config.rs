@@ -280,3 +280,24 @@ fn health_checks_send_proxy_where_the_backend_expects_it() {
         ProxyProtocol::Off
     );
 }
+
+/// An unset check timeout fits the interval: the default (1 s), or the
+/// interval when that is shorter; only a timeout set longer is an error.
+#[test]
+fn an_unset_check_timeout_fits_the_interval() {
+    let timeout = |health: &str| {
+        let text = format!(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\n{health}"
+        );
+        parse_config(&text).map(|c| c.listeners[0].health.timeout)
+    };
+    assert_eq!(
+        timeout("interval = \"200ms\"").unwrap(),
+        Duration::from_millis(200)
+    );
+    assert_eq!(
+        timeout("interval = \"5s\"").unwrap(),
+        Duration::from_secs(1)
+    );
+    assert!(timeout("interval = \"200ms\"\ntimeout = \"201ms\"").is_err());
+}

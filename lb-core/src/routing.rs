@@ -44,20 +44,40 @@ pub enum ConnectError {
     Refused,
     /// No answer within `connect_timeout`.
     Timeout,
-    /// Anything else (unreachable network, local resource limits, ...).
+    /// This host ran out of something (descriptors, buffers, memory, local
+    /// ports): says nothing about the backend, so it is no health evidence.
+    Local,
+    /// Anything else (unreachable network, ...).
     Other,
 }
 
 impl ConnectError {
     /// All reasons, in label order.
-    pub const ALL: [ConnectError; 3] = [Self::Refused, Self::Timeout, Self::Other];
+    pub const ALL: [ConnectError; 4] = [Self::Refused, Self::Timeout, Self::Local, Self::Other];
 
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {
             Self::Refused => "refused",
             Self::Timeout => "timeout",
+            Self::Local => "local",
             Self::Other => "other",
+        }
+    }
+
+    /// The reason of a failed connect (or socket creation).
+    pub fn of(e: &std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => Self::Refused,
+            Some(
+                libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EADDRNOTAVAIL
+                | libc::EADDRINUSE,
+            ) => Self::Local,
+            _ => Self::Other,
         }
     }
 }
@@ -73,7 +93,7 @@ pub struct BackendHandle {
     /// Connections ever proxied to this backend.
     pub total: AtomicU64,
     /// Failed connect attempts by reason (index = `ConnectError::ALL` order).
-    pub connect_errors: [AtomicU64; 3],
+    pub connect_errors: [AtomicU64; 4],
     draining: AtomicBool,
     /// Bumped by every `start_drain`, so a stale drain timer does nothing.
     drain_epoch: AtomicU64,
@@ -151,7 +171,7 @@ impl BackendHandle {
 
     /// Counts a failed connect attempt.
     pub fn count_connect_error(&self, e: ConnectError) {
-        let i = ConnectError::ALL.iter().position(|&x| x == e).unwrap_or(2);
+        let i = ConnectError::ALL.iter().position(|&x| x == e).unwrap_or(3);
         self.connect_errors[i].fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -13,11 +13,19 @@ pub enum Reject {
     SourceRange,
     /// No backend could take it (none usable, or every attempt failed).
     NoBackend,
+    /// This host ran out of something (descriptors, buffers, local ports)
+    /// while connecting to a backend.
+    LocalError,
 }
 
 impl Reject {
     /// All reasons, in label order.
-    pub const ALL: [Reject; 3] = [Self::Limit, Self::SourceRange, Self::NoBackend];
+    pub const ALL: [Reject; 4] = [
+        Self::Limit,
+        Self::SourceRange,
+        Self::NoBackend,
+        Self::LocalError,
+    ];
 
     /// The metric label.
     pub fn label(self) -> &'static str {
@@ -25,6 +33,7 @@ impl Reject {
             Self::Limit => "limit",
             Self::SourceRange => "source_range",
             Self::NoBackend => "no_backend",
+            Self::LocalError => "local_error",
         }
     }
 
@@ -44,15 +53,19 @@ pub enum UdpDrop {
     Truncated,
     /// The client is outside `source_ranges`.
     SourceRange,
+    /// This host ran out of something (descriptors, buffers, local ports)
+    /// while opening the flow's socket.
+    LocalError,
 }
 
 impl UdpDrop {
     /// All reasons, in label order.
-    pub const ALL: [UdpDrop; 4] = [
+    pub const ALL: [UdpDrop; 5] = [
         Self::FlowLimit,
         Self::NoBackend,
         Self::Truncated,
         Self::SourceRange,
+        Self::LocalError,
     ];
 
     /// The metric label.
@@ -62,6 +75,7 @@ impl UdpDrop {
             Self::NoBackend => "no_backend",
             Self::Truncated => "truncated",
             Self::SourceRange => "source_range",
+            Self::LocalError => "local_error",
         }
     }
 }
@@ -84,7 +98,7 @@ pub struct WorkerCounters {
     /// Connections accepted (before any refusal).
     pub accepted: AtomicU64,
     /// Refusals by reason (`Reject` order).
-    pub rejected: [AtomicU64; 3],
+    pub rejected: [AtomicU64; 4],
     /// Bytes read from clients and written to backends.
     pub bytes_to_backend: AtomicU64,
     /// Bytes read from backends and written to clients.
@@ -98,7 +112,7 @@ pub struct WorkerCounters {
     /// UDP flows closed (idle, drained, or re-picked).
     pub flows_expired: AtomicU64,
     /// UDP drops by reason (`UdpDrop` order).
-    pub udp_drops: [AtomicU64; 4],
+    pub udp_drops: [AtomicU64; 5],
 }
 
 impl WorkerCounters {
@@ -145,7 +159,7 @@ pub struct Totals {
     /// See [`WorkerCounters::accepted`].
     pub accepted: u64,
     /// See [`WorkerCounters::rejected`].
-    pub rejected: [u64; 3],
+    pub rejected: [u64; 4],
     /// See [`WorkerCounters::bytes_to_backend`].
     pub bytes_to_backend: u64,
     /// See [`WorkerCounters::bytes_to_client`].
@@ -159,7 +173,7 @@ pub struct Totals {
     /// See [`WorkerCounters::flows_expired`].
     pub flows_expired: u64,
     /// See [`WorkerCounters::udp_drops`].
-    pub udp_drops: [u64; 4],
+    pub udp_drops: [u64; 5],
 }
 
 impl ListenerStats {

@@ -15,7 +15,7 @@ use lb_config::EngineChoice;
 
 const ADMIN_OFF: &str = "[admin]\nmetrics = \"off\"\ncontrol_socket = \"off\"\n";
 const FAST_TCP: &str =
-    "kind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2";
+    "kind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2";
 
 fn weighted_round_robin(engine: EngineChoice) {
     let b = three_echo_backends();
@@ -501,7 +501,7 @@ fn fail_open_and_fail_closed(engine: EngineChoice) {
             status: status.clone(),
         },
     );
-    let health = "kind = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"300ms\"\nrise = 1\nfall = 1";
+    let health = "kind = \"http\"\npath = \"/healthz\"\ninterval = \"300ms\"\ntimeout = \"300ms\"\nrise = 1\nfall = 1";
     let toml = format!(
         "{ADMIN_OFF}{}{}",
         listener_toml("open", "127.0.0.1:0", "", &[b.addr], health),
@@ -711,8 +711,8 @@ fn one_prober_per_target_and_global_cap(engine: EngineChoice) {
         .filter(|l| l.starts_with("weir_health_checks_total{"))
         .count();
     assert_eq!(
-        series, 2,
-        "one prober (ok + fail series) for two listeners:\n{m}"
+        series, 3,
+        "one prober (ok, fail and not_run series) for two listeners:\n{m}"
     );
     // runtime.max_connections caps connections across every listener.
     let mut held = connect_from(None, lbd.bound_addr("a").unwrap()).unwrap();

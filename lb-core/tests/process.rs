@@ -474,3 +474,144 @@ fn demo_serves_named_backends() {
     signal(&child.0, "INT");
     assert!(wait_exit(&mut child.0, Duration::from_secs(10)).success());
 }
+
+/// `lbd run` under `prlimit --nofile=LIMIT:LIMIT` with `config`; the child
+/// and its stderr file.
+fn spawn_limited(limit: u64, config: &str, tag: &str) -> (Proc, std::path::PathBuf) {
+    let dir = temp_dir(tag);
+    let file = dir.join("lbd.toml");
+    std::fs::write(&file, config).unwrap();
+    let stderr = dir.join("stderr");
+    let child = Command::new("prlimit")
+        .arg(format!("--nofile={limit}:{limit}"))
+        .arg(LBD)
+        .args(["run", "--engine", "epoll", "--workers", "1", "--config"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("prlimit runs lbd (util-linux)");
+    (Proc(child), stderr)
+}
+
+/// A derived connection cap below 64 refuses to start and says what to
+/// raise; one below 1,024 starts with a warning saying why.
+#[test]
+fn descriptor_limits_refuse_or_warn_at_start() {
+    let config = "[admin]\nmetrics = \"off\"\ncontrol_socket = \"off\"\n";
+    let (mut lbd, stderr) = spawn_limited(256, config, "nofile-256");
+    let status = wait_exit(&mut lbd.0, Duration::from_secs(20));
+    let text = std::fs::read_to_string(&stderr).unwrap();
+    assert!(!status.success(), "started under 256 descriptors: {text}");
+    assert!(text.contains("LimitNOFILE"), "{text}");
+    let (mut lbd, stderr) = spawn_limited(1200, config, "nofile-1200");
+    eventually(Duration::from_secs(10), "the warning", || {
+        std::fs::read_to_string(&stderr).is_ok_and(|t| t.contains("at most"))
+    });
+    assert!(lbd.0.try_wait().unwrap().is_none(), "it runs");
+    signal(&lbd.0, "TERM");
+    wait_exit(&mut lbd.0, Duration::from_secs(20));
+}
+
+/// Running out of descriptors is this host's problem, not the backend's:
+/// a connect that fails with EMFILE is counted as `local`, never marks the
+/// backend down, and new connections are served as soon as descriptors are
+/// free again.
+///
+/// To make the connect (not the accept) fail, the test brings lbd to
+/// exactly one free descriptor (counting /proc/<pid>/fd under a known
+/// limit): the next connection's accept takes it, and its connect has
+/// none.
+#[test]
+fn running_out_of_descriptors_is_no_evidence_against_backends() {
+    const LIMIT: usize = 420;
+    let backend = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let bind: SocketAddr = format!("127.0.0.24:{}", free_port("127.0.0.24"))
+        .parse()
+        .unwrap();
+    let metrics: SocketAddr = format!("127.0.0.25:{}", free_port("127.0.0.25"))
+        .parse()
+        .unwrap();
+    let config = format!(
+        "[runtime]\nmax_connections = 5000\n[admin]\nmetrics = \"{metrics}\"\ncontrol_socket = \"off\"\n{}",
+        listener_toml(
+            "web",
+            &bind.to_string(),
+            "",
+            &[backend.addr],
+            // One check at start, none during the test (it would take a
+            // descriptor); passive evidence alone could mark it down.
+            "kind = \"tcp\"\ninterval = \"60s\"\nrise = 1\nfall = 1"
+        )
+    );
+    let (mut lbd, _stderr) = spawn_limited(LIMIT as u64, &config, "emfile");
+    eventually(Duration::from_secs(10), "lbd ready", || {
+        admin_get(metrics, "/readyz").is_some_and(|r| r.contains("200 OK"))
+    });
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", lbd.0.id())).map_or(0, |d| d.count());
+    // Proxied connections (each seen to reach the backend) until no pair
+    // of descriptors is left.
+    let proxied = || -> Option<std::net::TcpStream> {
+        let s = connect_from(None, bind).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut line = String::new();
+        BufReader::new(s.try_clone().ok()?)
+            .read_line(&mut line)
+            .ok()?;
+        (!line.is_empty()).then_some(s)
+    };
+    let mut held = Vec::new();
+    while fds() + 2 <= LIMIT {
+        held.push(proxied().expect("a proxied connection while descriptors remain"));
+        assert!(held.len() < LIMIT, "descriptors never ran out");
+    }
+    // Exactly one free: an idle connection to the metrics endpoint holds
+    // one of lbd's descriptors for the endpoint's head timeout.
+    let mut idle = None;
+    if fds() == LIMIT {
+        drop(held.pop());
+        eventually(Duration::from_secs(5), "a pair freed", || {
+            fds() == LIMIT - 2
+        });
+    }
+    if fds() == LIMIT - 2 {
+        idle = Some(std::net::TcpStream::connect(metrics).unwrap());
+        eventually(Duration::from_secs(2), "the idle one accepted", || {
+            fds() == LIMIT - 1
+        });
+    }
+    assert_eq!(fds(), LIMIT - 1, "one descriptor free");
+    // Accepted with the last descriptor; its connect has none: closed.
+    let mut refused = connect_from(None, bind).unwrap();
+    assert!(
+        closed_by_peer(&mut refused),
+        "a connect with no descriptor left is refused"
+    );
+    drop((held, idle, refused));
+    eventually(Duration::from_secs(5), "descriptors freed", || {
+        fds() < LIMIT / 2
+    });
+    let m = admin_get(metrics, "/metrics").unwrap();
+    let value = |series: &str| metric(m.split_once("\r\n\r\n").map_or(&m[..], |x| x.1), series);
+    let b = backend.addr;
+    assert!(
+        value(&format!("weir_backend_connect_errors_total{{backend=\"{b}\",listener=\"web\",reason=\"local\"}}")) >= Some(1.0),
+        "counted as a local error:\n{m}"
+    );
+    assert!(
+        value("weir_connections_rejected_total{listener=\"web\",reason=\"local_error\"}")
+            >= Some(1.0),
+        "the refusal's reason:\n{m}"
+    );
+    assert_eq!(
+        value(&format!(
+            "weir_backend_up{{backend=\"{b}\",listener=\"web\"}}"
+        )),
+        Some(1.0),
+        "the backend stays up:\n{m}"
+    );
+    // Descriptors free again: served at once, no health check needed.
+    roundtrip(bind).unwrap();
+    signal(&lbd.0, "TERM");
+    wait_exit(&mut lbd.0, Duration::from_secs(30));
+}

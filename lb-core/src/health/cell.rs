@@ -34,6 +34,8 @@ pub struct HealthCell {
     pub checks_failed: AtomicU64,
     /// Failed connects seen by workers (passive evidence).
     pub passive_failures: AtomicU64,
+    /// Checks that could not run for lack of resources on this host.
+    pub checks_local: AtomicU64,
 }
 
 impl HealthCell {
@@ -48,6 +50,7 @@ impl HealthCell {
             checks_ok: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
             passive_failures: AtomicU64::new(0),
+            checks_local: AtomicU64::new(0),
         }
     }
 
@@ -68,6 +71,11 @@ impl HealthCell {
             Err(_) => self.checks_failed.fetch_add(1, Ordering::Relaxed),
         };
         self.observe(result, now, "check");
+    }
+
+    /// Counts a check that could not run here (no result recorded).
+    pub fn count_local_failure(&self) {
+        self.checks_local.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records a failed connect from the data path. Ignored when the check

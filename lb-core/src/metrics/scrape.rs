@@ -96,7 +96,7 @@ fn collect(view: &DataPlaneView) -> Vec<MetricFamily> {
     );
     let checks = counter(
         "weir_health_checks_total",
-        "Active health check results, by probed target, check kind and result (ok, fail).",
+        "Active health check results, by probed target, check kind and result (ok, fail, not_run: no descriptor or buffer here, so no result).",
         &["target", "kind", "result"],
     );
     let passive = counter(
@@ -253,6 +253,9 @@ fn collect(view: &DataPlaneView) -> Vec<MetricFamily> {
             checks
                 .with_label_values(&[&target, &kind, "fail"])
                 .inc_by(cell.checks_failed.load(Ordering::Relaxed));
+            checks
+                .with_label_values(&[&target, &kind, "not_run"])
+                .inc_by(cell.checks_local.load(Ordering::Relaxed));
             passive
                 .with_label_values(&[&target, &kind])
                 .inc_by(cell.passive_failures.load(Ordering::Relaxed));

@@ -12,6 +12,7 @@
 //! it from plain threads, and all async work stays on runtimes it owns.
 
 mod core;
+pub mod limits;
 pub mod persist;
 mod sources;
 mod status;
@@ -36,7 +37,7 @@ use crate::plane::{Applied, ApplyError, Plane};
 use crate::worker::{run_worker, Shared};
 pub use lb_api::wire::{BackendStatus, ListenerStatus, Status};
 pub use workers::WorkerError;
-use workers::{raise_nofile, spawn_workers, Started};
+use workers::{spawn_workers, Started};
 
 /// Overrides of the file's `[runtime]` (command line, tests).
 #[derive(Clone, Debug, Default)]
@@ -64,6 +65,9 @@ pub enum StartError {
     /// The worker threads did not start.
     #[error(transparent)]
     Workers(#[from] WorkerError),
+    /// The open-files limit leaves no room to serve.
+    #[error("runtime.max_connections: {0}")]
+    Limits(String),
     /// The initial configuration could not be applied.
     #[error(transparent)]
     Apply(#[from] ApplyError),
@@ -128,18 +132,19 @@ impl Server {
                 .unwrap_or(1),
             n => n,
         };
-        let nofile = raise_nofile();
+        let nofile = limits::raise_nofile();
         // Splice pipes (two descriptors each) are kept out of the connections' share.
         let pipe_fds = if config.runtime.splice {
             2 * crate::engine::splice::PIPES_PER_WORKER * workers as u64
         } else {
             0
         };
-        let max_total = match config.runtime.max_connections {
-            // Each proxied connection holds two descriptors; keep some for everything else.
-            0 => nofile.saturating_sub(256 + pipe_fds) / 2,
-            n => n,
-        };
+        let cap = limits::connection_cap(config.runtime.max_connections, nofile, pipe_fds)
+            .map_err(StartError::Limits)?;
+        if let Some(warning) = &cap.warning {
+            tracing::warn!("{warning}");
+        }
+        let max_total = cap.max;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("lbd-control")

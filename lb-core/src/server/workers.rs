@@ -1,5 +1,5 @@
 //! Starting the worker threads, each reporting from inside its running
-//! runtime, and the process limits they run under.
+//! runtime.
 
 use std::sync::Arc;
 
@@ -12,29 +12,6 @@ pub enum WorkerError {
     /// A worker's runtime failed before it ran (or the worker panicked).
     #[error("worker runtime: {0}")]
     Runtime(std::io::Error),
-}
-
-/// Raises the open-files soft limit to the hard limit; returns the soft limit now in force.
-pub fn raise_nofile() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let lim = getrlimit(Resource::Nofile);
-    if let (Some(cur), max) = (lim.current, lim.maximum) {
-        let target = max.unwrap_or(1 << 20).min(1 << 20);
-        if target > cur
-            && setrlimit(
-                Resource::Nofile,
-                Rlimit {
-                    current: Some(target),
-                    maximum: max,
-                },
-            )
-            .is_ok()
-        {
-            return target;
-        }
-        return cur;
-    }
-    1 << 20
 }
 
 /// A worker's way to say that its runtime runs.

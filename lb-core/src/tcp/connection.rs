@@ -4,7 +4,6 @@
 //! or the backend's drain deadline.
 
 use std::cell::Cell;
-use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -60,9 +59,12 @@ pub(super) async fn serve<E: Engine>(
     } else {
         key.addr
     };
-    let Some((backend, upstream)) = connect_backend::<E>(&worker, &route, peer, local).await else {
-        stats.reject(Reject::NoBackend);
-        return;
+    let (backend, upstream) = match connect_backend::<E>(&worker, &route, peer, local).await {
+        Ok(connected) => connected,
+        Err(why) => {
+            stats.reject(why);
+            return;
+        }
     };
     let (_backend_slot, _) = Held::take(&backend.active);
     backend.total.fetch_add(1, Ordering::Relaxed);
@@ -140,13 +142,14 @@ pub(super) async fn serve<E: Engine>(
     }
 }
 
-/// Picks and connects a backend, retrying other backends on failure.
+/// Picks and connects a backend, retrying other backends on failure; a
+/// failure of this host's own resources ends the attempts at once.
 async fn connect_backend<E: Engine>(
     worker: &Worker,
     route: &Route,
     peer: SocketAddr,
     local: SocketAddr,
-) -> Option<(Arc<BackendHandle>, E::Conn)> {
+) -> Result<(Arc<BackendHandle>, E::Conn), Reject> {
     let key = match route.listener.hash_key {
         HashKey::FiveTuple => hash::five_tuple_key(peer, local, 6),
         HashKey::ClientIp => hash::client_ip_key(peer.ip()),
@@ -154,30 +157,31 @@ async fn connect_backend<E: Engine>(
     let timeout = route.listener.connect_timeout.get();
     let mut tried: Vec<usize> = Vec::with_capacity(MAX_CONNECT_ATTEMPTS);
     for _ in 0..MAX_CONNECT_ATTEMPTS {
-        let i = route.pick(key, worker.random(), &tried)?;
+        let i = route
+            .pick(key, worker.random(), &tried)
+            .ok_or(Reject::NoBackend)?;
         let backend = &route.backends[i];
         let result = tokio::time::timeout(timeout, E::Conn::connect(backend.addr)).await;
         let (reason, message) = match result {
-            Ok(Ok(conn)) => return Some((backend.clone(), conn)),
-            Ok(Err(e)) => {
-                let reason = if e.kind() == io::ErrorKind::ConnectionRefused {
-                    ConnectError::Refused
-                } else {
-                    ConnectError::Other
-                };
-                (reason, format!("connect: {e}"))
-            }
+            Ok(Ok(conn)) => return Ok((backend.clone(), conn)),
+            Ok(Err(e)) => (ConnectError::of(&e), format!("connect: {e}")),
             Err(_) => (
                 ConnectError::Timeout,
                 format!("connect timed out after {}", route.listener.connect_timeout),
             ),
         };
         backend.count_connect_error(reason);
+        if reason == ConnectError::Local {
+            // This host is out of descriptors, buffers or ports: no
+            // evidence against the backend, and another would fail alike.
+            tracing::debug!(backend = %backend.addr, %message, "connect failed here, not at the backend");
+            return Err(Reject::LocalError);
+        }
         backend
             .health
             .load()
             .passive_failure(message, StdInstant::now());
         tried.push(i);
     }
-    None
+    Err(Reject::NoBackend)
 }

@@ -351,8 +351,15 @@ fn open_flow<E: Engine>(
         match connect_upstream::<E>(backend.addr) {
             Ok(u) => break (backend, Rc::new(u)),
             Err(e) => {
-                backend.count_connect_error(ConnectError::Other);
+                let reason = ConnectError::of(&e);
+                backend.count_connect_error(reason);
                 tracing::debug!(backend = %backend.addr, error = %e, "udp upstream socket failed");
+                if reason == ConnectError::Local {
+                    // Out of descriptors or buffers here: any backend
+                    // would fail alike.
+                    release();
+                    return Err(UdpDrop::LocalError);
+                }
                 tried.push(i);
             }
         }
