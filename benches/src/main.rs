@@ -11,6 +11,7 @@ mod interrupt;
 mod load;
 mod peers;
 mod placement;
+mod stats;
 mod steal;
 mod tools;
 mod topo;
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use peers::Peer;
-use serde::Serialize;
+use stats::{added_over_direct, figure, summary, Figure, Sample, FLOOR};
 use tools::{iperf, wrk};
 use topo::{Side, Topology};
 
@@ -123,61 +124,6 @@ enum Setup {
     Netns,
 }
 
-#[derive(Serialize, Clone)]
-struct Figure {
-    scenario: &'static str,
-    unit: &'static str,
-    workers: usize,
-    peer: String,
-    /// One per round of interleaved runs; none where that run failed.
-    runs: Vec<Option<f64>>,
-    /// The share of CPU time the hypervisor stole during each round's
-    /// measurement (`None`: not readable, not measured, or the run failed
-    /// to start).
-    steal: Vec<Option<f64>>,
-    /// How many attempts each round's measurement took (one stolen from is
-    /// run again; see `steal::Retry`).
-    attempts: Vec<usize>,
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-/// The median of sorted values (the mean of the middle two for an even
-/// count), NaN for none.
-fn median(sorted: &[f64]) -> f64 {
-    let n = sorted.len();
-    match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => sorted[n / 2],
-        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
-/// Median, min and max of the finite values (NaN each for none).
-fn summary(values: impl IntoIterator<Item = f64>) -> (f64, f64, f64) {
-    let mut sorted: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
-    sorted.sort_by(f64::total_cmp);
-    let edge = |v: Option<&f64>| v.copied().unwrap_or(f64::NAN);
-    (median(&sorted), edge(sorted.first()), edge(sorted.last()))
-}
-
-fn figure(workers: usize, peer: &Peer, sample: Sample) -> Figure {
-    let (median, min, max) = summary(sample.runs.iter().flatten().copied());
-    Figure {
-        scenario: sample.scenario,
-        unit: sample.unit,
-        workers,
-        peer: peer.name(),
-        min,
-        max,
-        median,
-        runs: sample.runs,
-        steal: sample.steal,
-        attempts: sample.attempts,
-    }
-}
-
 /// One measured value of a scenario, or why there is none, with the steal
 /// during the attempt it came from and how many attempts were made.
 struct Measured {
@@ -271,17 +217,6 @@ fn micros_per(cpu: f64, done: f64) -> f64 {
 /// CPU seconds per GB.
 fn seconds_per_gb(cpu: f64, bytes: f64) -> f64 {
     cpu / (bytes / 1e9)
-}
-
-/// The runs of one scenario through one peer.
-#[derive(Clone)]
-struct Sample {
-    scenario: &'static str,
-    unit: &'static str,
-    /// Indexed by round, as are `steal` and `attempts`.
-    runs: Vec<Option<f64>>,
-    steal: Vec<Option<f64>>,
-    attempts: Vec<usize>,
 }
 
 struct Bench {
@@ -620,57 +555,6 @@ impl Bench {
         let added = added_over_direct(&self.figures, workers);
         self.figures.extend(added);
     }
-}
-
-/// The latency floor's quantiles.
-const FLOOR: [(&str, f64); 2] = [
-    (
-        "latency floor p50 (1 connection, 1 request at a time)",
-        0.50,
-    ),
-    (
-        "latency floor p99 (1 connection, 1 request at a time)",
-        0.99,
-    ),
-];
-
-/// What each proxy adds to the latency floor over the direct path, round
-/// by round (the rounds are interleaved, so a drift of the machine lands
-/// on both sides of each difference).
-fn added_over_direct(figures: &[Figure], workers: usize) -> Vec<Figure> {
-    let names = [
-        ("latency added over direct, p50", FLOOR[0].0),
-        ("latency added over direct, p99", FLOOR[1].0),
-    ];
-    let mut out = Vec::new();
-    for (added, floor) in names {
-        let of = |f: &&Figure| f.scenario == floor && f.workers == workers;
-        let Some(direct) = figures.iter().filter(of).find(|f| f.peer == "direct") else {
-            continue;
-        };
-        for f in figures.iter().filter(of).filter(|f| f.peer != "direct") {
-            let runs: Vec<Option<f64>> = f
-                .runs
-                .iter()
-                .zip(&direct.runs)
-                .map(|(a, b)| Some((*a)? - (*b)?))
-                .collect();
-            let (median, min, max) = summary(runs.iter().flatten().copied());
-            out.push(Figure {
-                scenario: added,
-                unit: "µs",
-                workers,
-                peer: f.peer.clone(),
-                runs,
-                steal: f.steal.clone(),
-                attempts: f.attempts.clone(),
-                median,
-                min,
-                max,
-            });
-        }
-    }
-    out
 }
 
 fn version(cmd: &str, args: &[&str]) -> String {
@@ -1194,13 +1078,7 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn median_of_odd_even_and_no_runs() {
-        assert_eq!(median(&[1.0, 2.0, 9.0]), 2.0);
-        assert_eq!(median(&[1.0, 2.0, 4.0, 9.0]), 3.0);
-        assert!(median(&[]).is_nan());
-    }
+    use stats::sample;
 
     #[test]
     fn each_figure_is_compared_with_the_peer_its_target_names() {
@@ -1216,22 +1094,6 @@ mod tests {
             reference("UDP datagrams/s (download, delivered)"),
             "nginx-stream"
         );
-    }
-
-    /// The runs of a sample of `scenario`, one attempt each.
-    fn sample(
-        scenario: &'static str,
-        unit: &'static str,
-        runs: Vec<Option<f64>>,
-        steal: Vec<Option<f64>>,
-    ) -> Sample {
-        Sample {
-            scenario,
-            unit,
-            attempts: vec![1; runs.len()],
-            runs,
-            steal,
-        }
     }
 
     /// The header says how much CPU time was stolen during the measurements
@@ -1383,33 +1245,29 @@ mod tests {
         assert!(targets.contains("| 1.20× (1.10–1.30) met |"), "{targets}");
     }
 
-    /// What a proxy adds over the direct path is taken round by round, and
-    /// a round either side missed is left out.
+    /// What lbd adds over the direct path is compared with what HAProxy
+    /// adds, round by round, like any other figure.
     #[test]
-    fn added_latency_is_the_difference_of_each_round() {
-        let floor = |peer: &Peer, runs: Vec<Option<f64>>| {
+    fn added_latency_is_compared_round_by_round() {
+        let added = |peer: &Peer, runs: Vec<Option<f64>>| {
             let steal = vec![None; runs.len()];
-            figure(1, peer, sample(FLOOR[0].0, "µs", runs, steal))
+            let name = "latency added over direct, p50";
+            figure(1, peer, sample(name, "µs", runs, steal))
         };
         let figures = [
-            floor(&Peer::Direct, vec![Some(20.0), Some(30.0), None]),
-            floor(
-                &Peer::Lbd("io_uring"),
-                vec![Some(35.0), Some(40.0), Some(50.0)],
-            ),
-            floor(
+            added(&Peer::Lbd("io_uring"), vec![Some(15.0), Some(10.0), None]),
+            added(
                 &Peer::Haproxy { splice: false },
-                vec![Some(40.0), Some(50.0), Some(60.0)],
+                vec![Some(20.0), Some(20.0), None],
             ),
         ];
-        let added = added_over_direct(&figures, 1);
-        assert_eq!(added.len(), 2, "one per proxy, p50 only here");
-        let lbd = added.iter().find(|f| f.peer == "lbd-io_uring").unwrap();
-        assert_eq!(lbd.scenario, "latency added over direct, p50");
-        assert_eq!(lbd.runs, vec![Some(15.0), Some(10.0), None]);
-        assert!((lbd.median - 12.5).abs() < 1e-9, "{}", lbd.median);
-        let (r, _, _) = ratio(&added, "latency added over direct, p50", 1, "lbd-io_uring").unwrap();
+        let (r, _, _) = ratio(
+            &figures,
+            "latency added over direct, p50",
+            1,
+            "lbd-io_uring",
+        )
+        .unwrap();
         assert!((r - (15.0 / 20.0 + 10.0 / 20.0) / 2.0).abs() < 1e-9, "{r}");
-        assert!(added_over_direct(&figures, 2).is_empty(), "no such workers");
     }
 }
