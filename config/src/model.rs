@@ -437,11 +437,15 @@ pub struct Config {
     pub listeners: Vec<Listener>,
 }
 
+/// The largest state version: 2^53 - 1, the largest integer every JSON
+/// reader (JavaScript's numbers among them) holds exactly.
+pub const MAX_VERSION: u64 = (1 << 53) - 1;
+
 /// The dynamic state exchanged over the control API.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DesiredState {
-    /// Monotonic version chosen by the writer.
+    /// Monotonic version chosen by the writer (at most [`MAX_VERSION`]).
     pub version: u64,
     /// Listeners, same schema as the file's `[[listener]]` (a TOML state
     /// may spell the key `listener`, as the file does).

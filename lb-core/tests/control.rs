@@ -238,14 +238,10 @@ fn error_classes_and_unchanged_state() {
 fn a_state_that_cannot_be_persisted_is_never_applied() {
     let dir = Dir::new("persist");
     let b = TestBackend::start("127.0.0.2", Behavior::Echo);
-    // state_dir under a regular file: creating it fails (even for root).
-    let blocker = dir.0.join("blocker");
-    std::fs::write(&blocker, b"").unwrap();
-    let config = admin(&dir).replace(
-        &format!("state_dir = \"{}\"", dir.state().display()),
-        &format!("state_dir = \"{}\"", blocker.join("state").display()),
-    );
-    let lbd = start_lbd(&config, EngineChoice::Epoll);
+    // A directory where the state's temporary file goes: writing the
+    // state fails (even for root).
+    std::fs::create_dir_all(dir.state().join(".state.json.tmp")).unwrap();
+    let lbd = start_lbd(&admin(&dir), EngineChoice::Epoll);
     let sock = dir.socket();
     let generation = || metric(&lbd.metrics_text(), "weir_config_generation");
     let before = generation();
@@ -266,6 +262,116 @@ fn a_state_that_cannot_be_persisted_is_never_applied() {
         "the new listener is not bound"
     );
     assert_eq!(call(&sock, Method::GET, "/v1/state", None).1["version"], 0);
+}
+
+/// A version above 2^53 - 1 is refused (422 naming `version`): accepted,
+/// it would hold every later state off with 409s, across restarts.
+#[test]
+fn versions_above_two_to_the_53_are_refused() {
+    let dir = Dir::new("version");
+    let _lbd = start_lbd(&admin(&dir), EngineChoice::Epoll);
+    let sock = dir.socket();
+    let (code, body) = put(
+        &sock,
+        &json!({ "version": 18446744073709551615u64, "listeners": [] }),
+    );
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["errors"][0]["path"], "version", "{body}");
+    let (code, body) = put(
+        &sock,
+        &json!({ "version": 9007199254740992u64, "listeners": [] }),
+    );
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "2^53: {body}");
+    let (code, body) = put(
+        &sock,
+        &json!({ "version": 9007199254740991u64, "listeners": [] }),
+    );
+    assert_eq!(code, StatusCode::OK, "2^53 - 1: {body}");
+}
+
+/// One lbd per state directory and per control socket: a second one fails
+/// to start, says why, and leaves the first one's socket and state alone.
+#[test]
+fn a_second_lbd_cannot_take_the_state_dir_or_the_control_socket() {
+    let dir = Dir::new("second");
+    let first = start_lbd(&admin(&dir), EngineChoice::Epoll);
+    let start = |config: &str| {
+        let config = lb_config::parse_config(config).unwrap();
+        lb_core::Server::start(
+            &config,
+            &lb_core::Options {
+                engine: Some(EngineChoice::Epoll),
+                workers: Some(1),
+            },
+        )
+    };
+    let err = start(&admin(&dir)).unwrap_err().to_string();
+    assert!(err.contains("in use by another lbd"), "{err}");
+    assert!(
+        err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    // Same socket, its own state directory.
+    let other = dir.0.join("other-state");
+    let config = admin(&dir).replace(
+        &format!("state_dir = \"{}\"", dir.state().display()),
+        &format!("state_dir = \"{}\"", other.display()),
+    );
+    let err = start(&config).unwrap_err().to_string();
+    assert!(err.contains("served by another running process"), "{err}");
+    // The first one still answers on its socket.
+    assert_eq!(
+        call(&dir.socket(), Method::GET, "/readyz", None).0,
+        StatusCode::OK
+    );
+    drop(first);
+    // Gone: a new one takes both over (its stale socket file replaced).
+    let _again = start(&admin(&dir)).expect("free once the first is gone");
+}
+
+/// A removed backend shows as draining while its connections run, and no
+/// longer once the last one closed (not only at the next apply).
+#[test]
+fn a_drained_backend_stops_showing_as_draining() {
+    let dir = Dir::new("drained");
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let c = TestBackend::start("127.0.0.3", Behavior::Echo);
+    let lbd = start_lbd(&admin(&dir), EngineChoice::Epoll);
+    let sock = dir.socket();
+    let state = |version: u64, backends: &[SocketAddr]| {
+        let list: Vec<Value> = backends
+            .iter()
+            .map(|a| json!({ "addr": a.to_string() }))
+            .collect();
+        json!({ "version": version, "listeners": [{ "name": "svc", "bind": "127.0.0.37:0", "balance": "round_robin", "backends": list, "health": { "kind": "none" } }] })
+    };
+    assert_eq!(put(&sock, &state(1, &[b.addr])).0, StatusCode::OK);
+    let addr = lbd.bound_addr("svc").unwrap();
+    let mut open = connect_from(None, addr).unwrap();
+    let mut greeting = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(open.try_clone().unwrap()),
+        &mut greeting,
+    )
+    .unwrap();
+    assert_eq!(put(&sock, &state(2, &[c.addr])).0, StatusCode::OK);
+    let draining = || {
+        lbd.status().listeners[0]
+            .backends
+            .iter()
+            .any(|x| x.addr == b.addr && x.draining)
+    };
+    assert!(draining(), "its connection is still open");
+    std::io::Write::write_all(&mut open, b"x").unwrap();
+    open.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(open);
+    eventually(Duration::from_secs(5), "no longer draining", || !draining());
+    let m = lbd.metrics_text();
+    assert!(
+        !m.lines()
+            .any(|l| l.starts_with("weir_backend_draining") && l.ends_with(" 1")),
+        "{m}"
+    );
 }
 
 #[test]
@@ -622,6 +728,10 @@ impl Pki {
             ("wrong-token", "guess".to_owned()),
         ] {
             std::fs::write(dir.0.join(name), pem).unwrap();
+            // Secrets as an operator keeps them (lbd refuses a token file
+            // that everyone can read).
+            std::fs::set_permissions(dir.0.join(name), std::fs::Permissions::from_mode(0o600))
+                .unwrap();
         }
         Self { dir }
     }
@@ -761,4 +871,128 @@ fn unusable_tls_material_fails_the_start() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("admin.tls_key"), "{err}");
+}
+
+/// Holds connections to `addr` from many source addresses (127.0.1.1 and
+/// up, `per_source` each): half idle, half trickling `bytes` one at a time
+/// every 100 ms, until dropped. Connections the server refuses are simply
+/// not held.
+struct Flood {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Flood {
+    fn tcp(addr: SocketAddr, total: usize, per_source: usize, bytes: &'static [u8]) -> Self {
+        let mut held = Vec::with_capacity(total);
+        for i in 0..total {
+            let ip: std::net::IpAddr = format!("127.0.1.{}", 1 + i / per_source).parse().unwrap();
+            if let Ok(s) = connect_from(Some(ip), addr) {
+                held.push(s);
+            }
+        }
+        Self::hold(held, bytes)
+    }
+
+    fn unix(path: &Path, total: usize, bytes: &'static [u8]) -> Self {
+        let held = (0..total)
+            .filter_map(|_| std::os::unix::net::UnixStream::connect(path).ok())
+            .collect();
+        Self::hold(held, bytes)
+    }
+
+    fn hold<S: std::io::Write + Send + 'static>(mut held: Vec<S>, bytes: &'static [u8]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let opened = held.len();
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                let mut sent = 0;
+                while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    if let Some(&b) = bytes.get(sent) {
+                        for s in held.iter_mut().step_by(2) {
+                            let _ = s.write_all(&[b]);
+                        }
+                        sent += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                opened
+            })
+        };
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops; how many connections were opened.
+    fn end(mut self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// Times `f` ten times; every call must succeed within 1 s.
+fn served_promptly<T, E: std::fmt::Debug>(what: &str, mut f: impl FnMut() -> Result<T, E>) {
+    for i in 0..10 {
+        let started = std::time::Instant::now();
+        let result = f();
+        let took = started.elapsed();
+        assert!(result.is_ok(), "{what} #{i}: {:?}", result.err());
+        assert!(took < Duration::from_secs(1), "{what} #{i} took {took:?}");
+    }
+}
+
+/// 1,000 connections that never finish their TLS handshake (half idle,
+/// half trickling a record they never complete), from 50 addresses, do
+/// not keep an authorised client out: its requests are served within 1 s.
+#[test]
+fn unauthenticated_connections_cannot_block_the_tls_control_api() {
+    let pki = Pki::new("flood");
+    let lbd = start_lbd(&pki.config(false), EngineChoice::Epoll);
+    let addr = lbd.control_tcp_addr().unwrap();
+    let url = format!("https://{addr}");
+    // A TLS handshake record header announcing 16,000 bytes, then a trickle.
+    let flood = Flood::tcp(
+        addr,
+        1000,
+        20,
+        b"\x16\x03\x01\x3e\x80\x01\x00\x3e\x7c\x03\x03aaaaaaaaaaaaaaa",
+    );
+    let target = pki.target(&url, "s3cret-token", "ca.pem", false);
+    served_promptly("GET /v1/status over TLS", || send(&target, "/v1/status"));
+    let opened = flood.end();
+    assert!(opened >= 500, "the flood opened only {opened} connections");
+}
+
+/// Idle connections and PUTs whose bodies trickle in, on the unix socket,
+/// neither keep `GET /v1/status` waiting nor block a prompt PUT.
+#[test]
+fn slow_clients_cannot_block_the_control_socket() {
+    let dir = Dir::new("slow");
+    let _lbd = start_lbd(&admin(&dir), EngineChoice::Epoll);
+    let sock = dir.socket();
+    let idle = Flood::unix(&sock, 100, b"");
+    let head = b"PUT /v1/state HTTP/1.1\r\nHost: lbd\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"version\": 1,";
+    let mut slow = Vec::new();
+    for _ in 0..40 {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        std::io::Write::write_all(&mut s, &head[..]).unwrap();
+        slow.push(s);
+    }
+    let slow = Flood::hold(slow, b"                    ");
+    served_promptly("GET /v1/status", || {
+        let (code, body) = call(&sock, Method::GET, "/v1/status", None);
+        (code == StatusCode::OK).then_some(()).ok_or(body)
+    });
+    let mut version = 0;
+    served_promptly("PUT /v1/state", || {
+        version += 1;
+        let (code, body) = put(&sock, &json!({ "version": version, "listeners": [] }));
+        (code == StatusCode::OK).then_some(()).ok_or(body)
+    });
+    idle.end();
+    slow.end();
 }

@@ -36,12 +36,12 @@ pub enum Target {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The API could not be reached.
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target}: {error}")]
     Connect {
         /// The socket path or URL.
         target: String,
         /// The OS or TLS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The URL is not `https://host:port`.
     #[error("bad URL {0:?}: expected https://host:port")]
@@ -104,9 +104,9 @@ pub async fn send(
                 .map_err(|e| ClientError::Http(e.to_string()))?;
             let stream = tokio::net::UnixStream::connect(socket)
                 .await
-                .map_err(|source| ClientError::Connect {
+                .map_err(|error| ClientError::Connect {
                     target: socket.display().to_string(),
-                    source,
+                    error,
                 })?;
             exchange(stream, req).await
         }
@@ -126,9 +126,9 @@ pub async fn send(
                 .header("authorization", format!("Bearer {token}"))
                 .body(Full::new(Bytes::from(body.unwrap_or_default())))
                 .map_err(|e| ClientError::Http(e.to_string()))?;
-            let connect_err = |source| ClientError::Connect {
+            let connect_err = |error| ClientError::Connect {
                 target: url.clone(),
-                source,
+                error,
             };
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
                 .await

@@ -14,14 +14,14 @@ use rustls::{ClientConfig, RootCertStore};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {error}")]
     Read {
         /// Which setting.
         what: &'static str,
         /// The file.
         path: String,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A file held no usable PEM item.
     #[error("{what} {path}: {message}")]
@@ -51,10 +51,10 @@ pub fn invalid(what: &'static str, path: &Path, message: impl Into<String>) -> T
 /// read error, anything else names what is wrong with the content.
 fn pem_error(what: &'static str, path: &Path, e: rustls::pki_types::pem::Error) -> TlsError {
     match e {
-        rustls::pki_types::pem::Error::Io(source) => TlsError::Read {
+        rustls::pki_types::pem::Error::Io(error) => TlsError::Read {
             what,
             path: path.display().to_string(),
-            source,
+            error,
         },
         e => invalid(what, path, e.to_string()),
     }

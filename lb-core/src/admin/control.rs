@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use lb_api::wire::Status;
@@ -71,10 +71,22 @@ pub struct Control {
 pub const MAX_BODY: usize = 16 << 20;
 
 /// Binds the control socket at `path` (creating its directory, replacing a
-/// stale socket file, mode 0600) and serves it on the current runtime.
+/// stale socket file but never one that answers, mode 0600) and serves it
+/// on the current runtime.
 pub async fn serve_unix(path: &Path, group: Option<&str>, control: Control) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
+    }
+    // A socket file left by a process that is gone is replaced; one that
+    // answers belongs to a running process and is left alone.
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!(
+                "{} is served by another running process (another lbd with the same admin.control_socket?)",
+                path.display()
+            ),
+        ));
     }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -226,31 +238,73 @@ async fn route(control: &Control, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Bodies being read at once: with `MAX_BODY` this bounds the memory that
-/// concurrent PUTs can make us hold (applies are serialised anyway).
-static BODY_SLOTS: Semaphore = Semaphore::const_new(2);
+/// Bytes of request bodies held at once, all connections together: three
+/// bodies of the largest size. A body takes its share as its bytes arrive,
+/// so a client that trickles holds little, and many slow ones cannot keep
+/// a prompt one out.
+const BODY_BUDGET: usize = 3 * MAX_BODY;
+/// How long a request body may take to arrive, from the request head.
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn put_state(control: &Control, req: Request<Incoming>) -> Response<Body> {
-    let Ok(_slot) = BODY_SLOTS.acquire().await else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-    };
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return error(
+static BODY_BYTES: Semaphore = Semaphore::const_new(BODY_BUDGET);
+
+/// A request body, read under [`MAX_BODY`], [`BODY_DEADLINE`] and the
+/// shared [`BODY_BUDGET`] (its permits are held until the body is dropped).
+async fn read_body(
+    req: Request<Incoming>,
+) -> Result<(Bytes, tokio::sync::SemaphorePermit<'static>), Response<Body>> {
+    let mut body = req.into_body();
+    let deadline = tokio::time::Instant::now() + BODY_DEADLINE;
+    let mut held = BODY_BYTES
+        .try_acquire_many(0)
+        .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
+    let mut bytes = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the request body did not arrive within {BODY_DEADLINE:?}"),
+                ))
+            }
+            Ok(None) => return Ok((Bytes::from(bytes), held)),
+            Ok(Some(Err(e))) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the request body: {e}"),
+                ))
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if bytes.len() + data.len() > MAX_BODY {
+            return Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body is larger than {MAX_BODY} bytes"),
-            );
+            ));
         }
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the request body: {e}"),
-            )
+        let more = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let permit = tokio::time::timeout_at(deadline, BODY_BYTES.acquire_many(more)).await;
+        match permit {
+            Ok(Ok(p)) => held.merge(p),
+            Ok(Err(_)) => return Err(error(StatusCode::SERVICE_UNAVAILABLE, "shutting down")),
+            Err(_) => {
+                return Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many request bodies in progress; try again",
+                ))
+            }
         }
+        bytes.extend_from_slice(&data);
+    }
+}
+
+async fn put_state(control: &Control, req: Request<Incoming>) -> Response<Body> {
+    let (body, _held) = match read_body(req).await {
+        Ok(read) => read,
+        Err(response) => return response,
     };
     let state: DesiredState = match serde_json::from_slice(&body) {
         Ok(s) => s,

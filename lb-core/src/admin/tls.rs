@@ -50,13 +50,27 @@ impl std::fmt::Debug for Token {
 }
 
 impl Token {
-    /// Reads a token file (surrounding whitespace ignored; must not be empty).
+    /// Reads a token file (surrounding whitespace ignored; must not be
+    /// empty, and must not be readable by everyone: it is a password).
     pub fn load(path: &Path) -> Result<Self, TlsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+        use std::os::unix::fs::PermissionsExt;
+        let read = |error| TlsError::Read {
             what: "admin.token_file",
             path: path.display().to_string(),
-            source,
-        })?;
+            error,
+        };
+        let mode = std::fs::metadata(path).map_err(read)?.permissions().mode();
+        if mode & 0o004 != 0 {
+            return Err(invalid(
+                "admin.token_file",
+                path,
+                format!(
+                    "is readable by everyone (mode {:04o}); the token is a password: chmod 0600 (or 0640 with a group)",
+                    mode & 0o7777
+                ),
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
         let token = text.trim();
         if token.is_empty() {
             return Err(invalid("admin.token_file", path, "the token is empty"));
@@ -72,13 +86,20 @@ impl Token {
         ))
     }
 
-    /// Whether an `Authorization` header value carries this token. Both
-    /// sides are hashed first, so the comparison time reveals neither
-    /// content nor length.
+    /// Whether an `Authorization` header value carries this token (the
+    /// scheme `Bearer` in any case, as RFC 7235 says). Both sides are
+    /// hashed first, so the comparison time reveals neither content nor
+    /// length.
     pub fn accepts(&self, header: Option<&[u8]>) -> bool {
-        let Some(presented) = header.and_then(|h| h.strip_prefix(b"Bearer ")) else {
+        let Some((scheme, presented)) = header.and_then(|h| {
+            let space = h.iter().position(|&b| b == b' ')?;
+            Some((&h[..space], h[space + 1..].trim_ascii()))
+        }) else {
             return false;
         };
+        if !scheme.eq_ignore_ascii_case(b"bearer") {
+            return false;
+        }
         let theirs = ring::digest::digest(&ring::digest::SHA256, presented);
         let diff = self
             .0
@@ -100,8 +121,28 @@ mod tests {
         assert!(t.accepts(Some(b"Bearer s3cret")));
         assert!(!t.accepts(Some(b"Bearer s3cre")));
         assert!(!t.accepts(Some(b"Bearer s3crett")));
-        assert!(!t.accepts(Some(b"bearer s3cret")));
+        assert!(
+            t.accepts(Some(b"bearer s3cret")),
+            "the scheme's case does not matter"
+        );
+        assert!(t.accepts(Some(b"BEARER s3cret")));
+        assert!(!t.accepts(Some(b"Basic s3cret")));
         assert!(!t.accepts(Some(b"s3cret")));
         assert!(!t.accepts(None));
+    }
+
+    #[test]
+    fn a_token_file_readable_by_everyone_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("weir-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Token::load(&file).unwrap_err().to_string();
+        assert!(e.contains("readable by everyone (mode 0644)"), "{e}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(Token::load(&file).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use lb_config::{Listener, Protocol};
@@ -28,14 +29,14 @@ use crate::worker::{Shared, WorkerCmd};
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// A new listener's address could not be bound.
-    #[error("listener {name:?}: cannot bind {addr}: {source}")]
+    #[error("listener {name:?}: cannot bind {addr}: {error}")]
     Bind {
         /// The listener.
         name: String,
         /// Its address.
         addr: SocketAddr,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -136,9 +137,16 @@ impl Plane {
         self.sockets.get(key).map(|b| b.local)
     }
 
-    /// Backends draining now, with the bind key of the listener they left.
+    /// Backends draining now (removed, with connections still open), with
+    /// the bind key of the listener they left. One whose connections have
+    /// all ended, or whose drain deadline closed them, is not draining.
     pub fn draining(&self) -> impl Iterator<Item = (&BindKey, &Arc<BackendHandle>)> {
-        self.draining.iter().map(|((k, _), h)| (k, h))
+        self.draining
+            .iter()
+            .filter(|(_, h)| {
+                h.is_draining() && !h.is_closed() && h.active.load(Ordering::Relaxed) > 0
+            })
+            .map(|((k, _), h)| (k, h))
     }
 
     /// The health registry (for metrics).
@@ -166,10 +174,10 @@ impl Plane {
                 Protocol::Tcp => bind_tcp(l.bind, workers).map(|(s, a)| (Sockets::Tcp(s), a)),
                 Protocol::Udp => bind_udp(l.bind, workers).map(|(s, a)| (Sockets::Udp(s), a)),
             };
-            let (sockets, local) = bound.map_err(|source| ApplyError::Bind {
+            let (sockets, local) = bound.map_err(|error| ApplyError::Bind {
                 name: l.name.clone(),
                 addr: l.bind,
-                source,
+                error,
             })?;
             fresh.push((BindKey::of(l), sockets, local));
         }

@@ -55,12 +55,12 @@ pub enum StartError {
     #[error("engine: {0}")]
     Engine(String),
     /// A runtime or thread could not be created.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         /// What failed.
         what: &'static str,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The worker threads did not start.
     #[error(transparent)]
@@ -86,6 +86,8 @@ pub struct Server {
     threads: Vec<std::thread::JoinHandle<()>>,
     admin: Option<SocketAddr>,
     control_tcp: Option<SocketAddr>,
+    /// Held while running: one lbd per state directory.
+    _state_lock: Option<persist::StateLock>,
 }
 
 impl Server {
@@ -112,6 +114,18 @@ impl Server {
                 ))
             }
             _ => None,
+        };
+        let state_dir = (config.admin.control_socket.is_some()
+            || config.admin.control_tcp.is_some())
+        .then(|| PathBuf::from(&config.admin.state_dir));
+        let state_lock = match &state_dir {
+            Some(dir) => Some(
+                persist::StateLock::take(dir).map_err(|error| StartError::Io {
+                    what: "admin.state_dir",
+                    error,
+                })?,
+            ),
+            None => None,
         };
         let choice = options.engine.unwrap_or(config.runtime.engine);
         let chosen = engine::choose(choice).map_err(StartError::Engine)?;
@@ -150,9 +164,9 @@ impl Server {
             .thread_name("lbd-control")
             .enable_all()
             .build()
-            .map_err(|source| StartError::Io {
+            .map_err(|error| StartError::Io {
                 what: "control runtime",
-                source,
+                error,
             })?;
         let (handoff, handoffs): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
@@ -194,9 +208,7 @@ impl Server {
         let core = Arc::new(Core::new(Parts {
             plane,
             file: config.clone(),
-            state_dir: (config.admin.control_socket.is_some()
-                || config.admin.control_tcp.is_some())
-            .then(|| PathBuf::from(&config.admin.state_dir)),
+            state_dir,
             metrics: metrics.clone(),
             ready: ready.clone(),
             shared,
@@ -211,6 +223,7 @@ impl Server {
             threads,
             admin: None,
             control_tcp: None,
+            _state_lock: state_lock,
         };
         let applied = core.apply_file()?;
         core.load_persisted();
@@ -228,9 +241,9 @@ impl Server {
                     token,
                     control.clone(),
                 ))
-                .map_err(|source| StartError::Io {
+                .map_err(|error| StartError::Io {
                     what: "admin.control_tcp bind",
-                    source,
+                    error,
                 })?;
             server.control_tcp = Some(bound);
         }
@@ -240,9 +253,9 @@ impl Server {
                 config.admin.control_socket_group.as_deref(),
                 control,
             ))
-            .map_err(|source| StartError::Io {
+            .map_err(|error| StartError::Io {
                 what: "admin.control_socket bind",
-                source,
+                error,
             })?;
         }
         if let Some(addr) = config.admin.metrics {
@@ -251,9 +264,9 @@ impl Server {
                     addr,
                     Endpoint { metrics, ready },
                 ))
-                .map_err(|source| StartError::Io {
+                .map_err(|error| StartError::Io {
                     what: "admin.metrics bind",
-                    source,
+                    error,
                 })?;
             server.admin = Some(bound);
         }

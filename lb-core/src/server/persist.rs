@@ -5,7 +5,8 @@
 //! never deleted.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use lb_config::DesiredState;
@@ -17,7 +18,13 @@ pub const FILE: &str = "state.json";
 pub fn save(dir: &Path, state: &DesiredState) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{FILE}.tmp"));
-    let mut f = File::create(&tmp)?;
+    // Only lbd's user reads it: it names every backend.
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     let mut text = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
     text.push(b'\n');
     f.write_all(&text)?;
@@ -25,6 +32,62 @@ pub fn save(dir: &Path, state: &DesiredState) -> io::Result<()> {
     drop(f);
     fs::rename(&tmp, dir.join(FILE))?;
     File::open(dir)?.sync_all()
+}
+
+/// The lock file inside `state_dir`.
+pub const LOCK: &str = "lock";
+/// How long [`StateLock::take`] waits for a holder that is going away.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One `lbd` per state directory: an exclusive `flock` on `state_dir/lock`,
+/// held while this value lives (the kernel drops it when the process
+/// ends, however it ends). The file holds the holder's pid.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] File);
+
+impl StateLock {
+    /// Takes the lock on `dir` (created if missing), or says which process
+    /// holds it.
+    pub fn take(dir: &Path) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join(LOCK);
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)?;
+        use rustix::fs::{flock, FlockOperation};
+        // A holder that is exiting (a restart), or whose descriptor a child
+        // process briefly shares between fork and exec, lets go within a
+        // moment: wait that long, no more.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let mut locked = flock(&file, FlockOperation::NonBlockingLockExclusive);
+        while locked.is_err() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            locked = flock(&file, FlockOperation::NonBlockingLockExclusive);
+        }
+        if let Err(e) = locked {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => String::new(),
+                pid => format!(" (pid {pid})"),
+            };
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "admin.state_dir {} is in use by another lbd{holder}: each lbd needs its own ({e})",
+                    dir.display()
+                ),
+            ));
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+        Ok(Self(file))
+    }
 }
 
 /// What was found at start.
@@ -100,6 +163,30 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(load(&dir), Loaded::Missing));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn one_lock_holder_per_directory() {
+        let dir = std::env::temp_dir().join(format!("weir-lock-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let held = StateLock::take(&dir).unwrap();
+        let e = StateLock::take(&dir).unwrap_err().to_string();
+        assert!(e.contains("in use by another lbd"), "{e}");
+        assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+        drop(held);
+        StateLock::take(&dir).expect("free again once the holder is gone");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_state_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("weir-mode-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        save(&dir, &DesiredState::default()).unwrap();
+        let mode = fs::metadata(dir.join(FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -45,6 +45,18 @@ impl Sources {
     /// version (or the same version with other content) is a conflict;
     /// invalid content names every field.
     pub fn admit(&self, state: &DesiredState) -> Result<Admitted, PutError> {
+        if state.version > lb_config::MAX_VERSION {
+            // Accepted, it would hold every later state off with 409s,
+            // across restarts.
+            return Err(PutError::Invalid(vec![FieldError::new(
+                "version",
+                format!(
+                    "{} is above {} (2^53 - 1, the largest integer every JSON reader holds exactly)",
+                    state.version,
+                    lb_config::MAX_VERSION
+                ),
+            )]));
+        }
         let current = self.dynamic.version;
         if state.version < current || (state.version == current && *state != self.dynamic) {
             return Err(PutError::Conflict { current });
