@@ -79,12 +79,14 @@ enum Command {
     },
     /// A working load balancer on loopback with three demo backends.
     Demo {
-        /// Where the demo listens.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: std::net::SocketAddr,
-        /// Where /metrics is served.
-        #[arg(long, default_value = "127.0.0.1:9600")]
-        metrics: std::net::SocketAddr,
+        /// Where the demo listens [default: 127.0.0.1:8080, or the next
+        /// free port].
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Where /metrics is served [default: 127.0.0.1:9600, or the next
+        /// free port].
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
         /// Override the engine.
         #[arg(long, value_enum)]
         engine: Option<EngineArg>,

@@ -374,6 +374,57 @@ fn a_drained_backend_stops_showing_as_draining() {
     );
 }
 
+/// A state whose listener's port another process already holds with
+/// SO_REUSEPORT (it would get a share of the connections) is refused with
+/// a 422 naming the field and the holder; a reload of such a file too.
+#[test]
+fn a_port_held_by_another_socket_is_refused() {
+    let dir = Dir::new("shared");
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let lbd = start_lbd(&admin(&dir), EngineChoice::Epoll);
+    let foreign = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    foreign.set_reuse_port(true).unwrap();
+    foreign
+        .bind(&"127.0.0.46:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    foreign.listen(16).unwrap();
+    let held = foreign.local_addr().unwrap().as_socket().unwrap();
+    let (code, body) = put(
+        &dir.socket(),
+        &json!({ "version": 1, "listeners": [listener("svc", &held.to_string(), b.addr)] }),
+    );
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["errors"][0]["path"], "listeners[0].bind", "{body}");
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("already served by"), "{message}");
+    assert!(
+        message.contains(&format!("pid {}", std::process::id())),
+        "{message}"
+    );
+    assert!(
+        std::net::TcpStream::connect(held).is_ok(),
+        "the foreign socket keeps its port"
+    );
+    // The same listener in the file: a rejected reload.
+    let file = format!(
+        "{}{}",
+        admin(&dir),
+        listener_toml("svc", &held.to_string(), "", &[b.addr], "kind = \"none\"")
+    );
+    let err = lbd
+        .reload(&lb_config::parse_config(&file).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already served by"), "{err}");
+    // A wildcard on the same port overlaps it too.
+    let wildcard = format!("0.0.0.0:{}", held.port());
+    let (code, body) = put(
+        &dir.socket(),
+        &json!({ "version": 1, "listeners": [listener("svc", &wildcard, b.addr)] }),
+    );
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+}
+
 #[test]
 fn control_socket_group_gives_mode_0660() {
     let dir = Dir::new("group");

@@ -615,3 +615,124 @@ fn running_out_of_descriptors_is_no_evidence_against_backends() {
     signal(&lbd.0, "TERM");
     wait_exit(&mut lbd.0, Duration::from_secs(30));
 }
+
+/// Starts `lbd demo` with its defaults; its banner (up to "Ctrl-C").
+fn start_demo() -> (Proc, String) {
+    let mut child = Proc(
+        Command::new(LBD)
+            .arg("demo")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
+    let mut printed = String::new();
+    while !printed.contains("Ctrl-C") {
+        assert!(
+            out.read_line(&mut printed).unwrap() > 0,
+            "demo exited: {printed}"
+        );
+    }
+    (child, printed)
+}
+
+/// The URL a demo banner says to curl.
+fn demo_url(banner: &str) -> SocketAddr {
+    let at = banner.find("curl -s http://").expect("a URL") + "curl -s http://".len();
+    let rest = &banner[at..];
+    rest[..rest.find('/').unwrap()].parse().unwrap()
+}
+
+/// A second `lbd demo` does not join the first one's port (both would
+/// serve half the connections): it takes the next free one and says so.
+#[test]
+fn a_second_demo_takes_another_port() {
+    let (mut first, banner) = start_demo();
+    let (mut second, other) = start_demo();
+    let (a, b) = (demo_url(&banner), demo_url(&other));
+    assert_ne!(a, b, "{banner}\n{other}");
+    assert!(other.contains("is in use"), "{other}");
+    for (addr, child) in [(a, &first), (b, &second)] {
+        let pid = child.0.id();
+        assert!(
+            owner_of(addr).contains(&pid),
+            "{addr} is served by {pid} alone: {:?}",
+            owner_of(addr)
+        );
+    }
+    signal(&first.0, "INT");
+    signal(&second.0, "INT");
+    wait_exit(&mut first.0, Duration::from_secs(10));
+    wait_exit(&mut second.0, Duration::from_secs(10));
+}
+
+/// The pids whose sockets listen on `addr` (from /proc/net/tcp and the
+/// processes' descriptors).
+fn owner_of(addr: SocketAddr) -> Vec<u32> {
+    let port = format!("{:04X}", addr.port());
+    let inodes: Vec<String> = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1)?.ends_with(&format!(":{port}")) && f.get(3) == Some(&"0A"))
+                .then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    let mut pids = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let holds = std::fs::read_dir(p.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+            });
+        if holds {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// `lbd run` with a listener another lbd already serves does not start;
+/// it names the other process.
+#[test]
+fn lbd_run_refuses_a_port_another_lbd_serves() {
+    let b = TestBackend::start("127.0.0.2", Behavior::Echo);
+    let bind: SocketAddr = format!("127.0.0.26:{}", free_port("127.0.0.26"))
+        .parse()
+        .unwrap();
+    let config = format!(
+        "[admin]\nmetrics = \"off\"\ncontrol_socket = \"off\"\n{}",
+        listener_toml("web", &bind.to_string(), "", &[b.addr], "kind = \"none\"")
+    );
+    let dir = temp_dir("shared-port");
+    let file = dir.join("lbd.toml");
+    std::fs::write(&file, &config).unwrap();
+    let mut first = spawn_lbd(&file, "epoll", None);
+    eventually(Duration::from_secs(10), "the first lbd serves", || {
+        roundtrip(bind).is_ok()
+    });
+    let out = Command::new(LBD)
+        .args(["run", "--engine", "epoll", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second lbd started: {stderr}");
+    assert!(stderr.contains("already served by"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pid {}", first.0.id())),
+        "{stderr}"
+    );
+    signal(&first.0, "TERM");
+    wait_exit(&mut first.0, Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}

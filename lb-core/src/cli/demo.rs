@@ -13,6 +13,7 @@ use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use lb_config::{Config, ConfigErrors};
+use lb_core::server::StartError;
 use lb_core::{Options, Server};
 use tokio::net::TcpListener;
 
@@ -132,24 +133,85 @@ async fn serve_named(name: String, listener: TcpListener) {
     }
 }
 
-/// Runs the demo until Ctrl-C.
+/// Where the demo listens and serves metrics when not told: these ports,
+/// or the next free ones.
+pub const LISTEN: &str = "127.0.0.1:8080";
+/// See [`LISTEN`].
+pub const METRICS: &str = "127.0.0.1:9600";
+/// How many ports after the default the demo tries before giving up.
+const TRIES: u16 = 20;
+
+/// Runs the demo until Ctrl-C, on `listen` and `metrics`, or where not
+/// given on [`LISTEN`] and [`METRICS`] or the first free ports after them
+/// (another demo or service may hold them; the banner says which).
 pub fn demo(
-    listen: std::net::SocketAddr,
-    metrics: std::net::SocketAddr,
+    listen: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
     engine: Option<EngineArg>,
 ) -> anyhow::Result<()> {
     let backends = start_backends(3).context("cannot start the demo backends on 127.0.0.2-4")?;
     // Removed however the demo ends, a failed start included.
     let run_dir = RunDir(std::env::temp_dir().join(format!("lbd-demo-{}", std::process::id())));
-    let config = config(listen, metrics, &backends, &run_dir.0)
-        .map_err(|e| anyhow::anyhow!("demo config:\n{e}"))?;
     let options = Options {
         engine: engine.map(Into::into),
         workers: None,
     };
-    let server = Server::start(&config, &options).with_context(|| {
-        format!("cannot start the demo (is {listen} or {metrics} in use? try --listen / --metrics)")
-    })?;
+    let default = |text: &str| text.parse::<SocketAddr>().expect("a valid default");
+    let tries = |given: Option<SocketAddr>, fallback: &str| -> Vec<SocketAddr> {
+        match given {
+            Some(a) => vec![a],
+            None => {
+                let d = default(fallback);
+                (0..TRIES)
+                    .map(|i| SocketAddr::new(d.ip(), d.port() + i))
+                    .collect()
+            }
+        }
+    };
+    let (listens, metricses) = (tries(listen, LISTEN), tries(metrics, METRICS));
+    let mut last = None;
+    let mut started = None;
+    'search: for &l in &listens {
+        for &m in &metricses {
+            let config = config(l, m, &backends, &run_dir.0)
+                .map_err(|e| anyhow::anyhow!("demo config:\n{e}"))?;
+            match Server::start(&config, &options) {
+                Ok(server) => {
+                    started = Some((server, l, m));
+                    break 'search;
+                }
+                // The metrics port is the one taken: try the next one.
+                Err(StartError::Io {
+                    what: "admin.metrics bind",
+                    error,
+                }) => {
+                    last = Some(anyhow::anyhow!("{m}: {error}"));
+                }
+                // The demo's port is taken (bound, or served by another
+                // process): try the next one.
+                Err(e @ StartError::Apply(_)) => {
+                    last = Some(e.into());
+                    continue 'search;
+                }
+                Err(e) => return Err(anyhow::Error::from(e).context("cannot start the demo")),
+            }
+        }
+    }
+    let Some((server, listen, metrics)) = started else {
+        let e = last.unwrap_or_else(|| anyhow::anyhow!("no address to try"));
+        return Err(e.context(format!(
+            "cannot start the demo on {} (or {} after it): every address is in use; try --listen / --metrics",
+            listens[0],
+            listens.len() - 1
+        )));
+    };
+    if listen != listens[0] || metrics != metricses[0] {
+        println!();
+        println!(
+            "{} or {} is in use (another demo?): this demo listens on {listen}, metrics on {metrics}.",
+            listens[0], metricses[0]
+        );
+    }
     let signals = Signals::register(&server)?;
     let url = format!("http://{}/", server.bound_addr("demo").unwrap_or(listen));
     println!();

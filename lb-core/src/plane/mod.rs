@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 mod bind;
 pub mod diff;
+pub mod owners;
 
 pub use bind::{bind_tcp, bind_udp};
 use diff::Diff;
@@ -38,6 +39,26 @@ pub enum ApplyError {
         /// The OS error.
         error: std::io::Error,
     },
+    /// Another process's socket already receives on a new listener's
+    /// address (with `SO_REUSEPORT` it would share the connections).
+    #[error("listener {name:?}: {addr} is already served by {holders}; lbd shares a port with no other process")]
+    Shared {
+        /// The listener.
+        name: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// Who else holds it (pid and name where /proc tells).
+        holders: String,
+    },
+}
+
+impl ApplyError {
+    /// The listener the error is about.
+    pub fn listener(&self) -> &str {
+        match self {
+            Self::Bind { name, .. } | Self::Shared { name, .. } => name,
+        }
+    }
 }
 
 /// What an apply changed, for the log line.
@@ -56,6 +77,9 @@ pub struct Applied {
 struct Bound {
     stop: watch::Sender<bool>,
     local: SocketAddr,
+    /// The inodes of its sockets (one per worker): ours, when the kernel's
+    /// socket table is checked for other holders.
+    inodes: Vec<u64>,
 }
 
 type HandleKey = (BindKey, SocketAddr);
@@ -80,6 +104,16 @@ impl std::fmt::Debug for Prepared {
 enum Sockets {
     Tcp(Vec<std::net::TcpListener>),
     Udp(Vec<std::net::UdpSocket>),
+}
+
+impl Sockets {
+    /// Their inodes (a socket whose inode cannot be read is left out).
+    fn inodes(&self) -> Vec<u64> {
+        match self {
+            Self::Tcp(list) => list.iter().filter_map(|s| owners::inode(s).ok()).collect(),
+            Self::Udp(list) => list.iter().filter_map(|s| owners::inode(s).ok()).collect(),
+        }
+    }
 }
 
 /// The control side's view of the data plane. Not on the data path: only
@@ -181,11 +215,67 @@ impl Plane {
             })?;
             fresh.push((BindKey::of(l), sockets, local));
         }
+        self.check_owners(&diff, &fresh)?;
         Ok(Prepared {
             diff,
             fresh,
             listeners: listeners.to_vec(),
         })
+    }
+
+    /// Refuses new listeners whose address another process's socket also
+    /// receives on (see [`owners`]).
+    fn check_owners(
+        &self,
+        diff: &Diff,
+        fresh: &[(BindKey, Sockets, SocketAddr)],
+    ) -> Result<(), ApplyError> {
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let mut ours: HashSet<u64> = self
+            .sockets
+            .values()
+            .flat_map(|b| b.inodes.iter().copied())
+            .collect();
+        for (_, sockets, _) in fresh {
+            ours.extend(sockets.inodes());
+        }
+        let protocols: Vec<Protocol> = [Protocol::Tcp, Protocol::Udp]
+            .into_iter()
+            .filter(|p| fresh.iter().any(|(k, _, _)| k.protocol == *p))
+            .collect();
+        let table = match owners::Table::read(&protocols) {
+            Ok(t) => t,
+            Err(e) => {
+                // No socket table (no sock_diag here): nothing to compare.
+                tracing::warn!(error = %e, "cannot read the socket table; listeners bound without checking for other holders");
+                return Ok(());
+            }
+        };
+        for (key, _, local) in fresh {
+            let others = table.others(key.protocol, *local, &ours);
+            if others.is_empty() {
+                continue;
+            }
+            let name = diff
+                .added
+                .iter()
+                .find(|l| BindKey::of(l) == *key)
+                .map(|l| l.name.clone())
+                .unwrap_or_default();
+            let holders = others
+                .iter()
+                .map(|h| format!("{} at {}", owners::describe(h), h.local))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(ApplyError::Shared {
+                name,
+                addr: *local,
+                holders,
+            });
+        }
+        Ok(())
     }
 
     /// The second half: publishes the prepared listeners, hands their new
@@ -319,6 +409,7 @@ impl Plane {
     /// Gives a new listener's sockets to the workers (one each).
     fn listen(&mut self, key: BindKey, sockets: Sockets, local: SocketAddr) {
         let (stop, stop_rx) = watch::channel(false);
+        let inodes = sockets.inodes();
         match sockets {
             Sockets::Tcp(list) => {
                 for (socket, worker) in list.into_iter().zip(&self.workers) {
@@ -341,7 +432,14 @@ impl Plane {
             }
         }
         tracing::info!(bind = %local, "listening");
-        self.sockets.insert(key, Bound { stop, local });
+        self.sockets.insert(
+            key,
+            Bound {
+                stop,
+                local,
+                inodes,
+            },
+        );
     }
 
     /// Starts the drains the diff calls for, each ending at its old

@@ -233,8 +233,8 @@ impl Core {
 
 /// A bind failure of a new dynamic listener, as the 422 names it.
 fn bind_error(listeners: &[Listener], e: &ApplyError) -> PutError {
-    let ApplyError::Bind { name, .. } = e;
-    let i = listeners.iter().position(|l| &l.name == name).unwrap_or(0);
+    let name = e.listener();
+    let i = listeners.iter().position(|l| l.name == name).unwrap_or(0);
     PutError::Invalid(vec![FieldError::new(
         format!("listeners[{i}].bind"),
         e.to_string(),
