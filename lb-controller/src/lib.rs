@@ -14,6 +14,8 @@ pub mod ipam;
 pub mod leader;
 pub mod metrics;
 pub mod publish;
+#[cfg(feature = "test-support")]
+pub mod test_apiserver;
 pub mod translate;
 
 /// The current time as a Kubernetes `Time` (RFC 3339, seconds).

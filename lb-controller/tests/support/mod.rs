@@ -1,19 +1,20 @@
-//! Shared test helpers: the in-test API server, object builders, and the
-//! real `lb-controller` and `lbd` processes.
+//! Shared test helpers: the in-test API server (from the library's
+//! `test-support` feature), object builders, and the real `lb-controller`
+//! and `lbd` processes.
 
 #![allow(dead_code)]
-
-pub mod apiserver;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 #[allow(unused_imports)]
-pub use apiserver::{ApiServer, EVENTS, LEASES, NODES, SERVICES, SLICES};
+pub use lb_controller::test_apiserver::{
+    self as apiserver, lb_service, node, ApiServer, EVENTS, LEASES, NODES, SERVICES, SLICES,
+};
 
 pub const CONTROLLER: &str = env!("CARGO_BIN_EXE_lb-controller");
 
@@ -35,30 +36,6 @@ pub async fn eventually<T>(within: Duration, what: &str, mut cond: impl FnMut() 
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-}
-
-/// A Node with an InternalIP.
-pub fn node(name: &str, ip: &str) -> Value {
-    json!({"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-           "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]}})
-}
-
-/// A LoadBalancer Service with TCP ports `(port, nodePort)`; nodePort 0 = let the server pick.
-pub fn lb_service(name: &str, ports: &[(u16, u16)]) -> Value {
-    let ports: Vec<Value> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (p, np))| {
-            let mut v =
-                json!({"name": format!("p{i}"), "port": p, "protocol": "TCP", "targetPort": 8080});
-            if *np != 0 {
-                v["nodePort"] = json!(np);
-            }
-            v
-        })
-        .collect();
-    json!({"metadata": {"name": name}, "spec": {"type": "LoadBalancer", "ports": ports,
-           "externalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}})
 }
 
 /// `status.loadBalancer.ingress[*].ip` of a stored Service.
