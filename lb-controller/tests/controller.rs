@@ -586,11 +586,19 @@ async fn services_that_leave_weir_are_removed_then_released() {
         "to-clusterip",
         json!({"spec": {"type": "ClusterIP"}}),
     );
+    // The class cannot change while the Service is a LoadBalancer: it goes
+    // through another type.
     api.patch(
         SERVICES,
         "default",
         "to-other-class",
-        json!({"spec": {"loadBalancerClass": "example.com/other"}}),
+        json!({"spec": {"type": "ClusterIP"}}),
+    );
+    api.patch(
+        SERVICES,
+        "default",
+        "to-other-class",
+        json!({"spec": {"type": "LoadBalancer", "loadBalancerClass": "example.com/other"}}),
     );
     for name in ["to-clusterip", "to-other-class"] {
         let svc = eventually(WAIT, "released", || {

@@ -11,7 +11,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
 use super::store::{api_err, labels_match, merge_patch, rv_of, ApiError, Change, Shared};
-use super::{key_of, Kind, KINDS};
+use super::{key_of, service, Kind, KINDS, SERVICES};
 
 /// Parsed request path.
 struct Target {
@@ -65,6 +65,42 @@ fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())).boxed())
         .expect("response")
+}
+
+/// The fields of a status write the release does not know: refused under
+/// `fieldValidation=Strict`, otherwise dropped with one warning each.
+fn unknown_fields(
+    shared: &Shared,
+    target: &Target,
+    body: &Value,
+    q: &BTreeMap<String, String>,
+) -> Result<Vec<String>, ApiError> {
+    if target.kind != SERVICES || !target.status {
+        return Ok(Vec::new());
+    }
+    let unknown = service::unknown_status_fields(shared.release, body);
+    if !unknown.is_empty() && q.get("fieldValidation").is_some_and(|v| v == "Strict") {
+        let list: Vec<String> = unknown
+            .iter()
+            .map(|f| format!(".{f}: field not declared in schema"))
+            .collect();
+        return Err(api_err(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            list.join(", "),
+        ));
+    }
+    Ok(unknown)
+}
+
+fn with_warnings(mut response: Response<Body>, unknown: &[String]) -> Response<Body> {
+    for field in unknown {
+        let text = format!("299 - \"unknown field \\\"{field}\\\"\"");
+        if let Ok(value) = hyper::header::HeaderValue::from_str(&text) {
+            response.headers_mut().append("warning", value);
+        }
+    }
+    response
 }
 
 fn query(uri: &hyper::Uri) -> BTreeMap<String, String> {
@@ -245,11 +281,12 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
                     "the name of the object does not match the name on the URL",
                 ));
             }
+            let warnings = unknown_fields(&shared, &target, &obj, &q)?;
             shared
                 .update(kind, &ns, &name, target.status, &user, "update", |_| {
                     Ok(obj)
                 })
-                .map(|o| json_response(StatusCode::OK, &o))
+                .map(|o| with_warnings(json_response(StatusCode::OK, &o), &warnings))
         }
         (Method::PATCH, Some(name)) => {
             let patch = parse_body()?;
@@ -282,6 +319,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
                     .create(kind, &ns, patch, &user)
                     .map(|o| json_response(StatusCode::CREATED, &o));
             }
+            let warnings = unknown_fields(&shared, &target, &patch, &q)?;
             shared
                 .update(kind, &ns, &name, target.status, &user, "patch", |current| {
                     let mut next = current.clone();
@@ -293,7 +331,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
                     }
                     Ok(next)
                 })
-                .map(|o| json_response(StatusCode::OK, &o))
+                .map(|o| with_warnings(json_response(StatusCode::OK, &o), &warnings))
         }
         (Method::DELETE, Some(name)) => shared
             .delete(kind, &ns, &name, &user)

@@ -14,15 +14,25 @@
 //! - `409 Conflict` when a write names a stale `metadata.resourceVersion`;
 //! - graceful deletion with finalizers (`deletionTimestamp`, removal once the
 //!   last finalizer goes);
-//! - NodePort and health-check NodePort allocation for LoadBalancer Services;
+//! - what the real server does to Services: NodePort and health-check
+//!   NodePort allocation; `loadBalancerClass` only on LoadBalancer Services
+//!   and immutable while they stay one; leaving LoadBalancer wipes the
+//!   class, the NodePorts and `status.loadBalancer`;
+//! - the release's view of `status.loadBalancer.ingress[].ipMode`
+//!   ([`Release`]): unknown to 1.28 (dropped, with a warning), dropped by
+//!   1.29's default feature gates unless already in use, kept from 1.30;
 //! - RBAC per bearer token, from the rules of a manifest;
-//! - who wrote what: the bearer token of every write is logged.
+//! - who wrote what: every write that reached storage (no-ops included, as
+//!   an audit log counts them) and every refused one, with the caller's
+//!   bearer token.
 
 mod http;
 mod objects;
 mod rbac;
+mod service;
 mod store;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -121,6 +131,22 @@ fn key_of(kind: Kind, ns: &str, name: &str) -> ObjKey {
         name.to_owned(),
     )
 }
+
+/// The Kubernetes release whose behaviour the server copies where releases
+/// differ in what the controller sees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Release {
+    /// 1.28: `ipMode` is an unknown field, dropped with a `Warning` header
+    /// (or refused with 400 under `fieldValidation=Strict`).
+    V1_28,
+    /// 1.29 with its default feature gates (LoadBalancerIPMode off):
+    /// `ipMode` is dropped unless the stored status already uses it.
+    V1_29,
+    /// 1.30 and later: `ipMode` is kept.
+    #[default]
+    V1_30,
+}
+
 /// A write that reached storage.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Write {
@@ -132,6 +158,24 @@ pub struct Write {
     pub resource: String,
     /// Namespace/name.
     pub object: String,
+    /// Namespace/name of the object the write is about: for an Event the
+    /// object it regards, otherwise `object`.
+    pub about: String,
+}
+
+/// A write the server refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// The bearer token that asked (empty if none).
+    pub user: String,
+    /// `create`, `update`, `patch`, `delete`.
+    pub verb: String,
+    /// Plural resource (with `/status` for the subresource).
+    pub resource: String,
+    /// Namespace/name.
+    pub object: String,
+    /// The HTTP status of the refusal (409 for a stale resourceVersion).
+    pub code: u16,
 }
 
 /// The server; dropped = stopped.
@@ -140,6 +184,8 @@ pub struct ApiServer {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
+    /// The runtime it runs on, when it brought its own.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Drop for ApiServer {
@@ -149,8 +195,26 @@ impl Drop for ApiServer {
 }
 
 impl ApiServer {
-    /// Starts on 127.0.0.1 (port chosen by the kernel).
+    /// Starts on 127.0.0.1 (port chosen by the kernel), behaving like the
+    /// newest release ([`Release::default`]).
     pub async fn start() -> Self {
+        Self::start_as(Release::default()).await
+    }
+
+    /// Starts on its own runtime, for callers that have none; stops when dropped
+    /// (outside any runtime).
+    pub fn start_on_own_runtime(release: Release) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("test-apiserver")
+            .build()?;
+        let mut server = runtime.block_on(Self::start_as(release));
+        server.runtime = Some(runtime);
+        Ok(server)
+    }
+
+    /// Starts on 127.0.0.1 (port chosen by the kernel), behaving like `release`.
+    pub async fn start_as(release: Release) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -158,6 +222,7 @@ impl ApiServer {
         let (changes, _) = broadcast::channel(200_000);
         let (close, _) = watch::channel(0);
         let shared = Arc::new(Shared {
+            release,
             store: Mutex::new(Store {
                 rv: 100,
                 ..Store::default()
@@ -183,7 +248,12 @@ impl ApiServer {
                 });
             }
         });
-        Self { addr, shared, task }
+        Self {
+            addr,
+            shared,
+            task,
+            runtime: None,
+        }
     }
 
     /// Writes a kubeconfig for this server, authenticating with `token`.
@@ -206,13 +276,28 @@ impl ApiServer {
 
     /// Applies a merge patch as an administrator would.
     pub fn patch(&self, kind: Kind, ns: &str, name: &str, patch: Value) -> Value {
+        self.try_patch("admin", kind, ns, name, false, patch)
+            .expect("patch")
+    }
+
+    /// Applies a merge patch as `user`, to the object or (`status`) to its
+    /// status; `Err` carries the refusal's code and message.
+    pub fn try_patch(
+        &self,
+        user: &str,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+        status: bool,
+        patch: Value,
+    ) -> Result<Value, (u16, String)> {
         self.shared
-            .update(kind, ns, name, false, "admin", "patch", |cur| {
+            .update(kind, ns, name, status, user, "patch", |cur| {
                 let mut next = cur.clone();
                 merge_patch(&mut next, &patch);
                 Ok(next)
             })
-            .expect("patch")
+            .map_err(|e| (e.code.as_u16(), e.message().to_owned()))
     }
 
     /// Deletes (gracefully, if finalizers are set).
@@ -261,5 +346,32 @@ impl ApiServer {
     /// Every write so far.
     pub fn writes(&self) -> Vec<Write> {
         self.shared.store.lock().unwrap().writes.clone()
+    }
+
+    /// How many writes so far `user` made, about `object` (`namespace/name`,
+    /// Events counted with the object they regard), per `(verb, resource)`.
+    pub fn write_counts(&self, user: &str, object: &str) -> BTreeMap<(String, String), usize> {
+        let mut counts = BTreeMap::new();
+        let store = self.shared.store.lock().unwrap();
+        for w in store
+            .writes
+            .iter()
+            .filter(|w| w.user == user && w.about == object)
+        {
+            *counts
+                .entry((w.verb.clone(), w.resource.clone()))
+                .or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Every refused write so far.
+    pub fn rejections(&self) -> Vec<Rejection> {
+        self.shared.store.lock().unwrap().rejections.clone()
+    }
+
+    /// The release the server behaves like.
+    pub fn release(&self) -> Release {
+        self.shared.release
     }
 }

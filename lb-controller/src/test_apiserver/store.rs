@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, watch};
 
 use super::rbac::Rule;
-use super::{key_of, Kind, ObjKey, Write, SERVICES};
+use super::{
+    key_of, service, Kind, ObjKey, Rejection, Release, Write, CORE_EVENTS, EVENTS, SERVICES,
+};
 
 /// One change, as a watch sees it.
 #[derive(Clone, Debug)]
@@ -30,6 +32,7 @@ pub(super) struct Store {
     pub(super) history: Vec<Change>,
     pub(super) compacted: u64,
     pub(super) writes: Vec<Write>,
+    pub(super) rejections: Vec<Rejection>,
     pub(super) uid: u64,
     pub(super) node_ports: u16,
 }
@@ -55,6 +58,10 @@ pub(super) fn api_err(
 }
 
 impl ApiError {
+    pub(super) fn message(&self) -> &str {
+        &self.message
+    }
+
     pub(super) fn body(&self) -> Value {
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                "message": self.message, "reason": self.reason, "code": self.code.as_u16()})
@@ -62,6 +69,7 @@ impl ApiError {
 }
 
 pub(super) struct Shared {
+    pub(super) release: Release,
     pub(super) store: Mutex<Store>,
     pub(super) changes: broadcast::Sender<Change>,
     pub(super) close: watch::Sender<u64>,
@@ -169,8 +177,44 @@ impl Shared {
         obj["metadata"]["resourceVersion"] = json!(store.rv.to_string());
     }
 
+    /// Records a refused write.
+    fn refused<T>(
+        &self,
+        result: Result<T, ApiError>,
+        user: &str,
+        verb: &str,
+        resource: String,
+        object: String,
+    ) -> Result<T, ApiError> {
+        if let Err(e) = &result {
+            self.store.lock().unwrap().rejections.push(Rejection {
+                user: user.into(),
+                verb: verb.into(),
+                resource,
+                object,
+                code: e.code.as_u16(),
+            });
+        }
+        result
+    }
+
     /// Create: fills in server-owned metadata (and NodePorts for Services).
     pub(super) fn create(
+        &self,
+        kind: Kind,
+        ns: &str,
+        obj: Value,
+        user: &str,
+    ) -> Result<Value, ApiError> {
+        let object = format!(
+            "{ns}/{}",
+            obj["metadata"]["name"].as_str().unwrap_or_default()
+        );
+        let result = self.try_create(kind, ns, obj, user);
+        self.refused(result, user, "create", kind.plural.into(), object)
+    }
+
+    fn try_create(
         &self,
         kind: Kind,
         ns: &str,
@@ -214,11 +258,7 @@ impl Shared {
         obj["metadata"]["creationTimestamp"] = json!(now_rfc3339());
         obj["metadata"]["generation"] = json!(1);
         if kind == SERVICES {
-            if let Some(o) = obj.as_object_mut() {
-                o.remove("status");
-            }
-            allocate_node_ports(&mut store, &mut obj);
-            obj["status"] = json!({"loadBalancer": {}});
+            service::prepare_create(&mut store.node_ports, &mut obj)?;
         }
         Self::bump(&mut store, &mut obj);
         store.objects.insert(key, obj.clone());
@@ -227,6 +267,7 @@ impl Shared {
             verb: "create".into(),
             resource: kind.plural.into(),
             object: format!("{ns}/{name}"),
+            about: about(kind, ns, &name, &obj),
         });
         self.record(&mut store, kind, ns, "ADDED", &obj);
         Ok(obj)
@@ -236,6 +277,26 @@ impl Shared {
     /// new object (for the subresource only its status is kept).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn update(
+        &self,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+        status: bool,
+        user: &str,
+        verb: &str,
+        change: impl FnOnce(&Value) -> Result<Value, ApiError>,
+    ) -> Result<Value, ApiError> {
+        let result = self.try_update(kind, ns, name, status, user, verb, change);
+        let resource = if status {
+            format!("{}/status", kind.plural)
+        } else {
+            kind.plural.to_owned()
+        };
+        self.refused(result, user, verb, resource, format!("{ns}/{name}"))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn try_update(
         &self,
         kind: Kind,
         ns: &str,
@@ -296,7 +357,7 @@ impl Shared {
                 next["status"] = current["status"].clone();
             }
             if kind == SERVICES {
-                allocate_node_ports(&mut store, &mut next);
+                service::prepare_update(&mut store.node_ports, &current, &mut next)?;
             }
             if next.get("spec") != current.get("spec") {
                 let g = current["metadata"]["generation"].as_i64().unwrap_or(1);
@@ -304,7 +365,7 @@ impl Shared {
             }
         }
         if kind == SERVICES && status {
-            validate_service_status(&next)?;
+            service::prepare_status_update(self.release, &current, &mut next)?;
         }
         next["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
         let resource = if status {
@@ -317,6 +378,7 @@ impl Shared {
             verb: verb.into(),
             resource,
             object: format!("{ns}/{name}"),
+            about: about(kind, ns, name, &current),
         });
         if next == current {
             return Ok(current); // a no-op write does not bump the version
@@ -342,6 +404,17 @@ impl Shared {
         name: &str,
         user: &str,
     ) -> Result<Value, ApiError> {
+        let result = self.try_delete(kind, ns, name, user);
+        self.refused(
+            result,
+            user,
+            "delete",
+            kind.plural.into(),
+            format!("{ns}/{name}"),
+        )
+    }
+
+    fn try_delete(&self, kind: Kind, ns: &str, name: &str, user: &str) -> Result<Value, ApiError> {
         let mut store = self.store.lock().unwrap();
         let key = key_of(kind, ns, name);
         let mut obj = store.objects.get(&key).cloned().ok_or_else(|| {
@@ -356,6 +429,7 @@ impl Shared {
             verb: "delete".into(),
             resource: kind.plural.into(),
             object: format!("{ns}/{name}"),
+            about: about(kind, ns, name, &obj),
         });
         let has_finalizers = obj["metadata"]["finalizers"]
             .as_array()
@@ -395,51 +469,17 @@ impl Shared {
     }
 }
 
-fn allocate_node_ports(store: &mut Store, svc: &mut Value) {
-    let spec = &mut svc["spec"];
-    let lb = spec["type"] == "LoadBalancer";
-    let wants =
-        lb && spec["allocateLoadBalancerNodePorts"] != json!(false) || spec["type"] == "NodePort";
-    let mut next = || {
-        store.node_ports = store.node_ports.wrapping_add(1);
-        30000 + i64::from(store.node_ports % 2768)
+/// The object a write is about, `namespace/name`: an Event's is the object
+/// it regards; any other object's is itself.
+fn about(kind: Kind, ns: &str, name: &str, obj: &Value) -> String {
+    let regarding = match kind {
+        EVENTS => &obj["regarding"],
+        CORE_EVENTS => &obj["involvedObject"],
+        _ => return format!("{ns}/{name}"),
     };
-    if wants {
-        if let Some(ports) = spec["ports"].as_array_mut() {
-            for p in ports {
-                if p.get("nodePort").is_none_or(Value::is_null) {
-                    p["nodePort"] = json!(next());
-                }
-            }
-        }
-    }
-    if lb && spec["externalTrafficPolicy"] == "Local" && spec["healthCheckNodePort"].is_null() {
-        spec["healthCheckNodePort"] = json!(next());
-    }
-}
-
-fn validate_service_status(svc: &Value) -> Result<(), ApiError> {
-    let invalid = |m: String| api_err(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", m);
-    let ingress = svc["status"]["loadBalancer"]["ingress"].as_array();
-    for (i, ing) in ingress.into_iter().flatten().enumerate() {
-        let ip = ing["ip"].as_str().unwrap_or_default();
-        if ing.get("ip").is_some() && ip.parse::<std::net::IpAddr>().is_err() {
-            return Err(invalid(format!(
-                "status.loadBalancer.ingress[{i}].ip: Invalid value: {ip:?}: must be a valid IP address"
-            )));
-        }
-        if let Some(mode) = ing.get("ipMode").and_then(Value::as_str) {
-            if mode != "VIP" && mode != "Proxy" {
-                return Err(invalid(format!(
-                    "status.loadBalancer.ingress[{i}].ipMode: Unsupported value: {mode:?}"
-                )));
-            }
-            if ip.is_empty() {
-                return Err(invalid(format!(
-                    "status.loadBalancer.ingress[{i}].ipMode: Forbidden: may not be specified when `ip` is not set"
-                )));
-            }
-        }
-    }
-    Ok(())
+    format!(
+        "{}/{}",
+        regarding["namespace"].as_str().unwrap_or(ns),
+        regarding["name"].as_str().unwrap_or_default()
+    )
 }
