@@ -29,13 +29,11 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::ipam::{Allocator, Family, Request, ServiceKey};
 use crate::metrics::Metrics;
+use crate::ownership::{self, has_finalizer, Disposition, Owner};
 use crate::publish::{self, Progress, Report, Snapshot};
 use crate::translate::{self, Settings, SERVICE_NAME_LABEL};
 
-/// The finalizer cloud providers use for load balancer cleanup.
-pub const FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
-/// The condition Weir keeps on each Service.
-pub const CONDITION: &str = "weir.dev/ForwardersProgrammed";
+pub use crate::ownership::{CONDITION, FINALIZER};
 /// The field manager / Event reporter name.
 pub const MANAGER: &str = "weir-lb-controller";
 
@@ -131,10 +129,6 @@ fn slices_of<'a>(slices: &'a [Arc<EndpointSlice>], key: &ServiceKey) -> Vec<&'a 
         .collect()
 }
 
-fn has_finalizer(svc: &Service) -> bool {
-    svc.finalizers().iter().any(|f| f == FINALIZER)
-}
-
 /// The allocator request, or the default one if the Service's is invalid
 /// (used only for seeding: what a Service already holds stays its own).
 fn request_or_default(svc: &Service) -> Request {
@@ -147,16 +141,14 @@ fn request_or_default(svc: &Service) -> Request {
     })
 }
 
-/// Seeds an allocator from Services' status: Services already holding
-/// addresses first, in a stable order. Returns the allocator.
+/// Seeds an allocator from the status of our Services (by class alone:
+/// another implementation's addresses never count), in a stable order.
+/// Returns the allocator.
 pub fn seeded_allocator(cfg: &Config, services: &[Arc<Service>]) -> Allocator {
     let mut allocator = Allocator::new(cfg.pools.clone());
     let mut held: Vec<&Arc<Service>> = services
         .iter()
-        .filter(|s| {
-            translate::is_managed(s, &cfg.load_balancer_class, cfg.default_class)
-                || has_finalizer(s)
-        })
+        .filter(|s| ownership::owner(s, &cfg.load_balancer_class, cfg.default_class) == Owner::Weir)
         .filter(|s| !status_ips(s).is_empty())
         .collect();
     held.sort_by_key(|s| key_of(s));
@@ -262,6 +254,15 @@ impl Ctx {
         if warned.insert((reason.to_owned(), msg.clone())) {
             self.event(svc, EventType::Warning, reason, msg);
         }
+    }
+
+    /// Whether the controller holds anything for `key`: an address,
+    /// listeners, or a removal in progress.
+    fn holds(&self, key: &ServiceKey) -> bool {
+        let st = self.state.lock().unwrap();
+        !st.allocator.addresses(key).is_empty()
+            || st.entries.contains_key(key)
+            || st.removals.contains_key(key)
     }
 
     fn progress(&self) -> Vec<(String, Arc<Progress>)> {
@@ -379,10 +380,30 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     ctx.metrics.reconciles.inc();
     let key = key_of(&svc);
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let managed = translate::is_managed(&svc, &ctx.cfg.load_balancer_class, ctx.cfg.default_class)
-        && svc.metadata.deletion_timestamp.is_none();
-    if !managed {
-        return release(&svc, &key, &api, &ctx).await;
+    let held = ctx.holds(&key);
+    match ownership::disposition(
+        &svc,
+        &ctx.cfg.load_balancer_class,
+        ctx.cfg.default_class,
+        held,
+    ) {
+        Disposition::Manage => {}
+        Disposition::Ignore => return Ok(Action::await_change()),
+        Disposition::Release {
+            clear_status,
+            remove_finalizer,
+            events,
+        } => {
+            if !held && !clear_status && !remove_finalizer {
+                return Ok(Action::await_change());
+            }
+            let steps = ReleaseSteps {
+                clear_status,
+                remove_finalizer,
+                events,
+            };
+            return release(&svc, &key, &api, &ctx, steps).await;
+        }
     }
     if !has_finalizer(&svc) {
         let mut finalizers = svc.finalizers().to_vec();
@@ -559,45 +580,38 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     Ok(Action::requeue(Duration::from_secs(600)))
 }
 
-/// Releasing: out of the forwarders first, the address freed once every
-/// reachable forwarder acknowledged that, then status and finalizer.
+/// What [`release`] writes once the forwarders have dropped the Service.
+struct ReleaseSteps {
+    clear_status: bool,
+    remove_finalizer: bool,
+    events: bool,
+}
+
+/// Releasing: out of the forwarders first, then (as `steps` say) our
+/// status and the finalizer, and the address is freed last: if a write
+/// fails, the address is still held and the next attempt starts over.
 async fn release(
     svc: &Service,
     key: &ServiceKey,
     api: &Api<Service>,
     ctx: &Ctx,
+    steps: ReleaseSteps,
 ) -> Result<Action, Error> {
-    let holds = {
-        let st = ctx.state.lock().unwrap();
-        !st.allocator.addresses(key).is_empty()
-            || st.entries.contains_key(key)
-            || st.removals.contains_key(key)
-    };
-    if !has_finalizer(svc) && !holds {
-        return Ok(Action::await_change());
-    }
     if !settle_removal(key, ctx) {
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    // Status and finalizer first: if either write fails, the address is
-    // still held and the next attempt starts over.
     let mut version = svc.metadata.resource_version.clone();
-    if svc.metadata.deletion_timestamp.is_none() && !status_ips(svc).is_empty() {
-        // Changed away from us: the status no longer describes a load balancer.
-        let conditions = other_conditions(svc);
+    if let Some(body) = steps
+        .clear_status
+        .then(|| ownership::clear_status_patch(svc))
+        .flatten()
+    {
         let updated = api
-            .patch_status(
-                &key.name,
-                &PatchParams::default(),
-                &merge_patch(
-                    svc,
-                    json!({"status": {"loadBalancer": {"ingress": null}, "conditions": conditions}}),
-                ),
-            )
+            .patch_status(&key.name, &PatchParams::default(), &merge_patch(svc, body))
             .await?;
         version = updated.metadata.resource_version;
     }
-    if has_finalizer(svc) {
+    if steps.remove_finalizer {
         let finalizers: Vec<&String> = svc
             .finalizers()
             .iter()
@@ -621,12 +635,12 @@ async fn release(
     if !freed.is_empty() {
         let _ = ctx.all_tx.send(());
         let list: Vec<String> = freed.iter().map(ToString::to_string).collect();
-        ctx.event(
-            svc,
-            EventType::Normal,
-            "IPReleased",
-            format!("released {}", list.join(", ")),
-        );
+        let note = format!("released {}", list.join(", "));
+        if steps.events {
+            ctx.event(svc, EventType::Normal, "IPReleased", note);
+        } else {
+            tracing::info!(service = %key, %note, "the Service belongs to another implementation now");
+        }
     }
     Ok(Action::await_change())
 }

@@ -26,18 +26,63 @@ async fn real_cluster_assigns_and_releases() {
 }
 
 /// The same scenario against the in-test API server, so that the code above
-/// is known to work before anyone points it at a cluster.
+/// is known to work before anyone points it at a cluster, next to the
+/// LoadBalancer Services a real cluster may already have in `default`:
+/// another implementation's (its class, its finalizer, its address) and the
+/// default implementation's (no class). The scenario writes nothing
+/// outside its own namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_cluster_scenario_runs_against_the_test_server() {
     let api = ApiServer::start().await;
     let dir = temp_dir("real-rehearsal");
     let kubeconfig = api.kubeconfig(&dir, "e2e");
+    for (name, class, ip) in [
+        ("other", Some("other.example/lb"), "192.0.2.77"),
+        ("unclassed", None, "192.0.2.241"),
+    ] {
+        let mut svc = lb_service(name, &[(80, 0)]);
+        if let Some(class) = class {
+            svc["spec"]["loadBalancerClass"] = json!(class);
+        }
+        svc["metadata"]["finalizers"] = json!(["service.kubernetes.io/load-balancer-cleanup"]);
+        api.create(SERVICES, "default", svc);
+        api.try_patch(
+            "other-lb",
+            SERVICES,
+            "default",
+            name,
+            true,
+            json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}}),
+        )
+        .unwrap();
+    }
+    let before = [
+        api.get(SERVICES, "default", "other"),
+        api.get(SERVICES, "default", "unclassed"),
+    ];
     scenario(kubeconfig.to_str().unwrap()).await;
+    let after = [
+        api.get(SERVICES, "default", "other"),
+        api.get(SERVICES, "default", "unclassed"),
+    ];
+    assert_eq!(before, after);
+    let own = format!("{}/", tag());
+    let outside: Vec<_> = api
+        .writes()
+        .into_iter()
+        .filter(|w| w.user == "e2e" && w.resource != "namespaces" && !w.about.starts_with(&own))
+        .collect();
+    assert_eq!(outside, []);
+}
+
+/// The namespace (and class suffix) of this run.
+fn tag() -> String {
+    format!("weir-e2e-{}", std::process::id())
 }
 
 async fn scenario(kubeconfig: &str) {
     let pool = std::env::var("WEIR_E2E_POOL").unwrap_or_else(|_| "192.0.2.240/28".into());
-    let tag = format!("weir-e2e-{}", std::process::id());
+    let tag = tag();
     let class = format!("weir.dev/{tag}");
     let client = lb_controller::client(Some(std::path::Path::new(&kubeconfig)))
         .await

@@ -260,6 +260,7 @@ impl Shared {
         if kind == SERVICES {
             service::prepare_create(&mut store.node_ports, &mut obj)?;
         }
+        omit_empty_metadata(&mut obj);
         Self::bump(&mut store, &mut obj);
         store.objects.insert(key, obj.clone());
         store.writes.push(Write {
@@ -367,6 +368,7 @@ impl Shared {
         if kind == SERVICES && status {
             service::prepare_status_update(self.release, &current, &mut next)?;
         }
+        omit_empty_metadata(&mut next);
         next["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
         let resource = if status {
             format!("{}/status", kind.plural)
@@ -482,4 +484,22 @@ fn about(kind: Kind, ns: &str, name: &str, obj: &Value) -> String {
         regarding["namespace"].as_str().unwrap_or(ns),
         regarding["name"].as_str().unwrap_or_default()
     )
+}
+
+/// Metadata lists and maps are `omitempty` in the real server's encoding:
+/// an empty one is not stored.
+fn omit_empty_metadata(obj: &mut Value) {
+    if let Some(meta) = obj["metadata"].as_object_mut() {
+        for field in ["finalizers", "labels", "annotations"] {
+            let empty = match meta.get(field) {
+                Some(Value::Array(a)) => a.is_empty(),
+                Some(Value::Object(o)) => o.is_empty(),
+                Some(Value::Null) => true,
+                _ => false,
+            };
+            if empty {
+                meta.remove(field);
+            }
+        }
+    }
 }
