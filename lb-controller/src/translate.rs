@@ -2,8 +2,11 @@
 //!
 //! One listener per (external IP, port, protocol). Backends are the eligible
 //! nodes at their preferred address and the port's `nodePort`. Health and
-//! weights follow `externalTrafficPolicy`; `weir.dev/` annotations tune the
-//! listener. A bad annotation is an error for the whole Service, so the
+//! weights follow `externalTrafficPolicy`: for `Local`, a node weighs its
+//! count of ready local endpoints, so one with none gets weight 0 (no new
+//! connections) as soon as the EndpointSlices say so, and a Service with no
+//! ready endpoint anywhere gets no backend; health checks remain the second
+//! line. `weir.dev/` annotations tune the listener. A bad annotation is an error for the whole Service, so the
 //! caller keeps the Service's last good listeners.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -469,12 +472,17 @@ pub fn translate(
                 };
                 let weight = weights.as_ref().map(|w| {
                     let n = node.metadata.name.as_deref().unwrap_or_default();
-                    w.get(n).copied().unwrap_or(0).max(1)
+                    w.get(n).copied().unwrap_or(0)
                 });
                 backends.push(BackendSpec {
                     addr: SocketAddr::new(addr, node_port).to_string(),
                     weight,
                 });
+            }
+            if backends.iter().all(|b| b.weight == Some(0)) {
+                // ETP=Local and no ready endpoint on any node: nowhere to
+                // send new connections (and lbd refuses all-zero weights).
+                backends.clear();
             }
             out.listeners.push(ListenerSpec {
                 name: listener_name(namespace, name, port.port, &proto_text, *ip),

@@ -542,3 +542,74 @@ async fn exhausted_pool_waits_for_a_release_and_plan_writes_nothing() {
     .await;
     assert_eq!(ingress_ips(&third), freed);
 }
+
+/// ETP=Local: the forwarder's weights follow the EndpointSlices as they
+/// change: a node whose last ready endpoint goes gets weight 0 in the next
+/// state, without waiting for a health check to fail there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_weights_follow_endpoint_slices() {
+    let dir = temp_dir("local");
+    let api = ApiServer::start().await;
+    three_nodes(&api).await;
+    let edge = start_forwarder(&dir, "").await;
+    let cfg = controller_config(
+        &dir,
+        &api.kubeconfig(&dir, "ctl"),
+        &format!("{POOL}{SOLO}{}", edge.toml),
+    );
+    let _ctl = start_controller(&cfg, "a");
+    let mut svc = lb_service("web", &[(8080, 30080)]);
+    svc["spec"]["externalTrafficPolicy"] = json!("Local");
+    api.create(SERVICES, "default", svc);
+    let endpoint = |ip: &str, node: &str, ready: bool| json!({"addresses": [ip], "nodeName": node, "conditions": {"ready": ready}});
+    api.create(
+        SLICES,
+        "default",
+        json!({"metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+               "addressType": "IPv4",
+               "endpoints": [endpoint("10.1.0.1", "node-0", true), endpoint("10.1.0.2", "node-0", true),
+                             endpoint("10.1.0.3", "node-1", true)]}),
+    );
+    let weights = |state: &serde_json::Value| -> Vec<(String, u64)> {
+        state["listeners"][0]["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                (
+                    b["addr"].as_str().unwrap_or_default().to_owned(),
+                    b["weight"].as_u64().unwrap_or(1),
+                )
+            })
+            .collect()
+    };
+    let expect = |w: [u64; 3]| -> Vec<(String, u64)> {
+        ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+            .iter()
+            .zip(w)
+            .map(|(ip, w)| (format!("{ip}:30080"), w))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    for want in [expect([2, 1, 0]), expect([2, 0, 0])] {
+        loop {
+            let got = lbd_state(&edge.socket).await.map(|s| weights(&s));
+            if got.as_ref() == Some(&want) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "weights {want:?}, forwarder has {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        // node-1's only endpoint stops being ready.
+        api.patch(
+            SLICES,
+            "default",
+            "web-1",
+            json!({"endpoints": [endpoint("10.1.0.1", "node-0", true), endpoint("10.1.0.2", "node-0", true),
+                                 endpoint("10.1.0.3", "node-1", false)]}),
+        );
+    }
+}
