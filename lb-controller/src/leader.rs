@@ -46,11 +46,23 @@ pub fn decide(
     }
 }
 
+/// How often a standby reads the Lease at most: it learns of the leader's
+/// renewals this late at worst, which bounds how late it takes over.
+pub const STANDBY_POLL: Duration = Duration::from_millis(500);
+
 /// When a waiting candidate tries again, `now` being when it found the
-/// Lease held by another that `expires` (on its own clock) at the given
-/// instant.
-pub fn next_attempt(now: Instant, _expires: Instant, timing: Timing) -> Instant {
-    now + timing.renew_interval
+/// Lease held by another until `expires` (on its own clock): at the expiry
+/// itself, or after a poll interval (the smaller of [`STANDBY_POLL`] and
+/// the renew interval) if that comes first.
+///
+/// The expiry is measured from when this candidate first saw the current
+/// record, which is at most one poll interval after the leader wrote it; so
+/// a standby takes over at most `lease_duration` + one poll interval (plus
+/// the API server's answers) after the leader's last renewal, and never
+/// before `lease_duration` after it.
+pub fn next_attempt(now: Instant, expires: Instant, timing: Timing) -> Instant {
+    let poll = timing.renew_interval.min(STANDBY_POLL);
+    (now + poll).min(expires)
 }
 
 /// Lease timing (from `[leader_election]`).
@@ -303,6 +315,8 @@ impl<S: LeaseStore> Elector<S> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
 
     #[test]
@@ -317,5 +331,126 @@ mod tests {
             Decision::Wait
         );
         assert_eq!(decide(Some("b"), "a", t0, t0 + d, d), Decision::Take);
+    }
+
+    /// What the fake stores: the Lease, its resourceVersion counter, and
+    /// when each holder's writes were stored.
+    #[derive(Default)]
+    struct Stored {
+        lease: Option<Lease>,
+        rv: u64,
+        log: Vec<(String, Instant)>,
+    }
+
+    /// A Lease in memory, as the API server keeps it: a resourceVersion per
+    /// write, 409 for a write at a stale one, and each request takes
+    /// `latency`.
+    #[derive(Clone)]
+    struct MemoryLease {
+        inner: Arc<Mutex<Stored>>,
+        latency: Duration,
+    }
+
+    impl MemoryLease {
+        fn new(latency: Duration) -> Self {
+            Self {
+                inner: Arc::default(),
+                latency,
+            }
+        }
+
+        fn write(&self, mut lease: Lease, create: bool) -> Written {
+            let mut stored = self.inner.lock().unwrap();
+            let current = stored
+                .lease
+                .as_ref()
+                .and_then(|l| l.metadata.resource_version.clone());
+            if create != stored.lease.is_none() || lease.metadata.resource_version != current {
+                return Written::Conflict;
+            }
+            stored.rv += 1;
+            lease.metadata.resource_version = Some(stored.rv.to_string());
+            let holder = lease
+                .spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.clone())
+                .unwrap_or_default();
+            stored.log.push((holder, Instant::now()));
+            stored.lease = Some(lease);
+            Written::Stored
+        }
+
+        /// When `holder`'s writes were stored.
+        fn writes_by(&self, holder: &str) -> Vec<Instant> {
+            let stored = self.inner.lock().unwrap();
+            stored
+                .log
+                .iter()
+                .filter(|(h, _)| h == holder)
+                .map(|(_, t)| *t)
+                .collect()
+        }
+    }
+
+    impl LeaseStore for MemoryLease {
+        async fn get(&self) -> Result<Option<Lease>, kube::Error> {
+            tokio::time::sleep(self.latency).await;
+            Ok(self.inner.lock().unwrap().lease.clone())
+        }
+
+        async fn create(&self, lease: Lease) -> Result<Written, kube::Error> {
+            tokio::time::sleep(self.latency).await;
+            Ok(self.write(lease, true))
+        }
+
+        async fn replace(&self, lease: Lease) -> Result<Written, kube::Error> {
+            tokio::time::sleep(self.latency).await;
+            Ok(self.write(lease, false))
+        }
+    }
+
+    /// The documented defaults: lease 15 s, renewals every 2 s.
+    const TIMING: Timing = Timing {
+        lease_duration: Duration::from_secs(15),
+        renew_interval: Duration::from_secs(2),
+    };
+
+    /// The leader dies (stops renewing, keeps its Lease) at some moment;
+    /// a standby that started at some other moment takes over within
+    /// lease_duration + 1 s of the leader's last stored renewal, and never
+    /// before lease_duration. Every phase between the two replicas'
+    /// schedules and the moment of death is tried, on the paused clock.
+    #[tokio::test(start_paused = true)]
+    async fn a_standby_takes_over_within_a_second_of_the_lease_expiring() {
+        let mut worst = Duration::ZERO;
+        for standby_start_ms in (0..2000).step_by(125) {
+            for death_ms in (9000..11000).step_by(250) {
+                let store = MemoryLease::new(Duration::from_millis(5));
+                let t0 = Instant::now();
+                let mut alpha = Elector::new(store.clone(), "l", "alpha", TIMING);
+                assert!(alpha.acquire(std::future::pending()).await);
+                let leader = tokio::spawn(async move { alpha.keep().await });
+                tokio::time::sleep_until(t0 + Duration::from_millis(standby_start_ms)).await;
+                let mut beta = Elector::new(store.clone(), "l", "beta", TIMING);
+                let standby =
+                    tokio::spawn(async move { beta.acquire(std::future::pending()).await });
+                tokio::time::sleep_until(t0 + Duration::from_millis(death_ms)).await;
+                leader.abort();
+                assert!(standby.await.unwrap());
+                let renewed = *store.writes_by("alpha").last().unwrap();
+                let taken = store.writes_by("beta")[0];
+                let after = taken - renewed;
+                assert!(
+                    after >= TIMING.lease_duration,
+                    "took over {after:?} after the last renewal (start {standby_start_ms} ms, death {death_ms} ms)"
+                );
+                assert!(
+                    after <= TIMING.lease_duration + Duration::from_secs(1),
+                    "took over {after:?} after the last renewal (start {standby_start_ms} ms, death {death_ms} ms)"
+                );
+                worst = worst.max(after);
+            }
+        }
+        println!("slowest takeover: {worst:?} after the last renewal");
     }
 }
