@@ -1,0 +1,87 @@
+//! What the publishers report back (acknowledged, refused, stale,
+//! unreachable), and the periodic sweep of Services that vanished.
+
+use std::collections::BTreeMap;
+
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::mpsc;
+
+use super::reconcile::settle_removal;
+use super::Ctx;
+use crate::ipam::ServiceKey;
+use crate::publish::Report;
+
+impl Ctx {
+    pub(super) fn on_report(&self, report: Report, all_tx: &mpsc::UnboundedSender<()>) {
+        match report {
+            Report::Acked { forwarder, version } => {
+                self.metrics
+                    .acked_version
+                    .with_label_values(&[&forwarder])
+                    .set(version as i64);
+                tracing::debug!(%forwarder, version, "forwarder acknowledged");
+            }
+            Report::Rejected { forwarder, errors } => {
+                let mut by_owner: BTreeMap<Option<ServiceKey>, Vec<String>> = BTreeMap::new();
+                for (owner, msg) in errors {
+                    by_owner.entry(owner).or_default().push(msg);
+                }
+                for (owner, msgs) in by_owner {
+                    let note = format!(
+                        "forwarder {forwarder} rejected the state: {}",
+                        msgs.join("; ")
+                    );
+                    match owner.and_then(|k| {
+                        self.services
+                            .get(&ObjectRef::new(&k.name).within(&k.namespace))
+                    }) {
+                        Some(svc) => {
+                            self.event(&svc, EventType::Warning, "ForwarderRejected", note)
+                        }
+                        None => tracing::warn!("{note}"),
+                    }
+                }
+            }
+            Report::Stale { forwarder, current } => {
+                let mut st = self.state.lock().unwrap();
+                if current >= st.version {
+                    tracing::warn!(%forwarder, current, "forwarder runs a newer version; moving above it");
+                    st.version = current;
+                    drop(st);
+                    self.rebuild.notify_one();
+                }
+            }
+            Report::Failed { .. } => {}
+        }
+        let _ = all_tx.send(());
+    }
+
+    /// Releases Services that vanished without going through their
+    /// finalizer (it was removed by hand, or they were never ours).
+    pub(super) fn sweep(&self) {
+        let gone: Vec<ServiceKey> = {
+            let st = self.state.lock().unwrap();
+            st.allocator
+                .holdings()
+                .into_iter()
+                .map(|h| h.service)
+                .chain(st.entries.keys().cloned())
+                .filter(|k| {
+                    self.services
+                        .get(&ObjectRef::new(&k.name).within(&k.namespace))
+                        .is_none()
+                })
+                .collect()
+        };
+        for key in gone {
+            if settle_removal(&key, self) {
+                let mut st = self.state.lock().unwrap();
+                st.removals.remove(&key);
+                let freed = st.allocator.release(&key);
+                self.update_pool_metrics(&st);
+                tracing::info!(service = %key, ?freed, "released addresses of a vanished Service");
+            }
+        }
+    }
+}
