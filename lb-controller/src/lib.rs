@@ -16,6 +16,7 @@ pub mod leader;
 pub mod metrics;
 pub mod ownership;
 pub mod publish;
+pub mod status;
 #[cfg(feature = "test-support")]
 pub mod test_apiserver;
 pub mod translate;

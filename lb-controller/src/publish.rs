@@ -123,8 +123,9 @@ pub fn target(f: &Forwarder) -> anyhow::Result<Target> {
     })
 }
 
-/// The version a forwarder runs now (`GET /v1/state`).
-pub async fn current_version(target: &Target, timeout: Duration) -> anyhow::Result<u64> {
+/// The state a forwarder runs now (`GET /v1/state`): its version and
+/// dynamic listeners.
+pub async fn current_state(target: &Target, timeout: Duration) -> anyhow::Result<DesiredState> {
     let (status, body) = tokio::time::timeout(
         timeout,
         client::send(target, Method::GET, "/v1/state", None),
@@ -132,8 +133,7 @@ pub async fn current_version(target: &Target, timeout: Duration) -> anyhow::Resu
     .await
     .map_err(|_| anyhow::anyhow!("timed out"))??;
     anyhow::ensure!(status == StatusCode::OK, "GET /v1/state: {status}");
-    let state: serde_json::Value = serde_json::from_slice(&body)?;
-    Ok(state["version"].as_u64().unwrap_or(0))
+    Ok(serde_json::from_slice(&body)?)
 }
 
 /// Publishing settings.
@@ -177,7 +177,6 @@ impl Publisher {
             } else {
                 self.publish(&snapshot, &reports, timing.timeout).await
             };
-            self.progress.tried.store(true, Ordering::Release);
             match outcome {
                 Ok(()) => {
                     failures = 0;
@@ -189,7 +188,6 @@ impl Publisher {
                     failures = failures.saturating_add(1);
                     metrics.publish_errors.with_label_values(&[&name]).inc();
                     tracing::warn!(forwarder = %name, %error, "publish failed");
-                    *self.progress.last_error.lock().unwrap() = Some(error);
                     let wait = backoff(failures, timing.backoff_max);
                     // A new state ends the wait early, but never sooner than the debounce.
                     let _ = tokio::time::timeout(wait, states.changed()).await;
@@ -198,6 +196,15 @@ impl Publisher {
         }
     }
 
+    /// Records a failed attempt in the progress, before any report about
+    /// it goes out (the controller reads the progress when it gets one).
+    fn failed(&self, error: &str, reachable: bool) {
+        self.progress.reachable.store(reachable, Ordering::Release);
+        *self.progress.last_error.lock().unwrap() = Some(error.to_owned());
+        self.progress.tried.store(true, Ordering::Release);
+    }
+
+    /// One attempt. The progress is updated before the report is sent.
     async fn publish(
         &self,
         snapshot: &Snapshot,
@@ -206,7 +213,7 @@ impl Publisher {
     ) -> Result<(), String> {
         let name = &self.forwarder.name;
         let fail = |e: String| {
-            self.progress.reachable.store(false, Ordering::Release);
+            self.failed(&e, false);
             let _ = reports.send(Report::Failed {
                 forwarder: name.clone(),
             });
@@ -224,13 +231,14 @@ impl Publisher {
             Ok(Err(e)) => return Err(fail(e.to_string())),
             Ok(Ok(answer)) => answer,
         };
-        self.progress.reachable.store(true, Ordering::Release);
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         match status {
             StatusCode::OK => {
                 let version = snapshot.state.version;
+                self.progress.reachable.store(true, Ordering::Release);
                 self.progress.acked.fetch_max(version, Ordering::AcqRel);
                 *self.progress.last_error.lock().unwrap() = None;
+                self.progress.tried.store(true, Ordering::Release);
                 let _ = reports.send(Report::Acked {
                     forwarder: name.clone(),
                     version,
@@ -239,14 +247,16 @@ impl Publisher {
             }
             StatusCode::CONFLICT => {
                 let current = json["current_version"].as_u64().unwrap_or(0);
+                let error = format!(
+                    "forwarder runs version {current}, newer than {}",
+                    snapshot.state.version
+                );
+                self.failed(&error, true);
                 let _ = reports.send(Report::Stale {
                     forwarder: name.clone(),
                     current,
                 });
-                Err(format!(
-                    "forwarder runs version {current}, newer than {}",
-                    snapshot.state.version
-                ))
+                Err(error)
             }
             StatusCode::UNPROCESSABLE_ENTITY => {
                 let errors = rejected(&json, &snapshot.state.listeners, &snapshot.owners);
@@ -255,19 +265,28 @@ impl Publisher {
                     .map(|(_, m)| m.as_str())
                     .collect::<Vec<_>>()
                     .join("; ");
+                let error = format!("rejected: {summary}");
+                self.failed(&error, true);
                 let _ = reports.send(Report::Rejected {
                     forwarder: name.clone(),
                     errors,
                 });
-                Err(format!("rejected: {summary}"))
+                Err(error)
             }
-            other => Err(format!(
-                "PUT /v1/state: {other}: {}",
-                String::from_utf8_lossy(&body)
-                    .chars()
-                    .take(300)
-                    .collect::<String>()
-            )),
+            other => {
+                let error = format!(
+                    "PUT /v1/state: {other}: {}",
+                    String::from_utf8_lossy(&body)
+                        .chars()
+                        .take(300)
+                        .collect::<String>()
+                );
+                self.failed(&error, true);
+                let _ = reports.send(Report::Failed {
+                    forwarder: name.clone(),
+                });
+                Err(error)
+            }
         }
     }
 }

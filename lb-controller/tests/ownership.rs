@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -184,7 +184,7 @@ async fn a_service_that_leaves_weir_is_cleaned_up_once() {
     );
     let _ctl = start_controller(&cfg, "a");
     api.create(SERVICES, "default", lb_service("web", &[(9001, 30091)]));
-    let svc = programmed(&api, "web").await;
+    let svc = programmed(&api, "default", "web").await;
     let ip = ingress_ips(&svc)[0].clone();
     listeners_become(&edge, 1).await;
     eventually(WAIT, "IPAllocated event", || {
@@ -227,7 +227,7 @@ async fn a_service_that_leaves_weir_is_cleaned_up_once() {
     next["metadata"]["annotations"] = json!({"weir.dev/load-balancer-ips": ip});
     api.create(SERVICES, "default", next);
     assert_eq!(
-        ingress_ips(&programmed(&api, "next").await),
+        ingress_ips(&programmed(&api, "default", "next").await),
         std::slice::from_ref(&ip)
     );
     let cleanup: Vec<(String, String)> = api.writes()[before..]
@@ -252,7 +252,7 @@ async fn a_service_that_leaves_weir_is_cleaned_up_once() {
         "web",
         json!({"spec": {"type": "LoadBalancer"}}),
     );
-    let back = programmed(&api, "web").await;
+    let back = programmed(&api, "default", "web").await;
     assert_eq!(back["metadata"]["finalizers"], json!([FINALIZER]));
     assert_eq!(ingress_ips(&back).len(), 1);
     assert_ne!(ingress_ips(&back), [ip]);
@@ -275,7 +275,7 @@ async fn a_service_that_moved_to_another_class_while_down_is_left_to_it() {
     );
     let mut ctl = start_controller(&cfg, "a");
     api.create(SERVICES, "default", lb_service("web", &[(9001, 30091)]));
-    let ip = ingress_ips(&programmed(&api, "web").await)[0].clone();
+    let ip = ingress_ips(&programmed(&api, "default", "web").await)[0].clone();
     listeners_become(&edge, 1).await;
     ctl.kill();
     api.patch(
@@ -297,7 +297,7 @@ async fn a_service_that_moved_to_another_class_while_down_is_left_to_it() {
     let mut next = lb_service("next", &[(9002, 30092)]);
     next["metadata"]["annotations"] = json!({"weir.dev/load-balancer-ips": ip});
     api.create(SERVICES, "default", next);
-    programmed(&api, "next").await;
+    programmed(&api, "default", "next").await;
     assert_eq!(api.get(SERVICES, "default", "web").unwrap(), moved);
     assert!(
         api.writes()[before..]
@@ -309,34 +309,3 @@ async fn a_service_that_moved_to_another_class_while_down_is_left_to_it() {
 }
 
 const CONDITION: &str = "weir.dev/ForwardersProgrammed";
-
-/// Waits for the Service's condition to be True; returns the Service.
-async fn programmed(api: &ApiServer, name: &str) -> Value {
-    eventually(WAIT, &format!("{name} programmed"), || {
-        api.get(SERVICES, "default", name).filter(|s| {
-            s["status"]["conditions"].as_array().is_some_and(|c| {
-                c.iter()
-                    .any(|c| c["type"] == CONDITION && c["status"] == "True")
-            })
-        })
-    })
-    .await
-}
-
-/// Waits until the forwarder runs `n` listeners.
-async fn listeners_become(edge: &Forwarder, n: usize) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let count = lbd_state(&edge.socket)
-            .await
-            .and_then(|s| s["listeners"].as_array().map(Vec::len));
-        if count == Some(n) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{n} listeners on the forwarder (now {count:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}

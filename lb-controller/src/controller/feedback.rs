@@ -1,19 +1,23 @@
 //! What the publishers report back (acknowledged, refused, stale,
 //! unreachable), and the periodic sweep of Services that vanished.
+//!
+//! A report re-evaluates only the Services whose programmed state it
+//! changes: those whose condition would now read differently, and those
+//! whose removal every forwarder has now settled.
 
 use std::collections::BTreeMap;
 
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use tokio::sync::mpsc;
 
 use super::reconcile::settle_removal;
 use super::Ctx;
 use crate::ipam::ServiceKey;
 use crate::publish::Report;
+use crate::status;
 
 impl Ctx {
-    pub(super) fn on_report(&self, report: Report, all_tx: &mpsc::UnboundedSender<()>) {
+    pub(super) fn on_report(&self, report: Report) {
         match report {
             Report::Acked { forwarder, version } => {
                 self.metrics
@@ -54,7 +58,39 @@ impl Ctx {
             }
             Report::Failed { .. } => {}
         }
-        let _ = all_tx.send(());
+        for key in self.affected_by_progress() {
+            self.enqueue(&key);
+        }
+    }
+
+    /// The Services a change in the forwarders' progress concerns: ours
+    /// whose condition would read differently now, and those being released
+    /// that every forwarder has now dropped.
+    fn affected_by_progress(&self) -> Vec<ServiceKey> {
+        let views = self.forwarder_views();
+        let progress = self.progress();
+        let st = self.state.lock().unwrap();
+        let conditions = st.entries.iter().filter(|(key, entry)| {
+            self.services
+                .get(&ObjectRef::new(&key.name).within(&key.namespace))
+                .is_some_and(|svc| {
+                    let current = status::current_condition(&svc);
+                    let wanted = status::programmed(
+                        current,
+                        svc.metadata.generation,
+                        entry.changed_at,
+                        &views,
+                    );
+                    current.is_none_or(|c| !status::same(c, &wanted))
+                })
+        });
+        let removals = st.removals.iter().filter(|(_, removed_at)| {
+            removed_at.is_some_and(|v| progress.iter().all(|(_, p)| p.settled(v)))
+        });
+        conditions
+            .map(|(key, _)| key.clone())
+            .chain(removals.map(|(key, _)| key.clone()))
+            .collect()
     }
 
     /// Releases Services that vanished without going through their

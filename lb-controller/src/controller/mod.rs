@@ -8,7 +8,7 @@
 //! already holds addresses; learn the forwarders' versions; only then start
 //! publishing and reconciling.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::ipam::{Allocator, Family, ServiceKey};
 use crate::metrics::Metrics;
 use crate::publish::{Progress, Snapshot};
+use crate::status::{ForwarderView, IpModeSupport};
 use crate::translate::{Settings, SERVICE_NAME_LABEL};
 
 mod feedback;
@@ -69,6 +70,8 @@ struct State {
     version: u64,
     /// Warnings per Service that has no entry (allocation failures).
     warned: BTreeMap<ServiceKey, BTreeSet<(String, String)>>,
+    /// Our Services that got no address: tried again when one is freed.
+    waiting: BTreeSet<ServiceKey>,
 }
 
 /// Everything a reconcile needs.
@@ -86,8 +89,15 @@ pub struct Ctx {
     recorder: Recorder,
     metrics: Metrics,
     primed: watch::Sender<bool>,
-    /// Reconciles every Service (after a release: a waiting Service may fit now).
-    all_tx: mpsc::UnboundedSender<()>,
+    /// Reconciles one Service (its forwarding changed, or an address it
+    /// waits for was freed).
+    one_tx: mpsc::UnboundedSender<ObjectRef<Service>>,
+    /// Whether the API server keeps `ipMode`, as learnt from it.
+    ip_mode: Mutex<IpModeSupport>,
+    /// Per Service, the resourceVersion our last write was made at, when
+    /// the server's answer was a newer one: a cached object still at that
+    /// version has not seen our write yet.
+    written_at: Mutex<HashMap<ServiceKey, String>>,
 }
 
 fn key_of(svc: &Service) -> ServiceKey {
@@ -224,41 +234,51 @@ impl Ctx {
         }
     }
 
-    /// The condition for a Service whose listeners are `entry`'s.
-    fn programmed(&self, changed_at: Option<u64>) -> Option<(bool, String, String)> {
-        let progress = self.progress();
-        if progress.is_empty() {
-            return None;
-        }
-        let Some(version) = changed_at else {
-            return Some((false, "Pending".into(), "waiting to be published".into()));
-        };
-        let mut behind = Vec::new();
-        for (name, p) in &progress {
-            let acked = p.acked.load(std::sync::atomic::Ordering::Acquire);
-            if acked < version {
-                let why = p
-                    .last_error
-                    .lock()
-                    .unwrap()
-                    .clone()
-                    .unwrap_or_else(|| format!("at version {acked}"));
-                behind.push(format!("{name}: {why}"));
+    /// What every forwarder has acknowledged, for the condition.
+    fn forwarder_views(&self) -> Vec<ForwarderView> {
+        self.progress()
+            .iter()
+            .map(|(name, p)| ForwarderView {
+                name: name.clone(),
+                acked: p.acked.load(std::sync::atomic::Ordering::Acquire),
+                error: p.last_error.lock().unwrap().clone(),
+            })
+            .collect()
+    }
+
+    /// Remembers a write to `key` made at `before` that the server answered
+    /// with `after`.
+    fn wrote(&self, key: &ServiceKey, before: Option<&String>, after: Option<&String>) {
+        let mut written = self.written_at.lock().unwrap();
+        match (before, after) {
+            (Some(b), Some(a)) if a != b => {
+                written.insert(key.clone(), b.clone());
+            }
+            _ => {
+                written.remove(key);
             }
         }
-        Some(if behind.is_empty() {
-            (
-                true,
-                "AllForwardersCurrent".into(),
-                format!("every forwarder runs version {version} or later"),
-            )
-        } else {
-            (
-                false,
-                "ForwardersBehind".into(),
-                format!("needs version {version}; {}", behind.join("; ")),
-            )
-        })
+    }
+
+    /// Whether the cache shows `svc` as it was before our last write to it
+    /// (its update is still on the way through the watch, which will
+    /// reconcile it again).
+    fn cache_behind(&self, key: &ServiceKey, svc: &Service) -> bool {
+        let mut written = self.written_at.lock().unwrap();
+        match (written.get(key), &svc.metadata.resource_version) {
+            (Some(at), Some(rv)) if at == rv => true,
+            _ => {
+                written.remove(key);
+                false
+            }
+        }
+    }
+
+    /// Reconciles `key` soon.
+    fn enqueue(&self, key: &ServiceKey) {
+        let _ = self
+            .one_tx
+            .send(ObjectRef::new(&key.name).within(&key.namespace));
     }
 }
 
@@ -322,6 +342,9 @@ pub async fn run(
     metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
+    // Every Service is reconciled when a Node changes (every Service's
+    // backends do); one Service when its EndpointSlices change, when its
+    // forwarding changes, or when an address it waits for is freed.
     let (all_tx, all_rx) = mpsc::unbounded_channel::<()>();
     let (one_tx, one_rx) = mpsc::unbounded_channel::<ObjectRef<Service>>();
 
@@ -371,6 +394,7 @@ pub async fn run(
             removals: BTreeMap::new(),
             version: 0,
             warned: BTreeMap::new(),
+            waiting: BTreeSet::new(),
         }),
         rebuild: tokio::sync::Notify::new(),
         snapshots,
@@ -384,7 +408,9 @@ pub async fn run(
         ),
         metrics: metrics.clone(),
         primed: watch::channel(false).0,
-        all_tx: all_tx.clone(),
+        one_tx,
+        ip_mode: Mutex::new(IpModeSupport::default()),
+        written_at: Mutex::new(HashMap::new()),
         cfg,
     });
 
@@ -392,7 +418,6 @@ pub async fn run(
         ctx.clone(),
         [services_ready, nodes_ready, slices_ready],
         states,
-        all_tx.clone(),
     ));
 
     controller

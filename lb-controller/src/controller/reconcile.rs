@@ -1,7 +1,6 @@
 //! One reconcile: what a Service should have, and the writes that get it
 //! there; releasing a Service that is deleted or no longer Weir's.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,19 +13,8 @@ use serde_json::{json, Value};
 
 use super::{key_of, slices_of, Ctx, Error};
 use crate::ipam::ServiceKey;
-use crate::ownership::{self, has_finalizer, Disposition, CONDITION, FINALIZER};
-use crate::translate;
-
-/// The Service's conditions other than ours (a merge patch replaces the
-/// whole list, so they are sent back unchanged).
-fn other_conditions(svc: &Service) -> Vec<Value> {
-    svc.status
-        .iter()
-        .flat_map(|s| s.conditions.iter().flatten())
-        .filter(|c| c.type_ != CONDITION)
-        .filter_map(|c| serde_json::to_value(c).ok())
-        .collect()
-}
+use crate::ownership::{self, has_finalizer, Disposition, FINALIZER};
+use crate::{status, translate};
 
 /// A merge patch that fails with 409 unless the object is still at `svc`'s
 /// resourceVersion.
@@ -44,6 +32,12 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action
     let _ = primed.wait_for(|p| *p).await;
     ctx.metrics.reconciles.inc();
     let key = key_of(&svc);
+    if ctx.cache_behind(&key, &svc) {
+        // Our last write to it is on its way through the watch, which will
+        // reconcile it again; deciding now from the older object would
+        // repeat that write, or fail with 409.
+        return Ok(Action::await_change());
+    }
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &key.namespace);
     let held = ctx.holds(&key);
     match ownership::disposition(
@@ -73,12 +67,18 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action
     if !has_finalizer(&svc) {
         let mut finalizers = svc.finalizers().to_vec();
         finalizers.push(FINALIZER.to_owned());
-        api.patch(
-            &key.name,
-            &PatchParams::default(),
-            &merge_patch(&svc, json!({"metadata": {"finalizers": finalizers}})),
-        )
-        .await?;
+        let updated = api
+            .patch(
+                &key.name,
+                &PatchParams::default(),
+                &merge_patch(&svc, json!({"metadata": {"finalizers": finalizers}})),
+            )
+            .await?;
+        ctx.wrote(
+            &key,
+            svc.metadata.resource_version.as_ref(),
+            updated.metadata.resource_version.as_ref(),
+        );
         // The update comes back through the watch and reconciles again.
         return Ok(Action::await_change());
     }
@@ -115,9 +115,11 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action
             }
         };
         if ips.is_empty() {
+            st.waiting.insert(key.clone());
             drop(guard);
             return Ok(Action::requeue(Duration::from_secs(60)));
         }
+        st.waiting.remove(&key);
         st.warned.remove(&key);
         if held_before != ips {
             ctx.metrics.allocations.inc();
@@ -171,76 +173,34 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action
         (ips, skipped, entry.changed_at)
     };
 
-    // Status: addresses, port errors, and the programmed condition.
-    let errors: BTreeMap<(i32, String), String> = skipped
-        .iter()
-        .map(|s| {
-            (
-                (s.port, s.protocol.clone()),
-                format!("weir.dev/{}", s.reason),
-            )
-        })
-        .collect();
-    let ports: Vec<Value> = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.clone())
-        .unwrap_or_default()
-        .iter()
-        .map(|p| {
-            let proto = p.protocol.clone().unwrap_or_else(|| "TCP".into());
-            let mut v = json!({"port": p.port, "protocol": proto});
-            if let Some(e) = errors.get(&(p.port, proto)) {
-                v["error"] = json!(e);
-            }
-            v
-        })
-        .collect();
-    let ingress: Vec<Value> = ips
-        .iter()
-        .map(|ip| json!({"ip": ip.to_string(), "ipMode": "Proxy", "ports": ports}))
-        .collect();
-    let current = svc.status.clone().unwrap_or_default();
-    let current_lb =
-        serde_json::to_value(current.load_balancer.clone().unwrap_or_default()).unwrap_or_default();
-    let want_lb = json!({"ingress": ingress});
-    let mut conditions = other_conditions(&svc);
-    let old = current
-        .conditions
-        .as_ref()
-        .and_then(|cs| cs.iter().find(|c| c.type_ == CONDITION));
-    let mut condition_same = old.is_none();
-    if let Some((ok, reason, message)) = ctx.programmed(changed_at) {
-        let status = if ok { "True" } else { "False" };
-        let transition = match old {
-            Some(c) if c.status == status => {
-                serde_json::to_value(&c.last_transition_time).unwrap_or_default()
-            }
-            _ => crate::now_rfc3339(),
-        };
-        condition_same = old.is_some_and(|c| {
-            c.status == status
-                && c.reason == reason
-                && c.message == message
-                && c.observed_generation == svc.metadata.generation
-        });
-        conditions.push(json!({
-            "type": CONDITION, "status": status, "reason": reason, "message": message,
-            "observedGeneration": svc.metadata.generation, "lastTransitionTime": transition,
-        }));
-    }
-    if current_lb != want_lb || !condition_same {
-        let api_status: Api<Service> = Api::namespaced(ctx.client.clone(), &key.namespace);
-        api_status
-            .patch_status(
-                &key.name,
-                &PatchParams::default(),
-                &merge_patch(
-                    &svc,
-                    json!({"status": {"loadBalancer": want_lb, "conditions": conditions}}),
-                ),
-            )
+    // Status: addresses, port errors, and the programmed condition,
+    // written only when the stored status says something else.
+    let ingress = status::ingress(&svc, &ips, &skipped);
+    let condition = status::programmed(
+        status::current_condition(&svc),
+        svc.metadata.generation,
+        changed_at,
+        &ctx.forwarder_views(),
+    );
+    let ip_mode = *ctx.ip_mode.lock().unwrap();
+    let now = crate::now_rfc3339();
+    if let Some(body) = status::patch(&svc, &ingress, &condition, ip_mode, &now) {
+        let updated = api
+            .patch_status(&key.name, &PatchParams::default(), &merge_patch(&svc, body))
             .await?;
+        let learnt = ip_mode.learn(&updated);
+        if learnt != ip_mode {
+            tracing::info!(
+                ?learnt,
+                "whether the API server keeps status.loadBalancer.ingress[].ipMode"
+            );
+            *ctx.ip_mode.lock().unwrap() = learnt;
+        }
+        ctx.wrote(
+            &key,
+            svc.metadata.resource_version.as_ref(),
+            updated.metadata.resource_version.as_ref(),
+        );
     }
     Ok(Action::requeue(Duration::from_secs(600)))
 }
@@ -274,6 +234,11 @@ async fn release(
         let updated = api
             .patch_status(&key.name, &PatchParams::default(), &merge_patch(svc, body))
             .await?;
+        ctx.wrote(
+            key,
+            version.as_ref(),
+            updated.metadata.resource_version.as_ref(),
+        );
         version = updated.metadata.resource_version;
     }
     if steps.remove_finalizer {
@@ -282,23 +247,36 @@ async fn release(
             .iter()
             .filter(|f| *f != FINALIZER)
             .collect();
-        api.patch(
-            &key.name,
-            &PatchParams::default(),
-            &at_version(version, json!({"metadata": {"finalizers": finalizers}})),
-        )
-        .await?;
+        let updated = api
+            .patch(
+                &key.name,
+                &PatchParams::default(),
+                &at_version(
+                    version.clone(),
+                    json!({"metadata": {"finalizers": finalizers}}),
+                ),
+            )
+            .await?;
+        ctx.wrote(
+            key,
+            version.as_ref(),
+            updated.metadata.resource_version.as_ref(),
+        );
     }
-    let freed = {
+    let (freed, waiting) = {
         let mut st = ctx.state.lock().unwrap();
         st.removals.remove(key);
         st.warned.remove(key);
+        st.waiting.remove(key);
         let freed = st.allocator.release(key);
         ctx.update_pool_metrics(&st);
-        freed
+        (freed, st.waiting.clone())
     };
     if !freed.is_empty() {
-        let _ = ctx.all_tx.send(());
+        // The Services waiting for an address may fit now.
+        for waiting in &waiting {
+            ctx.enqueue(waiting);
+        }
         let list: Vec<String> = freed.iter().map(ToString::to_string).collect();
         let note = format!("released {}", list.join(", "));
         if steps.events {

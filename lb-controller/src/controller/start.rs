@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::ipam::{Allocator, Family, Request};
 use crate::ownership::{self, Owner};
 use crate::publish::{self, Snapshot};
+use crate::status::IpModeSupport;
 use crate::translate::{self, SERVICE_NAME_LABEL};
 
 /// The allocator request, or the default one if the Service's is invalid
@@ -119,7 +120,6 @@ pub(super) async fn prime(
     ctx: Arc<Ctx>,
     caches: [Ready; 3],
     states: watch::Receiver<Arc<Snapshot>>,
-    all_tx: mpsc::UnboundedSender<()>,
 ) {
     let started = std::time::Instant::now();
     for mut ready in caches {
@@ -162,19 +162,34 @@ pub(super) async fn prime(
         }
         ctx.update_pool_metrics(&st);
     }
+    // Whether the API server keeps ipMode, from what it stored for us.
+    let ours = services.iter().filter(|s| {
+        ownership::owner(s, &ctx.cfg.load_balancer_class, ctx.cfg.default_class) == Owner::Weir
+    });
+    *ctx.ip_mode.lock().unwrap() = IpModeSupport::from_stored(ours.map(|s| s.as_ref()));
     // Start above the highest version any forwarder runs.
-    let mut highest = 0;
+    let mut running = Vec::new();
     for f in &ctx.cfg.forwarders {
-        match publish::target(f) {
-            Ok(t) => match publish::current_version(&t, ctx.cfg.publish_timeout).await {
-                Ok(v) => highest = highest.max(v),
+        let state = match publish::target(f) {
+            Ok(t) => match publish::current_state(&t, ctx.cfg.publish_timeout).await {
+                Ok(state) => Some(state),
                 Err(e) => {
-                    tracing::warn!(forwarder = %f.name, error = %e, "cannot read its version; it will be retried")
+                    tracing::warn!(forwarder = %f.name, error = %e, "cannot read its state; it will be retried");
+                    None
                 }
             },
-            Err(e) => tracing::warn!(forwarder = %f.name, error = %e, "bad forwarder settings"),
-        }
+            Err(e) => {
+                tracing::warn!(forwarder = %f.name, error = %e, "bad forwarder settings");
+                None
+            }
+        };
+        running.push(state);
     }
+    let versions: Vec<u64> = running
+        .iter()
+        .map(|s| s.as_ref().map_or(0, |s| s.version))
+        .collect();
+    let highest = versions.iter().copied().max().unwrap_or(0);
     ctx.state.lock().unwrap().version = highest;
     tracing::info!(
         services = services.len(),
@@ -214,7 +229,7 @@ pub(super) async fn prime(
             tokio::select! {
                 report = reports.recv() => {
                     let Some(report) = report else { return };
-                    reporter.on_report(report, &all_tx);
+                    reporter.on_report(report);
                 }
                 _ = sweep.tick() => reporter.sweep(),
             }

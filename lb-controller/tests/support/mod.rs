@@ -269,3 +269,61 @@ pub async fn lbd_state(socket: &Path) -> Option<Value> {
         .ok()?;
     (status == hyper::StatusCode::OK).then(|| serde_json::from_slice(&body).ok())?
 }
+
+/// `GET path` over HTTP/1.0; the whole answer, headers included.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// The value of one Prometheus series (`name{labels}`) in a scrape.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The Service's `weir.dev/ForwardersProgrammed` condition status, if any.
+pub fn programmed_status(svc: &Value) -> Option<&str> {
+    svc["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "weir.dev/ForwardersProgrammed")?["status"]
+        .as_str()
+}
+
+/// Waits (30 s at most) until the Service's condition is True; returns it.
+pub async fn programmed(api: &ApiServer, ns: &str, name: &str) -> Value {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{ns}/{name} programmed"),
+        || {
+            api.get(SERVICES, ns, name)
+                .filter(|s| programmed_status(s) == Some("True"))
+        },
+    )
+    .await
+}
+
+/// Waits (30 s at most) until the forwarder runs `n` listeners.
+pub async fn listeners_become(edge: &Forwarder, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let count = lbd_state(&edge.socket)
+            .await
+            .and_then(|s| s["listeners"].as_array().map(Vec::len));
+        if count == Some(n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} listeners on the forwarder (now {count:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
