@@ -21,7 +21,7 @@ use lb_config::{
 use serde::de::DeserializeOwned;
 
 use crate::config::{ClusterHealth, Requirement};
-use crate::ipam::{Family, FamilyPolicy, Proto, Request};
+use crate::ipam::{Family, FamilyPolicy, Proto, Request, ServiceKey};
 
 /// Annotation prefix.
 pub const PREFIX: &str = "weir.dev/";
@@ -369,6 +369,13 @@ pub fn listener_name(namespace: &str, name: &str, port: i32, proto: &str, ip: Ip
         "{namespace}/{name}:{port}/{}/{ip}",
         proto.to_ascii_lowercase()
     )
+}
+
+/// The Service a listener named by [`listener_name`] belongs to.
+pub fn listener_owner(listener: &str) -> Option<ServiceKey> {
+    let (service, _) = listener.split_once(':')?;
+    let (namespace, name) = service.split_once('/')?;
+    Some(ServiceKey::new(namespace, name))
 }
 
 /// Translates one managed Service holding `ips`.

@@ -335,3 +335,59 @@ async fn a_failover_with_nothing_changed_writes_nothing() {
         .collect();
     assert_eq!(services, Vec::<String>::new());
 }
+
+/// A restarted controller judges conditions by what the forwarders run,
+/// learnt before its first judgement: when the forwarder already runs
+/// every Service as it should and then refuses new states (here it cannot
+/// persist them), the Services it runs stay True and are not written to;
+/// only a new one, which it does not run, is reported failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_judges_conditions_by_what_the_forwarders_run() {
+    let dir = temp_dir("restart-learns");
+    let api = ApiServer::start().await;
+    three_nodes(&api).await;
+    let edge = start_forwarder(&dir, "").await;
+    let cfg = controller_config(
+        &dir,
+        &api.kubeconfig(&dir, "ctl"),
+        &format!("{POOL}{SOLO}{}[health]\ncluster = \"tcp\"\n", edge.toml),
+    );
+    let mut ctl = start_controller(&cfg, "a");
+    let names: Vec<String> = (0..10).map(|i| format!("svc-{i:02}")).collect();
+    for name in &names {
+        api.create(SERVICES, "default", lb_service(name, &[(80, 0)]));
+    }
+    for name in &names {
+        programmed(&api, "default", name).await;
+    }
+    listeners_become(&edge, names.len()).await;
+    ctl.kill();
+    // From now on the forwarder cannot persist a state, so it refuses every
+    // PUT (500, nothing changed) while it keeps serving what it runs.
+    let state_file = dir.join("edge-state").join("state.json");
+    std::fs::remove_file(&state_file).unwrap();
+    std::fs::create_dir_all(state_file.join("in-the-way")).unwrap();
+    let from = api.writes().len();
+    let _ctl = start_controller(&cfg, "b");
+    api.create(SERVICES, "default", lb_service("probe", &[(80, 0)]));
+    let probe = eventually(Duration::from_secs(30), "probe reported failing", || {
+        api.get(SERVICES, "default", "probe").filter(|s| {
+            s["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter().any(|c| {
+                    c["type"] == "weir.dev/ForwardersProgrammed"
+                        && c["reason"] == "ForwarderFailing"
+                })
+            })
+        })
+    })
+    .await;
+    assert!(!ingress_ips(&probe).is_empty());
+    assert_eq!(
+        others_since(&api, "ctl", from, &["probe"]),
+        Vec::<String>::new()
+    );
+    for name in &names {
+        let svc = api.get(SERVICES, "default", name).unwrap();
+        assert_eq!(programmed_status(&svc), Some("True"), "{name}");
+    }
+}

@@ -2,6 +2,7 @@
 //! status, the desired state computed without writing (`plan`), and the
 //! order of business before the first reconcile ([`prime`]).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,12 +10,12 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 use kube::Client;
-use lb_config::DesiredState;
+use lb_config::{DesiredState, ListenerSpec};
 use tokio::sync::{mpsc, watch};
 
 use super::{key_of, settings_of, slices_of, status_ips, Ctx, Entry, Ready};
 use crate::config::Config;
-use crate::ipam::{Allocator, Family, Request};
+use crate::ipam::{Allocator, Family, Request, ServiceKey};
 use crate::ownership::{self, Owner};
 use crate::publish::{self, Snapshot};
 use crate::status::IpModeSupport;
@@ -114,8 +115,11 @@ pub fn plan(
     )
 }
 
-/// Waits for the caches, seeds, learns forwarder versions, then starts the
-/// builder, the publishers, and lets reconciles run.
+/// Waits for the caches, seeds, learns what the forwarders run, then
+/// starts the builder, the publishers, and lets reconciles run: no
+/// condition is judged before the controller knows what every reachable
+/// forwarder has acknowledged, so a restart or failover that changes
+/// nothing on the forwarders changes no condition.
 pub(super) async fn prime(
     ctx: Arc<Ctx>,
     caches: [Ready; 3],
@@ -167,7 +171,8 @@ pub(super) async fn prime(
         ownership::owner(s, &ctx.cfg.load_balancer_class, ctx.cfg.default_class) == Owner::Weir
     });
     *ctx.ip_mode.lock().unwrap() = IpModeSupport::from_stored(ours.map(|s| s.as_ref()));
-    // Start above the highest version any forwarder runs.
+    // What every forwarder runs: its version (the counter starts above the
+    // highest) and which Services it already runs as they should be.
     let mut running = Vec::new();
     for f in &ctx.cfg.forwarders {
         let state = match publish::target(f) {
@@ -189,8 +194,27 @@ pub(super) async fn prime(
         .iter()
         .map(|s| s.as_ref().map_or(0, |s| s.version))
         .collect();
+    for (f, version) in ctx.cfg.forwarders.iter().zip(&versions) {
+        ctx.metrics
+            .acked_version
+            .with_label_values(&[&f.name])
+            .set(*version as i64);
+    }
     let highest = versions.iter().copied().max().unwrap_or(0);
-    ctx.state.lock().unwrap().version = highest;
+    {
+        let mut st = ctx.state.lock().unwrap();
+        st.version = highest;
+        let desired: BTreeMap<ServiceKey, Vec<ListenerSpec>> = st
+            .entries
+            .iter()
+            .map(|(k, e)| (k.clone(), e.listeners.clone()))
+            .collect();
+        for (key, version) in publish::already_running(&desired, &running) {
+            if let Some(entry) = st.entries.get_mut(&key) {
+                entry.changed_at = Some(version);
+            }
+        }
+    }
     tracing::info!(
         services = services.len(),
         nodes = nodes.len(),
@@ -207,6 +231,7 @@ pub(super) async fn prime(
     };
     *ctx.progress.lock().unwrap() = publish::spawn_all(
         &ctx.cfg.forwarders,
+        &versions,
         &states,
         &reports_tx,
         timing,
