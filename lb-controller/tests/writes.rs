@@ -34,26 +34,17 @@ fn counts(api: &ApiServer, user: &str, name: &str) -> BTreeMap<(String, String),
     api.write_counts(user, &format!("default/{name}"))
 }
 
-/// What creating one Service may cost: the finalizer, one or two status
-/// writes (the address with the condition Pending, then True; one when the
-/// forwarders were quicker than the first write), one Event.
+/// What creating one Service costs: the finalizer, one status write (the
+/// address with the condition True, once the forwarder runs it), one Event.
 fn assert_create_cost(counts: &BTreeMap<(String, String), usize>, what: &str) {
-    let n = |v: &str, r: &str| {
-        counts
-            .get(&(v.to_owned(), r.to_owned()))
-            .copied()
-            .unwrap_or(0)
-    };
-    assert_eq!(n("patch", "services"), 1, "{what}: {counts:?}");
-    assert!(
-        (1..=2).contains(&n("patch", "services/status")),
-        "{what}: {counts:?}"
-    );
-    assert_eq!(n("create", "events"), 1, "{what}: {counts:?}");
     assert_eq!(
-        counts.values().sum::<usize>(),
-        2 + n("patch", "services/status"),
-        "{what}: {counts:?}"
+        *counts,
+        expect(&[
+            ("patch", "services", 1),
+            ("patch", "services/status", 1),
+            ("create", "events", 1)
+        ]),
+        "{what}"
     );
 }
 
@@ -92,7 +83,7 @@ fn reconciles(metrics: &str) -> f64 {
 }
 
 /// With 500 other Services programmed: creating one costs one finalizer
-/// write, two status writes (address, then programmed) and one Event;
+/// write, one status write (address and condition True) and one Event;
 /// changing an annotation that changes its listeners costs nothing (the
 /// condition stays True while the forwarders take the change) and
 /// reconciles a handful of Services, not all; deleting it costs one

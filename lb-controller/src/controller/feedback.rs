@@ -82,6 +82,7 @@ impl Ctx {
                         &views,
                     );
                     current.is_none_or(|c| !status::same(c, &wanted))
+                        && !status::withheld(&svc, &wanted)
                 })
         });
         let removals = st.removals.iter().filter(|(_, removed_at)| {

@@ -174,7 +174,8 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action
     };
 
     // Status: addresses, port errors, and the programmed condition,
-    // written only when the stored status says something else.
+    // written only when the stored status says something else, and for a
+    // new Service only once its forwarding is decided.
     let ingress = status::ingress(&svc, &ips, &skipped);
     let condition = status::programmed(
         status::current_condition(&svc),
@@ -182,6 +183,10 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action
         changed_at,
         &ctx.forwarder_views(),
     );
+    if status::withheld(&svc, &condition) {
+        // Written once the forwarders decide (their report reconciles it).
+        return Ok(Action::requeue(Duration::from_secs(600)));
+    }
     let ip_mode = *ctx.ip_mode.lock().unwrap();
     let now = crate::now_rfc3339();
     if let Some(body) = status::patch(&svc, &ingress, &condition, ip_mode, &now) {

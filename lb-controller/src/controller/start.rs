@@ -115,6 +115,10 @@ pub fn plan(
     )
 }
 
+/// How long the builder lets changes accumulate before it builds a state
+/// (the publishers' debounce comes on top).
+const BUILD_COALESCE: Duration = Duration::from_millis(20);
+
 /// Waits for the caches, seeds, learns what the forwarders run, then
 /// starts the builder, the publishers, and lets reconciles run: no
 /// condition is judged before the controller knows what every reachable
@@ -238,11 +242,14 @@ pub(super) async fn prime(
         &ctx.metrics,
     );
     ctx.build();
-    // The builder: coalesces changes into one new state at a time.
+    // The builder: coalesces changes into one new state at a time, at
+    // most one per BUILD_COALESCE (a burst of reconciles would otherwise
+    // copy every listener once per Service).
     let builder = ctx.clone();
     tokio::spawn(async move {
         loop {
             builder.rebuild.notified().await;
+            tokio::time::sleep(BUILD_COALESCE).await;
             builder.build();
         }
     });
