@@ -7,6 +7,7 @@
 //! namespaces, workers). Traffic goes to 127.0.0.0/8, or with `--setup
 //! netns` to addresses inside the three namespaces the run creates, only.
 
+mod controller_scale;
 mod interrupt;
 mod load;
 mod peers;
@@ -37,6 +38,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// lb-controller with a burst of Services against its in-memory API
+    /// server and a real lbd; writes benches/RESULTS-controller.md.
+    ControllerScale(controller_scale::Args),
     /// Run every scenario for every peer and print the table.
     Run {
         /// Worker counts to compare (same for every proxy).
@@ -1030,6 +1034,7 @@ fn run(
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Cmd::ControllerScale(args) => controller_scale::run(args),
         Cmd::Run {
             workers,
             runs,

@@ -222,6 +222,14 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
             }
         }
     }
+    if method != Method::GET {
+        // The storage's commit, which a real server waits for on every
+        // write (etcd's consensus and fsync); the store is not held meanwhile.
+        let latency = shared.write_latency();
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+    }
     match (method, target.name.clone()) {
         (Method::GET, None) => {
             if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {

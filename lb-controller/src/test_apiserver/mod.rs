@@ -21,6 +21,8 @@
 //! - the release's view of `status.loadBalancer.ingress[].ipMode`
 //!   ([`Release`]): unknown to 1.28 (dropped, with a warning), dropped by
 //!   1.29's default feature gates unless already in use, kept from 1.30;
+//! - optionally, the storage's commit latency on every write
+//!   ([`ApiServer::set_write_latency`]);
 //! - RBAC per bearer token, from the rules of a manifest;
 //! - who wrote what: every write that reached storage (no-ops included, as
 //!   an audit log counts them) and every refused one, with the caller's
@@ -229,6 +231,7 @@ impl ApiServer {
             }),
             changes,
             close,
+            write_latency_us: 0.into(),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -311,6 +314,17 @@ impl ApiServer {
         store.objects.get(&key_of(kind, ns, name)).cloned()
     }
 
+    /// How many stored objects of a kind satisfy `pred` (without copying
+    /// them: cheap enough to poll while the server is busy).
+    pub fn count(&self, kind: Kind, pred: impl Fn(&Value) -> bool) -> usize {
+        let store = self.shared.store.lock().unwrap();
+        store
+            .objects
+            .iter()
+            .filter(|((v, p, _, _), o)| *v == kind.api_version && *p == kind.plural && pred(o))
+            .count()
+    }
+
     /// Every stored object of a kind.
     pub fn list(&self, kind: Kind) -> Vec<Value> {
         self.shared.list(kind, None, None).1
@@ -368,6 +382,16 @@ impl ApiServer {
     /// Every refused write so far.
     pub fn rejections(&self) -> Vec<Rejection> {
         self.shared.store.lock().unwrap().rejections.clone()
+    }
+
+    /// From now on every write request waits `latency` before it is
+    /// carried out, as a real server waits for its storage (etcd) to commit
+    /// (none by default). Requests are still served concurrently.
+    pub fn set_write_latency(&self, latency: std::time::Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.shared
+            .write_latency_us
+            .store(us, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The release the server behaves like.

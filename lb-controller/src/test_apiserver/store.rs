@@ -2,6 +2,7 @@
 //! watches, and what the server does on create, update and delete.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use hyper::StatusCode;
@@ -73,6 +74,14 @@ pub(super) struct Shared {
     pub(super) store: Mutex<Store>,
     pub(super) changes: broadcast::Sender<Change>,
     pub(super) close: watch::Sender<u64>,
+    /// Added to every write request, in microseconds.
+    pub(super) write_latency_us: AtomicU64,
+}
+
+impl Shared {
+    pub(super) fn write_latency(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.write_latency_us.load(Ordering::Relaxed))
+    }
 }
 
 fn now_rfc3339() -> String {
