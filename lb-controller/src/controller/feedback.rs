@@ -95,8 +95,16 @@ impl Ctx {
     }
 
     /// Releases Services that vanished without going through their
-    /// finalizer (it was removed by hand, or they were never ours).
+    /// finalizer (it was removed by hand), and forgets what it remembers of
+    /// Services that are gone.
     pub(super) fn sweep(&self) {
+        let exists = |k: &ServiceKey| {
+            self.services
+                .get(&ObjectRef::new(&k.name).within(&k.namespace))
+                .is_some()
+        };
+        self.written_at.lock().unwrap().retain(|k, _| exists(k));
+        self.state.lock().unwrap().waiting.retain(|k| exists(k));
         let gone: Vec<ServiceKey> = {
             let st = self.state.lock().unwrap();
             st.allocator
