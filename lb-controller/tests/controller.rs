@@ -14,17 +14,11 @@ const POOL: &str =
 const SOLO: &str = "[leader_election]\nenabled = false\n";
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn three_nodes(api: &ApiServer) {
-    for (i, ip) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
-        api.create(NODES, "", node(&format!("node-{i}"), ip));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_assigns_ip_status_and_event() {
     let dir = temp_dir("create");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     let cfg = controller_config(&dir, &api.kubeconfig(&dir, "ctl"), &format!("{POOL}{SOLO}"));
     let _ctl = start_controller(&cfg, "a");
     api.create(
@@ -110,7 +104,7 @@ async fn create_assigns_ip_status_and_event() {
 async fn restart_with_fifty_services_moves_no_ip() {
     let dir = temp_dir("restart");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     let cfg = controller_config(&dir, &api.kubeconfig(&dir, "ctl"), &format!("{POOL}{SOLO}"));
     // Created in an order that differs from name order, half before start.
     let names: Vec<String> = (0..50)
@@ -176,7 +170,7 @@ async fn restart_with_fifty_services_moves_no_ip() {
 async fn delete_removes_from_forwarder_before_freeing_the_ip() {
     let dir = temp_dir("delete");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     let edge = start_forwarder(&dir, "").await;
     let socket = &edge.socket;
     let cfg = controller_config(
@@ -240,7 +234,7 @@ async fn delete_removes_from_forwarder_before_freeing_the_ip() {
 async fn only_the_leader_writes_and_a_standby_takes_over() {
     let dir = temp_dir("leader");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     let le = "[leader_election]\nnamespace = \"weir-system\"\nlease_name = \"lb-controller\"\nlease_duration = \"3s\"\nrenew_interval = \"500ms\"\n";
     let cfg_a = controller_config(&dir, &api.kubeconfig(&dir, "alpha"), &format!("{POOL}{le}"));
     let cfg_b = controller_config(&dir, &api.kubeconfig(&dir, "beta"), &format!("{POOL}{le}"));
@@ -316,7 +310,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
 async fn watches_that_close_or_expire_are_resumed() {
     let dir = temp_dir("resume");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     let cfg = controller_config(&dir, &api.kubeconfig(&dir, "ctl"), &format!("{POOL}{SOLO}"));
     let _ctl = start_controller(&cfg, "a");
     api.create(SERVICES, "default", lb_service("one", &[(80, 0)]));
@@ -336,7 +330,7 @@ async fn watches_that_close_or_expire_are_resumed() {
 async fn forwarder_rejection_becomes_a_warning_on_the_service() {
     let dir = temp_dir("reject");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     // The forwarder already serves 127.0.10.1:8080 from its own file: the
     // controller's listener for that address collides and is refused (422).
     let port = free_port("127.0.0.1");
@@ -390,7 +384,7 @@ async fn forwarder_rejection_becomes_a_warning_on_the_service() {
 async fn thousand_services_are_programmed() {
     let dir = temp_dir("scale");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     for i in 0..1000 {
         api.create(
             SERVICES,
@@ -444,7 +438,7 @@ async fn thousand_services_are_programmed() {
 async fn exhausted_pool_waits_for_a_release_and_plan_writes_nothing() {
     let dir = temp_dir("exhaust");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     let metrics = format!("127.0.0.1:{}", free_port("127.0.0.1"));
     let extra = format!(
         "[[pool]]\nname = \"tiny\"\naddresses = [\"127.0.10.1-127.0.10.2\"]\n{SOLO}[admin]\nmetrics = \"{metrics}\"\n"
@@ -532,15 +526,12 @@ async fn exhausted_pool_waits_for_a_release_and_plan_writes_nothing() {
 /// state, without waiting for a health check to fail there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_weights_follow_endpoint_slices() {
-    let dir = temp_dir("local");
-    let api = ApiServer::start().await;
-    three_nodes(&api).await;
-    let edge = start_forwarder(&dir, "").await;
-    let cfg = controller_config(
-        &dir,
-        &api.kubeconfig(&dir, "ctl"),
-        &format!("{POOL}{SOLO}{}", edge.toml),
-    );
+    let Bed { api, edge, cfg, .. } = bed(
+        "local",
+        apiserver::Release::default(),
+        &format!("{POOL}{SOLO}"),
+    )
+    .await;
     let _ctl = start_controller(&cfg, "a");
     let mut svc = lb_service("web", &[(8080, 30080)]);
     svc["spec"]["externalTrafficPolicy"] = json!("Local");

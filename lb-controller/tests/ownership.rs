@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
+use support::apiserver::Release;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -14,26 +15,6 @@ const FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
 /// Weir's pool; the foreign Services claim addresses inside and outside it.
 const POOL: &str =
     "[[pool]]\nname = \"test\"\naddresses = [\"127.0.10.1-127.0.10.2\"]\n[leader_election]\nenabled = false\n";
-
-/// A LoadBalancer Service that another implementation (user `other-lb`)
-/// has taken: its finalizer and its address in status.
-fn foreign(api: &ApiServer, name: &str, class: Option<&str>, ip: &str) {
-    let mut svc = lb_service(name, &[(80, 0)]);
-    if let Some(class) = class {
-        svc["spec"]["loadBalancerClass"] = json!(class);
-    }
-    svc["metadata"]["finalizers"] = json!([FINALIZER]);
-    api.create(SERVICES, "default", svc);
-    api.try_patch(
-        "other-lb",
-        SERVICES,
-        "default",
-        name,
-        true,
-        json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}}),
-    )
-    .unwrap();
-}
 
 /// Writes by the controller (user `ctl`) about `default/name`, and Events
 /// regarding it from anyone.
@@ -173,15 +154,7 @@ async fn services_of_other_implementations_are_never_touched() {
 /// ours again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_leaves_weir_is_cleaned_up_once() {
-    let dir = temp_dir("leave");
-    let api = ApiServer::start().await;
-    api.create(NODES, "", node("node-0", "127.0.0.2"));
-    let edge = start_forwarder(&dir, "").await;
-    let cfg = controller_config(
-        &dir,
-        &api.kubeconfig(&dir, "ctl"),
-        &format!("{POOL}{}[health]\ncluster = \"tcp\"\n", edge.toml),
-    );
+    let Bed { api, edge, cfg, .. } = bed("leave", Release::default(), POOL).await;
     let _ctl = start_controller(&cfg, "a");
     api.create(SERVICES, "default", lb_service("web", &[(9001, 30091)]));
     let svc = programmed(&api, "default", "web").await;
@@ -264,15 +237,7 @@ async fn a_service_that_leaves_weir_is_cleaned_up_once() {
 /// writes to it, and the forwarder stops serving it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_moved_to_another_class_while_down_is_left_to_it() {
-    let dir = temp_dir("moved");
-    let api = ApiServer::start().await;
-    api.create(NODES, "", node("node-0", "127.0.0.2"));
-    let edge = start_forwarder(&dir, "").await;
-    let cfg = controller_config(
-        &dir,
-        &api.kubeconfig(&dir, "ctl"),
-        &format!("{POOL}{}[health]\ncluster = \"tcp\"\n", edge.toml),
-    );
+    let Bed { api, edge, cfg, .. } = bed("moved", Release::default(), POOL).await;
     let mut ctl = start_controller(&cfg, "a");
     api.create(SERVICES, "default", lb_service("web", &[(9001, 30091)]));
     let ip = ingress_ips(&programmed(&api, "default", "web").await)[0].clone();

@@ -39,26 +39,8 @@ async fn real_cluster_scenario_runs_against_the_test_server() {
     let api = ApiServer::start().await;
     let dir = temp_dir("real-rehearsal");
     let kubeconfig = api.kubeconfig(&dir, "e2e");
-    for (name, class, ip) in [
-        ("other", Some("other.example/lb"), "192.0.2.77"),
-        ("unclassed", None, "192.0.2.241"),
-    ] {
-        let mut svc = lb_service(name, &[(80, 0)]);
-        if let Some(class) = class {
-            svc["spec"]["loadBalancerClass"] = json!(class);
-        }
-        svc["metadata"]["finalizers"] = json!(["service.kubernetes.io/load-balancer-cleanup"]);
-        api.create(SERVICES, "default", svc);
-        api.try_patch(
-            "other-lb",
-            SERVICES,
-            "default",
-            name,
-            true,
-            json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}}),
-        )
-        .unwrap();
-    }
+    foreign(&api, "other", Some("other.example/lb"), "192.0.2.77");
+    foreign(&api, "unclassed", None, "192.0.2.241");
     let before = [
         api.get(SERVICES, "default", "other"),
         api.get(SERVICES, "default", "unclassed"),

@@ -23,12 +23,6 @@ const POOL: &str =
 const SOLO: &str = "[leader_election]\nenabled = false\n";
 const OTHERS: usize = 500;
 
-async fn three_nodes(api: &ApiServer) {
-    for (i, ip) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
-        api.create(NODES, "", node(&format!("node-{i}"), ip));
-    }
-}
-
 /// Writes by `user` about `default/name`, as `(verb, resource)` counts.
 fn counts(api: &ApiServer, user: &str, name: &str) -> BTreeMap<(String, String), usize> {
     api.write_counts(user, &format!("default/{name}"))
@@ -90,19 +84,13 @@ fn reconciles(metrics: &str) -> f64 {
 /// finalizer write and one Event. No other Service is written to, and no
 /// write is refused with 409.
 async fn bounded_writes(release: Release) {
-    let dir = temp_dir(&format!("writes-{release:?}"));
-    let api = ApiServer::start_as(release).await;
-    three_nodes(&api).await;
-    let edge = start_forwarder(&dir, "").await;
     let metrics = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-    let cfg = controller_config(
-        &dir,
-        &api.kubeconfig(&dir, "ctl"),
-        &format!(
-            "{POOL}{SOLO}{}[health]\ncluster = \"tcp\"\n[admin]\nmetrics = \"{metrics}\"\n",
-            edge.toml
-        ),
-    );
+    let Bed { api, edge, cfg, .. } = bed(
+        &format!("writes-{release:?}"),
+        release,
+        &format!("{POOL}{SOLO}[admin]\nmetrics = \"{metrics}\"\n"),
+    )
+    .await;
     // A forwarder that takes longer than the publish timeout to apply
     // 500 listeners (a loaded machine) is a failure the condition reports,
     // and one more write: not what this test counts.
@@ -252,24 +240,15 @@ async fn bounded_writes_on_1_30_which_keeps_ip_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_nothing_changed_writes_nothing() {
     for release in [Release::V1_28, Release::V1_29] {
-        let dir = temp_dir(&format!("restart-quiet-{release:?}"));
-        let api = ApiServer::start_as(release).await;
-        three_nodes(&api).await;
-        let edge = start_forwarder(&dir, "").await;
-        let cfg = controller_config(
-            &dir,
-            &api.kubeconfig(&dir, "ctl"),
-            &format!("{POOL}{SOLO}{}[health]\ncluster = \"tcp\"\n", edge.toml),
-        );
+        let Bed { api, edge, cfg, .. } = bed(
+            &format!("restart-quiet-{release:?}"),
+            release,
+            &format!("{POOL}{SOLO}"),
+        )
+        .await;
         let mut ctl = start_controller(&cfg, "a");
         let names: Vec<String> = (0..30).map(|i| format!("svc-{i:02}")).collect();
-        for name in &names {
-            api.create(SERVICES, "default", lb_service(name, &[(80, 0)]));
-        }
-        for name in &names {
-            programmed(&api, "default", name).await;
-        }
-        listeners_become(&edge, names.len()).await;
+        create_programmed(&api, &edge, &names).await;
         ctl.kill();
         let from = api.writes().len();
         let _ctl = start_controller(&cfg, "b");
@@ -288,7 +267,7 @@ async fn a_restart_with_nothing_changed_writes_nothing() {
 async fn a_failover_with_nothing_changed_writes_nothing() {
     let dir = temp_dir("failover-quiet");
     let api = ApiServer::start_as(Release::V1_30).await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     let edge = start_forwarder(&dir, "").await;
     let le = "[leader_election]\nnamespace = \"weir-system\"\nlease_name = \"lb-controller\"\nlease_duration = \"2s\"\nrenew_interval = \"500ms\"\n";
     let extra = format!("{POOL}{le}{}[health]\ncluster = \"tcp\"\n", edge.toml);
@@ -302,13 +281,7 @@ async fn a_failover_with_nothing_changed_writes_nothing() {
     .await;
     let _beta = start_controller(&cfg_b, "beta");
     let names: Vec<String> = (0..20).map(|i| format!("svc-{i:02}")).collect();
-    for name in &names {
-        api.create(SERVICES, "default", lb_service(name, &[(80, 0)]));
-    }
-    for name in &names {
-        programmed(&api, "default", name).await;
-    }
-    listeners_become(&edge, names.len()).await;
+    create_programmed(&api, &edge, &names).await;
     alpha.kill();
     let from = api.writes().len();
     eventually(Duration::from_secs(30), "beta leads", || {
@@ -334,24 +307,20 @@ async fn a_failover_with_nothing_changed_writes_nothing() {
 /// only a new one, which it does not run, is reported failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_judges_conditions_by_what_the_forwarders_run() {
-    let dir = temp_dir("restart-learns");
-    let api = ApiServer::start().await;
-    three_nodes(&api).await;
-    let edge = start_forwarder(&dir, "").await;
-    let cfg = controller_config(
-        &dir,
-        &api.kubeconfig(&dir, "ctl"),
-        &format!("{POOL}{SOLO}{}[health]\ncluster = \"tcp\"\n", edge.toml),
-    );
+    let Bed {
+        dir,
+        api,
+        edge,
+        cfg,
+    } = bed(
+        "restart-learns",
+        Release::default(),
+        &format!("{POOL}{SOLO}"),
+    )
+    .await;
     let mut ctl = start_controller(&cfg, "a");
     let names: Vec<String> = (0..10).map(|i| format!("svc-{i:02}")).collect();
-    for name in &names {
-        api.create(SERVICES, "default", lb_service(name, &[(80, 0)]));
-    }
-    for name in &names {
-        programmed(&api, "default", name).await;
-    }
-    listeners_become(&edge, names.len()).await;
+    create_programmed(&api, &edge, &names).await;
     ctl.kill();
     // From now on the forwarder cannot persist a state, so it refuses every
     // PUT (500, nothing changed) while it keeps serving what it runs.

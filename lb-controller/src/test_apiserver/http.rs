@@ -10,7 +10,7 @@ use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
-use super::store::{api_err, labels_match, merge_patch, rv_of, ApiError, Change, Shared};
+use super::store::{api_err, labels_match, merge_patch, rv_of, ApiError, Change, Shared, Update};
 use super::{key_of, service, Kind, KINDS, SERVICES};
 
 /// Parsed request path.
@@ -19,6 +19,19 @@ struct Target {
     namespace: Option<String>,
     name: Option<String>,
     status: bool,
+}
+
+impl Target {
+    fn update<'a>(&self, ns: &'a str, name: &'a str, user: &'a str, verb: &'a str) -> Update<'a> {
+        Update {
+            kind: self.kind,
+            ns,
+            name,
+            status: self.status,
+            user,
+            verb,
+        }
+    }
 }
 
 fn parse_path(path: &str) -> Option<Target> {
@@ -291,9 +304,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
             }
             let warnings = unknown_fields(&shared, &target, &obj, &q)?;
             shared
-                .update(kind, &ns, &name, target.status, &user, "update", |_| {
-                    Ok(obj)
-                })
+                .update(&target.update(&ns, &name, &user, "update"), |_| Ok(obj))
                 .map(|o| with_warnings(json_response(StatusCode::OK, &o), &warnings))
         }
         (Method::PATCH, Some(name)) => {
@@ -329,7 +340,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
             }
             let warnings = unknown_fields(&shared, &target, &patch, &q)?;
             shared
-                .update(kind, &ns, &name, target.status, &user, "patch", |current| {
+                .update(&target.update(&ns, &name, &user, "patch"), |current| {
                     let mut next = current.clone();
                     // A resourceVersion in the patch is a precondition, checked by update().
                     merge_patch(&mut next, &patch);

@@ -295,11 +295,21 @@ impl ApiServer {
         patch: Value,
     ) -> Result<Value, (u16, String)> {
         self.shared
-            .update(kind, ns, name, status, user, "patch", |cur| {
-                let mut next = cur.clone();
-                merge_patch(&mut next, &patch);
-                Ok(next)
-            })
+            .update(
+                &store::Update {
+                    kind,
+                    ns,
+                    name,
+                    status,
+                    user,
+                    verb: "patch",
+                },
+                |cur| {
+                    let mut next = cur.clone();
+                    merge_patch(&mut next, &patch);
+                    Ok(next)
+                },
+            )
             .map_err(|e| (e.code.as_u16(), e.message().to_owned()))
     }
 

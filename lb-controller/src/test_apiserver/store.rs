@@ -78,6 +78,29 @@ pub(super) struct Shared {
     pub(super) write_latency_us: AtomicU64,
 }
 
+/// Who updates which object, and how.
+pub(super) struct Update<'a> {
+    pub(super) kind: Kind,
+    pub(super) ns: &'a str,
+    pub(super) name: &'a str,
+    /// The `status` subresource.
+    pub(super) status: bool,
+    pub(super) user: &'a str,
+    /// `update` or `patch`.
+    pub(super) verb: &'a str,
+}
+
+impl Update<'_> {
+    /// The resource as RBAC and the audit log name it.
+    fn resource(&self) -> String {
+        if self.status {
+            format!("{}/status", self.kind.plural)
+        } else {
+            self.kind.plural.to_owned()
+        }
+    }
+}
+
 impl Shared {
     pub(super) fn write_latency(&self) -> std::time::Duration {
         std::time::Duration::from_micros(self.write_latency_us.load(Ordering::Relaxed))
@@ -285,37 +308,34 @@ impl Shared {
 
     /// Update by a function of the current object; the function returns the
     /// new object (for the subresource only its status is kept).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn update(
         &self,
-        kind: Kind,
-        ns: &str,
-        name: &str,
-        status: bool,
-        user: &str,
-        verb: &str,
+        u: &Update<'_>,
         change: impl FnOnce(&Value) -> Result<Value, ApiError>,
     ) -> Result<Value, ApiError> {
-        let result = self.try_update(kind, ns, name, status, user, verb, change);
-        let resource = if status {
-            format!("{}/status", kind.plural)
-        } else {
-            kind.plural.to_owned()
-        };
-        self.refused(result, user, verb, resource, format!("{ns}/{name}"))
+        let result = self.try_update(u, change);
+        self.refused(
+            result,
+            u.user,
+            u.verb,
+            u.resource(),
+            format!("{}/{}", u.ns, u.name),
+        )
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn try_update(
         &self,
-        kind: Kind,
-        ns: &str,
-        name: &str,
-        status: bool,
-        user: &str,
-        verb: &str,
+        u: &Update<'_>,
         change: impl FnOnce(&Value) -> Result<Value, ApiError>,
     ) -> Result<Value, ApiError> {
+        let &Update {
+            kind,
+            ns,
+            name,
+            status,
+            user,
+            verb,
+        } = u;
         let mut store = self.store.lock().unwrap();
         let key = key_of(kind, ns, name);
         let current = store.objects.get(&key).cloned().ok_or_else(|| {
@@ -379,15 +399,10 @@ impl Shared {
         }
         omit_empty_metadata(&mut next);
         next["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
-        let resource = if status {
-            format!("{}/status", kind.plural)
-        } else {
-            kind.plural.to_owned()
-        };
         store.writes.push(Write {
             user: user.into(),
             verb: verb.into(),
-            resource,
+            resource: u.resource(),
             object: format!("{ns}/{name}"),
             about: about(kind, ns, name, &current),
         });

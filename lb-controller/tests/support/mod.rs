@@ -327,3 +327,73 @@ pub async fn listeners_become(edge: &Forwarder, n: usize) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Three Nodes, at 127.0.0.2, 127.0.0.3 and 127.0.0.4.
+pub fn three_nodes(api: &ApiServer) {
+    for (i, ip) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
+        api.create(NODES, "", node(&format!("node-{i}"), ip));
+    }
+}
+
+/// An API server behaving like `release` with three Nodes, a real `lbd`,
+/// and the configuration of a controller (user `ctl`) that programs it
+/// (`extra`, then the forwarder and TCP health checks).
+pub struct Bed {
+    pub dir: PathBuf,
+    pub api: ApiServer,
+    pub edge: Forwarder,
+    pub cfg: PathBuf,
+}
+
+/// Sets up a [`Bed`].
+pub async fn bed(tag: &str, release: apiserver::Release, extra: &str) -> Bed {
+    let dir = temp_dir(tag);
+    let api = ApiServer::start_as(release).await;
+    three_nodes(&api);
+    let edge = start_forwarder(&dir, "").await;
+    let cfg = controller_config(
+        &dir,
+        &api.kubeconfig(&dir, "ctl"),
+        &format!("{extra}{}[health]\ncluster = \"tcp\"\n", edge.toml),
+    );
+    Bed {
+        dir,
+        api,
+        edge,
+        cfg,
+    }
+}
+
+/// Creates LoadBalancer Services named `names` in `default` and waits until
+/// every one is programmed and the forwarder runs them all.
+pub async fn create_programmed(api: &ApiServer, edge: &Forwarder, names: &[String]) {
+    for name in names {
+        api.create(SERVICES, "default", lb_service(name, &[(80, 0)]));
+    }
+    for name in names {
+        programmed(api, "default", name).await;
+    }
+    listeners_become(edge, names.len()).await;
+}
+
+/// A LoadBalancer Service in `default` that another implementation (user
+/// `other-lb`) has taken: its class (or none), the shared finalizer, and
+/// its address in status.
+pub fn foreign(api: &ApiServer, name: &str, class: Option<&str>, ip: &str) {
+    let mut svc = lb_service(name, &[(80, 0)]);
+    if let Some(class) = class {
+        svc["spec"]["loadBalancerClass"] = serde_json::json!(class);
+    }
+    svc["metadata"]["finalizers"] =
+        serde_json::json!(["service.kubernetes.io/load-balancer-cleanup"]);
+    api.create(SERVICES, "default", svc);
+    api.try_patch(
+        "other-lb",
+        SERVICES,
+        "default",
+        name,
+        true,
+        serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}}),
+    )
+    .unwrap();
+}
