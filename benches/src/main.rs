@@ -13,6 +13,7 @@
 //! `load` are the clients, and the standalone subcommands below call
 //! `load` directly.
 
+mod controller_scale;
 mod interrupt;
 mod load;
 mod peers;
@@ -44,6 +45,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// lb-controller with a burst of Services against its in-memory API
+    /// server and a real lbd; writes benches/RESULTS-controller.md.
+    ControllerScale(controller_scale::Args),
     /// Run every scenario for every peer and print the table.
     Run {
         /// Worker counts to compare (same for every proxy).
@@ -130,6 +134,7 @@ enum Setup {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Cmd::ControllerScale(args) => controller_scale::run(args),
         Cmd::Run {
             workers,
             runs,

@@ -143,10 +143,12 @@ pub struct LeaderElection {
     pub namespace: String,
     /// Name of the Lease.
     pub lease_name: String,
-    /// How long a lease is valid without renewal: a standby takes over
-    /// within this time once the leader is gone.
+    /// How long a lease is valid without renewal: a standby takes over no
+    /// sooner than this, and at most this plus half a second (its poll
+    /// interval), after the leader's last renewal.
     pub lease_duration: std::time::Duration,
-    /// How often the leader renews (and a standby retries).
+    /// How often the leader renews (a standby reads the Lease every
+    /// 500 ms, or this if shorter).
     pub renew_interval: std::time::Duration,
 }
 

@@ -1,8 +1,9 @@
 //! `lb-controller`: the Kubernetes side of Weir.
 //!
 //! Pure parts (no API calls, no clock): [`ipam`] assigns addresses,
-//! [`translate`] turns a Service, the Nodes and the EndpointSlices into
-//! `lbd` listeners. The shell: [`controller`] reconciles Services through
+//! [`ownership`] says which Services are ours and what to do with the
+//! others, [`translate`] turns a Service, the Nodes and the EndpointSlices
+//! into `lbd` listeners. The shell: [`controller`] reconciles Services through
 //! kube-runtime, [`publish`] programs the forwarders, [`leader`] holds the
 //! Lease, [`metrics`] exports Prometheus metrics.
 
@@ -13,7 +14,11 @@ pub mod controller;
 pub mod ipam;
 pub mod leader;
 pub mod metrics;
+pub mod ownership;
 pub mod publish;
+pub mod status;
+#[cfg(feature = "test-support")]
+pub mod test_apiserver;
 pub mod translate;
 
 /// The current time as a Kubernetes `Time` (RFC 3339, seconds).

@@ -5,11 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use lb_controller::config::{self, Config};
-use lb_controller::leader::Elector;
+use lb_controller::leader::{ApiLease, Elector, Lost, Timing};
 use lb_controller::metrics::{self, Metrics};
 use lb_controller::{client, controller};
 
@@ -107,60 +106,30 @@ async fn run(cfg: Config, identity: String) -> anyhow::Result<()> {
         metrics.leader.set(1);
         return controller::run(client, cfg, &identity, metrics, stopped()).await;
     }
-    let mut elector = Elector::new(
-        client.clone(),
-        &le.namespace,
-        &le.lease_name,
-        &identity,
-        le.lease_duration,
-    );
+    let timing = Timing {
+        lease_duration: le.lease_duration,
+        renew_interval: le.renew_interval,
+    };
+    let lease = ApiLease::new(client.clone(), &le.namespace, &le.lease_name);
+    let mut elector = Elector::new(lease.clone(), &le.lease_name, &identity, timing);
     ready.store(true, Ordering::Release);
     tracing::info!(%identity, lease = %format!("{}/{}", le.namespace, le.lease_name), "waiting to lead");
-    loop {
-        match elector.try_hold().await {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "lease"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(le.renew_interval) => {}
-            _ = stopped() => return Ok(()),
-        }
+    if !elector.acquire(stopped()).await {
+        return Ok(());
     }
     tracing::info!(%identity, "leading");
     metrics.leader.set(1);
-    // Renew; a leader that cannot renew within the lease duration stops at
-    // once (exit), so that it never writes while another replica leads.
-    let renew_client = client.clone();
-    let renew_identity = identity.clone();
-    let renew_le = le.clone();
+    // A leader that loses the Lease, or cannot renew it in time, exits at
+    // once, so that it never writes while another replica leads.
+    let mut keeper = Elector::new(lease, &le.lease_name, &identity, timing);
     let renewer = tokio::spawn(async move {
-        let mut elector = Elector::new(
-            renew_client,
-            &renew_le.namespace,
-            &renew_le.lease_name,
-            &renew_identity,
-            renew_le.lease_duration,
-        );
-        let mut last = Instant::now();
-        loop {
-            tokio::time::sleep(renew_le.renew_interval).await;
-            match elector.try_hold().await {
-                Ok(true) => last = Instant::now(),
-                Ok(false) => {
-                    tracing::error!("lost the lease to another replica; exiting");
-                    std::process::exit(1);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot renew the lease");
-                    // Stop before the lease can expire for the others.
-                    if last.elapsed() + renew_le.renew_interval >= renew_le.lease_duration {
-                        tracing::error!("could not renew the lease in time; exiting");
-                        std::process::exit(1);
-                    }
-                }
+        match keeper.keep().await {
+            Lost::TakenOver => tracing::error!("lost the lease to another replica; exiting"),
+            Lost::CannotRenew(e) => {
+                tracing::error!(error = %e, "could not renew the lease in time; exiting")
             }
         }
+        std::process::exit(1);
     });
     let result = controller::run(client, cfg, &identity, metrics, stopped()).await;
     renewer.abort();

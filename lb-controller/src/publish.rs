@@ -6,6 +6,7 @@
 //! acknowledged; the controller frees an address only once every reachable
 //! forwarder has acknowledged a state without it.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -123,8 +124,9 @@ pub fn target(f: &Forwarder) -> anyhow::Result<Target> {
     })
 }
 
-/// The version a forwarder runs now (`GET /v1/state`).
-pub async fn current_version(target: &Target, timeout: Duration) -> anyhow::Result<u64> {
+/// The state a forwarder runs now (`GET /v1/state`): its version and
+/// dynamic listeners.
+pub async fn current_state(target: &Target, timeout: Duration) -> anyhow::Result<DesiredState> {
     let (status, body) = tokio::time::timeout(
         timeout,
         client::send(target, Method::GET, "/v1/state", None),
@@ -132,8 +134,49 @@ pub async fn current_version(target: &Target, timeout: Duration) -> anyhow::Resu
     .await
     .map_err(|_| anyhow::anyhow!("timed out"))??;
     anyhow::ensure!(status == StatusCode::OK, "GET /v1/state: {status}");
-    let state: serde_json::Value = serde_json::from_slice(&body)?;
-    Ok(state["version"].as_u64().unwrap_or(0))
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// The Services that every forwarder already runs exactly as `desired`
+/// says, from the states the forwarders were found running at start
+/// (`None`: not known), with the lowest version among those states: their
+/// listeners were programmed at that version.
+pub fn already_running(
+    desired: &BTreeMap<ServiceKey, Vec<ListenerSpec>>,
+    running: &[Option<DesiredState>],
+) -> BTreeMap<ServiceKey, u64> {
+    let Some(states) = running
+        .iter()
+        .map(Option::as_ref)
+        .collect::<Option<Vec<_>>>()
+    else {
+        return BTreeMap::new();
+    };
+    let Some(lowest) = states.iter().map(|s| s.version).min() else {
+        return BTreeMap::new();
+    };
+    let by_owner: Vec<BTreeMap<ServiceKey, Vec<&ListenerSpec>>> = states
+        .iter()
+        .map(|s| {
+            let mut owned: BTreeMap<ServiceKey, Vec<&ListenerSpec>> = BTreeMap::new();
+            for l in &s.listeners {
+                if let Some(owner) = crate::translate::listener_owner(&l.name) {
+                    owned.entry(owner).or_default().push(l);
+                }
+            }
+            owned
+        })
+        .collect();
+    desired
+        .iter()
+        .filter(|(key, listeners)| {
+            by_owner.iter().all(|owned| {
+                let running = owned.get(*key).map(Vec::as_slice).unwrap_or_default();
+                running.len() == listeners.len() && listeners.iter().all(|l| running.contains(&l))
+            })
+        })
+        .map(|(key, _)| (key.clone(), lowest))
+        .collect()
 }
 
 /// Publishing settings.
@@ -177,7 +220,6 @@ impl Publisher {
             } else {
                 self.publish(&snapshot, &reports, timing.timeout).await
             };
-            self.progress.tried.store(true, Ordering::Release);
             match outcome {
                 Ok(()) => {
                     failures = 0;
@@ -189,7 +231,6 @@ impl Publisher {
                     failures = failures.saturating_add(1);
                     metrics.publish_errors.with_label_values(&[&name]).inc();
                     tracing::warn!(forwarder = %name, %error, "publish failed");
-                    *self.progress.last_error.lock().unwrap() = Some(error);
                     let wait = backoff(failures, timing.backoff_max);
                     // A new state ends the wait early, but never sooner than the debounce.
                     let _ = tokio::time::timeout(wait, states.changed()).await;
@@ -198,6 +239,15 @@ impl Publisher {
         }
     }
 
+    /// Records a failed attempt in the progress, before any report about
+    /// it goes out (the controller reads the progress when it gets one).
+    fn failed(&self, error: &str, reachable: bool) {
+        self.progress.reachable.store(reachable, Ordering::Release);
+        *self.progress.last_error.lock().unwrap() = Some(error.to_owned());
+        self.progress.tried.store(true, Ordering::Release);
+    }
+
+    /// One attempt. The progress is updated before the report is sent.
     async fn publish(
         &self,
         snapshot: &Snapshot,
@@ -206,7 +256,7 @@ impl Publisher {
     ) -> Result<(), String> {
         let name = &self.forwarder.name;
         let fail = |e: String| {
-            self.progress.reachable.store(false, Ordering::Release);
+            self.failed(&e, false);
             let _ = reports.send(Report::Failed {
                 forwarder: name.clone(),
             });
@@ -224,13 +274,14 @@ impl Publisher {
             Ok(Err(e)) => return Err(fail(e.to_string())),
             Ok(Ok(answer)) => answer,
         };
-        self.progress.reachable.store(true, Ordering::Release);
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         match status {
             StatusCode::OK => {
                 let version = snapshot.state.version;
+                self.progress.reachable.store(true, Ordering::Release);
                 self.progress.acked.fetch_max(version, Ordering::AcqRel);
                 *self.progress.last_error.lock().unwrap() = None;
+                self.progress.tried.store(true, Ordering::Release);
                 let _ = reports.send(Report::Acked {
                     forwarder: name.clone(),
                     version,
@@ -239,14 +290,16 @@ impl Publisher {
             }
             StatusCode::CONFLICT => {
                 let current = json["current_version"].as_u64().unwrap_or(0);
+                let error = format!(
+                    "forwarder runs version {current}, newer than {}",
+                    snapshot.state.version
+                );
+                self.failed(&error, true);
                 let _ = reports.send(Report::Stale {
                     forwarder: name.clone(),
                     current,
                 });
-                Err(format!(
-                    "forwarder runs version {current}, newer than {}",
-                    snapshot.state.version
-                ))
+                Err(error)
             }
             StatusCode::UNPROCESSABLE_ENTITY => {
                 let errors = rejected(&json, &snapshot.state.listeners, &snapshot.owners);
@@ -255,19 +308,28 @@ impl Publisher {
                     .map(|(_, m)| m.as_str())
                     .collect::<Vec<_>>()
                     .join("; ");
+                let error = format!("rejected: {summary}");
+                self.failed(&error, true);
                 let _ = reports.send(Report::Rejected {
                     forwarder: name.clone(),
                     errors,
                 });
-                Err(format!("rejected: {summary}"))
+                Err(error)
             }
-            other => Err(format!(
-                "PUT /v1/state: {other}: {}",
-                String::from_utf8_lossy(&body)
-                    .chars()
-                    .take(300)
-                    .collect::<String>()
-            )),
+            other => {
+                let error = format!(
+                    "PUT /v1/state: {other}: {}",
+                    String::from_utf8_lossy(&body)
+                        .chars()
+                        .take(300)
+                        .collect::<String>()
+                );
+                self.failed(&error, true);
+                let _ = reports.send(Report::Failed {
+                    forwarder: name.clone(),
+                });
+                Err(error)
+            }
         }
     }
 }
@@ -305,9 +367,12 @@ pub fn backoff(failures: u32, max: Duration) -> Duration {
     Duration::from_millis(500u64.saturating_mul(1 << exp)).min(max)
 }
 
-/// Starts one publisher per forwarder; returns their progress handles.
+/// Starts one publisher per forwarder, `running[i]` being the version the
+/// i-th one was found running at start (0 when unknown); returns their
+/// progress handles.
 pub fn spawn_all(
     forwarders: &[Forwarder],
+    running: &[u64],
     states: &watch::Receiver<Arc<Snapshot>>,
     reports: &mpsc::UnboundedSender<Report>,
     timing: Timing,
@@ -315,8 +380,12 @@ pub fn spawn_all(
 ) -> Vec<(String, Arc<Progress>)> {
     forwarders
         .iter()
-        .map(|f| {
+        .enumerate()
+        .map(|(i, f)| {
             let progress = Arc::new(Progress::default());
+            progress
+                .acked
+                .store(running.get(i).copied().unwrap_or(0), Ordering::Release);
             let publisher = Publisher {
                 forwarder: f.clone(),
                 progress: progress.clone(),
@@ -362,6 +431,52 @@ mod tests {
         );
         assert_eq!(got[1].0, None);
         assert_eq!(got[2].0, None);
+    }
+
+    /// At start: a Service counts as programmed (at the lowest running
+    /// version) only if every forwarder is known and runs exactly its
+    /// listeners, no more, no fewer.
+    #[test]
+    fn services_already_running_everywhere_are_recognised() {
+        let l = |name: &str, bind: &str| ListenerSpec::new(name, bind);
+        let web = vec![
+            l("a/web:80/tcp/192.0.2.1", "192.0.2.1:80"),
+            l("a/web:443/tcp/192.0.2.1", "192.0.2.1:443"),
+        ];
+        let db = vec![l("a/db:5432/tcp/192.0.2.2", "192.0.2.2:5432")];
+        let api = vec![l("b/api:80/tcp/2001:db8::1", "[2001:db8::1]:80")];
+        let desired: BTreeMap<ServiceKey, Vec<ListenerSpec>> = [
+            (ServiceKey::new("a", "web"), web.clone()),
+            (ServiceKey::new("a", "db"), db.clone()),
+            (ServiceKey::new("b", "api"), api.clone()),
+        ]
+        .into();
+        let state = |version, listeners: Vec<ListenerSpec>| DesiredState { version, listeners };
+        let mut stale_db = db.clone();
+        stale_db[0].bind = "192.0.2.9:5432".into();
+        let running = [
+            Some(state(7, [web.clone(), db.clone(), api.clone()].concat())),
+            // An older db, and an api listener the Service no longer has.
+            Some(state(
+                5,
+                [
+                    web.clone(),
+                    stale_db,
+                    api.clone(),
+                    vec![l("b/api:81/tcp/2001:db8::1", "[2001:db8::1]:81")],
+                ]
+                .concat(),
+            )),
+        ];
+        assert_eq!(
+            already_running(&desired, &running),
+            [(ServiceKey::new("a", "web"), 5)].into()
+        );
+        assert_eq!(
+            already_running(&desired, &[running[0].clone(), None]),
+            BTreeMap::new(),
+            "a forwarder whose state is unknown runs nothing as far as we know"
+        );
     }
 
     #[test]

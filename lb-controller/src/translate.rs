@@ -2,8 +2,11 @@
 //!
 //! One listener per (external IP, port, protocol). Backends are the eligible
 //! nodes at their preferred address and the port's `nodePort`. Health and
-//! weights follow `externalTrafficPolicy`; `weir.dev/` annotations tune the
-//! listener. A bad annotation is an error for the whole Service, so the
+//! weights follow `externalTrafficPolicy`: for `Local`, a node weighs its
+//! count of ready local endpoints, so one with none gets weight 0 (no new
+//! connections) as soon as the EndpointSlices say so, and a Service with no
+//! ready endpoint anywhere gets no backend; health checks remain the second
+//! line. `weir.dev/` annotations tune the listener. A bad annotation is an error for the whole Service, so the
 //! caller keeps the Service's last good listeners.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -18,7 +21,7 @@ use lb_config::{
 use serde::de::DeserializeOwned;
 
 use crate::config::{ClusterHealth, Requirement};
-use crate::ipam::{Family, FamilyPolicy, Proto, Request};
+use crate::ipam::{Family, FamilyPolicy, Proto, Request, ServiceKey};
 
 /// Annotation prefix.
 pub const PREFIX: &str = "weir.dev/";
@@ -368,6 +371,13 @@ pub fn listener_name(namespace: &str, name: &str, port: i32, proto: &str, ip: Ip
     )
 }
 
+/// The Service a listener named by [`listener_name`] belongs to.
+pub fn listener_owner(listener: &str) -> Option<ServiceKey> {
+    let (service, _) = listener.split_once(':')?;
+    let (namespace, name) = service.split_once('/')?;
+    Some(ServiceKey::new(namespace, name))
+}
+
 /// Translates one managed Service holding `ips`.
 pub fn translate(
     svc: &Service,
@@ -469,12 +479,17 @@ pub fn translate(
                 };
                 let weight = weights.as_ref().map(|w| {
                     let n = node.metadata.name.as_deref().unwrap_or_default();
-                    w.get(n).copied().unwrap_or(0).max(1)
+                    w.get(n).copied().unwrap_or(0)
                 });
                 backends.push(BackendSpec {
                     addr: SocketAddr::new(addr, node_port).to_string(),
                     weight,
                 });
+            }
+            if backends.iter().all(|b| b.weight == Some(0)) {
+                // ETP=Local and no ready endpoint on any node: nowhere to
+                // send new connections (and lbd refuses all-zero weights).
+                backends.clear();
             }
             out.listeners.push(ListenerSpec {
                 name: listener_name(namespace, name, port.port, &proto_text, *ip),

@@ -14,17 +14,11 @@ const POOL: &str =
 const SOLO: &str = "[leader_election]\nenabled = false\n";
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn three_nodes(api: &ApiServer) {
-    for (i, ip) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
-        api.create(NODES, "", node(&format!("node-{i}"), ip));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_assigns_ip_status_and_event() {
     let dir = temp_dir("create");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     let cfg = controller_config(&dir, &api.kubeconfig(&dir, "ctl"), &format!("{POOL}{SOLO}"));
     let _ctl = start_controller(&cfg, "a");
     api.create(
@@ -110,7 +104,7 @@ async fn create_assigns_ip_status_and_event() {
 async fn restart_with_fifty_services_moves_no_ip() {
     let dir = temp_dir("restart");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     let cfg = controller_config(&dir, &api.kubeconfig(&dir, "ctl"), &format!("{POOL}{SOLO}"));
     // Created in an order that differs from name order, half before start.
     let names: Vec<String> = (0..50)
@@ -176,7 +170,7 @@ async fn restart_with_fifty_services_moves_no_ip() {
 async fn delete_removes_from_forwarder_before_freeing_the_ip() {
     let dir = temp_dir("delete");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     let edge = start_forwarder(&dir, "").await;
     let socket = &edge.socket;
     let cfg = controller_config(
@@ -240,7 +234,7 @@ async fn delete_removes_from_forwarder_before_freeing_the_ip() {
 async fn only_the_leader_writes_and_a_standby_takes_over() {
     let dir = temp_dir("leader");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     let le = "[leader_election]\nnamespace = \"weir-system\"\nlease_name = \"lb-controller\"\nlease_duration = \"3s\"\nrenew_interval = \"500ms\"\n";
     let cfg_a = controller_config(&dir, &api.kubeconfig(&dir, "alpha"), &format!("{POOL}{le}"));
     let cfg_b = controller_config(&dir, &api.kubeconfig(&dir, "beta"), &format!("{POOL}{le}"));
@@ -280,7 +274,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     assert_eq!(service_writers, ["alpha".to_owned()].into());
 
     // The leader dies without releasing: beta takes over within the lease
-    // duration (plus a renew interval) and serves new Services.
+    // duration (plus at most half a second) and serves new Services.
     a.kill();
     let killed = std::time::Instant::now();
     eventually(Duration::from_secs(10), "beta leads", || {
@@ -288,8 +282,8 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
             .filter(|l| l["spec"]["holderIdentity"] == "beta")
     })
     .await;
-    // Lease 3 s, retries every 0.5 s: within the lease duration plus one
-    // retry, with room for a loaded CI machine.
+    // Lease 3 s: at most 3.5 s after the last renewal, which came at most
+    // 0.5 s before the kill; with room for a loaded CI machine.
     let takeover = killed.elapsed();
     println!(
         "standby took over {:.2}s after the leader died",
@@ -316,7 +310,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
 async fn watches_that_close_or_expire_are_resumed() {
     let dir = temp_dir("resume");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     let cfg = controller_config(&dir, &api.kubeconfig(&dir, "ctl"), &format!("{POOL}{SOLO}"));
     let _ctl = start_controller(&cfg, "a");
     api.create(SERVICES, "default", lb_service("one", &[(80, 0)]));
@@ -336,7 +330,7 @@ async fn watches_that_close_or_expire_are_resumed() {
 async fn forwarder_rejection_becomes_a_warning_on_the_service() {
     let dir = temp_dir("reject");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     // The forwarder already serves 127.0.10.1:8080 from its own file: the
     // controller's listener for that address collides and is refused (422).
     let port = free_port("127.0.0.1");
@@ -390,7 +384,7 @@ async fn forwarder_rejection_becomes_a_warning_on_the_service() {
 async fn thousand_services_are_programmed() {
     let dir = temp_dir("scale");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     for i in 0..1000 {
         api.create(
             SERVICES,
@@ -440,27 +434,11 @@ async fn thousand_services_are_programmed() {
     );
 }
 
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_pool_waits_for_a_release_and_plan_writes_nothing() {
     let dir = temp_dir("exhaust");
     let api = ApiServer::start().await;
-    three_nodes(&api).await;
+    three_nodes(&api);
     let metrics = format!("127.0.0.1:{}", free_port("127.0.0.1"));
     let extra = format!(
         "[[pool]]\nname = \"tiny\"\naddresses = [\"127.0.10.1-127.0.10.2\"]\n{SOLO}[admin]\nmetrics = \"{metrics}\"\n"
@@ -543,77 +521,70 @@ async fn exhausted_pool_waits_for_a_release_and_plan_writes_nothing() {
     assert_eq!(ingress_ips(&third), freed);
 }
 
+/// ETP=Local: the forwarder's weights follow the EndpointSlices as they
+/// change: a node whose last ready endpoint goes gets weight 0 in the next
+/// state, without waiting for a health check to fail there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn services_that_leave_weir_are_removed_then_released() {
-    let dir = temp_dir("leave");
-    let api = ApiServer::start().await;
-    three_nodes(&api).await;
-    let edge = start_forwarder(&dir, "").await;
-    let socket = &edge.socket;
-    let cfg = controller_config(
-        &dir,
-        &api.kubeconfig(&dir, "ctl"),
-        &format!("{POOL}{SOLO}{}[health]\ncluster = \"tcp\"\n", edge.toml),
-    );
+async fn local_weights_follow_endpoint_slices() {
+    let Bed { api, edge, cfg, .. } = bed(
+        "local",
+        apiserver::Release::default(),
+        &format!("{POOL}{SOLO}"),
+    )
+    .await;
     let _ctl = start_controller(&cfg, "a");
+    let mut svc = lb_service("web", &[(8080, 30080)]);
+    svc["spec"]["externalTrafficPolicy"] = json!("Local");
+    api.create(SERVICES, "default", svc);
+    let endpoint = |ip: &str, node: &str, ready: bool| json!({"addresses": [ip], "nodeName": node, "conditions": {"ready": ready}});
     api.create(
-        SERVICES,
+        SLICES,
         "default",
-        lb_service("to-clusterip", &[(9001, 30091)]),
+        json!({"metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+               "addressType": "IPv4",
+               "endpoints": [endpoint("10.1.0.1", "node-0", true), endpoint("10.1.0.2", "node-0", true),
+                             endpoint("10.1.0.3", "node-1", true)]}),
     );
-    api.create(
-        SERVICES,
-        "default",
-        lb_service("to-other-class", &[(9002, 30092)]),
-    );
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let state = lbd_state(socket).await;
-        if state.is_some_and(|s| s["listeners"].as_array().is_some_and(|l| l.len() == 2)) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "two listeners on the forwarder"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-
-    // One becomes a ClusterIP Service, the other moves to another class.
-    api.patch(
-        SERVICES,
-        "default",
-        "to-clusterip",
-        json!({"spec": {"type": "ClusterIP"}}),
-    );
-    api.patch(
-        SERVICES,
-        "default",
-        "to-other-class",
-        json!({"spec": {"loadBalancerClass": "example.com/other"}}),
-    );
-    for name in ["to-clusterip", "to-other-class"] {
-        let svc = eventually(WAIT, "released", || {
-            api.get(SERVICES, "default", name).filter(|s| {
-                s["metadata"]["finalizers"]
-                    .as_array()
-                    .is_none_or(|f| f.is_empty())
-                    && ingress_ips(s).is_empty()
+    let weights = |state: &serde_json::Value| -> Vec<(String, u64)> {
+        state["listeners"][0]["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                (
+                    b["addr"].as_str().unwrap_or_default().to_owned(),
+                    b["weight"].as_u64().unwrap_or(1),
+                )
             })
-        })
-        .await;
-        // Our condition went with the status.
-        assert!(svc["status"]["conditions"].as_array().is_none_or(|c| c
+            .collect()
+    };
+    let expect = |w: [u64; 3]| -> Vec<(String, u64)> {
+        ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
             .iter()
-            .all(|c| c["type"] != "weir.dev/ForwardersProgrammed")));
-        eventually(WAIT, "IPReleased event", || {
-            events_for(&api, name, "IPReleased").into_iter().next()
-        })
-        .await;
+            .zip(w)
+            .map(|(ip, w)| (format!("{ip}:30080"), w))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    for want in [expect([2, 1, 0]), expect([2, 0, 0])] {
+        loop {
+            let got = lbd_state(&edge.socket).await.map(|s| weights(&s));
+            if got.as_ref() == Some(&want) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "weights {want:?}, forwarder has {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        // node-1's only endpoint stops being ready.
+        api.patch(
+            SLICES,
+            "default",
+            "web-1",
+            json!({"endpoints": [endpoint("10.1.0.1", "node-0", true), endpoint("10.1.0.2", "node-0", true),
+                                 endpoint("10.1.0.3", "node-1", false)]}),
+        );
     }
-    assert_eq!(
-        lbd_state(socket).await.unwrap()["listeners"],
-        json!([]),
-        "removed from the forwarder before being released"
-    );
 }

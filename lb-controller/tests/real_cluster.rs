@@ -1,5 +1,9 @@
-//! End to end against a real cluster, when `WEIR_E2E_KUBECONFIG` names a
-//! kubeconfig (skipped, with a message, otherwise).
+//! End to end against a real cluster. Ignored unless asked for, so that a
+//! run with no cluster reports it as ignored, not as passed:
+//!
+//! ```sh
+//! WEIR_E2E_KUBECONFIG=~/.kube/config cargo test -p lb-controller --test real_cluster -- --ignored
+//! ```
 //!
 //! The controller runs as a pure IP provider (no forwarders, so no traffic
 //! is sent anywhere) with a load balancer class of its own, so it touches
@@ -17,27 +21,53 @@ use serde_json::json;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real cluster: WEIR_E2E_KUBECONFIG=~/.kube/config cargo test -p lb-controller --test real_cluster -- --ignored"]
 async fn real_cluster_assigns_and_releases() {
-    let Ok(kubeconfig) = std::env::var("WEIR_E2E_KUBECONFIG") else {
-        eprintln!("skipped: set WEIR_E2E_KUBECONFIG to a kubeconfig to run against a real cluster");
-        return;
-    };
+    let kubeconfig = std::env::var("WEIR_E2E_KUBECONFIG")
+        .expect("WEIR_E2E_KUBECONFIG must name the kubeconfig of the cluster to run against");
     scenario(&kubeconfig).await;
 }
 
 /// The same scenario against the in-test API server, so that the code above
-/// is known to work before anyone points it at a cluster.
+/// is known to work before anyone points it at a cluster, next to the
+/// LoadBalancer Services a real cluster may already have in `default`:
+/// another implementation's (its class, its finalizer, its address) and the
+/// default implementation's (no class). The scenario writes nothing
+/// outside its own namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_cluster_scenario_runs_against_the_test_server() {
     let api = ApiServer::start().await;
     let dir = temp_dir("real-rehearsal");
     let kubeconfig = api.kubeconfig(&dir, "e2e");
+    foreign(&api, "other", Some("other.example/lb"), "192.0.2.77");
+    foreign(&api, "unclassed", None, "192.0.2.241");
+    let before = [
+        api.get(SERVICES, "default", "other"),
+        api.get(SERVICES, "default", "unclassed"),
+    ];
     scenario(kubeconfig.to_str().unwrap()).await;
+    let after = [
+        api.get(SERVICES, "default", "other"),
+        api.get(SERVICES, "default", "unclassed"),
+    ];
+    assert_eq!(before, after);
+    let own = format!("{}/", tag());
+    let outside: Vec<_> = api
+        .writes()
+        .into_iter()
+        .filter(|w| w.user == "e2e" && w.resource != "namespaces" && !w.about.starts_with(&own))
+        .collect();
+    assert_eq!(outside, []);
+}
+
+/// The namespace (and class suffix) of this run.
+fn tag() -> String {
+    format!("weir-e2e-{}", std::process::id())
 }
 
 async fn scenario(kubeconfig: &str) {
     let pool = std::env::var("WEIR_E2E_POOL").unwrap_or_else(|_| "192.0.2.240/28".into());
-    let tag = format!("weir-e2e-{}", std::process::id());
+    let tag = tag();
     let class = format!("weir.dev/{tag}");
     let client = lb_controller::client(Some(std::path::Path::new(&kubeconfig)))
         .await

@@ -144,20 +144,42 @@ fn local_policy_probes_health_check_node_port_and_weights_by_local_endpoints() {
         {"addresses": ["10.1.0.6"], "nodeName": "n2", "conditions": {"ready": true}},
     ]))];
     let t = run(&svc, &nodes(), &slices).unwrap();
-    // n1: 2 ready (unset counts as ready), n2: 3, n3: none (weight 1: the
-    // health check, which kube-proxy fails there, takes it out).
+    // n1: 2 ready (unset counts as ready), n2: 3, n3: none: weight 0, so it
+    // gets no new connection at once, without waiting for the health check
+    // (which kube-proxy fails there) to count `fall` failures.
     assert_eq!(
         backends(&t),
         vec![
             ("10.0.0.1:30080".into(), Some(2)),
             ("10.0.0.2:30080".into(), Some(3)),
-            ("10.0.0.3:30080".into(), Some(1))
+            ("10.0.0.3:30080".into(), Some(0))
         ]
     );
     let h = t.listeners[0].health.as_ref().unwrap();
     assert_eq!(h.kind, Some(HealthKind::Http));
     assert_eq!(h.port, Some(32000));
     assert_eq!(h.path.as_deref(), Some("/healthz"));
+}
+
+/// ETP=Local with no ready endpoint on any node (none yet, all terminating
+/// or not ready): no backend at all (lbd refuses a listener whose backends
+/// all weigh 0), so new connections are refused rather than sent to nodes
+/// that would drop them.
+#[test]
+fn local_policy_with_no_ready_endpoint_anywhere_has_no_backend() {
+    let svc =
+        service(json!({"spec": {"externalTrafficPolicy": "Local", "healthCheckNodePort": 32000}}));
+    let not_ready = [slice(json!([
+        {"addresses": ["10.1.0.1"], "nodeName": "n1", "conditions": {"ready": false}},
+        {"addresses": ["10.1.0.2"], "nodeName": "n2",
+         "conditions": {"ready": false, "serving": true, "terminating": true}},
+    ]))];
+    for slices in [&not_ready[..], &[]] {
+        let t = run(&svc, &nodes(), slices).unwrap();
+        assert_eq!(backends(&t), vec![], "{slices:?}");
+        lb_config::resolve_listeners(&t.listeners, &lb_config::Defaults::default(), "listener")
+            .expect("lbd accepts it");
+    }
 }
 
 #[test]

@@ -1,19 +1,20 @@
-//! Shared test helpers: the in-test API server, object builders, and the
-//! real `lb-controller` and `lbd` processes.
+//! Shared test helpers: the in-test API server (from the library's
+//! `test-support` feature), object builders, and the real `lb-controller`
+//! and `lbd` processes.
 
 #![allow(dead_code)]
-
-pub mod apiserver;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 #[allow(unused_imports)]
-pub use apiserver::{ApiServer, EVENTS, LEASES, NODES, SERVICES, SLICES};
+pub use lb_controller::test_apiserver::{
+    self as apiserver, lb_service, node, ApiServer, EVENTS, LEASES, NODES, SERVICES, SLICES,
+};
 
 pub const CONTROLLER: &str = env!("CARGO_BIN_EXE_lb-controller");
 
@@ -35,30 +36,6 @@ pub async fn eventually<T>(within: Duration, what: &str, mut cond: impl FnMut() 
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-}
-
-/// A Node with an InternalIP.
-pub fn node(name: &str, ip: &str) -> Value {
-    json!({"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-           "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]}})
-}
-
-/// A LoadBalancer Service with TCP ports `(port, nodePort)`; nodePort 0 = let the server pick.
-pub fn lb_service(name: &str, ports: &[(u16, u16)]) -> Value {
-    let ports: Vec<Value> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (p, np))| {
-            let mut v =
-                json!({"name": format!("p{i}"), "port": p, "protocol": "TCP", "targetPort": 8080});
-            if *np != 0 {
-                v["nodePort"] = json!(np);
-            }
-            v
-        })
-        .collect();
-    json!({"metadata": {"name": name}, "spec": {"type": "LoadBalancer", "ports": ports,
-           "externalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}})
 }
 
 /// `status.loadBalancer.ingress[*].ip` of a stored Service.
@@ -291,4 +268,132 @@ pub async fn lbd_state(socket: &Path) -> Option<Value> {
         .await
         .ok()?;
     (status == hyper::StatusCode::OK).then(|| serde_json::from_slice(&body).ok())?
+}
+
+/// `GET path` over HTTP/1.0; the whole answer, headers included.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// The value of one Prometheus series (`name{labels}`) in a scrape.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The Service's `weir.dev/ForwardersProgrammed` condition status, if any.
+pub fn programmed_status(svc: &Value) -> Option<&str> {
+    svc["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "weir.dev/ForwardersProgrammed")?["status"]
+        .as_str()
+}
+
+/// Waits (30 s at most) until the Service's condition is True; returns it.
+pub async fn programmed(api: &ApiServer, ns: &str, name: &str) -> Value {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{ns}/{name} programmed"),
+        || {
+            api.get(SERVICES, ns, name)
+                .filter(|s| programmed_status(s) == Some("True"))
+        },
+    )
+    .await
+}
+
+/// Waits (30 s at most) until the forwarder runs `n` listeners.
+pub async fn listeners_become(edge: &Forwarder, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let count = lbd_state(&edge.socket)
+            .await
+            .and_then(|s| s["listeners"].as_array().map(Vec::len));
+        if count == Some(n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} listeners on the forwarder (now {count:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Three Nodes, at 127.0.0.2, 127.0.0.3 and 127.0.0.4.
+pub fn three_nodes(api: &ApiServer) {
+    for (i, ip) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
+        api.create(NODES, "", node(&format!("node-{i}"), ip));
+    }
+}
+
+/// An API server behaving like `release` with three Nodes, a real `lbd`,
+/// and the configuration of a controller (user `ctl`) that programs it
+/// (`extra`, then the forwarder and TCP health checks).
+pub struct Bed {
+    pub dir: PathBuf,
+    pub api: ApiServer,
+    pub edge: Forwarder,
+    pub cfg: PathBuf,
+}
+
+/// Sets up a [`Bed`].
+pub async fn bed(tag: &str, release: apiserver::Release, extra: &str) -> Bed {
+    let dir = temp_dir(tag);
+    let api = ApiServer::start_as(release).await;
+    three_nodes(&api);
+    let edge = start_forwarder(&dir, "").await;
+    let cfg = controller_config(
+        &dir,
+        &api.kubeconfig(&dir, "ctl"),
+        &format!("{extra}{}[health]\ncluster = \"tcp\"\n", edge.toml),
+    );
+    Bed {
+        dir,
+        api,
+        edge,
+        cfg,
+    }
+}
+
+/// Creates LoadBalancer Services named `names` in `default` and waits until
+/// every one is programmed and the forwarder runs them all.
+pub async fn create_programmed(api: &ApiServer, edge: &Forwarder, names: &[String]) {
+    for name in names {
+        api.create(SERVICES, "default", lb_service(name, &[(80, 0)]));
+    }
+    for name in names {
+        programmed(api, "default", name).await;
+    }
+    listeners_become(edge, names.len()).await;
+}
+
+/// A LoadBalancer Service in `default` that another implementation (user
+/// `other-lb`) has taken: its class (or none), the shared finalizer, and
+/// its address in status.
+pub fn foreign(api: &ApiServer, name: &str, class: Option<&str>, ip: &str) {
+    let mut svc = lb_service(name, &[(80, 0)]);
+    if let Some(class) = class {
+        svc["spec"]["loadBalancerClass"] = serde_json::json!(class);
+    }
+    svc["metadata"]["finalizers"] =
+        serde_json::json!(["service.kubernetes.io/load-balancer-cleanup"]);
+    api.create(SERVICES, "default", svc);
+    api.try_patch(
+        "other-lb",
+        SERVICES,
+        "default",
+        name,
+        true,
+        serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}}),
+    )
+    .unwrap();
 }
