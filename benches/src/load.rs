@@ -396,6 +396,10 @@ pub fn round_trips(target: SocketAddr, duration: Duration) -> anyhow::Result<Vec
                 Ok(0) => anyhow::bail!("closed by the peer"),
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // A peer that closes with our request unread resets.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    anyhow::bail!("closed by the peer (reset)")
+                }
                 Err(e) => return Err(e.into()),
             }
         };
@@ -437,6 +441,9 @@ impl Client {
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    anyhow::bail!("connection {id} closed by the peer (reset)")
+                }
                 Err(e) => return Err(e.into()),
             }
         }
