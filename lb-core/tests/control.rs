@@ -522,13 +522,19 @@ fn apply_under_load(engine: EngineChoice) {
     let sock = dir.socket();
     let bind = format!("127.0.0.37:{}", free_port("127.0.0.37"));
     let addr: SocketAddr = bind.parse().unwrap();
+    // Its own address per engine (the two run at once in this process, and
+    // lbd shares a port with no other socket).
+    let extra_ip = match engine {
+        EngineChoice::IoUring => "127.0.0.47",
+        _ => "127.0.0.38",
+    };
     let state = |v: u64, set: &[&TestBackend]| {
         let list: Vec<Value> = set
             .iter()
             .map(|b| json!({ "addr": b.addr.to_string() }))
             .collect();
         json!({ "version": v, "listeners": [{ "name": "svc", "bind": bind, "balance": "round_robin", "backends": list, "health": { "kind": "none" } },
-                                              { "name": format!("extra-{}", v % 2), "bind": format!("127.0.0.38:{}", 40000 + v % 2), "backends": list }] })
+                                              { "name": format!("extra-{}", v % 2), "bind": format!("{extra_ip}:{}", 40000 + v % 2), "backends": list }] })
     };
     assert_eq!(
         put(

@@ -129,7 +129,15 @@ pub struct Plane {
     draining: HashMap<HandleKey, Arc<BackendHandle>>,
     stats: HashMap<String, Arc<ListenerStats>>,
     health: HealthRegistry,
+    /// Inodes of removed listeners' sockets, which the workers close a
+    /// moment after the removal: still ours, not another process's, for
+    /// [`RETIRED_FOR`] after it.
+    retired: Vec<(u64, std::time::Instant)>,
 }
+
+/// How long a removed listener's sockets count as ours (see
+/// `Plane::retired`).
+const RETIRED_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl std::fmt::Debug for Plane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -157,6 +165,7 @@ impl Plane {
             draining: HashMap::new(),
             stats: HashMap::new(),
             health: HealthRegistry::default(),
+            retired: Vec::new(),
         }
     }
 
@@ -237,6 +246,7 @@ impl Plane {
             .sockets
             .values()
             .flat_map(|b| b.inodes.iter().copied())
+            .chain(self.retired.iter().map(|&(inode, _)| inode))
             .collect();
         for (_, sockets, _) in fresh {
             ours.extend(sockets.inodes());
@@ -333,9 +343,13 @@ impl Plane {
         }
 
         // 5. Close removed listeners' sockets.
+        let now = std::time::Instant::now();
+        self.retired
+            .retain(|&(_, at)| now.duration_since(at) < RETIRED_FOR);
         for l in &d.removed {
             if let Some(bound) = self.sockets.remove(&BindKey::of(l)) {
                 bound.stop.send_replace(true);
+                self.retired.extend(bound.inodes.iter().map(|&i| (i, now)));
                 tracing::info!(bind = %bound.local, "listener closed");
             }
         }
