@@ -29,9 +29,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::{load_average, machine, median, sibling, spawn, spread, wait_until};
 use lb_controller::test_apiserver::{lb_service, node, ApiServer, Release, NODES, SERVICES};
 use serde_json::{json, Value};
 
@@ -82,39 +82,6 @@ struct Sample {
 }
 
 const CLASS: &str = "weir.dev/lb";
-const WAIT: Duration = Duration::from_secs(300);
-
-/// A child process killed (it was started here) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A binary of this workspace, next to `lb-bench`.
-fn sibling(name: &str) -> anyhow::Result<String> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    anyhow::ensure!(
-        path.exists(),
-        "{} not found: build it first (cargo build --release -p lb-core -p lb-controller -p lb-bench)",
-        path.display()
-    );
-    Ok(path.display().to_string())
-}
-
-fn spawn(program: &str, args: &[&str], log: &Path) -> anyhow::Result<Proc> {
-    let log = std::fs::File::create(log)?;
-    let child = Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("{program}: {e}"))?;
-    Ok(Proc(child))
-}
 
 /// One keep-alive HTTP/1.1 connection to the API server.
 struct Http {
@@ -179,18 +146,6 @@ fn lbd_listeners(socket: &Path) -> Option<usize> {
     let (_, body) = text.split_once("\r\n\r\n")?;
     let state: Value = serde_json::from_str(body).ok()?;
     state["listeners"].as_array().map(Vec::len)
-}
-
-/// Polls `done` every 20 ms until it holds; the instant it was first seen.
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<Instant> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if done() {
-            return Ok(Instant::now());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn has_address(svc: &Value) -> bool {
@@ -317,49 +272,6 @@ fn one_run(
     }
     sample.controller_cpu = cpu().zip(cpu_before).map(|(after, before)| after - before);
     Ok(sample)
-}
-
-fn median(values: &mut [f64]) -> (f64, f64, f64) {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    let m = if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    };
-    (m, values[0], values[n - 1])
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(", "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|k| k.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    format!("{cpu}, {cpus} CPUs; Linux {kernel}")
-}
-
-/// "median (min–max)" of `values`, or "–" when there are none.
-fn spread(mut values: Vec<f64>, decimals: usize) -> String {
-    if values.is_empty() {
-        return "–".to_owned();
-    }
-    let (m, lo, hi) = median(&mut values);
-    format!("{m:.decimals$} ({lo:.decimals$}–{hi:.decimals$})")
 }
 
 /// Runs every scenario `runs` times (interleaved: run 1 of each, then run

@@ -15,6 +15,7 @@
 
 mod controller_scale;
 mod interrupt;
+mod listeners;
 mod load;
 mod peers;
 mod placement;
@@ -23,6 +24,7 @@ mod run;
 mod scenarios;
 mod stats;
 mod steal;
+mod support;
 mod tools;
 mod topo;
 
@@ -48,6 +50,9 @@ enum Cmd {
     /// lb-controller with a burst of Services against its in-memory API
     /// server and a real lbd; writes benches/RESULTS-controller.md.
     ControllerScale(controller_scale::Args),
+    /// lbd with thousands of listeners: memory, apply times, and latency
+    /// on an untouched listener during applies.
+    Listeners(listeners::Args),
     /// Run every scenario for every peer and print the table.
     Run {
         /// Worker counts to compare (same for every proxy).
@@ -135,6 +140,7 @@ enum Setup {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::ControllerScale(args) => controller_scale::run(args),
+        Cmd::Listeners(args) => listeners::run(args),
         Cmd::Run {
             workers,
             runs,

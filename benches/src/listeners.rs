@@ -1,0 +1,271 @@
+//! `lb-bench listeners`: one `lbd` programmed with thousands of listeners
+//! through its control socket, the shape a controller gives it (500
+//! Services × 4 ports is a normal cluster): 3 backends each, Maglev, HTTP
+//! health checks on kube-proxy's port shared by every listener. Measures:
+//!
+//! - resident memory after the first full state and after full changes;
+//! - how long a `PUT /v1/state` takes that changes one listener, and one
+//!   that changes every listener's backends (each selector rebuilt);
+//! - the p99 round trip on an untouched listener while full changes are
+//!   applied back to back, against its p99 when nothing is applied.
+//!
+//! Writes `benches/RESULTS-listeners.md`. Only loopback: listeners on
+//! 127.1.0.0/16, backends on 127.0.0.2-4.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::{control, machine, sibling, spawn, spread, wait_until};
+
+/// `listeners` options.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Listeners in the state.
+    #[arg(long, default_value_t = 2000)]
+    listeners: usize,
+    /// Applies measured per kind (one listener changed, all changed).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// lbd's workers (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Seconds of each latency run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Where the markdown goes.
+    #[arg(long, default_value = "benches/RESULTS-listeners.md")]
+    out: PathBuf,
+}
+
+const BACKEND_IPS: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+
+/// A port free on every backend address.
+fn common_port() -> anyhow::Result<u16> {
+    for _ in 0..50 {
+        let first = TcpListener::bind((BACKEND_IPS[0], 0))?;
+        let port = first.local_addr()?.port();
+        if BACKEND_IPS[1..]
+            .iter()
+            .all(|ip| TcpListener::bind((*ip, port)).is_ok())
+        {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no port free on all of {BACKEND_IPS:?}")
+}
+
+/// HTTP/1.1 servers on every backend address at `port`, answering every
+/// request on a keep-alive connection with a 6-byte body, until `stop`.
+fn http_servers(port: u16, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    for ip in BACKEND_IPS {
+        let listener = TcpListener::bind((ip, port))?;
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(match stream.try_clone() {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    });
+                    let mut writer = stream;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => {
+                                let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhello\n";
+                                if writer.write_all(reply).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                        }
+                    }
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+/// The state: `n` listeners, listener 0 on the real servers at `traffic`,
+/// the others on NodePorts nobody serves (their checks all go to the
+/// shared health port, as kube-proxy's do); `weight` for every backend
+/// but listener 0's, and `odd` for the last listener's.
+fn state(n: usize, version: u64, traffic: u16, health: u16, weight: u32, odd: u32) -> Value {
+    let listeners: Vec<Value> = (0..n)
+        .map(|i| {
+            let (port, w) = match i {
+                0 => (traffic, 1),
+                i if i == n - 1 => (30_000 + i as u16 % 30_000, odd),
+                i => (30_000 + i as u16 % 30_000, weight),
+            };
+            let backends: Vec<Value> = BACKEND_IPS
+                .iter()
+                .map(|ip| json!({ "addr": format!("{ip}:{port}"), "weight": w }))
+                .collect();
+            json!({
+                "name": format!("svc-{i:05}"),
+                "bind": format!("127.1.{}.{}:80", i / 250, i % 250 + 1),
+                "backends": backends,
+                "health": { "kind": "http", "port": health, "path": "/healthz" },
+            })
+        })
+        .collect();
+    json!({ "version": version, "listeners": listeners })
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    crate::peers::rss_kib(&[pid]) as f64 / 1024.0
+}
+
+/// Runs the scenario and writes the table.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let n = args.listeners.max(2);
+    anyhow::ensure!(
+        n <= 60_000,
+        "listeners take addresses of 127.1.0.0/16, 250 per /24"
+    );
+    let dir = std::env::temp_dir().join(format!("weir-listeners-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("state"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (traffic, health) = (common_port()?, common_port()?);
+    http_servers(traffic, stop.clone())?;
+    http_servers(health, stop.clone())?;
+    let socket = dir.join("lbd.sock");
+    let cfg = dir.join("lbd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[runtime]\nworkers = {}\n\n[admin]\nmetrics = \"off\"\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\n",
+            args.workers,
+            socket.display(),
+            dir.join("state").display()
+        ),
+    )?;
+    let lbd = spawn(
+        &sibling("lbd")?,
+        &["run", "--config", &cfg.display().to_string()],
+        &dir.join("lbd.log"),
+    )?;
+    let pid = lbd.0.id();
+    wait_until("lbd's control socket", || {
+        control(&socket, "GET", "/readyz", None).is_ok_and(|(c, _)| c == 200)
+    })?;
+    let rss_empty = rss_mib(pid);
+    let mut version = 0;
+    let mut put = |weight: u32, odd: u32| -> anyhow::Result<Duration> {
+        version += 1;
+        let body = state(n, version, traffic, health, weight, odd).to_string();
+        let started = Instant::now();
+        let (code, reply) = control(&socket, "PUT", "/v1/state", Some(&body))?;
+        let took = started.elapsed();
+        anyhow::ensure!(code == 200, "PUT of version {version}: {code} {reply}");
+        Ok(took)
+    };
+    eprintln!("first state: {n} listeners");
+    let first = put(1, 1)?;
+    let rss_first = rss_mib(pid);
+    let mut one = Vec::new();
+    let mut all = Vec::new();
+    for r in 0..args.rounds {
+        eprintln!("round {}: one listener, then every listener", r + 1);
+        one.push(put(1, if r % 2 == 0 { 2 } else { 1 })?.as_secs_f64() * 1e3);
+        all.push(put(if r % 2 == 0 { 2 } else { 1 }, 1)?.as_secs_f64() * 1e3);
+    }
+    let rss_after = rss_mib(pid);
+    // Latency on listener 0 (untouched by every change): alone, then with
+    // full changes applied back to back.
+    let vip: SocketAddr = "127.1.0.1:80".parse()?;
+    let seconds = Duration::from_secs(args.seconds);
+    let rate = 2_000.0;
+    eprintln!("latency, nothing applied");
+    let idle = crate::load::http_latency(vip, rate, 4, seconds)?;
+    eprintln!("latency, full changes applied back to back");
+    let busy_flag = Arc::new(AtomicBool::new(true));
+    let applier = {
+        let busy = busy_flag.clone();
+        let socket = socket.clone();
+        let start_version = version;
+        std::thread::spawn(move || -> anyhow::Result<usize> {
+            let mut v = start_version;
+            let mut applied = 0;
+            while busy.load(Ordering::Relaxed) {
+                v += 1;
+                let w = 1 + (v % 2) as u32;
+                let body = state(n, v, traffic, health, w, 1).to_string();
+                let (code, reply) = control(&socket, "PUT", "/v1/state", Some(&body))?;
+                anyhow::ensure!(code == 200, "PUT of version {v}: {code} {reply}");
+                applied += 1;
+            }
+            Ok(applied)
+        })
+    };
+    let busy = crate::load::http_latency(vip, rate, 4, seconds);
+    busy_flag.store(false, Ordering::Relaxed);
+    let applied = applier
+        .join()
+        .map_err(|_| anyhow::anyhow!("the applier panicked"))??;
+    let busy = busy?;
+    let p99 = |lat: &[u64]| crate::load::quantile(lat, 0.99) / 1e3;
+    let (p99_idle, p99_busy) = (p99(&idle), p99(&busy));
+    stop.store(true, Ordering::Relaxed);
+    drop(lbd);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let verdict = |ok: bool| if ok { "met" } else { "not met" };
+    let median = |v: &[f64]| crate::support::median(&mut v.to_vec()).0;
+    let text = format!(
+        "# lbd with {n} listeners\n\n\
+         Generated by `lb-bench listeners --listeners {n} --rounds {} --workers {} --seconds {}` \
+         (build: `cargo build --release -p lb-core -p lb-bench`). Never edit by hand: rerun.\n\n\
+         Machine: {}. One `lbd` ({} workers), programmed over its control socket with {n} \
+         listeners of 3 backends each (Maglev, HTTP checks on one shared health port: 3 \
+         probers), the shape lb-controller gives it; the backends of listener 0 are real HTTP \
+         servers, the others' ports are unserved.\n\n\
+         | figure | value | target |\n|---|---|---|\n\
+         | resident memory, no listener | {rss_empty:.1} MiB | |\n\
+         | resident memory after the first state | {rss_first:.1} MiB | ≤ 150 MiB: {} |\n\
+         | resident memory after {} full changes | {rss_after:.1} MiB | ≤ 150 MiB: {} |\n\
+         | first state ({n} new listeners), PUT to answer | {:.0} ms | |\n\
+         | one listener changed, PUT to answer | {} ms | ≤ 100 ms: {} |\n\
+         | every listener's backends changed, PUT to answer | {} ms | ≤ 500 ms: {} |\n\
+         | p99 round trip on an untouched listener, nothing applied | {p99_idle:.2} ms | |\n\
+         | p99 round trip on an untouched listener, {applied} full changes applied meanwhile | {p99_busy:.2} ms | ≤ 2× idle ({:.2}×): {} |\n\n\
+         PUT times are measured by the client: reading and validating the body, binding \
+         new sockets, persisting the state (fsync) and publishing it. Latency: `http_latency` \
+         at {rate:.0} requests/s over 4 connections for {} s each, listener 0 only.\n",
+        args.rounds,
+        args.workers,
+        args.seconds,
+        machine(),
+        if args.workers == 0 { "one per CPU".to_owned() } else { args.workers.to_string() },
+        verdict(rss_first <= 150.0),
+        args.rounds,
+        verdict(rss_after <= 150.0),
+        first.as_secs_f64() * 1e3,
+        spread(one.clone(), 1),
+        verdict(median(&one) <= 100.0),
+        spread(all.clone(), 1),
+        verdict(median(&all) <= 500.0),
+        p99_busy / p99_idle,
+        verdict(p99_busy <= 2.0 * p99_idle),
+        args.seconds,
+    );
+    print!("{text}");
+    std::fs::write(&args.out, &text)?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
