@@ -42,6 +42,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    #[command(flatten)]
+    Docs(lb_core::manual::DocsCommand),
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -189,6 +191,13 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Docs(docs) => match docs.run(<Cli as clap::CommandFactory>::command()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lb-controller: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::CheckConfig { file } => match load(&file) {
             Ok(cfg) => {
                 println!(

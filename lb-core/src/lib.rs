@@ -18,6 +18,7 @@ pub mod engine;
 pub mod flow;
 pub mod forward;
 pub mod health;
+pub mod manual;
 pub mod metrics;
 pub mod notify;
 pub mod persist;

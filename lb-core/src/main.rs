@@ -143,6 +143,8 @@ enum Command {
         #[arg(long, value_enum)]
         engine: Option<EngineArg>,
     },
+    #[command(flatten)]
+    Docs(lb_core::manual::DocsCommand),
 }
 
 fn init_logging() {
@@ -178,6 +180,9 @@ fn main() -> ExitCode {
             metrics,
             engine,
         } => demo(listen, metrics, engine),
+        Command::Docs(docs) => docs
+            .run(<Cli as clap::CommandFactory>::command())
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
