@@ -85,6 +85,9 @@ pub enum WorkerCmd {
         /// Becomes true when the listener is removed or the process stops.
         stop: watch::Receiver<bool>,
     },
+    /// Answer at once: the worker's runtime still runs its tasks (the
+    /// systemd watchdog, `crate::watchdog`).
+    Ping(tokio::sync::oneshot::Sender<()>),
 }
 
 /// A connection one worker accepted for another to serve, already counted
@@ -301,6 +304,9 @@ pub fn run_worker<E: Engine>(
                         tracing::error!(bind = %key.addr, error = %e, worker = id, "cannot use udp socket")
                     }
                 },
+                WorkerCmd::Ping(reply) => {
+                    let _ = reply.send(());
+                }
             }
         }
     })

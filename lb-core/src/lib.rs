@@ -30,5 +30,6 @@ pub mod splice;
 pub mod stats;
 pub mod tls;
 pub mod udp;
+pub mod watchdog;
 
 pub use server::{Options, Server, Status};

@@ -223,6 +223,7 @@ fn run(
     let server = Server::start(&config, &options).context("cannot start")?;
     let signals = Signals::register(&server)?;
     notify::notify("READY=1");
+    lb_core::watchdog::spawn(&server);
     serve_until_stopped(server, signals, Some(path))
 }
 

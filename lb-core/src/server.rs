@@ -660,6 +660,11 @@ impl Server {
         self.inner.status()
     }
 
+    /// What the systemd watchdog asks: do the workers still answer?
+    pub fn liveness(&self) -> crate::watchdog::Liveness {
+        crate::watchdog::Liveness::new(Arc::downgrade(&self.inner))
+    }
+
     /// A handle to the control runtime (signals, timers).
     pub fn handle(&self) -> tokio::runtime::Handle {
         self.rt
