@@ -11,16 +11,13 @@ mod support;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
+use support::deploy::repo;
 use support::*;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn dashboard() -> Value {
     serde_json::from_slice(&std::fs::read(repo().join("deploy/grafana/weir.json")).unwrap())

@@ -17,37 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use support::deploy::{repo, run, stdout, works};
+
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const PACKAGES: [&str; 2] = ["weir-lbd", "weir-lb-controller"];
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stdout(cmd: &mut Command) -> String {
-    String::from_utf8_lossy(&run(cmd).stdout).into_owned()
-}
-
 /// True when `program args` runs; otherwise prints why the caller skips.
 fn have(program: &str, args: &[&str], test: &str) -> bool {
-    let ok = Command::new(program)
-        .args(args)
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let ok = works(program, args);
     if !ok {
         eprintln!(
             "\n*** SKIPPED {test}: `{program}` is not available here (.ci/run installs it) ***\n"
@@ -335,8 +312,8 @@ fn installed(package: &str) -> bool {
 fn account_exists() -> bool {
     Command::new("getent")
         .args(["passwd", "_weir"])
-        .status()
-        .is_ok_and(|s| s.success())
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Purges the packages on drop, however the test ends, and removes the

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod deploy;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
