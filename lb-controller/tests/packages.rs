@@ -374,22 +374,18 @@ fn packages_install_run_upgrade_and_purge_without_a_trace() {
         .arg(deb(dir, "weir-lbd", 1))
         .arg(deb(dir, "weir-lb-controller", 1)));
     assert!(account_exists(), "sysusers created _weir");
-    assert_eq!(
-        owner_mode("/etc/lbd/lbd.toml"),
-        ("root".into(), "_weir".into(), 0o640)
-    );
-    assert_eq!(
-        owner_mode("/etc/weir"),
-        ("root".into(), "_weir".into(), 0o750)
-    );
-    assert_eq!(
-        owner_mode("/etc/weir/lb-controller.toml"),
-        ("root".into(), "_weir".into(), 0o640)
-    );
-    assert_eq!(
-        owner_mode("/var/lib/lbd"),
-        ("_weir".into(), "_weir".into(), 0o750)
-    );
+    for (path, owner, mode) in [
+        ("/etc/lbd/lbd.toml", "root", 0o640),
+        ("/etc/weir", "root", 0o750),
+        ("/etc/weir/lb-controller.toml", "root", 0o640),
+        ("/var/lib/lbd", "_weir", 0o750),
+    ] {
+        assert_eq!(
+            owner_mode(path),
+            (owner.into(), "_weir".into(), mode),
+            "{path}"
+        );
+    }
     for unit in ["lbd.service", "lb-controller.service"] {
         let wants = Path::new("/etc/systemd/system/multi-user.target.wants").join(unit);
         assert!(wants.is_symlink(), "{unit} is enabled");
