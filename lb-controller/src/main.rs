@@ -41,6 +41,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    #[command(flatten)]
+    Docs(lb_api::docs::DocsCommand),
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -158,6 +160,13 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Docs(docs) => match docs.run(<Cli as clap::CommandFactory>::command()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lb-controller: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::CheckConfig { file } => match load(&file) {
             Ok(cfg) => {
                 println!(

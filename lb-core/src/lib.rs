@@ -21,6 +21,7 @@ pub mod server;
 pub mod stats;
 pub mod tcp;
 pub mod udp;
+pub mod watchdog;
 pub mod worker;
 
 pub use server::{Options, Server, Status};

@@ -91,6 +91,8 @@ enum Command {
         #[arg(long, value_enum)]
         engine: Option<EngineArg>,
     },
+    #[command(flatten)]
+    Docs(lb_api::docs::DocsCommand),
 }
 
 fn init_logging() {
@@ -126,6 +128,9 @@ fn main() -> ExitCode {
             metrics,
             engine,
         } => cli::demo::demo(listen, metrics, engine),
+        Command::Docs(docs) => docs
+            .run(<Cli as clap::CommandFactory>::command())
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

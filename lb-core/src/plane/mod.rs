@@ -485,6 +485,19 @@ impl Plane {
         started
     }
 
+    /// Asks every worker to answer; each receiver completes when its worker
+    /// has (or fails when the worker is gone).
+    pub fn ping_workers(&self) -> Vec<tokio::sync::oneshot::Receiver<()>> {
+        self.workers
+            .iter()
+            .map(|worker| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let _ = worker.send(WorkerCmd::Ping(tx));
+                rx
+            })
+            .collect()
+    }
+
     /// Drops the worker channels so worker threads finish (shutdown, last step).
     pub fn disconnect_workers(&mut self) {
         self.workers.clear();

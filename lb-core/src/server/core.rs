@@ -96,6 +96,12 @@ impl Core {
         }
     }
 
+    /// The plane, held weakly: what the systemd watchdog asks the workers
+    /// through, without keeping a stopped server alive.
+    pub fn plane_weak(&self) -> std::sync::Weak<Mutex<Plane>> {
+        Arc::downgrade(&self.plane)
+    }
+
     /// The plane, locked (status, metrics, shutdown).
     pub fn plane(&self) -> MutexGuard<'_, Plane> {
         lock(&self.plane)

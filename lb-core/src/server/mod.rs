@@ -331,6 +331,11 @@ impl Server {
         self.core.status()
     }
 
+    /// What the systemd watchdog asks: do the workers still answer?
+    pub fn liveness(&self) -> crate::watchdog::Liveness {
+        crate::watchdog::Liveness::new(self.core.plane_weak())
+    }
+
     /// A handle to the control runtime (signals, timers).
     pub fn handle(&self) -> tokio::runtime::Handle {
         self.rt

@@ -49,6 +49,9 @@ pub enum WorkerCmd {
         /// Becomes true when the listener is removed or the process stops.
         stop: watch::Receiver<bool>,
     },
+    /// Answer at once: the worker's runtime still runs its tasks (the
+    /// systemd watchdog, `crate::watchdog`).
+    Ping(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Runs worker `id` on this thread until the command channel closes.
@@ -117,6 +120,9 @@ pub fn run_worker<E: Engine>(
                         tracing::error!(bind = %key.addr, error = %e, worker = id, "cannot use udp socket")
                     }
                 },
+                WorkerCmd::Ping(reply) => {
+                    let _ = reply.send(());
+                }
             }
         }
     })
