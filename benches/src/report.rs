@@ -35,6 +35,33 @@ fn ratio(
     workers: usize,
     peer: &str,
 ) -> Option<(f64, f64, f64)> {
+    paired(figures, scenario, workers, peer, |a, b| {
+        (b > 0.0).then(|| a / b)
+    })
+}
+
+/// `peer`'s figure minus its reference's, round by round (median, min,
+/// max). For figures that are themselves differences, such as latency
+/// added over the direct path: those can be zero or below by noise, where
+/// a ratio means nothing.
+fn difference(
+    figures: &[Figure],
+    scenario: &str,
+    workers: usize,
+    peer: &str,
+) -> Option<(f64, f64, f64)> {
+    paired(figures, scenario, workers, peer, |a, b| Some(a - b))
+}
+
+/// `compare(ours, theirs)` for each round both `peer` and the reference
+/// measured, summarised.
+fn paired(
+    figures: &[Figure],
+    scenario: &str,
+    workers: usize,
+    peer: &str,
+    compare: impl Fn(f64, f64) -> Option<f64>,
+) -> Option<(f64, f64, f64)> {
     let runs_of = |name: &str| {
         figures
             .iter()
@@ -42,11 +69,11 @@ fn ratio(
             .map(|g| &g.runs)
     };
     let (ours, theirs) = (runs_of(peer)?, runs_of(reference(scenario))?);
-    let ratios = ours.iter().zip(theirs).filter_map(|(a, b)| {
-        let (a, b) = ((*a)?, (*b)?);
-        (b > 0.0).then(|| a / b)
-    });
-    let (median, min, max) = summary(ratios);
+    let compared = ours
+        .iter()
+        .zip(theirs)
+        .filter_map(|(a, b)| compare((*a)?, (*b)?));
+    let (median, min, max) = summary(compared);
     median.is_finite().then_some((median, min, max))
 }
 
@@ -63,18 +90,61 @@ fn reference(scenario: &str) -> &'static str {
     }
 }
 
+/// How a target bounds lbd against its reference.
+#[derive(Clone, Copy)]
+enum Bound {
+    /// lbd / reference at least this.
+    AtLeast(f64),
+    /// lbd / reference at most this.
+    AtMost(f64),
+    /// lbd − reference at most zero, in the figure's unit: for figures that
+    /// are differences themselves (latency added over direct).
+    NoMoreThanReference,
+}
+
 /// The performance targets (issue 6, restated in issue 29): figure
-/// prefix, and the bound on lbd / reference (`true`: at least, `false`: at
-/// most).
-const TARGETS: &[(&str, f64, bool)] = &[
-    ("keep-alive requests/s", 1.0, true),
-    ("new connections/s", 1.0, true),
-    ("bulk Gbit/s", 1.1, true),
-    ("latency p99 at", 1.0, false),
-    ("latency added over direct", 1.0, false),
-    ("UDP datagrams/s", 1.5, true),
-    ("memory per idle connection", 1.0, false),
+/// prefix and bound.
+const TARGETS: &[(&str, Bound)] = &[
+    ("keep-alive requests/s", Bound::AtLeast(1.0)),
+    ("new connections/s", Bound::AtLeast(1.0)),
+    ("bulk Gbit/s", Bound::AtLeast(1.1)),
+    ("latency p99 at", Bound::AtMost(1.0)),
+    ("latency added over direct", Bound::NoMoreThanReference),
+    ("UDP datagrams/s", Bound::AtLeast(1.5)),
+    ("memory per idle connection", Bound::AtMost(1.0)),
 ];
+
+/// One cell of the targets table: lbd against the reference, the spread
+/// over rounds, and the verdict.
+fn target_cell(figures: &[Figure], f: &Figure, bound: Bound, peer: &str) -> String {
+    let compared = match bound {
+        Bound::NoMoreThanReference => difference(figures, f.scenario, f.workers, peer),
+        _ => ratio(figures, f.scenario, f.workers, peer),
+    };
+    let Some((v, lo, hi)) = compared else {
+        return "–".into();
+    };
+    let meets = |x: f64| match bound {
+        Bound::AtLeast(b) => x >= b,
+        Bound::AtMost(b) => x <= b,
+        Bound::NoMoreThanReference => x <= 0.0,
+    };
+    let (value, spread) = match bound {
+        Bound::NoMoreThanReference => (
+            format!("{v:+.1} {}", f.unit),
+            format!(" ({lo:+.1}–{hi:+.1})"),
+        ),
+        _ => (format!("{v:.2}×"), format!(" ({lo:.2}–{hi:.2})")),
+    };
+    // Firm when every round falls on the same side as the median.
+    let firm = meets(lo) == meets(hi);
+    format!(
+        "{value}{} {}{}",
+        if lo < hi { spread.as_str() } else { "" },
+        if meets(v) { "met" } else { "not met" },
+        if firm { "" } else { ", not firm" }
+    )
+}
 
 /// A table of every target, per figure, worker count and engine.
 fn targets(figures: &[Figure]) -> String {
@@ -83,40 +153,24 @@ fn targets(figures: &[Figure]) -> String {
     );
     let mut seen: Vec<(&str, usize)> = Vec::new();
     for f in figures {
-        let Some(&(_, bound, at_least)) = TARGETS.iter().find(|t| f.scenario.starts_with(t.0))
-        else {
+        let Some(&(_, bound)) = TARGETS.iter().find(|t| f.scenario.starts_with(t.0)) else {
             continue;
         };
         if seen.contains(&(f.scenario, f.workers)) {
             continue;
         }
         seen.push((f.scenario, f.workers));
-        let cell = |peer: &str| match ratio(figures, f.scenario, f.workers, peer) {
-            Some((r, lo, hi)) => {
-                let meets = |v: f64| if at_least { v >= bound } else { v <= bound };
-                let spread = if lo < hi {
-                    format!(" ({lo:.2}–{hi:.2})")
-                } else {
-                    String::new()
-                };
-                // Firm when every round falls on the same side as the median.
-                let firm = meets(lo) == meets(hi);
-                format!(
-                    "{r:.2}×{spread} {}{}",
-                    if meets(r) { "met" } else { "not met" },
-                    if firm { "" } else { ", not firm" }
-                )
-            }
-            None => "–".into(),
+        let target = match bound {
+            Bound::AtLeast(b) => format!("≥ {b}× {}", reference(f.scenario)),
+            Bound::AtMost(b) => format!("≤ {b}× {}", reference(f.scenario)),
+            Bound::NoMoreThanReference => format!("≤ {}'s", reference(f.scenario)),
         };
         out.push_str(&format!(
-            "| {} | {} | {} {bound}× {} | {} | {} |\n",
+            "| {} | {} | {target} | {} | {} |\n",
             f.scenario,
             f.workers,
-            if at_least { "≥" } else { "≤" },
-            reference(f.scenario),
-            cell("lbd-io_uring"),
-            cell("lbd-epoll"),
+            target_cell(figures, f, bound, "lbd-io_uring"),
+            target_cell(figures, f, bound, "lbd-epoll"),
         ));
     }
     out
@@ -452,28 +506,40 @@ mod tests {
     }
 
     /// What lbd adds over the direct path is compared with what HAProxy
-    /// adds, round by round, like any other figure.
+    /// adds as a difference, round by round: a proxy can add nothing or
+    /// "less than nothing" by noise, where a ratio would mean nothing (a
+    /// negative ratio once read as "met").
     #[test]
-    fn added_latency_is_compared_round_by_round() {
+    fn added_latency_is_compared_as_a_difference_round_by_round() {
         let added = |peer: &Peer, runs: Vec<Option<f64>>| {
             let steal = vec![None; runs.len()];
             let name = "latency added over direct, p50";
             figure(1, peer, sample(name, "µs", runs, steal))
         };
+        let haproxy = added(
+            &Peer::Haproxy { splice: false },
+            vec![Some(20.0), Some(-2.0), Some(20.0), None],
+        );
+        let lbd = |runs| added(&Peer::Lbd("io_uring"), runs);
+        let name = "latency added over direct, p50";
         let figures = [
-            added(&Peer::Lbd("io_uring"), vec![Some(15.0), Some(10.0), None]),
-            added(
-                &Peer::Haproxy { splice: false },
-                vec![Some(20.0), Some(20.0), None],
-            ),
+            lbd(vec![Some(15.0), Some(1.0), Some(10.0), None]),
+            haproxy.clone(),
         ];
-        let (r, _, _) = ratio(
-            &figures,
-            "latency added over direct, p50",
-            1,
-            "lbd-io_uring",
-        )
-        .unwrap();
-        assert!((r - (15.0 / 20.0 + 10.0 / 20.0) / 2.0).abs() < 1e-9, "{r}");
+        let (d, lo, hi) = difference(&figures, name, 1, "lbd-io_uring").unwrap();
+        assert_eq!((d, lo, hi), (-5.0, -10.0, 3.0));
+        let table = targets(&figures);
+        assert!(table.contains("| ≤ haproxy's |"), "{table}");
+        assert!(
+            table.contains("| -5.0 µs (-10.0–+3.0) met, not firm |"),
+            "{table}"
+        );
+        // Adding more than HAProxy in every round is not met, firmly.
+        let worse = [lbd(vec![Some(25.0), Some(0.0), Some(30.0), None]), haproxy];
+        let table = targets(&worse);
+        assert!(
+            table.contains("| +5.0 µs (+2.0–+10.0) not met |"),
+            "{table}"
+        );
     }
 }
