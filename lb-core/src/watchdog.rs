@@ -11,7 +11,6 @@ use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
 use crate::plane::Plane;
-use crate::server::Server;
 
 /// How often to send `WATCHDOG=1` for the given `WATCHDOG_USEC` and
 /// `WATCHDOG_PID` values, as `sd_watchdog_enabled(3)` decides: half the
@@ -60,17 +59,17 @@ impl Liveness {
     }
 }
 
-/// Starts feeding the watchdog on `server`'s control runtime when systemd
-/// asked for it (see [`interval`]); returns the interval, or `None` when
-/// there is nothing to feed.
-pub fn spawn(server: &Server) -> Option<Duration> {
+/// Starts feeding the watchdog on `runtime` (the server's control
+/// runtime) when systemd asked for it (see [`interval`]), asking
+/// `liveness` (`Server::liveness`) before each feed; returns the interval,
+/// or `None` when there is nothing to feed.
+pub fn spawn(liveness: Liveness, runtime: &tokio::runtime::Handle) -> Option<Duration> {
     let every = interval(
         std::env::var("WATCHDOG_USEC").ok().as_deref(),
         std::env::var("WATCHDOG_PID").ok().as_deref(),
         std::process::id(),
     )?;
-    let liveness = server.liveness();
-    server.handle().spawn(async move {
+    runtime.spawn(async move {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

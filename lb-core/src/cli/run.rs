@@ -38,7 +38,7 @@ pub fn run(path: &Path, engine: Option<EngineArg>, workers: Option<usize>) -> an
     let server = Server::start(&config, &options).context("cannot start")?;
     let signals = Signals::register(&server)?;
     notify::notify("READY=1");
-    lb_core::watchdog::spawn(&server);
+    lb_core::watchdog::spawn(server.liveness(), &server.handle());
     serve_until_stopped(server, signals, Some(path))
 }
 

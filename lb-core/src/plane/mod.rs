@@ -15,14 +15,15 @@ use tokio::sync::{mpsc, watch};
 
 mod bind;
 pub mod diff;
+mod exclusive;
 pub mod owners;
+mod route;
 
 pub use bind::{bind_tcp, bind_udp};
 use diff::Diff;
 
-use crate::balance::Selector;
 use crate::health::HealthRegistry;
-use crate::routing::{BackendHandle, BindKey, Route, Routing};
+use crate::routing::{BackendHandle, BindKey, Routing};
 use crate::stats::ListenerStats;
 use crate::worker::{Shared, WorkerCmd};
 
@@ -232,62 +233,6 @@ impl Plane {
         })
     }
 
-    /// Refuses new listeners whose address another process's socket also
-    /// receives on (see [`owners`]).
-    fn check_owners(
-        &self,
-        diff: &Diff,
-        fresh: &[(BindKey, Sockets, SocketAddr)],
-    ) -> Result<(), ApplyError> {
-        if fresh.is_empty() {
-            return Ok(());
-        }
-        let mut ours: HashSet<u64> = self
-            .sockets
-            .values()
-            .flat_map(|b| b.inodes.iter().copied())
-            .chain(self.retired.iter().map(|&(inode, _)| inode))
-            .collect();
-        for (_, sockets, _) in fresh {
-            ours.extend(sockets.inodes());
-        }
-        let protocols: Vec<Protocol> = [Protocol::Tcp, Protocol::Udp]
-            .into_iter()
-            .filter(|p| fresh.iter().any(|(k, _, _)| k.protocol == *p))
-            .collect();
-        let table = match owners::Table::read(&protocols) {
-            Ok(t) => t,
-            Err(e) => {
-                // No socket table (no sock_diag here): nothing to compare.
-                tracing::warn!(error = %e, "cannot read the socket table; listeners bound without checking for other holders");
-                return Ok(());
-            }
-        };
-        for (key, _, local) in fresh {
-            let others = table.others(key.protocol, *local, &ours);
-            if others.is_empty() {
-                continue;
-            }
-            let name = diff
-                .added
-                .iter()
-                .find(|l| BindKey::of(l) == *key)
-                .map(|l| l.name.clone())
-                .unwrap_or_default();
-            let holders = others
-                .iter()
-                .map(|h| format!("{} at {}", owners::describe(h), h.local))
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(ApplyError::Shared {
-                name,
-                addr: *local,
-                holders,
-            });
-        }
-        Ok(())
-    }
-
     /// The second half: publishes the prepared listeners, hands their new
     /// sockets to the workers, closes removed listeners and starts drains.
     /// It cannot fail.
@@ -367,56 +312,6 @@ impl Plane {
             added,
             removed: d.removed.len(),
             draining,
-        }
-    }
-
-    /// A route for `l`: its handles (kept, revived from draining, or new),
-    /// its counters (kept by name), and its selector (the previous one
-    /// unless `reselect`).
-    fn route(&mut self, l: &Listener, previous: &Routing, reselect: bool) -> Route {
-        let key = BindKey::of(l);
-        let backends = l
-            .backends
-            .iter()
-            .map(|b| {
-                let hk = (key, b.addr);
-                let cell = self.health.cell(b.addr, &l.health, &self.rt);
-                let reuse = self.handles.get(&hk).cloned().or_else(|| {
-                    let revived = self.draining.get(&hk).filter(|h| h.revive()).cloned();
-                    if revived.is_some() {
-                        self.draining.remove(&hk);
-                    }
-                    revived
-                });
-                let handle = match reuse {
-                    Some(h) => {
-                        if !Arc::ptr_eq(&h.health.load(), &cell) {
-                            h.health.store(cell);
-                        }
-                        h
-                    }
-                    None => Arc::new(BackendHandle::new(b.addr, cell)),
-                };
-                self.handles.insert(hk, handle.clone());
-                handle
-            })
-            .collect();
-        let stats = self
-            .stats
-            .get(&l.name)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(ListenerStats::new(self.workers.len())));
-        let kept = previous
-            .routes
-            .get(&key)
-            .filter(|_| !reselect)
-            .map(|r| r.selector.clone());
-        let selector = kept.unwrap_or_else(|| Arc::new(Selector::new(l.balance, &l.backends)));
-        Route {
-            listener: l.clone(),
-            selector,
-            backends,
-            stats,
         }
     }
 
@@ -528,56 +423,4 @@ impl Plane {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn listeners(text: &str) -> Vec<Listener> {
-        lb_config::parse_config(text).unwrap().listeners
-    }
-
-    /// An apply that changes one listener leaves every other listener's
-    /// route (selector, handles, counters) as it was, and bumps the
-    /// generation once.
-    #[test]
-    fn unchanged_listeners_keep_their_routes() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let shared = Arc::new(Shared::new(Vec::new(), 100, false));
-        let mut plane = Plane::new(shared.clone(), Vec::new(), rt.handle().clone());
-        let a = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nbackends = [{ addr = \"127.0.0.2:80\" }]\n[listener.health]\nkind = \"none\"\n";
-        let b = "[[listener]]\nname = \"b\"\nbind = \"127.0.0.9:0\"\nbackends = [{ addr = \"127.0.0.3:80\" }]\n[listener.health]\nkind = \"none\"\n";
-        let first = listeners(&format!("{a}{b}"));
-        let _guard = rt.enter();
-        plane.apply(&first).unwrap();
-        let before = shared.routing.load_full();
-        let mut second = first.clone();
-        second[1].backends[0].weight = 5;
-        let applied = plane.apply(&second).unwrap();
-        let after = shared.routing.load_full();
-        assert_eq!(applied.generation, before.generation + 1);
-        let key = |l: &Listener| BindKey::of(l);
-        assert!(
-            Arc::ptr_eq(
-                &before.routes[&key(&first[0])],
-                &after.routes[&key(&first[0])]
-            ),
-            "listener a did not change: its route is the same one"
-        );
-        let (old_b, new_b) = (
-            &before.routes[&key(&first[1])],
-            &after.routes[&key(&first[1])],
-        );
-        assert!(!Arc::ptr_eq(old_b, new_b), "listener b changed");
-        assert!(
-            !Arc::ptr_eq(&old_b.selector, &new_b.selector),
-            "its weights changed"
-        );
-        assert!(
-            Arc::ptr_eq(&old_b.backends[0], &new_b.backends[0]),
-            "same backend handle"
-        );
-        assert!(Arc::ptr_eq(&old_b.stats, &new_b.stats), "same counters");
-    }
-}
+mod tests;
