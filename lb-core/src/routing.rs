@@ -200,11 +200,14 @@ impl Route {
         ranges.iter().any(|net| net.contains(&ip))
     }
 
-    /// Whether any backend that takes new connections is healthy.
+    /// Whether any backend that takes new connections is healthy. One
+    /// with weight 0 takes none, so it does not count: a healthy weight-0
+    /// backend must not keep a `fail_open` listener from failing open.
     pub fn any_healthy(&self) -> bool {
         self.backends
             .iter()
-            .any(|b| !b.is_draining() && b.health.load().is_up())
+            .zip(&self.listener.backends)
+            .any(|(b, spec)| spec.weight > 0 && !b.is_draining() && b.health.load().is_up())
     }
 
     /// Picks a backend not in `tried`: healthy ones first; when none is
@@ -257,4 +260,68 @@ pub struct Routing {
     pub generation: u64,
     /// Listeners by socket identity.
     pub routes: HashMap<BindKey, Arc<Route>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::health::ProbeKey;
+
+    /// A route over `weights`, every backend's health as in `up`.
+    fn route(text: &str, up: &[bool]) -> Route {
+        let listener = lb_config::parse_config(text).unwrap().listeners.remove(0);
+        let now = Instant::now();
+        let backends = listener
+            .backends
+            .iter()
+            .zip(up)
+            .map(|(b, &up)| {
+                let key = ProbeKey {
+                    target: b.addr,
+                    check: listener.health.clone(),
+                };
+                let cell = Arc::new(HealthCell::new(key, now));
+                if !up {
+                    cell.passive_failure("refused".into(), now);
+                }
+                assert_eq!(cell.is_up(), up);
+                Arc::new(BackendHandle::new(b.addr, cell))
+            })
+            .collect();
+        Route {
+            selector: Arc::new(Selector::new(listener.balance, &listener.backends)),
+            stats: Arc::new(ListenerStats::new(1)),
+            backends,
+            listener,
+        }
+    }
+
+    const LISTENER: &str = r#"
+        [[listener]]
+        name = "web"
+        bind = "127.0.0.1:80"
+        balance = "round_robin"
+        health = { kind = "tcp", rise = 1, fall = 1 }
+        backends = [{ addr = "127.0.0.2:80", weight = 0 }, { addr = "127.0.0.3:80" }]
+    "#;
+
+    /// A weight-0 backend takes no new connections, so its health does not
+    /// stop a fail-open listener from using the others when they are down.
+    #[test]
+    fn a_healthy_weight_zero_backend_does_not_hold_fail_open_shut() {
+        let r = route(LISTENER, &[true, false]);
+        assert!(!r.any_healthy());
+        assert_eq!(r.pick(7, 7, &[]), Some(1), "fails open to the weighted one");
+        let closed = LISTENER.replace(
+            "balance = \"round_robin\"",
+            "balance = \"round_robin\"\n        on_all_unhealthy = \"fail_closed\"",
+        );
+        assert_eq!(route(&closed, &[true, false]).pick(7, 7, &[]), None);
+        // With the weighted backend up, it is picked, and weight 0 never is.
+        let r = route(LISTENER, &[true, true]);
+        assert!(r.any_healthy());
+        assert_eq!(r.pick(7, 7, &[]), Some(1));
+    }
 }
