@@ -97,8 +97,8 @@ fn clean_up(leftovers: &Mutex<Leftovers>) {
             std::mem::take(&mut l.namespaces),
         )
     };
-    crate::peers::stop_groups(&groups);
-    crate::topo::remove_namespaces(&namespaces);
+    crate::procs::stop_groups(&groups);
+    crate::procs::remove_namespaces(&namespaces);
 }
 
 #[cfg(test)]
@@ -120,15 +120,15 @@ mod tests {
             .spawn()
             .expect("sh runs");
         let pgid = leader.id();
-        assert!(crate::peers::wait_for(
+        assert!(crate::procs::wait_for(
             std::time::Duration::from_secs(5),
-            || crate::peers::group_members(pgid) == 2
+            || crate::procs::group_members(pgid) == 2
         ));
         // A list of its own: other tests' peers are not this test's.
         let leftovers = Mutex::new(Leftovers::new());
         assert!(track_in(&leftovers, pgid));
         clean_up(&leftovers);
-        assert_eq!(crate::peers::group_members(pgid), 0);
+        assert_eq!(crate::procs::group_members(pgid), 0);
         assert!(leader.wait().is_ok());
         assert!(lock(&leftovers).groups.is_empty());
         assert!(

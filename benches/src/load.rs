@@ -645,7 +645,7 @@ mod tests {
         assert_eq!(established_at(at).unwrap(), 0);
         let clients: Vec<_> = (0..3).map(|_| TcpStream::connect(at).unwrap()).collect();
         let seen =
-            crate::peers::wait_for(Duration::from_secs(5), || established_at(at).unwrap() == 3);
+            crate::procs::wait_for(Duration::from_secs(5), || established_at(at).unwrap() == 3);
         assert!(seen, "never saw 3 connections");
         drop(clients);
     }

@@ -19,6 +19,7 @@ mod listeners;
 mod load;
 mod peers;
 mod placement;
+mod procs;
 mod report;
 mod run;
 mod scenarios;

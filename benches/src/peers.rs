@@ -6,8 +6,9 @@
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::procs::{stop_groups, wait_for};
 use crate::topo::{Side, Topology};
 
 /// Front ports every proxy listens on (`Topology::front`).
@@ -132,71 +133,6 @@ impl Drop for Running {
         stop_groups(&[c.id()]);
         let _ = c.wait();
         crate::interrupt::untrack_group(c.id());
-    }
-}
-
-/// Stops the process groups led by `groups`: SIGTERM to each group (so
-/// nginx's workers go with their master: killing the master alone orphans
-/// workers that keep serving the port), up to 3 s for every member to
-/// exit, then SIGKILL to what is left.
-pub fn stop_groups(groups: &[u32]) {
-    use rustix::process::{kill_process_group, Pid, Signal};
-    let signal = |sig| {
-        for &g in groups {
-            if let Some(pid) = i32::try_from(g).ok().and_then(Pid::from_raw) {
-                // ESRCH: the group is gone already.
-                let _ = kill_process_group(pid, sig);
-            }
-        }
-    };
-    let gone = || groups.iter().all(|&g| group_members(g) == 0);
-    signal(Signal::TERM);
-    if !wait_for(Duration::from_secs(3), gone) {
-        signal(Signal::KILL);
-        wait_for(Duration::from_secs(3), gone);
-    }
-}
-
-/// How many live processes (zombies not counted) are in process group
-/// `pgid`, from `/proc`.
-pub fn group_members(pgid: u32) -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    let pgid = pgid.to_string();
-    dir.flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .filter(|e| {
-            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-                return false;
-            };
-            // "pid (comm) state ppid pgrp ...", where comm may hold spaces
-            // and parentheses.
-            let Some((_, rest)) = stat.rsplit_once(')') else {
-                return false;
-            };
-            let mut fields = rest.split_whitespace();
-            let state = fields.next();
-            state != Some("Z") && fields.nth(1) == Some(pgid.as_str())
-        })
-        .count()
-}
-
-/// Polls `done` until it holds or `wait` has passed; whether it held.
-pub fn wait_for(wait: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + wait;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -14,7 +14,7 @@
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 
@@ -69,7 +69,7 @@ impl Topology {
     /// `-proxy` and `-backend`.
     fn netns_named(prefix: &str) -> anyhow::Result<Self> {
         let names = ["client", "proxy", "backend"].map(|side| format!("{prefix}-{side}"));
-        remove_namespaces(&names);
+        crate::procs::remove_namespaces(&names);
         crate::interrupt::track_namespaces(&names);
         let [client, proxy, backend] = &names;
         let [l_client, l_proxy_c, l_proxy_b, l_backend] = LINKS;
@@ -104,7 +104,7 @@ impl Topology {
                 .output()
                 .map_err(|e| anyhow::anyhow!("ip (apt-get install iproute2) could not run: {e}"))?;
             if !out.status.success() {
-                remove_namespaces(&names);
+                crate::procs::remove_namespaces(&names);
                 crate::interrupt::untrack_namespaces(&names);
                 anyhow::bail!(
                     "ip {}: {} (the netns setup needs root)",
@@ -207,20 +207,9 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         if self.namespaces.take().is_some() {
-            remove_namespaces(&self.names);
+            crate::procs::remove_namespaces(&self.names);
             crate::interrupt::untrack_namespaces(&self.names);
         }
-    }
-}
-
-/// Deletes the namespaces `names` (and with them the veth pairs).
-pub fn remove_namespaces(names: &[String]) {
-    for name in names {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
     }
 }
 

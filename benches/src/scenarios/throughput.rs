@@ -137,7 +137,7 @@ impl Bench {
         let conns = load::idle_connections(http, idle)?;
         // Stops early on an error reading the table, which is then returned.
         let mut counted = Ok(0);
-        peers::wait_for(Duration::from_secs(30), || {
+        crate::procs::wait_for(Duration::from_secs(30), || {
             counted = established().map(|n| n.saturating_sub(base));
             counted.as_ref().map_or(true, |&n| n >= idle)
         });
