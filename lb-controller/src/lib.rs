@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod controller;
+pub mod desired;
 pub mod ipam;
 pub mod leader;
 pub mod metrics;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use lb_controller::config::{self, Config};
+use lb_controller::desired::{self, Cluster};
 use lb_controller::leader::{ApiLease, Elector, Lost, Timing};
 use lb_controller::metrics::{self, Metrics};
 use lb_controller::{client, controller};
@@ -185,7 +186,8 @@ fn main() -> ExitCode {
                 let result = async {
                     let client = client(cfg.kubeconfig.as_deref()).await?;
                     let (services, nodes, slices) = controller::read_cluster(&client, &cfg).await?;
-                    Ok::<_, anyhow::Error>(controller::plan(&cfg, &services, &nodes, &slices))
+                    let plan = desired::plan(&cfg, &services, &Cluster::new(&nodes, &slices));
+                    Ok::<_, anyhow::Error>((plan.state(), plan.notes))
                 }
                 .await;
                 match result {

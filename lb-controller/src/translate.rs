@@ -20,7 +20,7 @@ use lb_config::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::config::{ClusterHealth, Requirement};
+use crate::config::{ClusterHealth, Config, Requirement};
 use crate::ipam::{Family, FamilyPolicy, Proto, Request, ServiceKey};
 
 /// Annotation prefix.
@@ -63,6 +63,18 @@ pub struct Settings {
     pub cluster_health: ClusterHealth,
     /// kube-proxy's health port.
     pub kube_proxy_port: u16,
+}
+
+impl Settings {
+    /// The settings `cfg` gives.
+    pub fn from_config(cfg: &Config) -> Self {
+        Self {
+            address_types: cfg.address_types.clone(),
+            node_selector: cfg.node_selector.clone(),
+            cluster_health: cfg.cluster_health,
+            kube_proxy_port: cfg.kube_proxy_port,
+        }
+    }
 }
 
 /// A problem with one annotation or field of the Service.

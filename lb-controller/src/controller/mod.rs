@@ -9,7 +9,6 @@
 //! publishing and reconciling.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -25,6 +24,7 @@ use lb_config::{DesiredState, ListenerSpec};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
+use crate::desired::key_of;
 use crate::ipam::{Allocator, Family, ServiceKey};
 use crate::metrics::Metrics;
 use crate::publish::{Progress, Snapshot};
@@ -38,7 +38,7 @@ mod start;
 pub use crate::ownership::{CONDITION, FINALIZER};
 use reconcile::{error_policy, reconcile};
 use start::prime;
-pub use start::{plan, read_cluster, seeded_allocator};
+pub use start::read_cluster;
 /// The field manager / Event reporter name.
 pub const MANAGER: &str = "weir-lb-controller";
 
@@ -98,49 +98,6 @@ pub struct Ctx {
     /// the server's answer was a newer one: a cached object still at that
     /// version has not seen our write yet.
     written_at: Mutex<HashMap<ServiceKey, String>>,
-}
-
-fn key_of(svc: &Service) -> ServiceKey {
-    ServiceKey::new(
-        svc.metadata.namespace.as_deref().unwrap_or("default"),
-        svc.metadata.name.as_deref().unwrap_or_default(),
-    )
-}
-
-/// Addresses in `status.loadBalancer.ingress`.
-pub fn status_ips(svc: &Service) -> Vec<IpAddr> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.as_deref()?.parse().ok())
-        .collect()
-}
-
-fn settings_of(cfg: &Config) -> Settings {
-    Settings {
-        address_types: cfg.address_types.clone(),
-        node_selector: cfg.node_selector.clone(),
-        cluster_health: cfg.cluster_health,
-        kube_proxy_port: cfg.kube_proxy_port,
-    }
-}
-
-fn slices_of<'a>(slices: &'a [Arc<EndpointSlice>], key: &ServiceKey) -> Vec<&'a EndpointSlice> {
-    slices
-        .iter()
-        .filter(|s| {
-            s.metadata.namespace.as_deref() == Some(key.namespace.as_str())
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    .is_some_and(|n| *n == key.name)
-        })
-        .map(|s| s.as_ref())
-        .collect()
 }
 
 impl Ctx {
@@ -384,7 +341,7 @@ pub async fn run(
     let (snapshots, states) = watch::channel(Arc::new(Snapshot::default()));
     let ctx = Arc::new(Ctx {
         client: client.clone(),
-        settings: settings_of(&cfg),
+        settings: Settings::from_config(&cfg),
         services: services.clone(),
         nodes: nodes.clone(),
         slices: slices.clone(),

@@ -4,17 +4,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
 use serde_json::{json, Value};
 
-use super::{key_of, slices_of, Ctx, Error};
+use super::{Ctx, Error};
+use crate::desired::{self, key_of, Cluster};
 use crate::ipam::ServiceKey;
 use crate::ownership::{self, has_finalizer, Disposition, FINALIZER};
-use crate::{status, translate};
+use crate::status;
 
 /// A merge patch that fails with 409 unless the object is still at `svc`'s
 /// resourceVersion.
@@ -84,46 +85,35 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action
     }
 
     let nodes = ctx.nodes.state();
-    let node_refs: Vec<&Node> = nodes.iter().map(|n| n.as_ref()).collect();
-    let all_slices = ctx.slices.state();
-    let slices = slices_of(&all_slices, &key);
+    let slices = ctx.slices.state();
+    let cluster = Cluster::new(&nodes, &slices);
 
     // Allocation, translation and desired-state update, under the lock.
-    let (ips, skipped, changed_at) = {
+    let (ingress, changed_at) = {
         let mut guard = ctx.state.lock().unwrap();
         let st = &mut *guard;
         st.removals.remove(&key);
-        let held_before = st.allocator.addresses(&key).to_vec();
-        let assigned = translate::request(&svc)
-            .map_err(|e| ("InvalidAnnotation", e.to_string()))
-            .and_then(|r| {
-                st.allocator
-                    .assign(&key, &r)
-                    .map_err(|e| ("AllocationFailed", e.to_string()))
-            });
-        let ips = match assigned {
-            Ok(ips) => ips,
-            Err((reason, msg)) => {
-                ctx.metrics.allocation_failures.inc();
-                let warned = st.warned.entry(key.clone()).or_default();
-                ctx.warn_once(&svc, warned, reason, msg.clone());
-                if reason == "InvalidAnnotation" {
-                    ctx.warn_once(&svc, warned, "AllocationFailed", msg);
-                }
-                // Keep what it holds (if anything) and its listeners.
-                st.allocator.addresses(&key).to_vec()
+        let desired = desired::service(&svc, &mut st.allocator, &cluster, &ctx.settings);
+        let addresses = desired.addresses;
+        if let Some(refused) = &addresses.refused {
+            ctx.metrics.allocation_failures.inc();
+            let warned = st.warned.entry(key.clone()).or_default();
+            ctx.warn_once(&svc, warned, refused.reason, refused.message.clone());
+            if refused.reason == "InvalidAnnotation" {
+                ctx.warn_once(&svc, warned, "AllocationFailed", refused.message.clone());
             }
-        };
-        if ips.is_empty() {
+        }
+        let Some(forwarding) = desired.forwarding else {
+            // No address: kept waiting for one.
             st.waiting.insert(key.clone());
             drop(guard);
             return Ok(Action::requeue(Duration::from_secs(60)));
-        }
+        };
         st.waiting.remove(&key);
         st.warned.remove(&key);
-        if held_before != ips {
+        if addresses.assigned() {
             ctx.metrics.allocations.inc();
-            let list: Vec<String> = ips.iter().map(ToString::to_string).collect();
+            let list: Vec<String> = addresses.ips.iter().map(ToString::to_string).collect();
             ctx.event(
                 &svc,
                 EventType::Normal,
@@ -133,7 +123,7 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action
         }
         ctx.update_pool_metrics(st);
         let entry = st.entries.entry(key.clone()).or_default();
-        for a in translate::unknown_annotations(&svc) {
+        for a in forwarding.unknown_annotations {
             ctx.warn_once(
                 &svc,
                 &mut entry.warned,
@@ -141,8 +131,7 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action
                 format!("{a} is not a Weir annotation (typo?); ignored"),
             );
         }
-        let mut skipped = Vec::new();
-        match translate::translate(&svc, &ips, &node_refs, &slices, &ctx.settings) {
+        match forwarding.translation {
             Ok(t) => {
                 entry.warned.retain(|(r, _)| {
                     r != "InvalidAnnotation" && r != "UnsupportedProtocol" && r != "NoNodePort"
@@ -150,7 +139,6 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action
                 for s in &t.skipped {
                     ctx.warn_once(&svc, &mut entry.warned, s.reason, s.message.clone());
                 }
-                skipped = t.skipped;
                 if entry.listeners != t.listeners
                     || entry.changed_at.is_none() && t.listeners.is_empty()
                 {
@@ -170,13 +158,12 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action
                 }
             }
         }
-        (ips, skipped, entry.changed_at)
+        (forwarding.ingress, entry.changed_at)
     };
 
     // Status: addresses, port errors, and the programmed condition,
     // written only when the stored status says something else, and for a
     // new Service only once its forwarding is decided.
-    let ingress = status::ingress(&svc, &ips, &skipped);
     let condition = status::programmed(
         status::current_condition(&svc),
         svc.metadata.generation,

@@ -1,6 +1,5 @@
-//! Start-up and one-shot reads: the allocator seeded from the Services'
-//! status, the desired state computed without writing (`plan`), and the
-//! order of business before the first reconcile ([`prime`]).
+//! Start-up: the order of business before the first reconcile
+//! ([`prime`]), and the one-shot read of the cluster for `plan`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,110 +9,17 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 use kube::Client;
-use lb_config::{DesiredState, ListenerSpec};
+use lb_config::ListenerSpec;
 use tokio::sync::{mpsc, watch};
 
-use super::{key_of, settings_of, slices_of, status_ips, Ctx, Entry, Ready};
+use super::{Ctx, Entry, Ready};
 use crate::config::Config;
-use crate::ipam::{Allocator, Family, Request, ServiceKey};
+use crate::desired::{self, Cluster};
+use crate::ipam::ServiceKey;
 use crate::ownership::{self, Owner};
 use crate::publish::{self, Snapshot};
 use crate::status::IpModeSupport;
-use crate::translate::{self, SERVICE_NAME_LABEL};
-
-/// The allocator request, or the default one if the Service's is invalid
-/// (used only for seeding: what a Service already holds stays its own).
-fn request_or_default(svc: &Service) -> Request {
-    translate::request(svc).unwrap_or(Request {
-        policy: crate::ipam::FamilyPolicy::Single(Family::V4),
-        addresses: Vec::new(),
-        pool: None,
-        sharing_key: None,
-        ports: Vec::new(),
-    })
-}
-
-/// Seeds an allocator from the status of our Services (by class alone:
-/// another implementation's addresses never count), in a stable order.
-/// Returns the allocator.
-pub fn seeded_allocator(cfg: &Config, services: &[Arc<Service>]) -> Allocator {
-    let mut allocator = Allocator::new(cfg.pools.clone());
-    let mut held: Vec<&Arc<Service>> = services
-        .iter()
-        .filter(|s| ownership::owner(s, &cfg.load_balancer_class, cfg.default_class) == Owner::Weir)
-        .filter(|s| !status_ips(s).is_empty())
-        .collect();
-    held.sort_by_key(|s| key_of(s));
-    for svc in held {
-        allocator.seed(&key_of(svc), &status_ips(svc), &request_or_default(svc));
-    }
-    for (svc, ip) in allocator.orphans() {
-        tracing::warn!(service = %svc, %ip, "address is outside every configured pool; kept until the Service lets it go");
-    }
-    allocator
-}
-
-/// The desired forwarder state for a set of Services, computed once
-/// without writing anything (`lb-controller plan`). Services without an
-/// address get one from a copy of the allocator.
-pub fn plan(
-    cfg: &Config,
-    services: &[Arc<Service>],
-    nodes: &[Arc<Node>],
-    slices: &[Arc<EndpointSlice>],
-) -> (DesiredState, Vec<String>) {
-    let mut allocator = seeded_allocator(cfg, services);
-    let settings = settings_of(cfg);
-    let node_refs: Vec<&Node> = nodes.iter().map(|n| n.as_ref()).collect();
-    let mut notes = Vec::new();
-    let mut listeners = Vec::new();
-    let mut managed: Vec<&Arc<Service>> = services
-        .iter()
-        .filter(|s| translate::is_managed(s, &cfg.load_balancer_class, cfg.default_class))
-        .filter(|s| s.metadata.deletion_timestamp.is_none())
-        .collect();
-    managed.sort_by_key(|s| (status_ips(s).is_empty(), key_of(s)));
-    for svc in managed {
-        let key = key_of(svc);
-        let ips = match translate::request(svc)
-            .map_err(|e| e.to_string())
-            .and_then(|r| allocator.assign(&key, &r).map_err(|e| e.to_string()))
-        {
-            Ok(ips) => ips,
-            Err(e) => {
-                notes.push(format!("{key}: no address: {e}"));
-                continue;
-            }
-        };
-        if status_ips(svc) != ips {
-            let list: Vec<String> = ips.iter().map(ToString::to_string).collect();
-            notes.push(format!("{key}: would be assigned {}", list.join(", ")));
-        }
-        match translate::translate(svc, &ips, &node_refs, &slices_of(slices, &key), &settings) {
-            Ok(t) => {
-                for s in &t.skipped {
-                    notes.push(format!(
-                        "{key}: port {}/{}: {}",
-                        s.port, s.protocol, s.message
-                    ));
-                }
-                listeners.extend(t.listeners);
-            }
-            Err(errors) => {
-                for e in errors {
-                    notes.push(format!("{key}: {e}"));
-                }
-            }
-        }
-    }
-    (
-        DesiredState {
-            version: 0,
-            listeners,
-        },
-        notes,
-    )
-}
+use crate::translate::SERVICE_NAME_LABEL;
 
 /// How long the builder lets changes accumulate before it builds a state
 /// (the publishers' debounce comes on top).
@@ -138,27 +44,13 @@ pub(super) async fn prime(
     }
     let services = ctx.services.state();
     let nodes = ctx.nodes.state();
-    let all_slices = ctx.slices.state();
-    let node_refs: Vec<&Node> = nodes.iter().map(|n| n.as_ref()).collect();
+    let slices = ctx.slices.state();
     {
+        let seeded = desired::seed(&ctx.cfg, &services, &Cluster::new(&nodes, &slices));
         let mut st = ctx.state.lock().unwrap();
-        st.allocator = seeded_allocator(&ctx.cfg, &services);
-        for svc in &services {
-            let key = key_of(svc);
-            let ips = st.allocator.addresses(&key).to_vec();
-            let managed =
-                translate::is_managed(svc, &ctx.cfg.load_balancer_class, ctx.cfg.default_class)
-                    && svc.metadata.deletion_timestamp.is_none();
-            if ips.is_empty() || !managed {
-                continue;
-            }
-            if let Ok(t) = translate::translate(
-                svc,
-                &ips,
-                &node_refs,
-                &slices_of(&all_slices, &key),
-                &ctx.settings,
-            ) {
+        st.allocator = seeded.allocator;
+        for (key, forwarding) in seeded.services {
+            if let Ok(t) = forwarding.translation {
                 st.entries.insert(
                     key,
                     Entry {
