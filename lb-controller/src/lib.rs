@@ -14,6 +14,7 @@ pub mod controller;
 pub mod desired;
 pub mod ipam;
 pub mod leader;
+pub mod ledger;
 pub mod metrics;
 pub mod ownership;
 pub mod publish;

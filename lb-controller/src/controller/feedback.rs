@@ -48,11 +48,8 @@ impl Ctx {
                 }
             }
             Report::Stale { forwarder, current } => {
-                let mut st = self.state.lock().unwrap();
-                if current >= st.version {
+                if self.state.lock().unwrap().move_above(current) {
                     tracing::warn!(%forwarder, current, "forwarder runs a newer version; moving above it");
-                    st.version = current;
-                    drop(st);
                     self.rebuild.notify_one();
                 }
             }
@@ -69,23 +66,19 @@ impl Ctx {
     fn affected_by_progress(&self) -> Vec<ServiceKey> {
         let views = self.forwarder_views();
         let progress = self.progress();
-        let st = self.state.lock().unwrap();
-        let conditions = st.entries.iter().filter(|(key, entry)| {
+        let ledger = self.state.lock().unwrap();
+        let conditions = ledger.changed_at().filter(|(key, changed_at)| {
             self.services
                 .get(&ObjectRef::new(&key.name).within(&key.namespace))
                 .is_some_and(|svc| {
                     let current = status::current_condition(&svc);
-                    let wanted = status::programmed(
-                        current,
-                        svc.metadata.generation,
-                        entry.changed_at,
-                        &views,
-                    );
+                    let wanted =
+                        status::programmed(current, svc.metadata.generation, *changed_at, &views);
                     current.is_none_or(|c| !status::same(c, &wanted))
                         && !status::withheld(&svc, &wanted)
                 })
         });
-        let removals = st.removals.iter().filter(|(_, removed_at)| {
+        let removals = ledger.removals().filter(|(_, removed_at)| {
             removed_at.is_some_and(|v| progress.iter().all(|(_, p)| p.settled(v)))
         });
         conditions
@@ -104,27 +97,12 @@ impl Ctx {
                 .is_some()
         };
         self.written_at.lock().unwrap().retain(|k, _| exists(k));
-        self.state.lock().unwrap().waiting.retain(|k| exists(k));
-        let gone: Vec<ServiceKey> = {
-            let st = self.state.lock().unwrap();
-            st.allocator
-                .holdings()
-                .into_iter()
-                .map(|h| h.service)
-                .chain(st.entries.keys().cloned())
-                .filter(|k| {
-                    self.services
-                        .get(&ObjectRef::new(&k.name).within(&k.namespace))
-                        .is_none()
-                })
-                .collect()
-        };
+        let gone = self.state.lock().unwrap().gone(exists);
         for key in gone {
             if settle_removal(&key, self) {
-                let mut st = self.state.lock().unwrap();
-                st.removals.remove(&key);
-                let freed = st.allocator.release(&key);
-                self.update_pool_metrics(&st);
+                let mut ledger = self.state.lock().unwrap();
+                let freed = ledger.release(&key);
+                self.update_pool_metrics(ledger.allocator());
                 tracing::info!(service = %key, ?freed, "released addresses of a vanished Service");
             }
         }

@@ -8,7 +8,7 @@
 //! already holds addresses; learn the forwarders' versions; only then start
 //! publishing and reconciling.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -20,12 +20,12 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
-use lb_config::{DesiredState, ListenerSpec};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::desired::key_of;
 use crate::ipam::{Allocator, Family, ServiceKey};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::publish::{Progress, Snapshot};
 use crate::status::{ForwarderView, IpModeSupport};
@@ -50,30 +50,6 @@ pub enum Error {
     Kube(#[from] kube::Error),
 }
 
-#[derive(Debug, Default)]
-struct Entry {
-    listeners: Vec<ListenerSpec>,
-    /// Version of the first state that carries these listeners (`None`:
-    /// the next one).
-    changed_at: Option<u64>,
-    /// Warnings already reported (reason, message), so they are not repeated.
-    warned: BTreeSet<(String, String)>,
-}
-
-#[derive(Debug)]
-struct State {
-    allocator: Allocator,
-    entries: BTreeMap<ServiceKey, Entry>,
-    /// Services being released: version of the first state without them.
-    removals: BTreeMap<ServiceKey, Option<u64>>,
-    /// Version of the last built state.
-    version: u64,
-    /// Warnings per Service that has no entry (allocation failures).
-    warned: BTreeMap<ServiceKey, BTreeSet<(String, String)>>,
-    /// Our Services that got no address: tried again when one is freed.
-    waiting: BTreeSet<ServiceKey>,
-}
-
 /// Everything a reconcile needs.
 pub struct Ctx {
     client: Client,
@@ -82,7 +58,7 @@ pub struct Ctx {
     services: Store<Service>,
     nodes: Store<Node>,
     slices: Store<EndpointSlice>,
-    state: Mutex<State>,
+    state: Mutex<Ledger>,
     rebuild: tokio::sync::Notify,
     snapshots: watch::Sender<Arc<Snapshot>>,
     progress: Mutex<Vec<(String, Arc<Progress>)>>,
@@ -120,26 +96,10 @@ impl Ctx {
         });
     }
 
-    /// A Warning once per distinct (reason, message) while it persists.
-    fn warn_once(
-        &self,
-        svc: &Service,
-        warned: &mut BTreeSet<(String, String)>,
-        reason: &str,
-        msg: String,
-    ) {
-        if warned.insert((reason.to_owned(), msg.clone())) {
-            self.event(svc, EventType::Warning, reason, msg);
-        }
-    }
-
     /// Whether the controller holds anything for `key`: an address,
     /// listeners, or a removal in progress.
     fn holds(&self, key: &ServiceKey) -> bool {
-        let st = self.state.lock().unwrap();
-        !st.allocator.addresses(key).is_empty()
-            || st.entries.contains_key(key)
-            || st.removals.contains_key(key)
+        self.state.lock().unwrap().holds(key)
     }
 
     fn progress(&self) -> Vec<(String, Arc<Progress>)> {
@@ -148,36 +108,20 @@ impl Ctx {
 
     /// Builds and hands the publishers a new state (called by one task).
     fn build(&self) {
-        let mut st = self.state.lock().unwrap();
-        st.version += 1;
-        let version = st.version;
-        let mut snapshot = Snapshot {
-            state: DesiredState {
-                version,
-                listeners: Vec::new(),
-            },
-            owners: Vec::new(),
-        };
-        for (key, entry) in st.entries.iter_mut() {
-            entry.changed_at.get_or_insert(version);
-            for l in &entry.listeners {
-                snapshot.state.listeners.push(l.clone());
-                snapshot.owners.push(key.clone());
-            }
-        }
-        for v in st.removals.values_mut() {
-            v.get_or_insert(version);
-        }
-        self.metrics.desired_version.set(version as i64);
-        self.metrics.services.set(st.entries.len() as i64);
-        drop(st);
+        let mut ledger = self.state.lock().unwrap();
+        let snapshot = ledger.build();
+        self.metrics
+            .desired_version
+            .set(snapshot.state.version as i64);
+        self.metrics.services.set(ledger.services() as i64);
+        drop(ledger);
         self.snapshots.send_replace(Arc::new(snapshot));
     }
 
-    fn update_pool_metrics(&self, st: &State) {
+    fn update_pool_metrics(&self, allocator: &Allocator) {
         for pool in &self.cfg.pools {
             for (family, label) in [(Family::V4, "ipv4"), (Family::V6, "ipv6")] {
-                if let Some((size, used)) = st.allocator.usage(&pool.name, family) {
+                if let Some((size, used)) = allocator.usage(&pool.name, family) {
                     self.metrics
                         .pool_size
                         .with_label_values(&[&pool.name, label])
@@ -345,14 +289,7 @@ pub async fn run(
         services: services.clone(),
         nodes: nodes.clone(),
         slices: slices.clone(),
-        state: Mutex::new(State {
-            allocator: Allocator::new(cfg.pools.clone()),
-            entries: BTreeMap::new(),
-            removals: BTreeMap::new(),
-            version: 0,
-            warned: BTreeMap::new(),
-            waiting: BTreeSet::new(),
-        }),
+        state: Mutex::new(Ledger::new(cfg.pools.clone())),
         rebuild: tokio::sync::Notify::new(),
         snapshots,
         progress: Mutex::new(Vec::new()),

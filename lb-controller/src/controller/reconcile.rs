@@ -12,7 +12,7 @@ use kube::ResourceExt;
 use serde_json::{json, Value};
 
 use super::{Ctx, Error};
-use crate::desired::{self, key_of, Cluster};
+use crate::desired::{key_of, Cluster};
 use crate::ipam::ServiceKey;
 use crate::ownership::{self, has_finalizer, Disposition, FINALIZER};
 use crate::status;
@@ -89,77 +89,43 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action
     let cluster = Cluster::new(&nodes, &slices);
 
     // Allocation, translation and desired-state update, under the lock.
-    let (ingress, changed_at) = {
-        let mut guard = ctx.state.lock().unwrap();
-        let st = &mut *guard;
-        st.removals.remove(&key);
-        let desired = desired::service(&svc, &mut st.allocator, &cluster, &ctx.settings);
-        let addresses = desired.addresses;
-        if let Some(refused) = &addresses.refused {
-            ctx.metrics.allocation_failures.inc();
-            let warned = st.warned.entry(key.clone()).or_default();
-            ctx.warn_once(&svc, warned, refused.reason, refused.message.clone());
-            if refused.reason == "InvalidAnnotation" {
-                ctx.warn_once(&svc, warned, "AllocationFailed", refused.message.clone());
-            }
+    let reconciled = {
+        let mut ledger = ctx.state.lock().unwrap();
+        let reconciled = ledger.reconcile(&svc, &cluster, &ctx.settings);
+        if reconciled.ingress.is_some() {
+            ctx.update_pool_metrics(ledger.allocator());
         }
-        let Some(forwarding) = desired.forwarding else {
-            // No address: kept waiting for one.
-            st.waiting.insert(key.clone());
-            drop(guard);
-            return Ok(Action::requeue(Duration::from_secs(60)));
-        };
-        st.waiting.remove(&key);
-        st.warned.remove(&key);
-        if addresses.assigned() {
-            ctx.metrics.allocations.inc();
-            let list: Vec<String> = addresses.ips.iter().map(ToString::to_string).collect();
-            ctx.event(
-                &svc,
-                EventType::Normal,
-                "IPAllocated",
-                format!("assigned {}", list.join(", ")),
-            );
-        }
-        ctx.update_pool_metrics(st);
-        let entry = st.entries.entry(key.clone()).or_default();
-        for a in forwarding.unknown_annotations {
-            ctx.warn_once(
-                &svc,
-                &mut entry.warned,
-                "UnknownAnnotation",
-                format!("{a} is not a Weir annotation (typo?); ignored"),
-            );
-        }
-        match forwarding.translation {
-            Ok(t) => {
-                entry.warned.retain(|(r, _)| {
-                    r != "InvalidAnnotation" && r != "UnsupportedProtocol" && r != "NoNodePort"
-                });
-                for s in &t.skipped {
-                    ctx.warn_once(&svc, &mut entry.warned, s.reason, s.message.clone());
-                }
-                if entry.listeners != t.listeners
-                    || entry.changed_at.is_none() && t.listeners.is_empty()
-                {
-                    entry.listeners = t.listeners;
-                    entry.changed_at = None;
-                    ctx.rebuild.notify_one();
-                }
-            }
-            Err(errors) => {
-                for e in errors {
-                    ctx.warn_once(
-                        &svc,
-                        &mut entry.warned,
-                        "InvalidAnnotation",
-                        format!("{e}; keeping the last good configuration"),
-                    );
-                }
-            }
-        }
-        (forwarding.ingress, entry.changed_at)
+        reconciled
     };
+    if reconciled.addresses.refused.is_some() {
+        ctx.metrics.allocation_failures.inc();
+    }
+    for (reason, message) in reconciled.warnings {
+        ctx.event(&svc, EventType::Warning, reason, message);
+    }
+    let Some(ingress) = reconciled.ingress else {
+        // No address: it waits for one to be freed.
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    };
+    if reconciled.addresses.assigned() {
+        ctx.metrics.allocations.inc();
+        let list: Vec<String> = reconciled
+            .addresses
+            .ips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        ctx.event(
+            &svc,
+            EventType::Normal,
+            "IPAllocated",
+            format!("assigned {}", list.join(", ")),
+        );
+    }
+    if reconciled.changed {
+        ctx.rebuild.notify_one();
+    }
+    let changed_at = reconciled.changed_at;
 
     // Status: addresses, port errors, and the programmed condition,
     // written only when the stored status says something else, and for a
@@ -256,13 +222,11 @@ async fn release(
         );
     }
     let (freed, waiting) = {
-        let mut st = ctx.state.lock().unwrap();
-        st.removals.remove(key);
-        st.warned.remove(key);
-        st.waiting.remove(key);
-        let freed = st.allocator.release(key);
-        ctx.update_pool_metrics(&st);
-        (freed, st.waiting.clone())
+        let mut ledger = ctx.state.lock().unwrap();
+        let freed = ledger.release(key);
+        ctx.update_pool_metrics(ledger.allocator());
+        let waiting: Vec<ServiceKey> = ledger.waiting().cloned().collect();
+        (freed, waiting)
     };
     if !freed.is_empty() {
         // The Services waiting for an address may fit now.
@@ -283,14 +247,10 @@ async fn release(
 /// Takes the Service out of the desired state; true once every reachable
 /// forwarder runs a state without it.
 pub(super) fn settle_removal(key: &ServiceKey, ctx: &Ctx) -> bool {
-    let version = {
-        let mut st = ctx.state.lock().unwrap();
-        if st.entries.remove(key).is_some() || !st.removals.contains_key(key) {
-            st.removals.insert(key.clone(), None);
-            ctx.rebuild.notify_one();
-        }
-        st.removals.get(key).copied().flatten()
-    };
+    let (changed, version) = ctx.state.lock().unwrap().remove(key);
+    if changed {
+        ctx.rebuild.notify_one();
+    }
     let progress = ctx.progress();
     if progress.is_empty() {
         return true;

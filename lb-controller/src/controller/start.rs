@@ -1,7 +1,6 @@
 //! Start-up: the order of business before the first reconcile
 //! ([`prime`]), and the one-shot read of the cluster for `plan`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,13 +8,12 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 use kube::Client;
-use lb_config::ListenerSpec;
 use tokio::sync::{mpsc, watch};
 
-use super::{Ctx, Entry, Ready};
+use super::{Ctx, Ready};
 use crate::config::Config;
 use crate::desired::{self, Cluster};
-use crate::ipam::ServiceKey;
+use crate::ledger::Ledger;
 use crate::ownership::{self, Owner};
 use crate::publish::{self, Snapshot};
 use crate::status::IpModeSupport;
@@ -47,20 +45,9 @@ pub(super) async fn prime(
     let slices = ctx.slices.state();
     {
         let seeded = desired::seed(&ctx.cfg, &services, &Cluster::new(&nodes, &slices));
-        let mut st = ctx.state.lock().unwrap();
-        st.allocator = seeded.allocator;
-        for (key, forwarding) in seeded.services {
-            if let Ok(t) = forwarding.translation {
-                st.entries.insert(
-                    key,
-                    Entry {
-                        listeners: t.listeners,
-                        ..Entry::default()
-                    },
-                );
-            }
-        }
-        ctx.update_pool_metrics(&st);
+        let mut ledger = ctx.state.lock().unwrap();
+        *ledger = Ledger::seeded(seeded);
+        ctx.update_pool_metrics(ledger.allocator());
     }
     // Whether the API server keeps ipMode, from what it stored for us.
     let ours = services.iter().filter(|s| {
@@ -97,20 +84,7 @@ pub(super) async fn prime(
             .set(*version as i64);
     }
     let highest = versions.iter().copied().max().unwrap_or(0);
-    {
-        let mut st = ctx.state.lock().unwrap();
-        st.version = highest;
-        let desired: BTreeMap<ServiceKey, Vec<ListenerSpec>> = st
-            .entries
-            .iter()
-            .map(|(k, e)| (k.clone(), e.listeners.clone()))
-            .collect();
-        for (key, version) in publish::already_running(&desired, &running) {
-            if let Some(entry) = st.entries.get_mut(&key) {
-                entry.changed_at = Some(version);
-            }
-        }
-    }
+    ctx.state.lock().unwrap().adopt_running(&running);
     tracing::info!(
         services = services.len(),
         nodes = nodes.len(),
