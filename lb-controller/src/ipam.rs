@@ -356,6 +356,11 @@ impl Allocator {
         }
     }
 
+    /// The pools, in config order.
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
     /// Replaces the pools. Addresses held outside the new pools stay held
     /// (returned, so the caller can warn); nothing is yanked.
     pub fn set_pools(&mut self, pools: Vec<Pool>) -> Vec<(ServiceKey, IpAddr)> {
