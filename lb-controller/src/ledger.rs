@@ -178,7 +178,11 @@ impl Ledger {
             };
         };
         self.waiting.remove(&key);
-        self.warned.remove(&key);
+        if desired.addresses.refused.is_none() {
+            // Its request is met: a refusal it is warned about again if
+            // it comes back.
+            self.warned.remove(&key);
+        }
         let entry = self.entries.entry(key).or_default();
         for a in forwarding.unknown_annotations {
             let message = format!("{a} is not a Weir annotation (typo?); ignored");
@@ -355,7 +359,44 @@ pub fn already_running(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
     use super::*;
+
+    /// A Service that holds an address while its request is refused keeps
+    /// the address and its listeners, and is warned once, not at every
+    /// reconcile (a Node change reconciles every Service).
+    #[test]
+    fn a_refusal_while_holding_an_address_is_warned_once() {
+        let cfg = crate::config::parse(
+            "[kubernetes]\ndefault_class = true\n[[pool]]\nname = \"p\"\naddresses = [\"192.0.2.0/29\"]\n",
+        )
+        .unwrap();
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default",
+                         "annotations": {"weir.dev/load-balancer-ips": "203.0.113.9"}},
+            "spec": {"type": "LoadBalancer",
+                     "ports": [{"port": 80, "protocol": "TCP", "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}}))
+        .unwrap();
+        let services = [Arc::new(svc)];
+        let cluster = Cluster::new(&[], &[]);
+        let mut ledger = Ledger::seeded(desired::seed(&cfg, &services, &cluster));
+        let settings = Settings::from_config(&cfg);
+        let first = ledger.reconcile(&services[0], &cluster, &settings);
+        assert_eq!(
+            first.addresses.ips,
+            ["192.0.2.1".parse::<IpAddr>().unwrap()]
+        );
+        assert!(first.ingress.is_some());
+        let reasons: Vec<&str> = first.warnings.iter().map(|(r, _)| *r).collect();
+        assert_eq!(reasons, ["AllocationFailed"]);
+        let again = ledger.reconcile(&services[0], &cluster, &settings);
+        assert_eq!(again.warnings, []);
+        assert_eq!(again.addresses.ips, first.addresses.ips);
+    }
 
     /// At start: a Service counts as programmed (at the lowest running
     /// version) only if every forwarder is known and runs exactly its
