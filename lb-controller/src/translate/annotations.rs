@@ -154,8 +154,20 @@ pub(super) struct Tuning {
     pub(super) health_fall: Option<u32>,
 }
 
+/// Stores `parsed` in `slot`; without a value, returns `what` the
+/// annotation's value should have been.
+fn set<T>(slot: &mut Option<T>, parsed: Option<T>, what: &'static str) -> Option<&'static str> {
+    match parsed {
+        Some(v) => {
+            *slot = Some(v);
+            None
+        }
+        None => Some(what),
+    }
+}
+
 pub(super) fn tuning(svc: &Service) -> Result<Tuning, Vec<Invalid>> {
-    let mut t = Tuning::default();
+    let mut tuning = Tuning::default();
     let mut errors = Vec::new();
     let annotations = svc.metadata.annotations.clone().unwrap_or_default();
     for (key, value) in &annotations {
@@ -163,73 +175,78 @@ pub(super) fn tuning(svc: &Service) -> Result<Tuning, Vec<Invalid>> {
             continue;
         };
         let value = value.trim();
-        let mut fail = |what: &str| {
+        let duration = |v: &str| v.parse::<Duration>().ok().filter(|d| !d.is_zero());
+        let count = |v: &str| v.parse::<u32>().ok().filter(|n| *n >= 1 && *n <= 100);
+        let path = |v: &str| {
+            Some(v.to_owned()).filter(|p| {
+                p.starts_with('/') && !p.chars().any(|c| c.is_ascii_control() || c == ' ')
+            })
+        };
+        let t = &mut tuning;
+        let failed = match short {
+            "proxy-protocol" => set(
+                &mut t.proxy_protocol,
+                parse_enum(value),
+                "one of off, v1, v2",
+            ),
+            "balance" => set(
+                &mut t.balance,
+                parse_enum(value),
+                "one of maglev, round_robin, least_conn, random_two",
+            ),
+            "idle-timeout" => set(
+                &mut t.idle_timeout,
+                duration(value),
+                "a duration such as \"10m\"",
+            ),
+            "connect-timeout" => set(
+                &mut t.connect_timeout,
+                duration(value),
+                "a duration such as \"3s\"",
+            ),
+            "max-connections" => set(
+                &mut t.max_connections,
+                value.parse().ok(),
+                "a whole number (0 = no cap)",
+            ),
+            "health-check-kind" => set(
+                &mut t.health_kind,
+                parse_enum(value),
+                "one of tcp, http, none",
+            ),
+            "health-check-path" => set(
+                &mut t.health_path,
+                path(value),
+                "an absolute HTTP path such as \"/healthz\"",
+            ),
+            "health-check-port" => set(
+                &mut t.health_port,
+                value.parse().ok().filter(|p| *p > 0),
+                "a port number 1-65535",
+            ),
+            "health-check-interval" => set(
+                &mut t.health_interval,
+                duration(value),
+                "a duration such as \"2s\"",
+            ),
+            "health-check-timeout" => set(
+                &mut t.health_timeout,
+                duration(value),
+                "a duration such as \"1s\"",
+            ),
+            "health-check-rise" => set(&mut t.health_rise, count(value), "a count from 1 to 100"),
+            "health-check-fall" => set(&mut t.health_fall, count(value), "a count from 1 to 100"),
+            _ => None,
+        };
+        if let Some(what) = failed {
             errors.push(Invalid {
                 field: key.clone(),
                 message: format!("{value:?} is not {what}"),
-            })
-        };
-        let duration = |v: &str| v.parse::<Duration>().ok().filter(|d| !d.is_zero());
-        let count = |v: &str| v.parse::<u32>().ok().filter(|n| *n >= 1 && *n <= 100);
-        match short {
-            "proxy-protocol" => match parse_enum(value) {
-                Some(v) => t.proxy_protocol = Some(v),
-                None => fail("one of off, v1, v2"),
-            },
-            "balance" => match parse_enum(value) {
-                Some(v) => t.balance = Some(v),
-                None => fail("one of maglev, round_robin, least_conn, random_two"),
-            },
-            "idle-timeout" => match duration(value) {
-                Some(v) => t.idle_timeout = Some(v),
-                None => fail("a duration such as \"10m\""),
-            },
-            "connect-timeout" => match duration(value) {
-                Some(v) => t.connect_timeout = Some(v),
-                None => fail("a duration such as \"3s\""),
-            },
-            "max-connections" => match value.parse::<u32>() {
-                Ok(v) => t.max_connections = Some(v),
-                Err(_) => fail("a whole number (0 = no cap)"),
-            },
-            "health-check-kind" => match parse_enum(value) {
-                Some(v) => t.health_kind = Some(v),
-                None => fail("one of tcp, http, none"),
-            },
-            "health-check-path" => {
-                if value.starts_with('/')
-                    && !value.chars().any(|c| c.is_ascii_control() || c == ' ')
-                {
-                    t.health_path = Some(value.to_owned());
-                } else {
-                    fail("an absolute HTTP path such as \"/healthz\"");
-                }
-            }
-            "health-check-port" => match value.parse::<u16>() {
-                Ok(v) if v > 0 => t.health_port = Some(v),
-                _ => fail("a port number 1-65535"),
-            },
-            "health-check-interval" => match duration(value) {
-                Some(v) => t.health_interval = Some(v),
-                None => fail("a duration such as \"2s\""),
-            },
-            "health-check-timeout" => match duration(value) {
-                Some(v) => t.health_timeout = Some(v),
-                None => fail("a duration such as \"1s\""),
-            },
-            "health-check-rise" => match count(value) {
-                Some(v) => t.health_rise = Some(v),
-                None => fail("a count from 1 to 100"),
-            },
-            "health-check-fall" => match count(value) {
-                Some(v) => t.health_fall = Some(v),
-                None => fail("a count from 1 to 100"),
-            },
-            _ => {}
+            });
         }
     }
     if errors.is_empty() {
-        Ok(t)
+        Ok(tuning)
     } else {
         Err(errors)
     }
