@@ -1,18 +1,24 @@
 //! `lb-controller`: the Kubernetes side of Weir.
 //!
 //! Pure parts (no API calls, no clock): [`ipam`] assigns addresses,
-//! [`ownership`] says which Services are ours and what to do with the
-//! others, [`translate`] turns a Service, the Nodes and the EndpointSlices
-//! into `lbd` listeners. The shell: [`controller`] reconciles Services through
-//! kube-runtime, [`publish`] programs the forwarders, [`leader`] holds the
-//! Lease, [`metrics`] exports Prometheus metrics.
+//! [`translate`] turns a Service, the Nodes and the EndpointSlices into
+//! `lbd` listeners, [`desired`] is the one path from a Service to its
+//! addresses, listeners and status (used by `plan`, the start-up seeding and
+//! every reconcile), [`ledger`] is what the controller remembers between
+//! reconciles and the state it builds, [`ownership`] says which Services are
+//! ours, [`status`] what their status should say. The shell: [`controller`]
+//! reconciles Services through kube-runtime, [`publish`] programs the
+//! forwarders, [`leader`] holds the Lease, [`metrics`] exports Prometheus
+//! metrics.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod controller;
+pub mod desired;
 pub mod ipam;
 pub mod leader;
+pub mod ledger;
 pub mod metrics;
 pub mod ownership;
 pub mod publish;

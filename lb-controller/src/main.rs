@@ -7,9 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ListParams};
 use lb_controller::config::{self, Config};
+use lb_controller::desired::{self, Cluster};
 use lb_controller::leader::{ApiLease, Elector, Lost, Timing};
 use lb_controller::metrics::{self, Metrics};
+use lb_controller::translate::SERVICE_NAME_LABEL;
 use lb_controller::{client, controller};
 
 #[derive(Parser)]
@@ -43,6 +48,29 @@ enum Command {
     },
     #[command(flatten)]
     Docs(lb_api::docs::DocsCommand),
+}
+
+/// Reads the cluster once (no watch) for `plan`.
+async fn read_cluster(
+    client: &kube::Client,
+    cfg: &Config,
+) -> anyhow::Result<(Vec<Arc<Service>>, Vec<Arc<Node>>, Vec<Arc<EndpointSlice>>)> {
+    let mut node_params = ListParams::default();
+    if let Some(s) = &cfg.node_selector_text {
+        node_params = node_params.labels(s);
+    }
+    let services = Api::<Service>::all(client.clone())
+        .list(&ListParams::default())
+        .await?;
+    let nodes = Api::<Node>::all(client.clone()).list(&node_params).await?;
+    let slices = Api::<EndpointSlice>::all(client.clone())
+        .list(&ListParams::default().labels(SERVICE_NAME_LABEL))
+        .await?;
+    Ok((
+        services.items.into_iter().map(Arc::new).collect(),
+        nodes.items.into_iter().map(Arc::new).collect(),
+        slices.items.into_iter().map(Arc::new).collect(),
+    ))
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -193,8 +221,9 @@ fn main() -> ExitCode {
             runtime.block_on(async {
                 let result = async {
                     let client = client(cfg.kubeconfig.as_deref()).await?;
-                    let (services, nodes, slices) = controller::read_cluster(&client, &cfg).await?;
-                    Ok::<_, anyhow::Error>(controller::plan(&cfg, &services, &nodes, &slices))
+                    let (services, nodes, slices) = read_cluster(&client, &cfg).await?;
+                    let plan = desired::plan(&cfg, &services, &Cluster::new(&nodes, &slices));
+                    Ok::<_, anyhow::Error>((plan.state(), plan.notes))
                 }
                 .await;
                 match result {

@@ -11,6 +11,8 @@ use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+use crate::ipam::{Allocator, Family};
+
 /// Every metric the controller exports.
 #[derive(Clone)]
 pub struct Metrics {
@@ -119,6 +121,22 @@ impl Metrics {
                 "Managed Services that hold addresses.",
             ),
             registry,
+        }
+    }
+
+    /// Sets the size and use of every pool of `allocator`, per family.
+    pub fn set_pool_usage(&self, allocator: &Allocator) {
+        for pool in allocator.pools() {
+            for (family, label) in [(Family::V4, "ipv4"), (Family::V6, "ipv6")] {
+                if let Some((size, used)) = allocator.usage(&pool.name, family) {
+                    self.pool_size
+                        .with_label_values(&[&pool.name, label])
+                        .set(size.min(i64::MAX as u64) as i64);
+                    self.pool_used
+                        .with_label_values(&[&pool.name, label])
+                        .set(used.min(i64::MAX as u64) as i64);
+                }
+            }
         }
     }
 

@@ -6,7 +6,6 @@
 //! acknowledged; the controller frees an address only once every reachable
 //! forwarder has acknowledged a state without it.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -135,48 +134,6 @@ pub async fn current_state(target: &Target, timeout: Duration) -> anyhow::Result
     .map_err(|_| anyhow::anyhow!("timed out"))??;
     anyhow::ensure!(status == StatusCode::OK, "GET /v1/state: {status}");
     Ok(serde_json::from_slice(&body)?)
-}
-
-/// The Services that every forwarder already runs exactly as `desired`
-/// says, from the states the forwarders were found running at start
-/// (`None`: not known), with the lowest version among those states: their
-/// listeners were programmed at that version.
-pub fn already_running(
-    desired: &BTreeMap<ServiceKey, Vec<ListenerSpec>>,
-    running: &[Option<DesiredState>],
-) -> BTreeMap<ServiceKey, u64> {
-    let Some(states) = running
-        .iter()
-        .map(Option::as_ref)
-        .collect::<Option<Vec<_>>>()
-    else {
-        return BTreeMap::new();
-    };
-    let Some(lowest) = states.iter().map(|s| s.version).min() else {
-        return BTreeMap::new();
-    };
-    let by_owner: Vec<BTreeMap<ServiceKey, Vec<&ListenerSpec>>> = states
-        .iter()
-        .map(|s| {
-            let mut owned: BTreeMap<ServiceKey, Vec<&ListenerSpec>> = BTreeMap::new();
-            for l in &s.listeners {
-                if let Some(owner) = crate::translate::listener_owner(&l.name) {
-                    owned.entry(owner).or_default().push(l);
-                }
-            }
-            owned
-        })
-        .collect();
-    desired
-        .iter()
-        .filter(|(key, listeners)| {
-            by_owner.iter().all(|owned| {
-                let running = owned.get(*key).map(Vec::as_slice).unwrap_or_default();
-                running.len() == listeners.len() && listeners.iter().all(|l| running.contains(&l))
-            })
-        })
-        .map(|(key, _)| (key.clone(), lowest))
-        .collect()
 }
 
 /// Publishing settings.
@@ -431,52 +388,6 @@ mod tests {
         );
         assert_eq!(got[1].0, None);
         assert_eq!(got[2].0, None);
-    }
-
-    /// At start: a Service counts as programmed (at the lowest running
-    /// version) only if every forwarder is known and runs exactly its
-    /// listeners, no more, no fewer.
-    #[test]
-    fn services_already_running_everywhere_are_recognised() {
-        let l = |name: &str, bind: &str| ListenerSpec::new(name, bind);
-        let web = vec![
-            l("a/web:80/tcp/192.0.2.1", "192.0.2.1:80"),
-            l("a/web:443/tcp/192.0.2.1", "192.0.2.1:443"),
-        ];
-        let db = vec![l("a/db:5432/tcp/192.0.2.2", "192.0.2.2:5432")];
-        let api = vec![l("b/api:80/tcp/2001:db8::1", "[2001:db8::1]:80")];
-        let desired: BTreeMap<ServiceKey, Vec<ListenerSpec>> = [
-            (ServiceKey::new("a", "web"), web.clone()),
-            (ServiceKey::new("a", "db"), db.clone()),
-            (ServiceKey::new("b", "api"), api.clone()),
-        ]
-        .into();
-        let state = |version, listeners: Vec<ListenerSpec>| DesiredState { version, listeners };
-        let mut stale_db = db.clone();
-        stale_db[0].bind = "192.0.2.9:5432".into();
-        let running = [
-            Some(state(7, [web.clone(), db.clone(), api.clone()].concat())),
-            // An older db, and an api listener the Service no longer has.
-            Some(state(
-                5,
-                [
-                    web.clone(),
-                    stale_db,
-                    api.clone(),
-                    vec![l("b/api:81/tcp/2001:db8::1", "[2001:db8::1]:81")],
-                ]
-                .concat(),
-            )),
-        ];
-        assert_eq!(
-            already_running(&desired, &running),
-            [(ServiceKey::new("a", "web"), 5)].into()
-        );
-        assert_eq!(
-            already_running(&desired, &[running[0].clone(), None]),
-            BTreeMap::new(),
-            "a forwarder whose state is unknown runs nothing as far as we know"
-        );
     }
 
     #[test]

@@ -189,6 +189,14 @@ impl IpModeSupport {
     }
 }
 
+/// The addresses in `status.loadBalancer.ingress`.
+pub fn addresses(svc: &Service) -> Vec<IpAddr> {
+    ingress_of(svc)
+        .iter()
+        .filter_map(|i| i.ip.as_deref()?.parse().ok())
+        .collect()
+}
+
 fn ingress_of(svc: &Service) -> &[LoadBalancerIngress] {
     svc.status
         .as_ref()

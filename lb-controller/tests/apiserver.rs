@@ -37,7 +37,7 @@ async fn status_subresource_and_object_writes_are_separate() {
         Some("LoadBalancer")
     );
     assert_eq!(
-        lb_controller::controller::status_ips(&patched),
+        lb_controller::status::addresses(&patched),
         vec!["192.0.2.1".parse::<std::net::IpAddr>().unwrap()]
     );
     // An object patch that tries to change status: status is kept.
@@ -50,7 +50,7 @@ async fn status_subresource_and_object_writes_are_separate() {
         )
         .await
         .unwrap();
-    assert_eq!(lb_controller::controller::status_ips(&patched).len(), 1);
+    assert_eq!(lb_controller::status::addresses(&patched).len(), 1);
     assert_eq!(patched.metadata.labels.unwrap()["a"], "b");
     // Invalid status is refused with 422, as the real validation does.
     let err = services

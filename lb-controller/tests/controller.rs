@@ -526,10 +526,13 @@ async fn exhausted_pool_waits_for_a_release_and_plan_writes_nothing() {
 /// state, without waiting for a health check to fail there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_weights_follow_endpoint_slices() {
+    // Addresses of its own: the tests run at once, each with its own lbd,
+    // and an lbd shares no address and port with another process.
+    let pool = POOL.replace("127.0.10.0/24", "127.0.11.0/24");
     let Bed { api, edge, cfg, .. } = bed(
         "local",
         apiserver::Release::default(),
-        &format!("{POOL}{SOLO}"),
+        &format!("{pool}{SOLO}"),
     )
     .await;
     let _ctl = start_controller(&cfg, "a");

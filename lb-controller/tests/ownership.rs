@@ -237,7 +237,10 @@ async fn a_service_that_leaves_weir_is_cleaned_up_once() {
 /// writes to it, and the forwarder stops serving it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_moved_to_another_class_while_down_is_left_to_it() {
-    let Bed { api, edge, cfg, .. } = bed("moved", Release::default(), POOL).await;
+    // Addresses of its own: the tests run at once, each with its own lbd,
+    // and an lbd shares no address and port with another process.
+    let pool = POOL.replace("127.0.10.1-127.0.10.2", "127.0.11.1-127.0.11.2");
+    let Bed { api, edge, cfg, .. } = bed("moved", Release::default(), &pool).await;
     let mut ctl = start_controller(&cfg, "a");
     api.create(SERVICES, "default", lb_service("web", &[(9001, 30091)]));
     let ip = ingress_ips(&programmed(&api, "default", "web").await)[0].clone();

@@ -107,7 +107,7 @@ async fn scenario(kubeconfig: &str) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let ip = loop {
             let svc = services.get("web").await?;
-            let ips = lb_controller::controller::status_ips(&svc);
+            let ips = lb_controller::status::addresses(&svc);
             if let Some(ip) = ips.first() {
                 break *ip;
             }

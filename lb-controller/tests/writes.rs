@@ -18,8 +18,14 @@ use serde_json::json;
 use support::apiserver::Release;
 use support::*;
 
-const POOL: &str =
-    "[[pool]]\nname = \"big\"\naddresses = [\"127.0.8.0/22\"]\navoid_buggy_ips = true\n";
+/// A pool of 1,020 addresses from `127.0.{block}.0/22`. Each test has its
+/// own block: the tests run at once, each with its own `lbd`, and an `lbd`
+/// never shares an address and port with another process.
+fn pool(block: u8) -> String {
+    format!(
+        "[[pool]]\nname = \"big\"\naddresses = [\"127.0.{block}.0/22\"]\navoid_buggy_ips = true\n"
+    )
+}
 const SOLO: &str = "[leader_election]\nenabled = false\n";
 const OTHERS: usize = 500;
 
@@ -83,12 +89,12 @@ fn reconciles(metrics: &str) -> f64 {
 /// reconciles a handful of Services, not all; deleting it costs one
 /// finalizer write and one Event. No other Service is written to, and no
 /// write is refused with 409.
-async fn bounded_writes(release: Release) {
+async fn bounded_writes(release: Release, block: u8) {
     let metrics = format!("127.0.0.1:{}", free_port("127.0.0.1"));
     let Bed { api, edge, cfg, .. } = bed(
         &format!("writes-{release:?}"),
         release,
-        &format!("{POOL}{SOLO}[admin]\nmetrics = \"{metrics}\"\n"),
+        &format!("{}{SOLO}[admin]\nmetrics = \"{metrics}\"\n", pool(block)),
     )
     .await;
     // A forwarder that takes longer than the publish timeout to apply
@@ -225,12 +231,12 @@ async fn bounded_writes(release: Release) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounded_writes_on_1_28_which_drops_ip_mode() {
-    bounded_writes(Release::V1_28).await;
+    bounded_writes(Release::V1_28, 8).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounded_writes_on_1_30_which_keeps_ip_mode() {
-    bounded_writes(Release::V1_30).await;
+    bounded_writes(Release::V1_30, 12).await;
 }
 
 /// Programmed Services and a forwarder that runs them: a restarted
@@ -243,7 +249,7 @@ async fn a_restart_with_nothing_changed_writes_nothing() {
         let Bed { api, edge, cfg, .. } = bed(
             &format!("restart-quiet-{release:?}"),
             release,
-            &format!("{POOL}{SOLO}"),
+            &format!("{}{SOLO}", pool(16)),
         )
         .await;
         let mut ctl = start_controller(&cfg, "a");
@@ -270,7 +276,7 @@ async fn a_failover_with_nothing_changed_writes_nothing() {
     three_nodes(&api);
     let edge = start_forwarder(&dir, "").await;
     let le = "[leader_election]\nnamespace = \"weir-system\"\nlease_name = \"lb-controller\"\nlease_duration = \"2s\"\nrenew_interval = \"500ms\"\n";
-    let extra = format!("{POOL}{le}{}[health]\ncluster = \"tcp\"\n", edge.toml);
+    let extra = format!("{}{le}{}[health]\ncluster = \"tcp\"\n", pool(20), edge.toml);
     let cfg_a = controller_config(&dir, &api.kubeconfig(&dir, "alpha"), &extra);
     let cfg_b = controller_config(&dir, &api.kubeconfig(&dir, "beta"), &extra);
     let mut alpha = start_controller(&cfg_a, "alpha");
@@ -315,7 +321,7 @@ async fn a_restart_judges_conditions_by_what_the_forwarders_run() {
     } = bed(
         "restart-learns",
         Release::default(),
-        &format!("{POOL}{SOLO}"),
+        &format!("{}{SOLO}", pool(24)),
     )
     .await;
     let mut ctl = start_controller(&cfg, "a");

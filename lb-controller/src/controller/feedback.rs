@@ -6,18 +6,59 @@
 //! whose removal every forwarder has now settled.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Service;
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::sync::mpsc;
 
-use super::reconcile::settle_removal;
-use super::Ctx;
+use super::events::Events;
+use super::forwarders::Forwarders;
+use super::reconcile::Queue;
+use super::state::State;
+use super::writer::ServiceWriter;
 use crate::ipam::ServiceKey;
+use crate::metrics::Metrics;
 use crate::publish::Report;
 use crate::status;
 
-impl Ctx {
-    pub(super) fn on_report(&self, report: Report) {
+/// How often Services that vanished are looked for.
+const SWEEP: Duration = Duration::from_secs(10);
+
+/// What the handling of reports and the sweep work with.
+pub(super) struct Feedback {
+    pub(super) services: Store<Service>,
+    pub(super) state: State,
+    pub(super) forwarders: Forwarders,
+    pub(super) writer: Arc<ServiceWriter>,
+    pub(super) events: Events,
+    pub(super) queue: Queue,
+    pub(super) metrics: Metrics,
+}
+
+impl Feedback {
+    /// Handles `reports` until they end, and sweeps every [`SWEEP`].
+    pub(super) async fn run(self, mut reports: mpsc::UnboundedReceiver<Report>) {
+        let mut sweep = tokio::time::interval(SWEEP);
+        loop {
+            tokio::select! {
+                report = reports.recv() => {
+                    let Some(report) = report else { return };
+                    self.on_report(report);
+                }
+                _ = sweep.tick() => self.sweep(),
+            }
+        }
+    }
+
+    fn service(&self, key: &ServiceKey) -> Option<Arc<Service>> {
+        self.services
+            .get(&ObjectRef::new(&key.name).within(&key.namespace))
+    }
+
+    fn on_report(&self, report: Report) {
         match report {
             Report::Acked { forwarder, version } => {
                 self.metrics
@@ -36,30 +77,25 @@ impl Ctx {
                         "forwarder {forwarder} rejected the state: {}",
                         msgs.join("; ")
                     );
-                    match owner.and_then(|k| {
-                        self.services
-                            .get(&ObjectRef::new(&k.name).within(&k.namespace))
-                    }) {
+                    match owner.and_then(|k| self.service(&k)) {
                         Some(svc) => {
-                            self.event(&svc, EventType::Warning, "ForwarderRejected", note)
+                            self.events
+                                .publish(&svc, EventType::Warning, "ForwarderRejected", note)
                         }
                         None => tracing::warn!("{note}"),
                     }
                 }
             }
             Report::Stale { forwarder, current } => {
-                let mut st = self.state.lock().unwrap();
-                if current >= st.version {
+                if self.state.lock().move_above(current) {
                     tracing::warn!(%forwarder, current, "forwarder runs a newer version; moving above it");
-                    st.version = current;
-                    drop(st);
-                    self.rebuild.notify_one();
+                    self.state.rebuild();
                 }
             }
             Report::Failed { .. } => {}
         }
         for key in self.affected_by_progress() {
-            self.enqueue(&key);
+            self.queue.push(&key);
         }
     }
 
@@ -67,27 +103,20 @@ impl Ctx {
     /// whose condition would read differently now, and those being released
     /// that every forwarder has now dropped.
     fn affected_by_progress(&self) -> Vec<ServiceKey> {
-        let views = self.forwarder_views();
-        let progress = self.progress();
-        let st = self.state.lock().unwrap();
-        let conditions = st.entries.iter().filter(|(key, entry)| {
-            self.services
-                .get(&ObjectRef::new(&key.name).within(&key.namespace))
-                .is_some_and(|svc| {
-                    let current = status::current_condition(&svc);
-                    let wanted = status::programmed(
-                        current,
-                        svc.metadata.generation,
-                        entry.changed_at,
-                        &views,
-                    );
-                    current.is_none_or(|c| !status::same(c, &wanted))
-                        && !status::withheld(&svc, &wanted)
-                })
+        let views = self.forwarders.views();
+        let ledger = self.state.lock();
+        let conditions = ledger.changed_at().filter(|(key, changed_at)| {
+            self.service(key).is_some_and(|svc| {
+                let current = status::current_condition(&svc);
+                let wanted =
+                    status::programmed(current, svc.metadata.generation, *changed_at, &views);
+                current.is_none_or(|c| !status::same(c, &wanted))
+                    && !status::withheld(&svc, &wanted)
+            })
         });
-        let removals = st.removals.iter().filter(|(_, removed_at)| {
-            removed_at.is_some_and(|v| progress.iter().all(|(_, p)| p.settled(v)))
-        });
+        let removals = ledger
+            .removals()
+            .filter(|(_, removed_at)| removed_at.is_some() && self.forwarders.settled(*removed_at));
         conditions
             .map(|(key, _)| key.clone())
             .chain(removals.map(|(key, _)| key.clone()))
@@ -97,34 +126,15 @@ impl Ctx {
     /// Releases Services that vanished without going through their
     /// finalizer (it was removed by hand), and forgets what it remembers of
     /// Services that are gone.
-    pub(super) fn sweep(&self) {
-        let exists = |k: &ServiceKey| {
-            self.services
-                .get(&ObjectRef::new(&k.name).within(&k.namespace))
-                .is_some()
-        };
-        self.written_at.lock().unwrap().retain(|k, _| exists(k));
-        self.state.lock().unwrap().waiting.retain(|k| exists(k));
-        let gone: Vec<ServiceKey> = {
-            let st = self.state.lock().unwrap();
-            st.allocator
-                .holdings()
-                .into_iter()
-                .map(|h| h.service)
-                .chain(st.entries.keys().cloned())
-                .filter(|k| {
-                    self.services
-                        .get(&ObjectRef::new(&k.name).within(&k.namespace))
-                        .is_none()
-                })
-                .collect()
-        };
+    fn sweep(&self) {
+        let exists = |k: &ServiceKey| self.service(k).is_some();
+        self.writer.forget(exists);
+        let gone = self.state.lock().gone(exists);
         for key in gone {
-            if settle_removal(&key, self) {
-                let mut st = self.state.lock().unwrap();
-                st.removals.remove(&key);
-                let freed = st.allocator.release(&key);
-                self.update_pool_metrics(&st);
+            if self.state.settle_removal(&key, &self.forwarders) {
+                let mut ledger = self.state.lock();
+                let freed = ledger.release(&key);
+                self.metrics.set_pool_usage(ledger.allocator());
                 tracing::info!(service = %key, ?freed, "released addresses of a vanished Service");
             }
         }

@@ -1,51 +1,81 @@
-//! One reconcile: what a Service should have, and the writes that get it
-//! there; releasing a Service that is deleted or no longer Weir's.
+//! One reconcile: what a Service should have ([`Ledger::reconcile`]), and
+//! the writes that get it there; releasing a Service that is deleted or no
+//! longer Weir's.
+//!
+//! [`Ledger::reconcile`]: crate::ledger::Ledger::reconcile
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Service};
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::ResourceExt;
-use serde_json::{json, Value};
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::sync::mpsc;
 
-use super::{key_of, slices_of, Ctx, Error};
+use super::events::Events;
+use super::forwarders::Forwarders;
+use super::state::State;
+use super::writer::ServiceWriter;
+use crate::desired::{key_of, Cluster};
 use crate::ipam::ServiceKey;
-use crate::ownership::{self, has_finalizer, Disposition, FINALIZER};
-use crate::{status, translate};
+use crate::metrics::Metrics;
+use crate::ownership::{self, has_finalizer, Disposition};
+use crate::status;
+use crate::translate::Settings;
 
-/// A merge patch that fails with 409 unless the object is still at `svc`'s
-/// resourceVersion.
-fn merge_patch(svc: &Service, body: Value) -> Patch<Value> {
-    at_version(svc.metadata.resource_version.clone(), body)
+/// Why a reconcile failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Error {
+    /// An API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
 }
 
-fn at_version(resource_version: Option<String>, mut body: Value) -> Patch<Value> {
-    body["metadata"]["resourceVersion"] = json!(resource_version);
-    Patch::Merge(body)
+/// Asks for a reconcile of one Service (its forwarding changed, or an
+/// address it waits for was freed).
+#[derive(Clone)]
+pub(super) struct Queue(pub(super) mpsc::UnboundedSender<ObjectRef<Service>>);
+
+impl Queue {
+    /// Reconciles `key` soon.
+    pub(super) fn push(&self, key: &ServiceKey) {
+        let _ = self
+            .0
+            .send(ObjectRef::new(&key.name).within(&key.namespace));
+    }
 }
 
-pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let mut primed = ctx.primed.subscribe();
-    let _ = primed.wait_for(|p| *p).await;
+/// What a reconcile works with.
+pub(super) struct Reconciler {
+    /// `spec.loadBalancerClass` we own.
+    pub(super) class: String,
+    /// Also Services with no class.
+    pub(super) default_class: bool,
+    pub(super) settings: Settings,
+    pub(super) nodes: Store<Node>,
+    pub(super) slices: Store<EndpointSlice>,
+    pub(super) state: State,
+    pub(super) forwarders: Forwarders,
+    pub(super) writer: Arc<ServiceWriter>,
+    pub(super) events: Events,
+    pub(super) queue: Queue,
+    pub(super) metrics: Metrics,
+}
+
+pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Reconciler>) -> Result<Action, Error> {
+    ctx.forwarders.primed().await;
     ctx.metrics.reconciles.inc();
     let key = key_of(&svc);
-    if ctx.cache_behind(&key, &svc) {
+    if ctx.writer.cache_behind(&svc) {
         // Our last write to it is on its way through the watch, which will
         // reconcile it again; deciding now from the older object would
         // repeat that write, or fail with 409.
         return Ok(Action::await_change());
     }
-    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let held = ctx.holds(&key);
-    match ownership::disposition(
-        &svc,
-        &ctx.cfg.load_balancer_class,
-        ctx.cfg.default_class,
-        held,
-    ) {
+    let held = ctx.state.lock().holds(&key);
+    match ownership::disposition(&svc, &ctx.class, ctx.default_class, held) {
         Disposition::Manage => {}
         Disposition::Ignore => return Ok(Action::await_change()),
         Disposition::Release {
@@ -61,152 +91,67 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action
                 remove_finalizer,
                 events,
             };
-            return release(&svc, &key, &api, &ctx, steps).await;
+            return release(&svc, &key, &ctx, steps).await;
         }
     }
     if !has_finalizer(&svc) {
-        let mut finalizers = svc.finalizers().to_vec();
-        finalizers.push(FINALIZER.to_owned());
-        let updated = api
-            .patch(
-                &key.name,
-                &PatchParams::default(),
-                &merge_patch(&svc, json!({"metadata": {"finalizers": finalizers}})),
-            )
-            .await?;
-        ctx.wrote(
-            &key,
-            svc.metadata.resource_version.as_ref(),
-            updated.metadata.resource_version.as_ref(),
-        );
         // The update comes back through the watch and reconciles again.
+        ctx.writer.add_finalizer(&svc).await?;
         return Ok(Action::await_change());
     }
 
     let nodes = ctx.nodes.state();
-    let node_refs: Vec<&Node> = nodes.iter().map(|n| n.as_ref()).collect();
-    let all_slices = ctx.slices.state();
-    let slices = slices_of(&all_slices, &key);
-
-    // Allocation, translation and desired-state update, under the lock.
-    let (ips, skipped, changed_at) = {
-        let mut guard = ctx.state.lock().unwrap();
-        let st = &mut *guard;
-        st.removals.remove(&key);
-        let held_before = st.allocator.addresses(&key).to_vec();
-        let assigned = translate::request(&svc)
-            .map_err(|e| ("InvalidAnnotation", e.to_string()))
-            .and_then(|r| {
-                st.allocator
-                    .assign(&key, &r)
-                    .map_err(|e| ("AllocationFailed", e.to_string()))
-            });
-        let ips = match assigned {
-            Ok(ips) => ips,
-            Err((reason, msg)) => {
-                ctx.metrics.allocation_failures.inc();
-                let warned = st.warned.entry(key.clone()).or_default();
-                ctx.warn_once(&svc, warned, reason, msg.clone());
-                if reason == "InvalidAnnotation" {
-                    ctx.warn_once(&svc, warned, "AllocationFailed", msg);
-                }
-                // Keep what it holds (if anything) and its listeners.
-                st.allocator.addresses(&key).to_vec()
-            }
-        };
-        if ips.is_empty() {
-            st.waiting.insert(key.clone());
-            drop(guard);
-            return Ok(Action::requeue(Duration::from_secs(60)));
+    let slices = ctx.slices.state();
+    let cluster = Cluster::new(&nodes, &slices);
+    let reconciled = {
+        let mut ledger = ctx.state.lock();
+        let reconciled = ledger.reconcile(&svc, &cluster, &ctx.settings);
+        if reconciled.ingress.is_some() {
+            ctx.metrics.set_pool_usage(ledger.allocator());
         }
-        st.waiting.remove(&key);
-        st.warned.remove(&key);
-        if held_before != ips {
-            ctx.metrics.allocations.inc();
-            let list: Vec<String> = ips.iter().map(ToString::to_string).collect();
-            ctx.event(
-                &svc,
-                EventType::Normal,
-                "IPAllocated",
-                format!("assigned {}", list.join(", ")),
-            );
-        }
-        ctx.update_pool_metrics(st);
-        let entry = st.entries.entry(key.clone()).or_default();
-        for a in translate::unknown_annotations(&svc) {
-            ctx.warn_once(
-                &svc,
-                &mut entry.warned,
-                "UnknownAnnotation",
-                format!("{a} is not a Weir annotation (typo?); ignored"),
-            );
-        }
-        let mut skipped = Vec::new();
-        match translate::translate(&svc, &ips, &node_refs, &slices, &ctx.settings) {
-            Ok(t) => {
-                entry.warned.retain(|(r, _)| {
-                    r != "InvalidAnnotation" && r != "UnsupportedProtocol" && r != "NoNodePort"
-                });
-                for s in &t.skipped {
-                    ctx.warn_once(&svc, &mut entry.warned, s.reason, s.message.clone());
-                }
-                skipped = t.skipped;
-                if entry.listeners != t.listeners
-                    || entry.changed_at.is_none() && t.listeners.is_empty()
-                {
-                    entry.listeners = t.listeners;
-                    entry.changed_at = None;
-                    ctx.rebuild.notify_one();
-                }
-            }
-            Err(errors) => {
-                for e in errors {
-                    ctx.warn_once(
-                        &svc,
-                        &mut entry.warned,
-                        "InvalidAnnotation",
-                        format!("{e}; keeping the last good configuration"),
-                    );
-                }
-            }
-        }
-        (ips, skipped, entry.changed_at)
+        reconciled
     };
+    if reconciled.addresses.refused.is_some() {
+        ctx.metrics.allocation_failures.inc();
+    }
+    for (reason, message) in reconciled.warnings {
+        ctx.events
+            .publish(&svc, EventType::Warning, reason, message);
+    }
+    let Some(ingress) = reconciled.ingress else {
+        // No address: it waits for one to be freed.
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    };
+    if reconciled.addresses.assigned() {
+        ctx.metrics.allocations.inc();
+        let list: Vec<String> = reconciled
+            .addresses
+            .ips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let note = format!("assigned {}", list.join(", "));
+        ctx.events
+            .publish(&svc, EventType::Normal, "IPAllocated", note);
+    }
+    if reconciled.changed {
+        ctx.state.rebuild();
+    }
 
     // Status: addresses, port errors, and the programmed condition,
     // written only when the stored status says something else, and for a
     // new Service only once its forwarding is decided.
-    let ingress = status::ingress(&svc, &ips, &skipped);
     let condition = status::programmed(
         status::current_condition(&svc),
         svc.metadata.generation,
-        changed_at,
-        &ctx.forwarder_views(),
+        reconciled.changed_at,
+        &ctx.forwarders.views(),
     );
     if status::withheld(&svc, &condition) {
         // Written once the forwarders decide (their report reconciles it).
         return Ok(Action::requeue(Duration::from_secs(600)));
     }
-    let ip_mode = *ctx.ip_mode.lock().unwrap();
-    let now = crate::now_rfc3339();
-    if let Some(body) = status::patch(&svc, &ingress, &condition, ip_mode, &now) {
-        let updated = api
-            .patch_status(&key.name, &PatchParams::default(), &merge_patch(&svc, body))
-            .await?;
-        let learnt = ip_mode.learn(&updated);
-        if learnt != ip_mode {
-            tracing::info!(
-                ?learnt,
-                "whether the API server keeps status.loadBalancer.ingress[].ipMode"
-            );
-            *ctx.ip_mode.lock().unwrap() = learnt;
-        }
-        ctx.wrote(
-            &key,
-            svc.metadata.resource_version.as_ref(),
-            updated.metadata.resource_version.as_ref(),
-        );
-    }
+    ctx.writer.status(&svc, &ingress, &condition).await?;
     Ok(Action::requeue(Duration::from_secs(600)))
 }
 
@@ -223,69 +168,32 @@ struct ReleaseSteps {
 async fn release(
     svc: &Service,
     key: &ServiceKey,
-    api: &Api<Service>,
-    ctx: &Ctx,
+    ctx: &Reconciler,
     steps: ReleaseSteps,
 ) -> Result<Action, Error> {
-    if !settle_removal(key, ctx) {
+    if !ctx.state.settle_removal(key, &ctx.forwarders) {
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    let mut version = svc.metadata.resource_version.clone();
-    if let Some(body) = steps
-        .clear_status
-        .then(|| ownership::clear_status_patch(svc))
-        .flatten()
-    {
-        let updated = api
-            .patch_status(&key.name, &PatchParams::default(), &merge_patch(svc, body))
-            .await?;
-        ctx.wrote(
-            key,
-            version.as_ref(),
-            updated.metadata.resource_version.as_ref(),
-        );
-        version = updated.metadata.resource_version;
-    }
-    if steps.remove_finalizer {
-        let finalizers: Vec<&String> = svc
-            .finalizers()
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .collect();
-        let updated = api
-            .patch(
-                &key.name,
-                &PatchParams::default(),
-                &at_version(
-                    version.clone(),
-                    json!({"metadata": {"finalizers": finalizers}}),
-                ),
-            )
-            .await?;
-        ctx.wrote(
-            key,
-            version.as_ref(),
-            updated.metadata.resource_version.as_ref(),
-        );
-    }
+    ctx.writer
+        .release(svc, steps.clear_status, steps.remove_finalizer)
+        .await?;
     let (freed, waiting) = {
-        let mut st = ctx.state.lock().unwrap();
-        st.removals.remove(key);
-        st.warned.remove(key);
-        st.waiting.remove(key);
-        let freed = st.allocator.release(key);
-        ctx.update_pool_metrics(&st);
-        (freed, st.waiting.clone())
+        let mut ledger = ctx.state.lock();
+        let freed = ledger.release(key);
+        ctx.metrics.set_pool_usage(ledger.allocator());
+        let waiting: Vec<ServiceKey> = ledger.waiting().cloned().collect();
+        (freed, waiting)
     };
     if !freed.is_empty() {
         // The Services waiting for an address may fit now.
         for waiting in &waiting {
-            ctx.enqueue(waiting);
+            ctx.queue.push(waiting);
         }
         let list: Vec<String> = freed.iter().map(ToString::to_string).collect();
         let note = format!("released {}", list.join(", "));
         if steps.events {
-            ctx.event(svc, EventType::Normal, "IPReleased", note);
+            ctx.events
+                .publish(svc, EventType::Normal, "IPReleased", note);
         } else {
             tracing::info!(service = %key, %note, "the Service belongs to another implementation now");
         }
@@ -293,25 +201,7 @@ async fn release(
     Ok(Action::await_change())
 }
 
-/// Takes the Service out of the desired state; true once every reachable
-/// forwarder runs a state without it.
-pub(super) fn settle_removal(key: &ServiceKey, ctx: &Ctx) -> bool {
-    let version = {
-        let mut st = ctx.state.lock().unwrap();
-        if st.entries.remove(key).is_some() || !st.removals.contains_key(key) {
-            st.removals.insert(key.clone(), None);
-            ctx.rebuild.notify_one();
-        }
-        st.removals.get(key).copied().flatten()
-    };
-    let progress = ctx.progress();
-    if progress.is_empty() {
-        return true;
-    }
-    version.is_some_and(|v| progress.iter().all(|(_, p)| p.settled(v)))
-}
-
-pub(super) fn error_policy(_svc: Arc<Service>, error: &Error, ctx: Arc<Ctx>) -> Action {
+pub(super) fn error_policy(_svc: Arc<Service>, error: &Error, ctx: Arc<Reconciler>) -> Action {
     ctx.metrics.reconcile_errors.inc();
     tracing::warn!(%error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(2))

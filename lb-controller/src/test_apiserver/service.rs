@@ -7,8 +7,8 @@
 use hyper::StatusCode;
 use serde_json::{json, Value};
 
-use super::store::{api_err, ApiError};
-use super::Release;
+use super::error::{api_err, ApiError};
+use super::kinds::Release;
 
 fn invalid(message: String) -> ApiError {
     api_err(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", message)

@@ -9,10 +9,12 @@ use hyper::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, watch};
 
+use super::audit::{about, Rejection, Write};
+use super::error::{api_err, ApiError};
+use super::json::{labels_match, now_rfc3339, rv_of};
+use super::kinds::{key_of, Kind, ObjKey, Release, SERVICES};
 use super::rbac::Rule;
-use super::{
-    key_of, service, Kind, ObjKey, Rejection, Release, Write, CORE_EVENTS, EVENTS, SERVICES,
-};
+use super::service;
 
 /// One change, as a watch sees it.
 #[derive(Clone, Debug)]
@@ -36,37 +38,6 @@ pub(super) struct Store {
     pub(super) rejections: Vec<Rejection>,
     pub(super) uid: u64,
     pub(super) node_ports: u16,
-}
-
-/// Errors in the shape of a `Status`.
-#[derive(Debug)]
-pub(super) struct ApiError {
-    pub(super) code: StatusCode,
-    reason: &'static str,
-    message: String,
-}
-
-pub(super) fn api_err(
-    code: StatusCode,
-    reason: &'static str,
-    message: impl Into<String>,
-) -> ApiError {
-    ApiError {
-        code,
-        reason,
-        message: message.into(),
-    }
-}
-
-impl ApiError {
-    pub(super) fn message(&self) -> &str {
-        &self.message
-    }
-
-    pub(super) fn body(&self) -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": self.message, "reason": self.reason, "code": self.code.as_u16()})
-    }
 }
 
 pub(super) struct Shared {
@@ -105,83 +76,6 @@ impl Shared {
     pub(super) fn write_latency(&self) -> std::time::Duration {
         std::time::Duration::from_micros(self.write_latency_us.load(Ordering::Relaxed))
     }
-}
-
-fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    rfc3339(secs)
-}
-
-/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
-}
-
-/// RFC 7386 JSON merge patch.
-pub fn merge_patch(target: &mut Value, patch: &Value) {
-    match patch {
-        Value::Object(p) => {
-            if !target.is_object() {
-                *target = json!({});
-            }
-            let t = target.as_object_mut().expect("object");
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        other => *target = other.clone(),
-    }
-}
-
-pub(super) fn labels_match(obj: &Value, selector: &str) -> bool {
-    let labels = obj["metadata"]["labels"].as_object();
-    let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
-    selector
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .all(|term| {
-            if let Some((k, v)) = term.split_once("!=") {
-                get(k.trim()) != Some(v.trim())
-            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-                get(k.trim()) == Some(v.trim())
-            } else if let Some(k) = term.strip_prefix('!') {
-                get(k.trim()).is_none()
-            } else {
-                get(term).is_some()
-            }
-        })
-}
-
-pub(super) fn rv_of(obj: &Value) -> Option<&str> {
-    obj["metadata"]["resourceVersion"]
-        .as_str()
-        .filter(|s| !s.is_empty())
 }
 
 impl Shared {
@@ -493,21 +387,6 @@ impl Shared {
             .collect();
         (store.rv, items)
     }
-}
-
-/// The object a write is about, `namespace/name`: an Event's is the object
-/// it regards; any other object's is itself.
-fn about(kind: Kind, ns: &str, name: &str, obj: &Value) -> String {
-    let regarding = match kind {
-        EVENTS => &obj["regarding"],
-        CORE_EVENTS => &obj["involvedObject"],
-        _ => return format!("{ns}/{name}"),
-    };
-    format!(
-        "{}/{}",
-        regarding["namespace"].as_str().unwrap_or(ns),
-        regarding["name"].as_str().unwrap_or_default()
-    )
 }
 
 /// Metadata lists and maps are `omitempty` in the real server's encoding:

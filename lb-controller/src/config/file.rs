@@ -1,13 +1,15 @@
-//! The `lb-controller` TOML file: its spec (as written) and the resolved,
-//! validated configuration. Errors carry field paths and lines, like `lbd`'s.
+//! The file as written ([`FileSpec`]) and its validation into a
+//! [`Config`], collecting every error with its field path.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use lb_config::{ConfigErrors, Duration, FieldError};
+use lb_config::{Duration, FieldError};
 use serde::Deserialize;
 
-use crate::ipam::Pool;
+use super::resolved::{ClusterHealth, Config, Forwarder, ForwarderTarget, LeaderElection};
+use super::selector::parse_selector;
+use crate::ipam::{AddrRange, Pool};
 
 /// The file as written.
 #[derive(Debug, Default, Deserialize)]
@@ -97,155 +99,6 @@ struct AdminSpec {
     metrics: Option<String>,
 }
 
-/// How ETP=Cluster Services are health-checked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ClusterHealth {
-    /// HTTP `GET /healthz` on kube-proxy's health port of each node.
-    KubeProxy,
-    /// A TCP connect to the NodePort.
-    Tcp,
-}
-
-/// Where a forwarder's control API is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ForwarderTarget {
-    /// `unix:///run/lbd/control.sock`.
-    Unix(PathBuf),
-    /// `https://host:port` with a token, the CA, and an optional client identity.
-    Https {
-        /// The URL.
-        url: String,
-        /// The bearer token file.
-        token_file: PathBuf,
-        /// The CA that signed the forwarder's certificate.
-        ca_file: PathBuf,
-        /// Client certificate and key (mTLS), if the forwarder asks for one.
-        identity: Option<(PathBuf, PathBuf)>,
-    },
-}
-
-/// One `lbd` to program.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Forwarder {
-    /// Unique name (used in metrics and Events).
-    pub name: String,
-    /// Its control API.
-    pub target: ForwarderTarget,
-}
-
-/// Leader election settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LeaderElection {
-    /// `false` only for a single replica (tests, the edge-host systemd unit).
-    pub enabled: bool,
-    /// Namespace of the Lease.
-    pub namespace: String,
-    /// Name of the Lease.
-    pub lease_name: String,
-    /// How long a lease is valid without renewal: a standby takes over no
-    /// sooner than this, and at most this plus half a second (its poll
-    /// interval), after the leader's last renewal.
-    pub lease_duration: std::time::Duration,
-    /// How often the leader renews (a standby reads the Lease every
-    /// 500 ms, or this if shorter).
-    pub renew_interval: std::time::Duration,
-}
-
-/// The resolved configuration.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// Kubeconfig file; `None` = in-cluster (or `KUBECONFIG`).
-    pub kubeconfig: Option<PathBuf>,
-    /// `spec.loadBalancerClass` we own.
-    pub load_balancer_class: String,
-    /// Also manage LoadBalancer Services with no class.
-    pub default_class: bool,
-    /// Leader election.
-    pub leader_election: LeaderElection,
-    /// Address pools.
-    pub pools: Vec<Pool>,
-    /// Node address types, in preference order.
-    pub address_types: Vec<String>,
-    /// Label selector nodes must match to be backends (`key=value`, `key!=value`, `key`, `!key`, comma-separated).
-    pub node_selector: Vec<Requirement>,
-    /// The text of the selector (for the API server's list calls).
-    pub node_selector_text: Option<String>,
-    /// ETP=Cluster health checking.
-    pub cluster_health: ClusterHealth,
-    /// kube-proxy's health port.
-    pub kube_proxy_port: u16,
-    /// Forwarders to program.
-    pub forwarders: Vec<Forwarder>,
-    /// Wait this long after a change before publishing (changes coalesce).
-    pub debounce: std::time::Duration,
-    /// Longest wait between publish retries.
-    pub backoff_max: std::time::Duration,
-    /// Timeout of one request to a forwarder.
-    pub publish_timeout: std::time::Duration,
-    /// Where `/metrics`, `/healthz` and `/readyz` listen; `None` = off.
-    pub metrics: Option<SocketAddr>,
-}
-
-/// One term of a label selector.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Requirement {
-    /// `key=value` (or `key==value`).
-    Equals(String, String),
-    /// `key!=value`.
-    NotEquals(String, String),
-    /// `key`.
-    Exists(String),
-    /// `!key`.
-    NotExists(String),
-}
-
-impl Requirement {
-    /// Whether `labels` satisfy this term.
-    pub fn matches(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
-        match self {
-            Self::Equals(k, v) => labels.get(k) == Some(v),
-            Self::NotEquals(k, v) => labels.get(k) != Some(v),
-            Self::Exists(k) => labels.contains_key(k),
-            Self::NotExists(k) => !labels.contains_key(k),
-        }
-    }
-}
-
-/// Parses an equality-based label selector (`a=b,c!=d,e,!f`).
-pub fn parse_selector(text: &str) -> Result<Vec<Requirement>, String> {
-    let valid = |k: &str| {
-        !k.is_empty()
-            && k.len() <= 317
-            && k.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-    };
-    let mut out = Vec::new();
-    for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        let req = if let Some((k, v)) = term.split_once("!=") {
-            Requirement::NotEquals(k.trim().into(), v.trim().into())
-        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-            Requirement::Equals(k.trim().into(), v.trim().into())
-        } else if let Some(k) = term.strip_prefix('!') {
-            Requirement::NotExists(k.trim().into())
-        } else {
-            Requirement::Exists(term.into())
-        };
-        let (Requirement::Equals(k, _)
-        | Requirement::NotEquals(k, _)
-        | Requirement::Exists(k)
-        | Requirement::NotExists(k)) = &req;
-        if !valid(k) {
-            return Err(format!("bad label key {k:?} in {term:?}"));
-        }
-        out.push(req);
-    }
-    if out.is_empty() {
-        return Err("empty selector".into());
-    }
-    Ok(out)
-}
-
 const ADDRESS_TYPES: [&str; 5] = [
     "InternalIP",
     "ExternalIP",
@@ -322,7 +175,7 @@ impl FileSpec {
             }
             let mut ranges = Vec::new();
             for (j, a) in p.addresses.iter().enumerate() {
-                match crate::ipam::AddrRange::parse(a) {
+                match AddrRange::parse(a) {
                     Ok(r) => ranges.push(r),
                     Err(e) => err(format!("pool[{i}].addresses[{j}]"), e),
                 }
@@ -492,14 +345,4 @@ impl FileSpec {
             metrics,
         })
     }
-}
-
-/// Parses and validates the text of a controller configuration file.
-pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
-    lb_config::parse_toml(text, FileSpec::resolve)
-}
-
-/// Reads and validates a controller configuration file.
-pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    parse(&lb_config::read_file(path)?)
 }

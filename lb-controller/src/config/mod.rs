@@ -1,0 +1,25 @@
+//! The `lb-controller` TOML file: its spec as written (`file`), the
+//! resolved, validated configuration (`resolved`), and label selectors
+//! (`selector`). Errors carry field paths and lines, like `lbd`'s.
+
+mod file;
+mod resolved;
+mod selector;
+
+use std::path::Path;
+
+use lb_config::ConfigErrors;
+
+pub use file::FileSpec;
+pub use resolved::{ClusterHealth, Config, Forwarder, ForwarderTarget, LeaderElection};
+pub use selector::{parse_selector, Requirement};
+
+/// Parses and validates the text of a controller configuration file.
+pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    lb_config::parse_toml(text, FileSpec::resolve)
+}
+
+/// Reads and validates a controller configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    parse(&lb_config::read_file(path)?)
+}

@@ -1,0 +1,179 @@
+//! The address space: families, ranges (`CIDR` or `first-last`) and
+//! pools, with the addresses a pool offers in order.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// An address family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl Family {
+    /// The family of `ip`.
+    pub fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+}
+
+/// An inclusive range of addresses of one family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrRange {
+    first: u128,
+    last: u128,
+    family: Family,
+}
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v) => u128::from(u32::from(v)),
+        IpAddr::V6(v) => u128::from(v),
+    }
+}
+
+fn from_u128(n: u128, family: Family) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::from(n as u32)),
+        Family::V6 => IpAddr::V6(Ipv6Addr::from(n)),
+    }
+}
+
+impl AddrRange {
+    /// Parses `CIDR` or `first-last`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Some((a, b)) = text.split_once('-') {
+            let (a, b): (IpAddr, IpAddr) = (
+                a.trim()
+                    .parse()
+                    .map_err(|_| format!("{text:?}: {a:?} is not an address"))?,
+                b.trim()
+                    .parse()
+                    .map_err(|_| format!("{text:?}: {b:?} is not an address"))?,
+            );
+            if Family::of(a) != Family::of(b) {
+                return Err(format!("{text:?} mixes IPv4 and IPv6"));
+            }
+            if to_u128(a) > to_u128(b) {
+                return Err(format!("{text:?} ends before it starts"));
+            }
+            return Ok(Self {
+                first: to_u128(a),
+                last: to_u128(b),
+                family: Family::of(a),
+            });
+        }
+        let (addr, len) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is neither a CIDR nor a range (a-b)"))?;
+        let ip: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{text:?}: {addr:?} is not an address"))?;
+        let bits = if ip.is_ipv4() { 32 } else { 128 };
+        let len: u32 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= bits)
+            .ok_or_else(|| format!("{text:?}: bad prefix length"))?;
+        let host_bits = bits - len;
+        let mask = if host_bits >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << host_bits) - 1
+        };
+        let first = to_u128(ip) & !mask;
+        if first != to_u128(ip) {
+            return Err(format!("{text:?} has host bits set"));
+        }
+        Ok(Self {
+            first,
+            last: first | mask,
+            family: Family::of(ip),
+        })
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        Family::of(ip) == self.family && (self.first..=self.last).contains(&to_u128(ip))
+    }
+
+    fn size(&self) -> u128 {
+        self.last - self.first + 1
+    }
+}
+
+/// A pool of addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pool {
+    /// Unique name.
+    pub name: String,
+    /// Its ranges, in order.
+    pub ranges: Vec<AddrRange>,
+    /// Whether Services without `weir.dev/pool` may get addresses from it.
+    pub auto_assign: bool,
+    /// Skip IPv4 addresses ending in .0 and .255 (some clients drop them).
+    pub avoid_buggy_ips: bool,
+}
+
+impl Pool {
+    /// A pool from `addresses` (CIDRs or ranges).
+    pub fn new(
+        name: &str,
+        addresses: &[&str],
+        auto_assign: bool,
+        avoid_buggy_ips: bool,
+    ) -> Result<Self, String> {
+        let ranges = addresses
+            .iter()
+            .map(|a| AddrRange::parse(a))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            name: name.to_owned(),
+            ranges,
+            auto_assign,
+            avoid_buggy_ips,
+        })
+    }
+
+    pub(super) fn contains(&self, ip: IpAddr) -> bool {
+        self.ranges.iter().any(|r| r.contains(ip)) && !(self.avoid_buggy_ips && buggy(ip))
+    }
+
+    /// Addresses of `family` in the pool (after `avoid_buggy_ips`), capped at u64.
+    pub fn size(&self, family: Family) -> u64 {
+        let total: u128 = self
+            .ranges
+            .iter()
+            .filter(|r| r.family == family)
+            .map(|r| {
+                let mut n = r.size();
+                if self.avoid_buggy_ips && family == Family::V4 {
+                    n -= (r.first..=r.last)
+                        .filter(|&a| a as u32 & 0xff == 0 || a as u32 & 0xff == 255)
+                        .count()
+                        .min(n as usize) as u128;
+                }
+                n
+            })
+            .sum();
+        total.min(u128::from(u64::MAX)) as u64
+    }
+
+    pub(super) fn candidates(&self, family: Family) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ranges
+            .iter()
+            .filter(move |r| r.family == family)
+            .flat_map(move |r| (r.first..=r.last).map(move |n| from_u128(n, family)))
+            .filter(move |ip| !(self.avoid_buggy_ips && buggy(*ip)))
+    }
+}
+
+fn buggy(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(v) if v.octets()[3] == 0 || v.octets()[3] == 255)
+}
