@@ -330,12 +330,15 @@ fn announce_errors_name_the_field_and_line() {
     assert_eq!(e.0[0].line, Some(4));
     assert!(e.0[0].message.contains("\"l2\""), "{e}");
 
-    let e = parse_config(
-        "[announce]\nmode = \"bgp\"\ninterface = \"a/b\"\nwithdraw_grace = \"1h\"\n",
-    )
-    .unwrap_err();
+    let e =
+        parse_config("[announce]\nmode = \"bgp\"\ninterface = \"a/b\"\nwithdraw_grace = \"1h\"\n")
+            .unwrap_err();
     let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
-    assert_eq!(paths, ["announce.interface", "announce.withdraw_grace"], "{e}");
+    assert_eq!(
+        paths,
+        ["announce.interface", "announce.withdraw_grace"],
+        "{e}"
+    );
     assert_eq!(e.0[0].line, Some(3));
 
     let e = parse_config("[announce]\nmode = \"ospf\"\n").unwrap_err();
