@@ -136,6 +136,25 @@ pub fn changes(placed: &BTreeSet<IpAddr>, decided: &Decisions) -> Changes {
     }
 }
 
+/// The local routes to add and remove so that every VIP in `vips`, and
+/// no other, is delivered to this host (`delivered`: those in place now).
+/// Delivery does not depend on announcement: a withdrawn VIP still
+/// accepts, and its established connections go on.
+pub fn delivery(delivered: &BTreeSet<IpAddr>, vips: &BTreeMap<IpAddr, VipHealth>) -> Changes {
+    Changes {
+        add: vips
+            .keys()
+            .filter(|v| !delivered.contains(v))
+            .copied()
+            .collect(),
+        remove: delivered
+            .iter()
+            .filter(|v| !vips.contains_key(v))
+            .copied()
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -229,6 +248,20 @@ mod tests {
                 add: vec![ip(1)],
                 remove: vec![ip(2), ip(9)],
             }
+        );
+    }
+
+    #[test]
+    fn delivery_follows_listeners_not_announcement() {
+        let vips = BTreeMap::from([(ip(1), health(0)), (ip(2), health(1))]);
+        let delivered = BTreeSet::from([ip(2), ip(3)]);
+        assert_eq!(
+            delivery(&delivered, &vips),
+            Changes {
+                add: vec![ip(1)],
+                remove: vec![ip(3)],
+            },
+            "192.0.2.1 has no backend up: not announced, but delivered"
         );
     }
 

@@ -1,6 +1,8 @@
 //! The announce interface and its addresses, over rtnetlink: find or
 //! create the link, list its addresses, add and remove host addresses
-//! (/32, /128). Blocking calls on a `NETLINK_ROUTE` socket, each a few
+//! (/32, /128), and keep `local` routes for VIPs through `lo` (local
+//! delivery, independent of the addresses: a route through the interface
+//! itself would go when its last address does). Blocking calls on a `NETLINK_ROUTE` socket, each a few
 //! microseconds; the kernel acknowledges every request. Needs
 //! `CAP_NET_ADMIN` for changes.
 //!
@@ -20,8 +22,20 @@ use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
 };
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
+
+/// The protocol number lbd's local routes carry (`ip route show table
+/// local` shows `proto 87`): how lbd recognises its own at start.
+pub const ROUTE_PROTOCOL: u8 = 87;
+/// The kernel's `local` table.
+const TABLE_LOCAL: u8 = 255;
+/// The metric of lbd's local routes: distinct from the kernel's own route
+/// for an address (metric 0), which comes and goes with the address.
+const LOCAL_METRIC: u32 = 1024;
 
 /// How long one request may wait for the kernel's answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -72,6 +86,8 @@ pub struct Link {
     seq: u32,
     /// Its index.
     pub index: u32,
+    /// The index of `lo`, which lbd's local routes go through.
+    lo: u32,
     /// Its name.
     pub name: String,
     /// What it is: `dummy` or `bridge` when lbd created it, else the
@@ -111,6 +127,7 @@ impl Link {
             socket,
             seq: 0,
             index: 0,
+            lo: 0,
             name: name.to_owned(),
             kind: String::new(),
             created: false,
@@ -119,6 +136,10 @@ impl Link {
         link.socket
             .connect(&netlink_sys::SocketAddr::new(0, 0))
             .map_err(netlink)?;
+        link.lo = match link.find_named("lo").map_err(netlink)? {
+            Some((index, _)) => index,
+            None => return Err(netlink(io::Error::other("no loopback interface"))),
+        };
         match link.find().map_err(netlink)? {
             Some((index, kind)) => {
                 link.index = index;
@@ -142,9 +163,14 @@ impl Link {
 
     /// The index and kind of the interface named `self.name`, if any.
     fn find(&mut self) -> io::Result<Option<(u32, String)>> {
+        let name = self.name.clone();
+        self.find_named(&name)
+    }
+
+    /// The index and kind of the interface `name`, if any.
+    fn find_named(&mut self, name: &str) -> io::Result<Option<(u32, String)>> {
         let mut msg = LinkMessage::default();
-        msg.attributes
-            .push(LinkAttribute::IfName(self.name.clone()));
+        msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
         let answers = match self.request(RouteNetlinkMessage::GetLink(msg), 0) {
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(None),
             other => other?,
@@ -284,6 +310,79 @@ impl Link {
             }
             other => other.map(|_| ()),
         }
+    }
+
+    fn local_route_message(&self, ip: IpAddr) -> RouteMessage {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = match ip {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        msg.header.destination_prefix_length = host_prefix(ip);
+        msg.header.table = TABLE_LOCAL;
+        msg.header.protocol = RouteProtocol::from(ROUTE_PROTOCOL);
+        msg.header.scope = RouteScope::Host;
+        msg.header.kind = RouteType::Local;
+        msg.attributes.push(RouteAttribute::Destination(match ip {
+            IpAddr::V4(v4) => RouteAddress::Inet(v4),
+            IpAddr::V6(v6) => RouteAddress::Inet6(v6),
+        }));
+        msg.attributes.push(RouteAttribute::Oif(self.lo));
+        msg.attributes.push(RouteAttribute::Priority(LOCAL_METRIC));
+        msg
+    }
+
+    /// Delivers packets for `ip` to this host's sockets, whether or not the
+    /// address is on the interface: a `local` route through `lo`, marked
+    /// with [`ROUTE_PROTOCOL`]. Already there is fine.
+    pub fn add_local(&mut self, ip: IpAddr) -> io::Result<()> {
+        let msg = self.local_route_message(ip);
+        match self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// Removes the local route of `ip`. Already gone is fine.
+    pub fn remove_local(&mut self, ip: IpAddr) -> io::Result<()> {
+        let msg = self.local_route_message(ip);
+        match self.request(RouteNetlinkMessage::DelRoute(msg), 0) {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// The destinations of lbd's local routes (through `lo`, marked with
+    /// [`ROUTE_PROTOCOL`]).
+    pub fn local_routes(&mut self) -> io::Result<Vec<IpAddr>> {
+        let answers = self.request(
+            RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|a| match a {
+                RouteNetlinkMessage::NewRoute(m)
+                    if m.header.protocol == RouteProtocol::from(ROUTE_PROTOCOL)
+                        && m.header.kind == RouteType::Local
+                        && m.attributes.contains(&RouteAttribute::Oif(self.lo)) =>
+                {
+                    m.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(v4)) => {
+                            Some(IpAddr::V4(*v4))
+                        }
+                        RouteAttribute::Destination(RouteAddress::Inet6(v6)) => {
+                            Some(IpAddr::V6(*v6))
+                        }
+                        _ => None,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
     }
 
     /// Sends one request and collects its answers until the kernel's

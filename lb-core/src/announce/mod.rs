@@ -2,8 +2,9 @@
 //! (/32, /128) for each VIP on a dedicated interface exactly while the VIP
 //! should attract traffic, and BIRD's `protocol direct` exports them;
 //! removing the address is the withdrawal. Local delivery does not depend
-//! on it: listeners bind with `IP_FREEBIND`, so a withdrawn VIP still
-//! accepts on this host.
+//! on it: every VIP of a listener also has a `local` route through the
+//! interface (which BIRD does not export), so a withdrawn VIP still
+//! accepts on this host and its established connections go on.
 //!
 //! - [`decide`]: which VIPs to announce, from values and `now` (pure);
 //! - [`link`]: the interface and its addresses over rtnetlink (the shell);
@@ -32,7 +33,7 @@ use lb_config::Announce;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::sync::{watch, Notify};
 
-use self::decide::{changes, decide, Decisions, Lifecycle, VipHealth};
+use self::decide::{changes, decide, delivery, Decisions, Lifecycle, VipHealth};
 use self::link::{host_prefix, Link, Placed};
 use crate::routing::Routing;
 use crate::worker::Shared;
@@ -102,6 +103,8 @@ struct State {
     link: Link,
     /// What lbd has placed on the interface.
     placed: BTreeSet<IpAddr>,
+    /// The VIPs lbd has local routes for.
+    delivered: BTreeSet<IpAddr>,
     decisions: Decisions,
     /// The last netlink error per VIP, until a change succeeds.
     errors: BTreeMap<IpAddr, String>,
@@ -158,10 +161,18 @@ pub fn open_interface(config: &Announce) -> Result<Link, LinkError> {
     for p in &left {
         link.remove(*p).map_err(|e| netlink(&config.interface, e))?;
     }
-    if !left.is_empty() {
+    let routes = link
+        .local_routes()
+        .map_err(|e| netlink(&config.interface, e))?;
+    for ip in &routes {
+        link.remove_local(*ip)
+            .map_err(|e| netlink(&config.interface, e))?;
+    }
+    if !left.is_empty() || !routes.is_empty() {
         let list: Vec<String> = left
             .iter()
             .map(|p| format!("{}/{}", p.ip, p.prefix))
+            .chain(routes.iter().map(|ip| format!("local {ip}")))
             .collect();
         tracing::warn!(interface = %link.name, addresses = %list.join(" "), "removed addresses left on the announce interface (by an lbd that did not stop cleanly?)");
     }
@@ -198,6 +209,7 @@ impl Announcer {
             state: Mutex::new(State {
                 link,
                 placed: BTreeSet::new(),
+                delivered: BTreeSet::new(),
                 decisions: Decisions::new(),
                 errors: BTreeMap::new(),
                 released: false,
@@ -259,6 +271,16 @@ impl Announcer {
             return;
         }
         let decisions = decide(&st.decisions, &vips, self.config.when, life, now);
+        // Delivery first for new VIPs, last for VIPs that are gone.
+        let deliver = delivery(&st.delivered, &vips);
+        for vip in deliver.add {
+            match st.link.add_local(vip) {
+                Ok(()) => {
+                    st.delivered.insert(vip);
+                }
+                Err(e) => self.failed(&mut st, vip, "deliver", &e),
+            }
+        }
         let todo = changes(&st.placed, &decisions);
         let each = todo.add.len() + todo.remove.len() <= LOG_EACH;
         let (mut added, mut removed) = (0, 0);
@@ -306,6 +328,16 @@ impl Announcer {
                     }
                 }
                 Err(e) => self.failed(&mut st, vip, "announce", &e),
+            }
+        }
+        for vip in deliver.remove {
+            match st.link.remove_local(vip) {
+                Ok(()) => {
+                    st.delivered.remove(&vip);
+                }
+                Err(e) => {
+                    tracing::error!(%vip, error = %e, "cannot remove the VIP's local route; retrying")
+                }
             }
         }
         if !each {
@@ -373,7 +405,8 @@ impl Announcer {
         }
     }
 
-    /// Removes every placed address for good (exit). The interface stays.
+    /// Removes every placed address and local route for good (exit). The
+    /// interface stays.
     pub fn release(&self) {
         let mut st = lock(&self.state);
         let placed: Vec<IpAddr> = st.placed.iter().copied().collect();
@@ -390,6 +423,12 @@ impl Announcer {
                 Err(e) => {
                     tracing::error!(%vip, error = %e, "cannot withdraw the VIP at exit")
                 }
+            }
+        }
+        let delivered: Vec<IpAddr> = st.delivered.iter().copied().collect();
+        for vip in delivered {
+            if st.link.remove_local(vip).is_ok() {
+                st.delivered.remove(&vip);
             }
         }
         st.released = true;
