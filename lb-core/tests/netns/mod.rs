@@ -173,9 +173,7 @@ impl Proc {
         cmd.stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
         Self {
             child,
             what: what.to_owned(),
@@ -224,7 +222,10 @@ pub fn wait_for<T>(within: Duration, what: &str, mut cond: impl FnMut() -> Optio
         if let Some(v) = cond() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -275,7 +276,11 @@ impl Bird {
             .arg(&socket)
             .arg("-P")
             .arg(&pid);
-        let proc = Proc::spawn(cmd, &format!("bird in {}", ns.name), &dir.path(&format!("{tag}-bird.log")));
+        let proc = Proc::spawn(
+            cmd,
+            &format!("bird in {}", ns.name),
+            &dir.path(&format!("{tag}-bird.log")),
+        );
         Self { proc, socket }
     }
 
@@ -329,7 +334,8 @@ impl NamedServer {
         }
         let (stop2, name) = (stop.clone(), name.to_owned());
         let udp = ns.run(move || UdpSocket::bind((ip, udp_port)).expect("bind udp backend"));
-        udp.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while !stop2.load(Ordering::SeqCst) {
@@ -379,7 +385,11 @@ impl Conn {
     /// Connects to `addr` (from the calling thread's namespace) and reads
     /// the backend's hello.
     pub fn open(addr: SocketAddr, timeout: Duration) -> io::Result<Self> {
-        let stream = TcpStream::connect_timeout(&addr, timeout)?;
+        Self::from_stream(TcpStream::connect_timeout(&addr, timeout)?)
+    }
+
+    /// Reads the backend's hello on a connected `stream`.
+    pub fn from_stream(stream: TcpStream) -> io::Result<Self> {
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         stream.set_write_timeout(Some(Duration::from_secs(5)))?;
         let mut reader = BufReader::new(stream.try_clone()?);
