@@ -113,65 +113,13 @@ fall = 1
     )
 }
 
-/// The shipped edge configuration, with this topology's values.
 fn edge_bird_config(i: usize) -> String {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/bird/bird-edge.conf"
-    ))
-    .expect("deploy/bird/bird-edge.conf");
-    let mut out = text.clone();
-    for (from, to) in [
-        (
-            "router id 10.0.0.21;".to_owned(),
-            format!("router id {};", edge_up(i)),
-        ),
-        (
-            "neighbor 10.0.0.1 as 64500;".to_owned(),
-            format!("neighbor 10.99.{i}.1 as 64500;"),
-        ),
-    ] {
-        assert!(out.contains(&from), "bird-edge.conf no longer has {from:?}");
-        out = out.replace(&from, &to);
-    }
-    assert!(
-        out.contains("192.0.2.0/24{32,32}"),
-        "bird-edge.conf's example pool changed"
-    );
-    out
+    bird_edge_config(edge_up(i), &format!("10.99.{i}.1"), None)
 }
 
 fn router_bird_config() -> String {
-    let mut c = String::from(
-        r#"router id 10.99.0.1;
-protocol device {
-}
-protocol kernel {
-  kernel table 100;
-  merge paths on;
-  ipv4 { import none; export all; };
-}
-protocol bfd {
-  interface "*" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; };
-}
-template bgp edge {
-  local as 64500;
-  bfd on;
-  hold time 9;
-  connect delay time 1;
-  connect retry time 1;
-  error wait time 1, 5;
-  ipv4 { import all; export none; };
-}
-"#,
-    );
-    for i in 1..=EDGES {
-        c.push_str(&format!(
-            "protocol bgp edge{i} from edge {{ neighbor {} as 64512; }}\n",
-            edge_up(i)
-        ));
-    }
-    c
+    let edges: Vec<Ipv4Addr> = (1..=EDGES).map(edge_up).collect();
+    bird_router_config("10.99.0.1", &edges)
 }
 
 /// BIRD's ECMP routes on the router (table 100): VIP -> edges.

@@ -9,7 +9,7 @@
 #![allow(dead_code)]
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -294,6 +294,75 @@ impl Bird {
             .expect("birdc");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+}
+
+/// The shipped edge configuration (`deploy/bird/bird-edge.conf`) with a
+/// router id, the router's address and, when given, another IPv4 pool
+/// than the example's `192.0.2.0/24`.
+pub fn bird_edge_config(router_id: Ipv4Addr, neighbor: &str, pool4: Option<&str>) -> String {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/bird/bird-edge.conf"
+    ))
+    .expect("deploy/bird/bird-edge.conf");
+    let mut out = text;
+    let mut edits = vec![
+        (
+            "router id 10.0.0.21;".to_owned(),
+            format!("router id {router_id};"),
+        ),
+        (
+            "neighbor 10.0.0.1 as 64500;".to_owned(),
+            format!("neighbor {neighbor} as 64500;"),
+        ),
+        (
+            "192.0.2.0/24{32,32}".to_owned(),
+            "192.0.2.0/24{32,32}".to_owned(),
+        ),
+    ];
+    if let Some(pool) = pool4 {
+        edits[2].1 = format!("{pool}{{32,32}}");
+    }
+    for (from, to) in edits {
+        assert!(out.contains(&from), "bird-edge.conf no longer has {from:?}");
+        out = out.replace(&from, &to);
+    }
+    out
+}
+
+/// A router's BIRD: BGP (AS 64500) with BFD to each edge (AS 64512),
+/// ECMP routes (`merge paths`) written to kernel table 100.
+pub fn bird_router_config(router_id: &str, edges: &[Ipv4Addr]) -> String {
+    let mut c = format!(
+        r#"router id {router_id};
+protocol device {{
+}}
+protocol kernel {{
+  kernel table 100;
+  merge paths on;
+  ipv4 {{ import none; export all; }};
+}}
+protocol bfd {{
+  interface "*" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }};
+}}
+template bgp edge {{
+  local as 64500;
+  bfd on;
+  hold time 9;
+  connect delay time 1;
+  connect retry time 1;
+  error wait time 1, 5;
+  ipv4 {{ import all; export none; }};
+}}
+"#
+    );
+    for (n, ip) in edges.iter().enumerate() {
+        c.push_str(&format!(
+            "protocol bgp edge{} from edge {{ neighbor {ip} as 64512; }}\n",
+            n + 1
+        ));
+    }
+    c
 }
 
 /// What a test backend answers first: its name and the address of the
