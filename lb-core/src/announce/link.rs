@@ -292,24 +292,29 @@ impl Link {
     /// Places `ip` as a host address (/32 or /128). Already there is fine.
     pub fn add(&mut self, ip: IpAddr) -> io::Result<()> {
         let msg = self.address_message(ip, host_prefix(ip));
-        match self.request(
+        self.change(
             RouteNetlinkMessage::NewAddress(msg),
             NLM_F_CREATE | NLM_F_EXCL,
-        ) {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-            other => other.map(|_| ()),
-        }
+            &[libc::EEXIST],
+        )
+    }
+
+    /// Removes the host address `ip` (/32 or /128). Already gone is fine.
+    pub fn remove_host(&mut self, ip: IpAddr) -> io::Result<()> {
+        self.remove(Placed {
+            ip,
+            prefix: host_prefix(ip),
+        })
     }
 
     /// Removes the address `placed`. Already gone is fine.
     pub fn remove(&mut self, placed: Placed) -> io::Result<()> {
         let msg = self.address_message(placed.ip, placed.prefix);
-        match self.request(RouteNetlinkMessage::DelAddress(msg), 0) {
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::ENOENT)) => {
-                Ok(())
-            }
-            other => other.map(|_| ()),
-        }
+        self.change(
+            RouteNetlinkMessage::DelAddress(msg),
+            0,
+            &[libc::EADDRNOTAVAIL, libc::ENOENT],
+        )
     }
 
     fn local_route_message(&self, ip: IpAddr) -> RouteMessage {
@@ -337,22 +342,17 @@ impl Link {
     /// with [`ROUTE_PROTOCOL`]. Already there is fine.
     pub fn add_local(&mut self, ip: IpAddr) -> io::Result<()> {
         let msg = self.local_route_message(ip);
-        match self.request(
+        self.change(
             RouteNetlinkMessage::NewRoute(msg),
             NLM_F_CREATE | NLM_F_EXCL,
-        ) {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-            other => other.map(|_| ()),
-        }
+            &[libc::EEXIST],
+        )
     }
 
     /// Removes the local route of `ip`. Already gone is fine.
     pub fn remove_local(&mut self, ip: IpAddr) -> io::Result<()> {
         let msg = self.local_route_message(ip);
-        match self.request(RouteNetlinkMessage::DelRoute(msg), 0) {
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-            other => other.map(|_| ()),
-        }
+        self.change(RouteNetlinkMessage::DelRoute(msg), 0, &[libc::ESRCH])
     }
 
     /// The destinations of lbd's local routes (through `lo`, marked with
@@ -383,6 +383,14 @@ impl Link {
                 _ => None,
             })
             .collect())
+    }
+
+    /// A change whose errors `done` mean it is already in effect.
+    fn change(&mut self, message: RouteNetlinkMessage, flags: u16, done: &[i32]) -> io::Result<()> {
+        match self.request(message, flags) {
+            Err(e) if e.raw_os_error().is_some_and(|c| done.contains(&c)) => Ok(()),
+            other => other.map(|_| ()),
+        }
     }
 
     /// Sends one request and collects its answers until the kernel's

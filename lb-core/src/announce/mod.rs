@@ -34,7 +34,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::sync::{watch, Notify};
 
 use self::decide::{changes, decide, delivery, Decisions, Lifecycle, VipHealth};
-use self::link::{host_prefix, Link, Placed};
+use self::link::{Link, Placed};
 use crate::routing::Routing;
 use crate::worker::Shared;
 
@@ -285,21 +285,12 @@ impl Announcer {
         let each = todo.add.len() + todo.remove.len() <= LOG_EACH;
         let (mut added, mut removed) = (0, 0);
         for vip in todo.remove {
-            let placed = Placed {
-                ip: vip,
-                prefix: host_prefix(vip),
-            };
-            match st.link.remove(placed) {
+            match st.link.remove_host(vip) {
                 Ok(()) => {
                     st.placed.remove(&vip);
                     st.errors.remove(&vip);
                     removed += 1;
-                    let label = vip.to_string();
-                    self.metrics.announced.with_label_values(&[&label]).set(0);
-                    self.metrics
-                        .changes
-                        .with_label_values(&[&label, "withdraw"])
-                        .inc();
+                    self.count(vip, false);
                     if each {
                         let reason = decisions
                             .get(&vip)
@@ -317,12 +308,7 @@ impl Announcer {
                     st.placed.insert(vip);
                     st.errors.remove(&vip);
                     added += 1;
-                    let label = vip.to_string();
-                    self.metrics.announced.with_label_values(&[&label]).set(1);
-                    self.metrics
-                        .changes
-                        .with_label_values(&[&label, "announce"])
-                        .inc();
+                    self.count(vip, true);
                     if each {
                         tracing::info!(%vip, interface = %self.config.interface, "VIP announced");
                     }
@@ -364,6 +350,20 @@ impl Announcer {
         }
         st.errors.retain(|vip, _| decisions.contains_key(vip));
         st.decisions = decisions;
+    }
+
+    /// Records an applied announcement or withdrawal in the metrics.
+    fn count(&self, vip: IpAddr, announced: bool) {
+        let label = vip.to_string();
+        self.metrics
+            .announced
+            .with_label_values(&[&label])
+            .set(i64::from(announced));
+        let action = if announced { "announce" } else { "withdraw" };
+        self.metrics
+            .changes
+            .with_label_values(&[&label, action])
+            .inc();
     }
 
     fn failed(&self, st: &mut State, vip: IpAddr, action: &str, e: &std::io::Error) {
@@ -411,11 +411,7 @@ impl Announcer {
         let mut st = lock(&self.state);
         let placed: Vec<IpAddr> = st.placed.iter().copied().collect();
         for vip in placed {
-            let p = Placed {
-                ip: vip,
-                prefix: host_prefix(vip),
-            };
-            match st.link.remove(p) {
+            match st.link.remove_host(vip) {
                 Ok(()) => {
                     st.placed.remove(&vip);
                     tracing::info!(%vip, "VIP withdrawn (exit)");
