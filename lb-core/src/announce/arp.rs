@@ -22,9 +22,9 @@ pub fn exposed(all: u8, interfaces: &[(String, u8)], announce: &str) -> Vec<Stri
         .collect()
 }
 
-/// [`exposed`] for this host's network namespace (none when `/proc` cannot
-/// be read).
-pub fn exposed_interfaces(announce: &str) -> Vec<String> {
+/// [`exposed`] for this host's network namespace; `None` when the settings
+/// cannot be read (a unit with `ProcSubset=pid` hides `/proc/sys`).
+pub fn exposed_interfaces(announce: &str) -> Option<Vec<String>> {
     let read = |name: &str| -> Option<u8> {
         std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/arp_ignore"))
             .ok()?
@@ -32,12 +32,8 @@ pub fn exposed_interfaces(announce: &str) -> Vec<String> {
             .parse()
             .ok()
     };
-    let Some(all) = read("all") else {
-        return Vec::new();
-    };
-    let Ok(dir) = std::fs::read_dir("/proc/sys/net/ipv4/conf") else {
-        return Vec::new();
-    };
+    let all = read("all")?;
+    let dir = std::fs::read_dir("/proc/sys/net/ipv4/conf").ok()?;
     let mut interfaces: Vec<(String, u8)> = dir
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
@@ -45,7 +41,7 @@ pub fn exposed_interfaces(announce: &str) -> Vec<String> {
         .filter_map(|n| read(&n).map(|v| (n, v)))
         .collect();
     interfaces.sort();
-    exposed(all, &interfaces, announce)
+    Some(exposed(all, &interfaces, announce))
 }
 
 #[cfg(test)]

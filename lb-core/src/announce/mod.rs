@@ -176,12 +176,19 @@ pub fn open_interface(config: &Announce) -> Result<Link, LinkError> {
             .collect();
         tracing::warn!(interface = %link.name, addresses = %list.join(" "), "removed addresses left on the announce interface (by an lbd that did not stop cleanly?)");
     }
-    for iface in arp::exposed_interfaces(&config.interface) {
-        tracing::warn!(
-            interface = %iface,
-            "net.ipv4.conf.{iface}.arp_ignore is 0 (and so is .all): this host answers ARP there for the VIPs on {}; set net.ipv4.conf.all.arp_ignore = 1 and arp_announce = 2 (deploy/bird/sysctl-weir.conf)",
-            config.interface
-        );
+    match arp::exposed_interfaces(&config.interface) {
+        Some(exposed) => {
+            for iface in exposed {
+                tracing::warn!(
+                    interface = %iface,
+                    "net.ipv4.conf.{iface}.arp_ignore is 0 (and so is .all): this host answers ARP there for the VIPs on {}; set net.ipv4.conf.all.arp_ignore = 1 and arp_announce = 2 (deploy/bird/sysctl-weir.conf)",
+                    config.interface
+                );
+            }
+        }
+        None => tracing::info!(
+            "cannot read net.ipv4.conf.*.arp_ignore (/proc/sys is hidden from lbd): make sure net.ipv4.conf.all.arp_ignore = 1 (deploy/bird/sysctl-weir.conf), or the LAN gets ARP answers for the VIPs"
+        ),
     }
     Ok(link)
 }
