@@ -67,7 +67,7 @@ fn lbd_config(dir: &TempDir, i: usize) -> String {
         r#"[runtime]
 workers = 1
 [admin]
-metrics = "off"
+metrics = "127.0.0.1:9600"
 control_socket = "{sock}"
 state_dir = "{state}"
 [announce]
@@ -329,6 +329,19 @@ impl Edge {
             .find(|v| v.vip == IpAddr::V4(vip))
     }
 
+    /// The text of `/metrics`.
+    fn metrics(&self) -> String {
+        self.ns.run(|| {
+            use std::io::Read;
+            let mut s = TcpStream::connect("127.0.0.1:9600").expect("metrics endpoint");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).unwrap();
+            text
+        })
+    }
+
     fn lbd_cli(&self, command: &str) -> String {
         let out = Command::new(LBD)
             .args([command, "--socket"])
@@ -342,6 +355,14 @@ impl Edge {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+}
+
+/// The value of one series (exact labels) in a metrics text.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Opens connections to `vip:80` from the client until `pred` holds for
@@ -562,6 +583,7 @@ fn vips_over_bgp_across_edge_hosts() {
     edges[0]
         .ns
         .ip(&["route", "add", "unreachable", "default", "table", "200"]);
+    let cut = Instant::now();
     edges[0].ns.ip(&[
         "rule", "add", "ipproto", "tcp", "dport", "8081", "lookup", "200", "pref", "100",
     ]);
@@ -570,6 +592,7 @@ fn vips_over_bgp_across_edge_hosts() {
         "the router drops edge1 for VIP B",
         || (paths(&router, VIP_B) == BTreeSet::from([2, 3])).then_some(()),
     );
+    let health_to_router = cut.elapsed();
     assert_eq!(
         paths(&router, VIP_A),
         BTreeSet::from([1, 2, 3]),
@@ -584,13 +607,31 @@ fn vips_over_bgp_across_edge_hosts() {
         assert!(e.vip(VIP_B).unwrap().announced, "other edges keep VIP B");
     }
     assert!(edges[0].vip(VIP_A).unwrap().announced);
+    let metrics = edges[0].metrics();
+    for (series, value) in [
+        ("weir_vip_announced{vip=\"192.0.2.11\"}", 0.0),
+        ("weir_vip_announced{vip=\"192.0.2.10\"}", 1.0),
+        (
+            "weir_vip_announce_changes_total{action=\"withdraw\",vip=\"192.0.2.11\"}",
+            1.0,
+        ),
+        (
+            "weir_vip_announce_changes_total{action=\"announce\",vip=\"192.0.2.11\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(metric(&metrics, series), Some(value), "{series}\n{metrics}");
+    }
     edges[0].ns.ip(&["rule", "del", "pref", "100"]);
     wait_for(
         Duration::from_secs(5),
         "edge1 announces VIP B again",
         || (paths(&router, VIP_B).len() == EDGES).then_some(()),
     );
-    eprintln!("(b) ok after {:?}", started.elapsed());
+    eprintln!(
+        "(b) ok after {:?}: backends cut off to the router's withdrawal in {health_to_router:?} (health check every 100 ms, fall 1)",
+        started.elapsed()
+    );
 
     // (d) edge3 dies hard: kill -9 lbd, and BIRD stops answering without
     // closing anything (SIGSTOP: a killed process's sockets would be
