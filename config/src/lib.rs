@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod announce;
 mod duration;
 mod file;
 pub mod model;
@@ -14,6 +15,7 @@ pub mod validate;
 
 use std::fmt;
 
+pub use announce::{Announce, AnnounceMode, AnnounceSpec, AnnounceWhen};
 pub use duration::{Duration, DurationError};
 pub use file::{parse_config, parse_toml};
 pub use model::*;

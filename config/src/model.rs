@@ -380,6 +380,9 @@ pub struct FileSpec {
     /// `[admin]`.
     #[serde(default)]
     pub admin: AdminSpec,
+    /// `[announce]`.
+    #[serde(default)]
+    pub announce: crate::AnnounceSpec,
     /// `[defaults]`.
     #[serde(default)]
     pub defaults: Defaults,
@@ -431,6 +434,9 @@ pub struct Config {
     pub runtime: Runtime,
     /// `[admin]`.
     pub admin: Admin,
+    /// `[announce]`.
+    #[serde(default)]
+    pub announce: crate::Announce,
     /// `[defaults]`, kept to resolve listeners that arrive through the control API.
     pub defaults: Defaults,
     /// The static listeners, in file order.

@@ -469,6 +469,7 @@ pub fn resolve_file(spec: &FileSpec) -> Result<Config, Vec<FieldError>> {
         }
         other => Some(other.unwrap_or(DEFAULT_CONTROL_SOCKET).to_owned()),
     };
+    let announce = crate::announce::resolve_announce(&spec.announce, &mut errors);
     let listeners = match resolve_listeners(&spec.listeners, &spec.defaults, "listener") {
         Ok(l) => l,
         Err(mut e) => {
@@ -506,6 +507,7 @@ pub fn resolve_file(spec: &FileSpec) -> Result<Config, Vec<FieldError>> {
                 .clone()
                 .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
         },
+        announce,
         defaults: spec.defaults.clone(),
         listeners,
     })

@@ -301,3 +301,50 @@ fn an_unset_check_timeout_fits_the_interval() {
     );
     assert!(timeout("interval = \"200ms\"\ntimeout = \"201ms\"").is_err());
 }
+
+#[test]
+fn announce_defaults_and_values() {
+    let cfg = parse_config("").unwrap();
+    assert_eq!(cfg.announce, Announce::default());
+    assert_eq!(cfg.announce.mode, AnnounceMode::Off);
+    assert_eq!(cfg.announce.interface, "weir0");
+    assert!(cfg.announce.create_interface);
+    assert_eq!(cfg.announce.when, AnnounceWhen::Healthy);
+    assert_eq!(cfg.announce.withdraw_grace, Duration::from_secs(5));
+    let cfg = parse_config(
+        "[announce]\nmode = \"bgp\"\ninterface = \"vips\"\ncreate_interface = false\nwhen = \"always\"\nwithdraw_grace = \"250ms\"\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.announce.mode, AnnounceMode::Bgp);
+    assert_eq!(cfg.announce.interface, "vips");
+    assert!(!cfg.announce.create_interface);
+    assert_eq!(cfg.announce.when, AnnounceWhen::Always);
+    assert_eq!(cfg.announce.withdraw_grace, Duration::from_millis(250));
+}
+
+#[test]
+fn announce_errors_name_the_field_and_line() {
+    let e = parse_config("[runtime]\n\n[announce]\nmode = \"l2\"\n").unwrap_err();
+    assert_eq!(e.0.len(), 1, "{e}");
+    assert_eq!(e.0[0].path, "announce.mode");
+    assert_eq!(e.0[0].line, Some(4));
+    assert!(e.0[0].message.contains("\"l2\""), "{e}");
+
+    let e =
+        parse_config("[announce]\nmode = \"bgp\"\ninterface = \"a/b\"\nwithdraw_grace = \"1h\"\n")
+            .unwrap_err();
+    let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["announce.interface", "announce.withdraw_grace"],
+        "{e}"
+    );
+    assert_eq!(e.0[0].line, Some(3));
+
+    let e = parse_config("[announce]\nmode = \"ospf\"\n").unwrap_err();
+    assert_eq!(e.0[0].path, "announce.mode", "{e}");
+    let e = parse_config("[announce]\nintreface = \"x\"\n").unwrap_err();
+    assert!(e.0[0].message.contains("intreface"), "{e}");
+    let e = parse_config("[announce]\ninterface = \"lo\"\n").unwrap_err();
+    assert_eq!(e.0[0].path, "announce.interface", "{e}");
+}

@@ -9,6 +9,7 @@
 //! epoll engine's registration of its listening sockets (`engine::epoll`).
 
 pub mod admin;
+pub mod announce;
 pub mod balance;
 pub mod engine;
 pub mod health;

@@ -1,5 +1,5 @@
 //! `lbd`: Weir's forwarder. Subcommands: `run`, `check-config`, `status`,
-//! `apply`, `demo` (one file each under `cli/`).
+//! `apply`, `drain`/`undrain`, `demo` (one file each under `cli/`).
 
 mod cli;
 
@@ -77,6 +77,18 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Drain without exiting (planned maintenance): withdraw every VIP,
+    /// keep accepting for announce.withdraw_grace, close listeners, let
+    /// connections finish; `lbd undrain` reverts.
+    Drain {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// End a drain: bind the listeners again and announce the VIPs.
+    Undrain {
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// A working load balancer on loopback with three demo backends.
     Demo {
         /// Where the demo listens [default: 127.0.0.1:8080, or the next
@@ -118,6 +130,8 @@ fn main() -> ExitCode {
             remote,
             output,
         } => cli::apply::apply(&file, &remote, output),
+        Command::Drain { remote } => cli::drain::drain(&remote, true),
+        Command::Undrain { remote } => cli::drain::drain(&remote, false),
         Command::Run {
             config,
             engine,

@@ -1,7 +1,7 @@
 //! A small client of the control API, over its unix socket or over HTTPS
 //! with a bearer token: one request ([`send`]), and typed helpers for the
-//! status ([`status`]), the state ([`state`]) and a new state
-//! ([`put_state`]). Used by `lbd status`, `lbd apply`, `lb-controller` and
+//! status ([`status`]), the state ([`state`]), a new state
+//! ([`put_state`]) and drains ([`drain`]). Used by `lbd status`, `lbd apply`, `lb-controller` and
 //! tests.
 
 use std::path::{Path, PathBuf};
@@ -211,6 +211,19 @@ pub async fn status(target: &Target) -> Result<wire::Status, ClientError> {
 /// `GET /v1/state`: the dynamic state in force.
 pub async fn state(target: &Target) -> Result<DesiredState, ClientError> {
     get(target, wire::STATE).await
+}
+
+/// `POST /v1/drain` (`drain = true`) or `DELETE /v1/drain`.
+pub async fn drain(target: &Target, drain: bool) -> Result<wire::DrainAnswer, ClientError> {
+    let method = if drain { Method::POST } else { Method::DELETE };
+    let (code, body) = send(target, method, wire::DRAIN, None).await?;
+    if !code.is_success() {
+        return Err(ClientError::Status {
+            code,
+            message: message(&body),
+        });
+    }
+    decode(wire::DRAIN, &body)
 }
 
 /// `PUT /v1/state` with `state`.

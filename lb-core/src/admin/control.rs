@@ -1,7 +1,8 @@
 //! The control API (`admin.control_socket`): HTTP/1.1 + JSON on a unix
 //! socket whose file mode (0600) is the authentication. Endpoints, as the
 //! design's contract says: `GET/PUT /v1/state`, `GET /v1/status`,
-//! `GET /healthz`, `GET /readyz`.
+//! `GET /healthz`, `GET /readyz`, and `POST`/`DELETE /v1/drain` (`lbd
+//! drain`, `lbd undrain`).
 //!
 //! Over TCP (`admin.control_tcp`) the same API is served with TLS only, and
 //! every request needs `Authorization: Bearer <token>` (401 otherwise, with
@@ -20,7 +21,7 @@ use std::time::Instant;
 use http_body_util::BodyExt;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use lb_api::wire::Status;
+use lb_api::wire::{DrainAnswer, Status};
 use lb_config::{DesiredState, FieldError};
 use serde_json::json;
 use tokio::net::{TcpListener, UnixListener};
@@ -42,6 +43,26 @@ pub trait ControlApi: Send + Sync {
     fn status(&self) -> Status;
     /// Validates, persists and applies `state` (`PUT /v1/state`).
     fn put_state(&self, state: DesiredState) -> Result<u64, PutError>;
+    /// Starts a drain that does not exit (`POST /v1/drain`); returns once
+    /// the VIPs are withdrawn. Blocking: call it off the reactor.
+    fn drain(&self) -> Result<DrainAnswer, DrainError> {
+        Err(DrainError::Unsupported)
+    }
+    /// Ends a drain (`DELETE /v1/drain`). Blocking, like [`ControlApi::drain`].
+    fn undrain(&self) -> Result<DrainAnswer, DrainError> {
+        Err(DrainError::Unsupported)
+    }
+}
+
+/// Why a drain or undrain was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    /// lbd is stopping: its drain goes on to the exit (409).
+    #[error("lbd is stopping")]
+    Stopping,
+    /// This server does not drain on request (501).
+    #[error("drain is not supported here")]
+    Unsupported,
 }
 
 /// Why a `PUT /v1/state` was refused. Nothing changed.
@@ -198,6 +219,7 @@ async fn handle(control: &Control, req: Request<Incoming>) -> Response<Body> {
     let endpoint = match req.uri().path() {
         "/v1/state" => "/v1/state",
         "/v1/status" => "/v1/status",
+        "/v1/drain" => "/v1/drain",
         "/healthz" => "/healthz",
         "/readyz" => "/readyz",
         _ => "other",
@@ -231,7 +253,9 @@ async fn route(control: &Control, req: Request<Incoming>) -> Response<Body> {
             serde_json::to_value(control.api.status()).unwrap_or_default(),
         ),
         (Method::PUT, "/v1/state") => put_state(control, req).await,
-        (_, "/healthz" | "/readyz" | "/v1/state" | "/v1/status") => {
+        (Method::POST, "/v1/drain") => drain(control, true).await,
+        (Method::DELETE, "/v1/drain") => drain(control, false).await,
+        (_, "/healthz" | "/readyz" | "/v1/state" | "/v1/status" | "/v1/drain") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         (_, path) => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
@@ -298,6 +322,26 @@ async fn read_body(
             }
         }
         bytes.extend_from_slice(&data);
+    }
+}
+
+/// `POST /v1/drain` (`start`) or `DELETE /v1/drain`.
+async fn drain(control: &Control, start: bool) -> Response<Body> {
+    let api = control.api.clone();
+    // Withdrawing waits for the interface: keep it off the reactor.
+    let result =
+        tokio::task::spawn_blocking(move || if start { api.drain() } else { api.undrain() }).await;
+    match result {
+        Ok(Ok(answer)) => reply(
+            StatusCode::OK,
+            serde_json::to_value(answer).unwrap_or_default(),
+        ),
+        Ok(Err(e @ DrainError::Stopping)) => error(StatusCode::CONFLICT, e.to_string()),
+        Ok(Err(e @ DrainError::Unsupported)) => error(StatusCode::NOT_IMPLEMENTED, e.to_string()),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("drain failed: {e}"),
+        ),
     }
 }
 

@@ -1,9 +1,10 @@
 //! The `lbd` subcommands, one file each: [`run`] (and `check-config`),
-//! [`status`], [`apply`] and [`demo`]; what they share (where the control
+//! [`status`], [`apply`], [`drain`] and [`demo`]; what they share (where the control
 //! API is, output) is here.
 
 pub mod apply;
 pub mod demo;
+pub mod drain;
 pub mod run;
 pub mod status;
 

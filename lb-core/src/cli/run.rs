@@ -93,7 +93,7 @@ pub fn serve_until_stopped(
         }
     }
     notify::notify("STOPPING=1");
-    tracing::info!("stopping: listeners closed, draining connections");
+    tracing::info!("stopping: VIPs withdrawn first, then listeners close and connections drain");
     server.shutdown(None);
     tracing::info!("stopped");
     Ok(())

@@ -1,7 +1,7 @@
 //! `lbd status`: listeners and backends of a running `lbd`, as a table for
 //! people or JSON for scripts.
 
-use lb_api::wire::Status;
+use lb_api::wire::{AnnounceStatus, Status};
 
 use super::{block_on, say, Output, Remote};
 
@@ -16,6 +16,35 @@ pub fn status(remote: &Remote, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn render_announce(out: &mut String, a: &AnnounceStatus) {
+    use std::fmt::Write;
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "announce {} on {} ({}): {} of {} VIPs announced",
+        a.mode,
+        a.interface,
+        a.kind,
+        a.vips.iter().filter(|v| v.announced).count(),
+        a.vips.len()
+    );
+    let _ = writeln!(
+        out,
+        "  {:<40} {:<10} {:>9}  WHY NOT",
+        "VIP", "ANNOUNCED", "FOR"
+    );
+    for v in &a.vips {
+        let _ = writeln!(
+            out,
+            "  {:<40} {:<10} {:>8.1}s  {}",
+            v.vip.to_string(),
+            if v.announced { "yes" } else { "no" },
+            v.for_ms as f64 / 1000.0,
+            v.reason.as_deref().unwrap_or("-")
+        );
+    }
+}
+
 fn render_status(st: &Status) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -24,6 +53,16 @@ fn render_status(st: &Status) -> String {
         "engine {}, {} workers, config generation {}, dynamic state version {}",
         st.engine, st.workers, st.generation, st.dynamic_version
     );
+    if let Some(phase) = st.drain {
+        let _ = writeln!(
+            out,
+            "DRAINING ({}): not ready; `lbd undrain` serves again",
+            phase.name()
+        );
+    }
+    if let Some(a) = &st.announce {
+        render_announce(&mut out, a);
+    }
     if st.listeners.is_empty() {
         let _ = writeln!(out, "no listeners");
     }

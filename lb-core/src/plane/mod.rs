@@ -17,6 +17,7 @@ mod bind;
 pub mod diff;
 mod exclusive;
 pub mod owners;
+mod resume;
 mod route;
 
 pub use bind::{bind_tcp, bind_udp};

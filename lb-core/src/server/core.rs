@@ -155,8 +155,13 @@ impl Core {
             Err(e) => return Err(self.rejected(e)),
         };
         let applied = self.commit(prepared);
-        if config.runtime != src.file.runtime || config.admin != src.file.admin {
-            tracing::warn!("[runtime] or [admin] changed: those take effect at the next restart");
+        if config.runtime != src.file.runtime
+            || config.admin != src.file.admin
+            || config.announce != src.file.announce
+        {
+            tracing::warn!(
+                "[runtime], [admin] or [announce] changed: those take effect at the next restart"
+            );
         }
         src.file = config.clone();
         self.metrics.reloads.with_label_values(&["applied"]).inc();

@@ -6,12 +6,15 @@
 //! - [`sources`]: what a new file or state means (pure);
 //! - [`persist`]: the dynamic state on disk;
 //! - [`status`]: the status snapshot;
+//! - [`lifecycle`]: readiness, drains (`lbd drain`, stops) and VIP
+//!   announcement, behind the control API;
 //! - [`workers`]: starting the worker threads.
 //!
 //! The API is blocking on purpose: `main`, signal handling and tests drive
 //! it from plain threads, and all async work stays on runtimes it owns.
 
 mod core;
+mod lifecycle;
 pub mod limits;
 pub mod persist;
 mod sources;
@@ -20,7 +23,7 @@ mod workers;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,8 +32,10 @@ use tokio::sync::mpsc;
 
 pub use self::core::ReloadError;
 use self::core::{Core, Parts};
-use crate::admin::control::{Control, ControlApi, PutError};
+use self::lifecycle::Lifecycle;
+use crate::admin::control::{Control, ControlApi, DrainError, PutError};
 use crate::admin::endpoint::Endpoint;
+use crate::announce::{Announcer, LinkError};
 use crate::engine::{self, epoll::Epoll, uring::IoUring, EngineKind};
 use crate::metrics::{DataPlaneView, Metrics};
 use crate::plane::{Applied, ApplyError, Plane};
@@ -74,12 +79,16 @@ pub enum StartError {
     /// The control API's TLS material or token is unusable.
     #[error(transparent)]
     Tls(#[from] lb_api::tls::TlsError),
+    /// The announce interface cannot be used.
+    #[error(transparent)]
+    Announce(#[from] LinkError),
 }
 
 /// A running `lbd`.
 #[derive(Debug)]
 pub struct Server {
     core: Arc<Core>,
+    lifecycle: Arc<Lifecycle>,
     metrics: Metrics,
     engine: EngineKind,
     rt: Option<tokio::runtime::Runtime>,
@@ -126,6 +135,14 @@ impl Server {
                 })?,
             ),
             None => None,
+        };
+        // The announce interface is checked (and cleared of what a crash
+        // left) before anything binds, so an unusable one fails the start.
+        let link = match config.announce.mode {
+            lb_config::AnnounceMode::Bgp => {
+                Some(crate::announce::open_interface(&config.announce)?)
+            }
+            _ => None,
         };
         let choice = options.engine.unwrap_or(config.runtime.engine);
         let chosen = engine::choose(choice).map_err(StartError::Engine)?;
@@ -211,12 +228,24 @@ impl Server {
             state_dir,
             metrics: metrics.clone(),
             ready: ready.clone(),
-            shared,
+            shared: shared.clone(),
             engine,
             workers,
         }));
+        let announcer = link.map(|link| {
+            let _guard = rt.enter();
+            Announcer::start(
+                &config.announce,
+                link,
+                shared,
+                ready.clone(),
+                &metrics.registry,
+            )
+        });
+        let lifecycle = Arc::new(Lifecycle::new(core.clone(), announcer, rt.handle().clone()));
         let mut server = Self {
             core: core.clone(),
+            lifecycle: lifecycle.clone(),
             metrics: metrics.clone(),
             engine,
             rt: Some(rt),
@@ -228,7 +257,7 @@ impl Server {
         let applied = core.apply_file()?;
         core.load_persisted();
         let control = Control {
-            api: core.clone(),
+            api: lifecycle.clone(),
             metrics: metrics.api.clone(),
         };
         let rt = server.rt.as_ref().expect("runtime lives until drop");
@@ -270,7 +299,7 @@ impl Server {
                 })?;
             server.admin = Some(bound);
         }
-        core.set_ready(true);
+        lifecycle.set_ready();
         tracing::info!(
             engine = engine.name(),
             workers,
@@ -285,12 +314,23 @@ impl Server {
     /// Applies a new configuration file (a reload). On error the running
     /// configuration stays, and the rejection is logged and counted.
     pub fn reload(&self, config: &Config) -> Result<Applied, ReloadError> {
-        self.core.reload(config)
+        self.lifecycle.reload(config)
     }
 
     /// Applies a dynamic state, as `PUT /v1/state` does.
     pub fn put_state(&self, state: DesiredState) -> Result<u64, PutError> {
-        self.core.put_state(state)
+        self.lifecycle.put_state(state)
+    }
+
+    /// Drains without exiting, as `lbd drain` does (blocking: call it
+    /// from a plain thread).
+    pub fn drain(&self) -> Result<lb_api::wire::DrainAnswer, DrainError> {
+        self.lifecycle.drain()
+    }
+
+    /// Ends a drain, as `lbd undrain` does.
+    pub fn undrain(&self) -> Result<lb_api::wire::DrainAnswer, DrainError> {
+        self.lifecycle.undrain()
     }
 
     /// Re-reads `path` and applies it (SIGHUP).
@@ -328,7 +368,7 @@ impl Server {
 
     /// A snapshot of listeners and backends.
     pub fn status(&self) -> Status {
-        self.core.status()
+        self.lifecycle.status()
     }
 
     /// What the systemd watchdog asks: do the workers still answer?
@@ -345,27 +385,17 @@ impl Server {
             .clone()
     }
 
-    /// Graceful stop: close listening sockets, let connections finish for
-    /// up to `grace` (default: the longest `drain_timeout`), close the rest.
+    /// Graceful stop: withdraw every VIP and keep accepting for
+    /// `announce.withdraw_grace` (when some VIP was announced), close
+    /// listening sockets, let connections finish for up to `grace`
+    /// (default: the longest `drain_timeout`), close the rest.
     pub fn shutdown(mut self, grace: Option<Duration>) {
-        self.core.set_ready(false);
-        let grace = {
-            let mut plane = self.core.plane();
-            plane.stop_accepting();
-            grace.unwrap_or_else(|| plane.max_drain())
-        };
-        let deadline = std::time::Instant::now() + grace;
-        let active = || self.core.shared().active_total.load(Ordering::Relaxed);
-        if active() > 0 {
-            tracing::info!(connections = active(), grace = ?grace, "draining before exit");
-        }
-        while active() > 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.lifecycle.stop(grace);
         self.stop_now();
     }
 
     fn stop_now(&mut self) {
+        self.lifecycle.release();
         {
             let mut plane = self.core.plane();
             plane.close_all();

@@ -66,5 +66,7 @@ pub fn status(
         generation: routing.generation,
         dynamic_version,
         listeners,
+        drain: None,
+        announce: None,
     }
 }
