@@ -125,9 +125,11 @@ fn units_keep_only_the_privileges_they_use() {
         settings(&lbd, "CapabilityBoundingSet"),
         ["CAP_NET_BIND_SERVICE"]
     );
+    // AF_NETLINK for sock_diag: without it lbd cannot tell that another
+    // process listens on a listener's port, and shares it.
     assert_eq!(
         settings(&lbd, "RestrictAddressFamilies"),
-        ["AF_INET AF_INET6 AF_UNIX"]
+        ["AF_INET AF_INET6 AF_UNIX AF_NETLINK"]
     );
     assert!(settings(&lbd, "SystemCallFilter").contains(&"@system-service".to_owned()));
     assert_eq!(settings(&lbd, "WatchdogSec"), ["30s"]);

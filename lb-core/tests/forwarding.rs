@@ -13,7 +13,6 @@ use std::time::Duration;
 use common::*;
 use lb_config::EngineChoice;
 
-const ADMIN_OFF: &str = "[admin]\nmetrics = \"off\"\ncontrol_socket = \"off\"\n";
 const FAST_TCP: &str =
     "kind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2";
 

@@ -252,6 +252,10 @@ pub fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) 
     }
 }
 
+/// An `[admin]` section with nothing on: no metrics endpoint, no control
+/// socket, so no state directory either.
+pub const ADMIN_OFF: &str = "[admin]\nmetrics = \"off\"\ncontrol_socket = \"off\"\n";
+
 /// Starts an in-process lbd with `toml` on `engine`, two workers.
 pub fn start_lbd(toml: &str, engine: EngineChoice) -> Server {
     start_lbd_workers(toml, engine, 2)
@@ -263,6 +267,14 @@ pub fn start_lbd_workers(toml: &str, engine: EngineChoice, workers: usize) -> Se
         .with_env_filter("warn")
         .with_test_writer()
         .try_init();
+    // Without an [admin] section lbd would take the system's defaults
+    // (/run/lbd, /var/lib/lbd, port 9600): a test never touches those.
+    let toml = if toml.contains("[admin]") {
+        toml.to_owned()
+    } else {
+        format!("{ADMIN_OFF}{toml}")
+    };
+    let toml = toml.as_str();
     let config =
         lb_config::parse_config(toml).unwrap_or_else(|e| panic!("test config:\n{e}\n{toml}"));
     Server::start(
