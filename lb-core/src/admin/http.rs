@@ -7,7 +7,9 @@
 //!   then *serving* until its response is written;
 //! - pending connections are bounded, and when a new one would exceed the
 //!   bound the oldest pending one is dropped: idle or trickling clients
-//!   cannot keep a prompt client out, however many they open;
+//!   cannot keep a prompt client out, however many they open (the accept
+//!   loop lets each new connection read before the next accept, so a
+//!   burst of newer connections cannot push out a prompt one unread);
 //! - connections in total, and per client address (TCP), are bounded: one
 //!   over either bound is closed at once;
 //! - the handshake, the request head and the whole exchange have deadlines;
@@ -184,6 +186,12 @@ impl Server {
                 _ => None,
             };
             tokio::spawn(self.clone().connection(stream, tls, slot, evicted));
+            // Let the new connection read what its client already sent, and
+            // dropped ones release their slots, before the next accept:
+            // otherwise a burst of accepts (up to tokio's budget of 128 per
+            // poll) admits more than `pending` newer connections first, and
+            // a prompt client is dropped as the oldest without being read.
+            tokio::task::yield_now().await;
         }
     }
 
