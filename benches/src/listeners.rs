@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{control, machine, sibling, spawn, spread, wait_until};
+use crate::support::{common_port, control, machine, sibling, spawn, spread, wait_until};
 
 /// `listeners` options.
 #[derive(clap::Args)]
@@ -44,21 +44,6 @@ pub struct Args {
 }
 
 const BACKEND_IPS: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
-
-/// A port free on every backend address.
-fn common_port() -> anyhow::Result<u16> {
-    for _ in 0..50 {
-        let first = TcpListener::bind((BACKEND_IPS[0], 0))?;
-        let port = first.local_addr()?.port();
-        if BACKEND_IPS[1..]
-            .iter()
-            .all(|ip| TcpListener::bind((*ip, port)).is_ok())
-        {
-            return Ok(port);
-        }
-    }
-    anyhow::bail!("no port free on all of {BACKEND_IPS:?}")
-}
 
 /// HTTP/1.1 servers on every backend address at `port`, answering every
 /// request on a keep-alive connection with a 6-byte body, until `stop`.
@@ -141,7 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("state"))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let (traffic, health) = (common_port()?, common_port()?);
+    let (traffic, health) = (common_port(&BACKEND_IPS)?, common_port(&BACKEND_IPS)?);
     http_servers(traffic, stop.clone())?;
     http_servers(health, stop.clone())?;
     let socket = dir.join("lbd.sock");

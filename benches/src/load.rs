@@ -459,7 +459,7 @@ fn monotonic() -> Duration {
 /// The length of the first HTTP/1.1 response in `buf` if all of it is
 /// there: status line and headers up to the blank line, then
 /// `Content-Length` bytes of body.
-fn response_len(buf: &[u8]) -> Option<usize> {
+pub fn response_len(buf: &[u8]) -> Option<usize> {
     let head = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let body = String::from_utf8_lossy(&buf[..head])
         .lines()

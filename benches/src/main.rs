@@ -11,8 +11,9 @@
 //! runs the benchmark, `scenarios` measures, `stats` makes the figures and
 //! `report` the table; `peers` starts the proxies and backends, `tools` and
 //! `load` are the clients, and the standalone subcommands below call
-//! `load` directly.
+//! `load` directly. `chaos` runs lbd under faults (its own module).
 
+mod chaos;
 mod controller_scale;
 mod interrupt;
 mod listeners;
@@ -48,6 +49,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// lbd on both engines under faults (applies, reloads, backend
+    /// failures, descriptor exhaustion, hostile control clients, a UDP
+    /// flood, kill -9); writes benches/RELIABILITY.md.
+    Chaos(chaos::Args),
+    /// A chaos backend as a process of its own (killed or stopped by the
+    /// chaos run): an HTTP server answering every request at once.
+    #[command(hide = true)]
+    ChaosBackend {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
     /// lb-controller with a burst of Services against its in-memory API
     /// server and a real lbd; writes benches/RESULTS-controller.md.
     ControllerScale(controller_scale::Args),
@@ -140,6 +152,8 @@ enum Setup {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Cmd::Chaos(args) => chaos::run(args),
+        Cmd::ChaosBackend { addr } => chaos::serve_forever(addr),
         Cmd::ControllerScale(args) => controller_scale::run(args),
         Cmd::Listeners(args) => listeners::run(args),
         Cmd::Run {

@@ -1,9 +1,11 @@
 //! What the standalone scenarios share (`controller-scale`, `listeners`,
 //! `chaos`): this workspace's binaries next to `lb-bench`, child processes
 //! killed when dropped, polling with a deadline, `lbd`'s control socket,
-//! the machine's description, and medians.
+//! a port free on several addresses, the machine's description, and
+//! medians.
 
 use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -56,6 +58,23 @@ pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<
     }
 }
 
+/// A TCP port free on every address of `ips` (backends that listen on
+/// several loopback addresses at one port, as a NodePort does on nodes).
+pub fn common_port(ips: &[&str]) -> anyhow::Result<u16> {
+    anyhow::ensure!(!ips.is_empty(), "no address to find a port on");
+    for _ in 0..50 {
+        let first = TcpListener::bind((ips[0], 0))?;
+        let port = first.local_addr()?.port();
+        if ips[1..]
+            .iter()
+            .all(|ip| TcpListener::bind((*ip, port)).is_ok())
+        {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no port free on all of {ips:?}")
+}
+
 pub fn median(values: &mut [f64]) -> (f64, f64, f64) {
     values.sort_by(f64::total_cmp);
     let n = values.len();
@@ -106,8 +125,19 @@ pub fn control(
     path: &str,
     body: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
+    control_within(socket, method, path, body, Duration::from_secs(60))
+}
+
+/// [`control`], giving up when a read waits longer than `timeout`.
+pub fn control_within(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
     let mut s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_read_timeout(Some(timeout))?;
     let body = body.unwrap_or("");
     write!(
         s,

@@ -185,23 +185,34 @@ impl Topology {
         let Some(namespaces) = &self.namespaces else {
             return Ok(f());
         };
-        let target = &namespaces[side as usize];
-        let back = File::open("/proc/thread-self/ns/net")?;
-        let net = Some(LinkNameSpaceType::Network);
-        move_into_link_name_space(target.as_fd(), net)
-            .map_err(|e| anyhow::anyhow!("entering the {side:?} namespace: {e}"))?;
-        // Returns even when `f` panics: the rest of the run must not go on
-        // in the wrong namespace.
-        struct Restore(File);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                move_into_link_name_space(self.0.as_fd(), Some(LinkNameSpaceType::Network))
-                    .expect("return to the namespace this thread came from");
-            }
-        }
-        let _restore = Restore(back);
-        Ok(f())
+        within_namespace(
+            &namespaces[side as usize],
+            &format!("the {side:?} namespace"),
+            f,
+        )
     }
+}
+
+/// Runs `f` on this thread inside the network namespace `ns` (an open
+/// `/run/netns/NAME`), then returns the thread to the namespace it was in,
+/// even when `f` panics. Sockets `f` creates, and processes and threads it
+/// starts, stay in `ns`.
+pub fn within_namespace<T>(ns: &File, what: &str, f: impl FnOnce() -> T) -> anyhow::Result<T> {
+    let back = File::open("/proc/thread-self/ns/net")?;
+    let net = Some(LinkNameSpaceType::Network);
+    move_into_link_name_space(ns.as_fd(), net)
+        .map_err(|e| anyhow::anyhow!("entering {what}: {e}"))?;
+    // Returns even when `f` panics: the rest of the run must not go on
+    // in the wrong namespace.
+    struct Restore(File);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            move_into_link_name_space(self.0.as_fd(), Some(LinkNameSpaceType::Network))
+                .expect("return to the namespace this thread came from");
+        }
+    }
+    let _restore = Restore(back);
+    Ok(f())
 }
 
 impl Drop for Topology {

@@ -1024,6 +1024,37 @@ fn unauthenticated_connections_cannot_block_the_tls_control_api() {
     assert!(opened >= 500, "the flood opened only {opened} connections");
 }
 
+/// The TLS control port's accept queue is the kernel's largest, not the
+/// 128 `TcpListener::bind` asks for: `lb-bench chaos` saw 1,000 hostile
+/// clients connecting at once fill 128, and an authorised client's connect
+/// wait a second for its SYN to be sent again. (`ss` shows a listener's
+/// queue size as its Send-Q.)
+#[test]
+fn the_tls_control_port_has_a_deep_accept_queue() {
+    let pki = Pki::new("backlog");
+    let lbd = start_lbd(&pki.config(false), EngineChoice::Epoll);
+    let port = lbd.control_tcp_addr().unwrap().port();
+    let Ok(out) = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+    else {
+        eprintln!("SKIPPED: ss (iproute2) is not installed");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let queue: u32 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no listener on port {port} in ss's output: {text:?}"));
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(queue, somaxconn.min(4096), "{text}");
+}
+
 /// Idle connections and PUTs whose bodies trickle in, on the unix socket,
 /// neither keep `GET /v1/status` waiting nor block a prompt PUT.
 #[test]

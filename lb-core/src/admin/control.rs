@@ -150,6 +150,14 @@ fn group_id(group: &str) -> std::io::Result<u32> {
     }
 }
 
+/// The accept queue of the TLS control port: the kernel's largest
+/// (`net.core.somaxconn`, 4096 by default) instead of the 128 that
+/// `TcpListener::bind` asks for. A thousand hostile clients connecting at
+/// once fill 128 places while lbd works through them, and an authorised
+/// client's connect then waits for its SYN to be sent again, a second
+/// later.
+const TLS_BACKLOG: i32 = 4096;
+
 /// Serves the control API over TLS on `addr`; every request must carry
 /// `Authorization: Bearer <token>`. Returns the bound address.
 pub async fn serve_tls(
@@ -158,7 +166,18 @@ pub async fn serve_tls(
     token: Token,
     control: Control,
 ) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(TLS_BACKLOG)?;
+        socket.set_nonblocking(true)?;
+        TcpListener::from_std(socket.into())?
+    };
     let local = listener.local_addr()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tracing::info!(addr = %local, "control API listening (TLS)");

@@ -6,8 +6,12 @@
 //!   until its request head has arrived (after the TLS handshake, on TLS),
 //!   then *serving* until its response is written;
 //! - pending connections are bounded, and when a new one would exceed the
-//!   bound the oldest pending one is dropped: idle or trickling clients
-//!   cannot keep a prompt client out, however many they open;
+//!   bound the oldest pending one of the client address with the most
+//!   pending is dropped: idle or trickling clients cannot keep a prompt
+//!   client out, however many they open (from fewer addresses than the
+//!   bound, not even during its TLS handshake; the accept loop lets each
+//!   new connection read before the next accept, so a burst of newer
+//!   connections cannot push out a prompt one unread);
 //! - connections in total, and per client address (TCP), are bounded: one
 //!   over either bound is closed at once;
 //! - the handshake, the request head and the whole exchange have deadlines;
@@ -112,11 +116,50 @@ struct Server {
     sources: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// Pending connections, oldest first, each with the signal that drops it.
+/// Pending connections, oldest first, each with its client address (none
+/// on a unix socket) and the signal that drops it, and how many each
+/// address has pending.
 #[derive(Default)]
 struct Pending {
     next: u64,
-    waiting: BTreeMap<u64, Arc<Notify>>,
+    waiting: BTreeMap<u64, (Option<IpAddr>, Arc<Notify>)>,
+    per_source: HashMap<Option<IpAddr>, usize>,
+}
+
+impl Pending {
+    /// Adds a connection from `source`; its id.
+    fn add(&mut self, source: Option<IpAddr>, evicted: Arc<Notify>) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.waiting.insert(id, (source, evicted));
+        *self.per_source.entry(source).or_default() += 1;
+        id
+    }
+
+    /// Removes connection `id` (served or dropped); its drop signal.
+    fn remove(&mut self, id: u64) -> Option<Arc<Notify>> {
+        let (source, evicted) = self.waiting.remove(&id)?;
+        if let Some(n) = self.per_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&source);
+            }
+        }
+        Some(evicted)
+    }
+
+    /// The connection to drop when there are too many: the oldest of the
+    /// address with the most pending. Idle clients that take many slots
+    /// from a few addresses then lose their own connections, not the one
+    /// a prompt client opened from elsewhere while it does its handshake;
+    /// with every address even (a unix socket has one), the oldest.
+    fn victim(&self) -> Option<u64> {
+        let most = self.per_source.values().copied().max()?;
+        self.waiting
+            .iter()
+            .find(|(_, (source, _))| self.per_source.get(source) == Some(&most))
+            .map(|(id, _)| *id)
+    }
 }
 
 /// A connection's hold on the server's counts, released on drop.
@@ -130,7 +173,7 @@ impl Slot {
     /// No longer pending: its request head arrived.
     fn served(&mut self) {
         if let Some(id) = self.pending.take() {
-            lock(&self.server.pending).waiting.remove(&id);
+            lock(&self.server.pending).remove(id);
         }
     }
 }
@@ -184,6 +227,12 @@ impl Server {
                 _ => None,
             };
             tokio::spawn(self.clone().connection(stream, tls, slot, evicted));
+            // Let the new connection read what its client already sent, and
+            // dropped ones release their slots, before the next accept:
+            // otherwise a burst of accepts (up to tokio's budget of 128 per
+            // poll) admits more than `pending` newer connections first, and
+            // a prompt client is dropped as the oldest without being read.
+            tokio::task::yield_now().await;
         }
     }
 
@@ -210,12 +259,13 @@ impl Server {
         let evicted = Arc::new(Notify::new());
         let id = {
             let mut pending = lock(&self.pending);
-            let id = pending.next;
-            pending.next += 1;
-            pending.waiting.insert(id, evicted.clone());
+            let id = pending.add(source, evicted.clone());
             while pending.waiting.len() > self.limits.pending {
-                if let Some((_, oldest)) = pending.waiting.pop_first() {
-                    oldest.notify_one();
+                let Some(victim) = pending.victim() else {
+                    break;
+                };
+                if let Some(dropped) = pending.remove(victim) {
+                    dropped.notify_one();
                 }
             }
             id

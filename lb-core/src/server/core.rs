@@ -35,6 +35,10 @@ pub enum ReloadError {
     Apply(#[from] ApplyError),
 }
 
+/// How long a start waits for another socket to let go of a listener's
+/// address (see [`Core::prepare_at_start`]) before it gives up.
+const START_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A running `lbd`'s sources, plane and persisted state.
 pub struct Core {
     plane: Arc<Mutex<Plane>>,
@@ -121,6 +125,24 @@ impl Core {
         self.plane().prepare(all)
     }
 
+    /// [`Core::prepare`] at start, when a listener's address may still be
+    /// held by the `lbd` this one replaces: a predecessor killed with
+    /// SIGKILL lets go of its listening sockets only once the kernel has
+    /// torn down its io_uring instances, some milliseconds after it is
+    /// gone (`lb-bench chaos` restarted lbd within 10 ms and found them).
+    /// Retries while another socket holds an address, for [`START_WAIT`].
+    fn prepare_at_start(&self, all: &[Listener]) -> Result<Prepared, ApplyError> {
+        let deadline = std::time::Instant::now() + START_WAIT;
+        loop {
+            match self.prepare(all) {
+                Err(ApplyError::Shared { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                result => return result,
+            }
+        }
+    }
+
     fn commit(&self, prepared: Prepared) -> Applied {
         let applied = self.plane().commit(prepared);
         self.metrics.generation.set(applied.generation as i64);
@@ -130,7 +152,7 @@ impl Core {
     /// Applies the file's listeners (at start).
     pub fn apply_file(&self) -> Result<Applied, ApplyError> {
         let src = lock(&self.sources);
-        let prepared = self.prepare(&src.all(&[]))?;
+        let prepared = self.prepare_at_start(&src.all(&[]))?;
         Ok(self.commit(prepared))
     }
 
@@ -218,7 +240,7 @@ impl Core {
                 return;
             }
         };
-        match self.prepare(&src.all(&listeners)) {
+        match self.prepare_at_start(&src.all(&listeners)) {
             Ok(prepared) => {
                 self.commit(prepared);
                 tracing::info!(
