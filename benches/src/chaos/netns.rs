@@ -70,7 +70,7 @@ impl Pair {
     /// that was killed). Needs root.
     pub fn create() -> anyhow::Result<Self> {
         let names = names();
-        crate::topo::remove_namespaces(&names);
+        crate::procs::remove_namespaces(&names);
         crate::interrupt::track_namespaces(&names);
         let [lb, backend] = NAMES;
         let [l_lb, l_backend] = LINKS;
@@ -87,7 +87,7 @@ impl Pair {
         ];
         for step in &steps {
             if let Err(e) = ip(step) {
-                crate::topo::remove_namespaces(&names);
+                crate::procs::remove_namespaces(&names);
                 crate::interrupt::untrack_namespaces(&names);
                 return Err(e);
             }
@@ -160,7 +160,7 @@ impl Pair {
 impl Drop for Pair {
     fn drop(&mut self) {
         let names = names();
-        crate::topo::remove_namespaces(&names);
+        crate::procs::remove_namespaces(&names);
         crate::interrupt::untrack_namespaces(&names);
     }
 }
