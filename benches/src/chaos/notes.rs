@@ -49,7 +49,8 @@ pub fn notes(plan: &Plan) -> Vec<String> {
              source addresses, 127.0.2.1-50), half idle, half trickling a request head (unix) or \
              a TLS handshake record announcing 16,000 bytes (TLS) at 1 byte per 100 ms; a \
              connection lbd closes is opened again. Meanwhile one authorised client sends \
-             `GET /v1/status` every 100 ms on each surface (TLS with the bearer token, a new \
+             `GET /v1/status` every 100 ms on each surface (unix: `lbd status`, a process of its own \
+             as an operator's, its start included in the time; TLS: the bearer token, a new \
              connection and handshake each time) for {} s.",
             plan.control_clients, plan.control_clients, plan.control_seconds
         ),

@@ -38,6 +38,11 @@ pub struct Lbd {
 }
 
 impl Lbd {
+    /// The lbd binary.
+    pub fn bin(&self) -> &str {
+        &self.bin
+    }
+
     /// An lbd of `engine` with its files in `dir` (created); not started.
     pub fn new(bin: &str, engine: &str, workers: usize, dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("state"))?;

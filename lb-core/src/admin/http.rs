@@ -6,10 +6,11 @@
 //!   until its request head has arrived (after the TLS handshake, on TLS),
 //!   then *serving* until its response is written;
 //! - pending connections are bounded, and when a new one would exceed the
-//!   bound the oldest pending one of the client address with the most
-//!   pending is dropped: idle or trickling clients cannot keep a prompt
-//!   client out, however many they open (from fewer addresses than the
-//!   bound, not even during its TLS handshake; the accept loop lets each
+//!   bound the oldest pending one of the client (address on TCP, process
+//!   on a unix socket) with the most pending is dropped: idle or trickling
+//!   clients cannot keep a prompt client out, however many they open (from
+//!   fewer addresses or processes than the bound, not even during its TLS
+//!   handshake or between its connect and its write; the accept loop lets each
 //!   new connection read before the next accept, so a burst of newer
 //!   connections cannot push out a prompt one unread);
 //! - connections in total, and per client address (TCP), are bounded: one
@@ -116,19 +117,27 @@ struct Server {
     sources: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// Pending connections, oldest first, each with its client address (none
-/// on a unix socket) and the signal that drops it, and how many each
-/// address has pending.
+/// Who a pending connection is from, when one must be dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Client {
+    /// A TCP client's address.
+    Addr(IpAddr),
+    /// A unix-socket client's process (`SO_PEERCRED`), if the kernel told.
+    Process(Option<i32>),
+}
+
+/// Pending connections, oldest first, each with its client and the signal
+/// that drops it, and how many each client has pending.
 #[derive(Default)]
 struct Pending {
     next: u64,
-    waiting: BTreeMap<u64, (Option<IpAddr>, Arc<Notify>)>,
-    per_source: HashMap<Option<IpAddr>, usize>,
+    waiting: BTreeMap<u64, (Client, Arc<Notify>)>,
+    per_source: HashMap<Client, usize>,
 }
 
 impl Pending {
     /// Adds a connection from `source`; its id.
-    fn add(&mut self, source: Option<IpAddr>, evicted: Arc<Notify>) -> u64 {
+    fn add(&mut self, source: Client, evicted: Arc<Notify>) -> u64 {
         let id = self.next;
         self.next += 1;
         self.waiting.insert(id, (source, evicted));
@@ -149,10 +158,11 @@ impl Pending {
     }
 
     /// The connection to drop when there are too many: the oldest of the
-    /// address with the most pending. Idle clients that take many slots
-    /// from a few addresses then lose their own connections, not the one
-    /// a prompt client opened from elsewhere while it does its handshake;
-    /// with every address even (a unix socket has one), the oldest.
+    /// client with the most pending. Idle clients that take many slots
+    /// from a few addresses (or processes) then lose their own
+    /// connections, not the one a prompt client opened from elsewhere
+    /// while it does its handshake or its write; with every client even,
+    /// the oldest.
     fn victim(&self) -> Option<u64> {
         let most = self.per_source.values().copied().max()?;
         self.waiting
@@ -208,10 +218,16 @@ impl Server {
                 Listener::Tcp(l) | Listener::Tls(l, _) => l
                     .accept()
                     .await
-                    .map(|(s, peer)| (Stream::Tcp(s), Some(peer.ip().to_canonical()))),
-                Listener::Unix(l) => l.accept().await.map(|(s, _)| (Stream::Unix(s), None)),
+                    .map(|(s, peer)| {
+                        let ip = peer.ip().to_canonical();
+                        (Stream::Tcp(s), Some(ip), Client::Addr(ip))
+                    }),
+                Listener::Unix(l) => l.accept().await.map(|(s, _)| {
+                    let pid = s.peer_cred().ok().and_then(|c| c.pid());
+                    (Stream::Unix(s), None, Client::Process(pid))
+                }),
             };
-            let (stream, source) = match accepted {
+            let (stream, source, client) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(surface = self.name, error = %e, "accept failed; pausing");
@@ -219,7 +235,7 @@ impl Server {
                     continue;
                 }
             };
-            let Some((slot, evicted)) = self.admit(source) else {
+            let Some((slot, evicted)) = self.admit(source, client) else {
                 continue; // over a bound: dropping the stream closes it
             };
             let tls = match &listener {
@@ -239,7 +255,11 @@ impl Server {
     /// Takes a slot for a new connection from `source`, dropping the
     /// oldest pending connection if there are too many; `None` when the
     /// total or the source's count is at its bound.
-    fn admit(self: &Arc<Self>, source: Option<IpAddr>) -> Option<(Slot, Arc<Notify>)> {
+    fn admit(
+        self: &Arc<Self>,
+        source: Option<IpAddr>,
+        client: Client,
+    ) -> Option<(Slot, Arc<Notify>)> {
         if self.total.fetch_add(1, Ordering::Relaxed) >= self.limits.total {
             self.total.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(surface = self.name, "connection refused: too many");
@@ -259,7 +279,7 @@ impl Server {
         let evicted = Arc::new(Notify::new());
         let id = {
             let mut pending = lock(&self.pending);
-            let id = pending.add(source, evicted.clone());
+            let id = pending.add(client, evicted.clone());
             while pending.waiting.len() > self.limits.pending {
                 let Some(victim) = pending.victim() else {
                     break;
