@@ -133,7 +133,7 @@ pub fn resolve_announce(spec: &AnnounceSpec, errors: &mut Vec<FieldError>) -> An
             "announce.interface",
             format!(
                 "{} is not an interface name (1 to 15 characters, no '/', ':' or spaces)",
-                crate::validate::shown(&out.interface)
+                crate::shown(&out.interface)
             ),
         ));
     } else if out.interface == "lo" {

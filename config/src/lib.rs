@@ -56,6 +56,20 @@ impl fmt::Display for FieldError {
     }
 }
 
+/// Longest part of a value an error message repeats back.
+const SHOWN: usize = 64;
+
+/// `value` as an error message quotes it: debug-escaped, and cut after
+/// [`SHOWN`] characters (with its full length), so a huge value in a
+/// request or file does not come back at full size.
+pub fn shown(value: &str) -> String {
+    if value.chars().count() <= SHOWN {
+        return format!("{value:?}");
+    }
+    let head: String = value.chars().take(SHOWN).collect();
+    format!("{head:?}... ({} bytes)", value.len())
+}
+
 /// Every error found in one input.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<FieldError>);

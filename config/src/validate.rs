@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use ipnet::IpNet;
 
 use crate::model::*;
-use crate::{Duration, FieldError};
+use crate::{shown, Duration, FieldError};
 
 /// Most consecutive results `rise` and `fall` may ask for.
 pub const MAX_STREAK: u32 = 100;
@@ -53,20 +53,6 @@ impl Errors<'_> {
         };
         self.out.push(FieldError::new(path, message));
     }
-}
-
-/// Longest part of a value an error message repeats back.
-const SHOWN: usize = 64;
-
-/// `value` as an error message quotes it: debug-escaped, and cut after
-/// [`SHOWN`] characters (with its full length), so a huge value in a
-/// request or file does not come back at full size.
-pub fn shown(value: &str) -> String {
-    if value.chars().count() <= SHOWN {
-        return format!("{value:?}");
-    }
-    let head: String = value.chars().take(SHOWN).collect();
-    format!("{head:?}... ({} bytes)", value.len())
 }
 
 fn valid_name(name: &str) -> bool {
