@@ -335,6 +335,10 @@ url = "unix://{gone}"
     // Exported only by an lbd with `[announce]` on, which needs an
     // interface of its own: lb-core/tests/bgp.rs scrapes them there.
     let announce_only = ["weir_vip_announced", "weir_vip_announce_changes_total"];
+    let bgp_test = include_str!("../../lb-core/tests/bgp.rs");
+    for name in announce_only {
+        assert!(bgp_test.contains(name), "{name} is checked nowhere");
+    }
     let missing: Vec<_> = queried
         .difference(&names)
         .filter(|n| !announce_only.contains(&n.as_str()))
