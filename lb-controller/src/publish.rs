@@ -220,7 +220,20 @@ impl Publisher {
             e
         };
         let target = target(&self.forwarder).map_err(|e| fail(e.to_string()))?;
-        let body = serde_json::to_vec(&snapshot.state).map_err(|e| fail(e.to_string()))?;
+        let body = match &snapshot.state.l2 {
+            // The owner map names the receiver (each forwarder learns its
+            // own name from the controller).
+            Some(l2) => {
+                let mut state = snapshot.state.clone();
+                state.l2 = Some(lb_config::L2State {
+                    forwarder: name.clone(),
+                    ..l2.clone()
+                });
+                serde_json::to_vec(&state)
+            }
+            None => serde_json::to_vec(&snapshot.state),
+        }
+        .map_err(|e| fail(e.to_string()))?;
         let sent = tokio::time::timeout(
             timeout,
             client::send(&target, Method::PUT, "/v1/state", Some(body)),

@@ -1,0 +1,72 @@
+//! The leader's readiness probes of the forwarders, for L2 ownership: each
+//! forwarder's control API `GET /readyz` every `l2.probe_interval`, folded
+//! by [`Liveness`]; a forwarder going down or up asks for a new state (the
+//! ledger's [`Book`](crate::l2::Book) moves what must move).
+//!
+//! The probes are also how an `lbd` knows the controller can reach it:
+//! one that hears none for its lease counts itself cut off.
+
+use std::time::Duration;
+
+use hyper::{Method, StatusCode};
+use lb_api::client;
+use tokio::time::MissedTickBehavior;
+
+use super::state::State;
+use crate::config::{Config, Forwarder};
+use crate::l2::owners::{Liveness, Probe};
+use crate::publish;
+
+/// Starts one probe loop per forwarder (when some pool is `l2`).
+pub(super) fn spawn(cfg: &Config, state: &State) {
+    if !cfg.l2.enabled() {
+        return;
+    }
+    for f in &cfg.forwarders {
+        tokio::spawn(probe_loop(
+            f.clone(),
+            cfg.l2.probe_interval,
+            cfg.l2.probe_failures,
+            state.clone(),
+        ));
+    }
+}
+
+/// One probe, answered within `timeout`.
+async fn probe(f: &Forwarder, timeout: Duration) -> Probe {
+    let target = match publish::target(f) {
+        Ok(t) => t,
+        Err(e) => return Probe::Missed(e.to_string()),
+    };
+    match tokio::time::timeout(timeout, client::send(&target, Method::GET, "/readyz", None)).await
+    {
+        Err(_) => Probe::Missed(format!("no answer within {timeout:?}")),
+        Ok(Err(e)) => Probe::Missed(e.to_string()),
+        Ok(Ok((StatusCode::OK, _))) => Probe::Ready,
+        Ok(Ok((status, _))) => Probe::NotReady(status.to_string()),
+    }
+}
+
+async fn probe_loop(f: Forwarder, interval: Duration, failures: u32, state: State) {
+    let mut liveness = Liveness::new(failures);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let seen = probe(&f, interval).await;
+        if liveness.observe(&seen) {
+            let up = liveness.up();
+            if up {
+                tracing::info!(forwarder = %f.name, "forwarder ready again: it may own L2 VIPs");
+            } else {
+                tracing::warn!(forwarder = %f.name, why = ?liveness.why, "forwarder down: its L2 VIPs move");
+            }
+            let changed = state
+                .lock()
+                .l2_set_live(&f.name, up, liveness.why.clone());
+            if changed {
+                state.rebuild();
+            }
+        }
+    }
+}

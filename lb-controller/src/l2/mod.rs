@@ -1,0 +1,104 @@
+//! L2 announcement on the controller's side: one owner per VIP of an
+//! `announce = "l2"` pool, chosen among the live forwarders and sent to
+//! every forwarder in the state (`l2`), with an epoch that only grows.
+//!
+//! - [`owners`]: the choice, recovery at start, liveness (pure);
+//! - [`Book`]: what the ledger keeps between states (pure);
+//! - the leader's readiness probes of each forwarder are the controller's
+//!   shell (`controller::probes`).
+//!
+//! Kubernetes keeps no owner map: at start the controller reads it back
+//! from what the forwarders run ([`owners::recover`]), so a restart moves
+//! no VIP.
+
+pub mod owners;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use lb_config::{DesiredState, L2State};
+
+use self::owners::{Move, Owners};
+use crate::config::L2Settings;
+
+/// The L2 owners between states, and what is known of the forwarders.
+#[derive(Clone, Debug)]
+pub struct Book {
+    settings: L2Settings,
+    forwarders: Vec<String>,
+    live: BTreeSet<String>,
+    down: BTreeMap<String, String>,
+    owners: Owners,
+    moves: Vec<Move>,
+}
+
+impl Book {
+    /// A book for `forwarders` (every one presumed live until probed),
+    /// starting from the owners they were found running.
+    pub fn recovered(
+        settings: &L2Settings,
+        forwarders: Vec<String>,
+        running: &[Option<DesiredState>],
+    ) -> Self {
+        Self {
+            settings: settings.clone(),
+            live: forwarders.iter().cloned().collect(),
+            forwarders,
+            down: BTreeMap::new(),
+            owners: owners::recover(running),
+            moves: Vec::new(),
+        }
+    }
+
+    /// Whether `ip` gets an owner.
+    pub fn covers(&self, ip: IpAddr) -> bool {
+        self.settings.covers(ip)
+    }
+
+    /// Marks `name` up or down (`why`: the reason it is down); returns
+    /// whether anything changed (a new state is due).
+    pub fn set_live(&mut self, name: &str, up: bool, why: Option<String>) -> bool {
+        if up {
+            self.down.remove(name);
+            self.live.insert(name.to_owned())
+        } else {
+            self.down
+                .insert(name.to_owned(), why.unwrap_or_else(|| "down".into()));
+            self.live.remove(name)
+        }
+    }
+
+    /// The `l2` of the state numbered `version` whose VIPs are `vips`
+    /// (those covered are kept); the moves are kept for
+    /// [`Book::take_moves`].
+    pub fn build(&mut self, vips: impl IntoIterator<Item = IpAddr>, version: u64) -> L2State {
+        let vips: BTreeSet<IpAddr> = vips
+            .into_iter()
+            .map(|ip| ip.to_canonical())
+            .filter(|ip| self.covers(*ip))
+            .collect();
+        let (owners, moves) = owners::assign(
+            &self.owners,
+            &vips,
+            &self.forwarders,
+            &self.live,
+            &self.down,
+            version,
+        );
+        self.owners = owners;
+        self.moves.extend(moves);
+        owners::state(&self.owners, self.settings.lease().as_millis() as u64)
+    }
+
+    /// The moves since the last call.
+    pub fn take_moves(&mut self) -> Vec<Move> {
+        std::mem::take(&mut self.moves)
+    }
+
+    /// The owner of `ip`, if it has one.
+    pub fn owner_of(&self, ip: IpAddr) -> Option<&str> {
+        self.owners
+            .get(&ip.to_canonical())
+            .map(|o| o.name.as_str())
+    }
+}
