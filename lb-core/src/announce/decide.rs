@@ -54,6 +54,9 @@ pub enum Withheld {
     /// L2: cut off from the controller, this lbd saw another host claim
     /// the VIP on the LAN, and gave it up.
     Yielded,
+    /// L2: the owner map is the one persisted before a restart, and the
+    /// controller has not confirmed it yet (nor has the lease passed).
+    Unconfirmed,
 }
 
 impl Withheld {
@@ -66,6 +69,7 @@ impl Withheld {
             Self::NotOwner => "not_owner",
             Self::NoOwner => "no_owner",
             Self::Yielded => "yielded",
+            Self::Unconfirmed => "awaiting_controller",
         }
     }
 }
@@ -126,6 +130,12 @@ pub struct L2Life {
     pub life: Lifecycle,
     /// A drain has gone on for the withdraw grace (or longer).
     pub grace_over: bool,
+    /// The owner map may be acted on: the controller sent a state since
+    /// lbd started, or a lease has passed since the start without one (a
+    /// map persisted before a restart may be stale: another host may have
+    /// taken the VIPs meanwhile; with the controller down, lbd takes them
+    /// back after the lease, static stability).
+    pub confirmed: bool,
 }
 
 /// Decides every VIP of `vips` in L2 mode from the owner map `l2` (the
@@ -146,6 +156,7 @@ pub fn decide_l2(
                 None => Some(Withheld::NoOwner),
                 Some((m, o)) if o.owner != m.forwarder => Some(Withheld::NotOwner),
                 Some(_) if yielded.contains(&vip) => Some(Withheld::Yielded),
+                Some(_) if !at.confirmed => Some(Withheld::Unconfirmed),
                 Some(_) if at.life.draining && at.grace_over => Some(Withheld::Draining),
                 Some(_) if !at.life.ready && !at.life.draining => Some(Withheld::NotReady),
                 Some(_) => None,
@@ -368,6 +379,7 @@ mod tests {
         let at = L2Life {
             life: READY,
             grace_over: false,
+            confirmed: true,
         };
         let none = BTreeSet::new();
         let d = decide_l2(&Decisions::new(), &vips, Some(&m), at, &none, now);
@@ -393,6 +405,7 @@ mod tests {
         let within = L2Life {
             life: draining,
             grace_over: false,
+            confirmed: true,
         };
         let d = decide_l2(&Decisions::new(), &vips, Some(&mine), within, &none, now);
         assert!(d[&ip(1)].announce(), "not ready, but nobody else has it yet");
@@ -402,6 +415,7 @@ mod tests {
         let over = L2Life {
             life: draining,
             grace_over: true,
+            confirmed: true,
         };
         let d = decide_l2(&Decisions::new(), &vips, Some(&mine), over, &none, now);
         assert_eq!(d[&ip(1)].withheld, Some(Withheld::Draining));
@@ -411,6 +425,7 @@ mod tests {
                 draining: false,
             },
             grace_over: false,
+            confirmed: true,
         };
         let d = decide_l2(&Decisions::new(), &vips, Some(&mine), starting, &none, now);
         assert_eq!(d[&ip(1)].withheld, Some(Withheld::NotReady));

@@ -143,6 +143,10 @@ struct L2 {
     sender: PacketSocket,
     /// The last request from the controller (a probe or a state).
     last_contact: Mutex<Instant>,
+    /// When the announcer started.
+    started: Instant,
+    /// The controller has sent a state since the start.
+    confirmed: AtomicBool,
     /// When the current drain started.
     drain_since: Mutex<Option<Instant>>,
     /// Per VIP we answer for, when another host last claimed it.
@@ -338,6 +342,8 @@ impl Announcer {
                     mac: lan.mac,
                     sender: lan.sender,
                     last_contact: Mutex::new(Instant::now()),
+                    started: Instant::now(),
+                    confirmed: AtomicBool::new(false),
                     drain_since: Mutex::new(None),
                     claims: Arc::new(Mutex::new(BTreeMap::new())),
                     watched: Arc::new(Mutex::new(BTreeSet::new())),
@@ -381,9 +387,14 @@ impl Announcer {
         this
     }
 
-    /// L2: the owner map of the state now in force.
-    pub fn set_l2(&self, map: Option<L2State>) {
+    /// L2: the owner map of the state now in force; `from_controller`: it
+    /// came in a `PUT /v1/state` (not from the state persisted before a
+    /// restart).
+    pub fn set_l2(&self, map: Option<L2State>, from_controller: bool) {
         if let Some(l2) = &self.l2 {
+            if from_controller {
+                l2.confirmed.store(true, Ordering::SeqCst);
+            }
             *lock(&l2.map) = map;
             l2.adopt.store(true, Ordering::SeqCst);
             self.poke();
@@ -476,7 +487,13 @@ impl Announcer {
                         tracing::warn!(%vip, "cut off from the controller and another host claims the VIP: giving it up");
                     }
                 }
-                let at = L2Life { life, grace_over };
+                let confirmed = l2.confirmed.load(Ordering::SeqCst)
+                    || now.saturating_duration_since(l2.started) >= lease;
+                let at = L2Life {
+                    life,
+                    grace_over,
+                    confirmed,
+                };
                 decide_l2(&st.decisions, &vips, map.as_ref(), at, &gone, now)
             }
         };

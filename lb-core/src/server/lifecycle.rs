@@ -75,7 +75,7 @@ impl Lifecycle {
     pub fn set_ready(&self) {
         self.core.set_ready(true);
         if let Some(a) = &self.announcer {
-            a.set_l2(self.core.l2());
+            a.set_l2(self.core.l2(), false);
             a.poke();
         }
     }
@@ -229,8 +229,8 @@ impl ControlApi for Lifecycle {
 
     fn put_state(&self, state: DesiredState) -> Result<u64, PutError> {
         let applied = self.core.put_state(state);
-        if let Some(a) = &self.announcer {
-            a.set_l2(self.core.l2());
+        if let (Some(a), Ok(_)) = (&self.announcer, &applied) {
+            a.set_l2(self.core.l2(), true);
         }
         self.poke();
         applied
