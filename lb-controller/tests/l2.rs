@@ -16,7 +16,10 @@
 //! edge's LAN interface, the client's neighbour entry is that edge's MAC,
 //! and the six IPv4 VIPs use all three edges; (d) with the controller
 //! stopped every VIP stays and serves, and a restarted controller moves
-//! none; (b, e) `kill -9` of an owner: a client connecting every 20 ms to
+//! none; partition: an owner the controller cannot reach (its control
+//! socket moved away) while the LAN can gives its VIPs up within its lease
+//! and a second, once new owners announce them, and takes none back when
+//! healed; (b, e) `kill -9` of an owner: a client connecting every 20 ms to
 //! its IPv4 and IPv6 VIPs sees at most 1 s of failures, and its neighbour
 //! entries name the new owner's MAC (ARP and NDP); (c) SIGTERM of an
 //! owner: no connection fails.
@@ -418,12 +421,80 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
         .sum();
     assert_eq!(moved, changed_before, "no AnnouncerChanged Event after the restart");
 
+    // Partition: the controller loses an owner (its control socket is
+    // moved away) while the LAN does not. Its VIPs move; the old owner,
+    // cut off for its lease and seeing the new owners' announcements,
+    // stops answering for them (ARP and NDP alike).
+    let cut = (1..=EDGES)
+        .rev()
+        .find(|&i| owners[..V4].contains(&i) && owners[V4..].contains(&i))
+        .expect("an edge owning VIPs of both families");
+    let theirs: Vec<IpAddr> = all
+        .iter()
+        .zip(&owners)
+        .filter(|(_, &o)| o == cut)
+        .map(|(v, _)| *v)
+        .collect();
+    let sock = dir.path(&format!("e{cut}.sock"));
+    let away = dir.path(&format!("e{cut}.sock.cut"));
+    std::fs::rename(&sock, &away).unwrap();
+    let cut_at = Instant::now();
+    live.remove(&cut);
+    let moved_to = settled(&edges, &all, &live, "the cut-off edge's VIPs move");
+    // Each of its VIPs on one host only, and the client pointed there (a
+    // cut-off owner that announced again would pull it back).
+    let one_owner = |what: &str| {
+        for &v in &theirs {
+            let on = holders(&edges, v);
+            assert_eq!(on.len(), 1, "{what}: {v} on {on:?}");
+            assert_eq!(
+                neighbour(&client, v).as_deref(),
+                Some(macs[on[0] - 1].as_str()),
+                "{what}: the client's entry for {v}"
+            );
+        }
+    };
+    wait_for(Duration::from_secs(5), "the cut-off owner gives its VIPs up", || {
+        theirs
+            .iter()
+            .all(|&v| !holds(&edges[cut - 1], v))
+            .then_some(())
+    });
+    let gave_up = cut_at.elapsed();
+    eprintln!("partition of edge-{cut}: its {} VIPs given up after {gave_up:?}", theirs.len());
+    assert!(
+        gave_up < Duration::from_millis(1200 + 1000),
+        "a cut-off owner stops answering within its lease and a second: {gave_up:?}"
+    );
+    for &vip in &theirs {
+        connect(&client, vip).unwrap_or_else(|e| panic!("{vip} after the partition: {e}"));
+    }
+    one_owner("after the partition");
+    // Healed: it is live again and takes nothing back.
+    std::fs::rename(&away, &sock).unwrap();
+    live.insert(cut);
+    let healed = version_of(&dir, &rt, (1..=EDGES).find(|i| *i != cut).unwrap());
+    wait_for(Duration::from_secs(20), "the healed edge runs the current state", || {
+        (version_of(&dir, &rt, cut) >= healed).then_some(())
+    });
+    let owners = settled(&edges, &all, &live, "nothing moves back");
+    one_owner("healed");
+    assert_eq!(owners, moved_to, "a forwarder that comes back takes no VIP back");
+
     // (b, e) kill -9 of the owner of an IPv4 and an IPv6 VIP.
     let victim = (1..=EDGES)
         .find(|&i| owners[..V4].contains(&i) && owners[V4..].contains(&i))
         .expect("an edge owning VIPs of both families");
+    assert_ne!(victim, cut, "the first such edge, the cut one was the last");
     let vip4 = v4[owners[..V4].iter().position(|&o| o == victim).unwrap()];
     let vip6 = v6[owners[V4..].iter().position(|&o| o == victim).unwrap()];
+    for vip in [vip4, vip6] {
+        assert_eq!(
+            neighbour(&client, vip).as_deref(),
+            Some(macs[victim - 1].as_str()),
+            "before the kill, the client reaches {vip} through its owner"
+        );
+    }
     let probes = [Prober::start(&client, vip4), Prober::start(&client, vip6)];
     std::thread::sleep(Duration::from_millis(200));
     let killed_at = Instant::now();

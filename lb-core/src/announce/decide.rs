@@ -173,7 +173,9 @@ pub fn decide_l2(
 /// The VIPs an lbd in L2 mode gives up to bound a partition: only while it
 /// is cut off (no word from the controller for `lease` since
 /// `last_contact`), a VIP that another host has claimed on the LAN since
-/// that last word. With the controller down and no new owner, nobody
+/// that last word. (The shell keeps a VIP given up until the controller
+/// sends a state: the first probe after a partition heals says nothing of
+/// owners, and announcing the VIP again would pull clients back.) With the controller down and no new owner, nobody
 /// claims and nothing is given up (static stability); a new owner's claim
 /// reaches a cut-off old one at its takeover burst or, at the latest, its
 /// next periodic announcement.

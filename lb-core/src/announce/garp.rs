@@ -100,6 +100,34 @@ pub fn claim_in(frame: &[u8], ours: [u8; 6]) -> Option<Claim> {
     })
 }
 
+/// The claim an ICMPv6 message (as a raw ICMPv6 socket gets it, without
+/// the IPv6 header) makes: a neighbour advertisement's target, when its
+/// target link-layer address option names a MAC that is not `ours`.
+/// Anything else, malformed messages included, is `None`.
+pub fn claim_in_na(icmp: &[u8], ours: [u8; 6]) -> Option<Claim> {
+    const NEIGHBOR_ADVERTISEMENT: u8 = 136;
+    if icmp.len() < 24 || icmp[0] != NEIGHBOR_ADVERTISEMENT || icmp[1] != 0 {
+        return None;
+    }
+    let target: [u8; 16] = icmp[8..24].try_into().ok()?;
+    let mut options = &icmp[24..];
+    while options.len() >= 8 {
+        let len = usize::from(options[1]) * 8;
+        if len == 0 || len > options.len() {
+            return None;
+        }
+        if options[0] == 2 && len == 8 {
+            let mac: [u8; 6] = options[2..8].try_into().ok()?;
+            return (mac != ours).then_some(Claim {
+                ip: IpAddr::from(target),
+                mac,
+            });
+        }
+        options = &options[len..];
+    }
+    None
+}
+
 /// When each placed VIP is next announced, and how many of its takeover
 /// burst are left.
 #[derive(Clone, Debug, Default)]
@@ -186,6 +214,16 @@ mod tests {
         assert!(icmp.is_checksum_valid(ip.header().source(), ip.header().destination()));
         assert_eq!(&icmp.payload()[..16], &v6.octets());
         assert_eq!(&icmp.payload()[16..], &[2, 1, 2, 0, 0, 0, 0, 0x0a]);
+        let message = &f[14 + 40..];
+        assert_eq!(claim_in_na(message, MAC), None, "our own");
+        assert_eq!(
+            claim_in_na(message, [2, 0, 0, 0, 0, 0x0b]),
+            Some(Claim { ip: vip, mac: MAC })
+        );
+        assert_eq!(claim_in_na(&message[..30], [0; 6]), None);
+        let mut zero_len = message.to_vec();
+        zero_len[25] = 0;
+        assert_eq!(claim_in_na(&zero_len, [0; 6]), None, "a zero-length option");
     }
 
     #[test]

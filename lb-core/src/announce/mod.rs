@@ -149,17 +149,23 @@ struct L2 {
     confirmed: AtomicBool,
     /// When the current drain started.
     drain_since: Mutex<Option<Instant>>,
-    /// Per VIP we answer for, when another host last claimed it.
+    /// Per VIP the map gives us, when another host last claimed it.
     claims: Arc<Mutex<BTreeMap<IpAddr, Instant>>>,
-    /// The VIPs placed, for the receiver of claims.
+    /// The VIPs the map gives us, for the receivers of claims.
     watched: Arc<Mutex<BTreeSet<IpAddr>>>,
+    /// The VIPs given up while cut off: they stay given up until the
+    /// controller sends a state (a probe alone says nothing of owners).
+    given_up: Mutex<BTreeSet<IpAddr>>,
 }
 
 /// The LAN interface opened for L2 mode.
 pub struct Lan {
     mac: [u8; 6],
     sender: PacketSocket,
-    receiver: PacketSocket,
+    /// ARP frames on the LAN interface.
+    arp: PacketSocket,
+    /// ICMPv6 messages (neighbour advertisements).
+    ndp: PacketSocket,
 }
 
 /// The announcement loop's handle.
@@ -264,8 +270,8 @@ pub fn open_lan(config: &Announce) -> Result<(Link, Lan), LinkError> {
             ))
         })?;
     let sender = PacketSocket::sender(link.index).map_err(netlink)?;
-    let receiver =
-        PacketSocket::arp_receiver(link.index, Duration::from_millis(200)).map_err(netlink)?;
+    let arp = PacketSocket::arp_receiver(link.index, Duration::from_millis(200)).map_err(netlink)?;
+    let ndp = PacketSocket::icmpv6_receiver(Duration::from_millis(200)).map_err(netlink)?;
     match arp::ignores(&config.interface) {
         Some(true) => {}
         Some(false) => tracing::warn!(
@@ -278,7 +284,15 @@ pub fn open_lan(config: &Announce) -> Result<(Link, Lan), LinkError> {
         ),
     }
     tracing::info!(interface = %link.name, mac = %mac_text(mac), "L2 announcements on the LAN interface");
-    Ok((link, Lan { mac, sender, receiver }))
+    Ok((
+        link,
+        Lan {
+            mac,
+            sender,
+            arp,
+            ndp,
+        },
+    ))
 }
 
 fn mac_text(mac: [u8; 6]) -> String {
@@ -288,10 +302,11 @@ fn mac_text(mac: [u8; 6]) -> String {
         .join(":")
 }
 
-/// Receives ARP frames until `stop`, recording other hosts' claims on the
-/// VIPs `watched`.
+/// Receives frames (ARP) or messages (ICMPv6) until `stop`, recording the
+/// claims `parse` finds in them on the VIPs `watched`.
 fn receive_claims(
     receiver: PacketSocket,
+    parse: fn(&[u8], [u8; 6]) -> Option<garp::Claim>,
     mac: [u8; 6],
     watched: Arc<Mutex<BTreeSet<IpAddr>>>,
     claims: Arc<Mutex<BTreeMap<IpAddr, Instant>>>,
@@ -301,7 +316,7 @@ fn receive_claims(
     while stop.strong_count() > 0 {
         match receiver.recv(&mut buf) {
             Ok(Some(frame)) => {
-                let Some(claim) = garp::claim_in(frame, mac) else {
+                let Some(claim) = parse(frame, mac) else {
                     continue;
                 };
                 if lock(&watched).contains(&claim.ip) {
@@ -313,7 +328,7 @@ fn receive_claims(
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::error!(error = %e, "cannot receive ARP frames; a partitioned owner will not see new owners' claims");
+                tracing::error!(error = %e, "cannot receive ARP or NDP; a partitioned owner will not see new owners' claims");
                 return;
             }
         }
@@ -334,7 +349,7 @@ impl Announcer {
         registry: &Registry,
     ) -> Arc<Self> {
         let kind = link.kind.clone();
-        let (l2, receiver) = match lan {
+        let (l2, receivers) = match lan {
             Some(lan) => (
                 Some(L2 {
                     map: Mutex::new(None),
@@ -347,10 +362,14 @@ impl Announcer {
                     drain_since: Mutex::new(None),
                     claims: Arc::new(Mutex::new(BTreeMap::new())),
                     watched: Arc::new(Mutex::new(BTreeSet::new())),
+                    given_up: Mutex::new(BTreeSet::new()),
                 }),
-                Some(lan.receiver),
+                vec![
+                    ("lbd-arp", lan.arp, garp::claim_in as fn(&[u8], [u8; 6]) -> _),
+                    ("lbd-ndp", lan.ndp, garp::claim_in_na),
+                ],
             ),
-            None => (None, None),
+            None => (None, Vec::new()),
         };
         let this = Arc::new(Self {
             config: config.clone(),
@@ -373,14 +392,16 @@ impl Announcer {
             kind,
             l2,
         });
-        if let (Some(receiver), Some(l2)) = (receiver, &this.l2) {
-            let (mac, watched, claims) = (l2.mac, l2.watched.clone(), l2.claims.clone());
-            let stop = Arc::downgrade(&this);
-            let spawned = std::thread::Builder::new()
-                .name("lbd-arp".into())
-                .spawn(move || receive_claims(receiver, mac, watched, claims, stop));
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start the ARP receiver");
+        if let Some(l2) = &this.l2 {
+            for (name, receiver, parse) in receivers {
+                let (mac, watched, claims) = (l2.mac, l2.watched.clone(), l2.claims.clone());
+                let stop = Arc::downgrade(&this);
+                let spawned = std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || receive_claims(receiver, parse, mac, watched, claims, stop));
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start {name}, the receiver of claims");
+                }
             }
         }
         tokio::spawn(this.clone().run());
@@ -394,6 +415,7 @@ impl Announcer {
         if let Some(l2) = &self.l2 {
             if from_controller {
                 l2.confirmed.store(true, Ordering::SeqCst);
+                lock(&l2.given_up).clear();
             }
             *lock(&l2.map) = map;
             l2.adopt.store(true, Ordering::SeqCst);
@@ -481,12 +503,27 @@ impl Announcer {
                     .is_some_and(|t| now.saturating_duration_since(t) >= self.withdraw_grace());
                 let lease = Duration::from_millis(map.as_ref().map_or(u64::MAX, |m| m.lease_ms));
                 let last = *lock(&l2.last_contact);
-                let gone = yielded(&lock(&l2.claims), last, lease, now);
-                for vip in &gone {
-                    if st.placed.contains(vip) {
-                        tracing::warn!(%vip, "cut off from the controller and another host claims the VIP: giving it up");
+                let mine: BTreeSet<IpAddr> = map
+                    .as_ref()
+                    .map(|m| {
+                        m.owners
+                            .iter()
+                            .filter(|o| o.owner == m.forwarder)
+                            .map(|o| o.vip.to_canonical())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                lock(&l2.claims).retain(|vip, _| mine.contains(vip));
+                let newly = yielded(&lock(&l2.claims), last, lease, now);
+                let mut given_up = lock(&l2.given_up);
+                for vip in newly {
+                    if given_up.insert(vip) {
+                        tracing::warn!(%vip, "cut off from the controller and another host claims the VIP: giving it up until the controller sends a state");
                     }
                 }
+                let gone = given_up.clone();
+                drop(given_up);
+                *lock(&l2.watched) = mine;
                 let confirmed = l2.confirmed.load(Ordering::SeqCst)
                     || now.saturating_duration_since(l2.started) >= lease;
                 let at = L2Life {
@@ -581,8 +618,6 @@ impl Announcer {
         st.errors.retain(|vip, _| decisions.contains_key(vip));
         st.decisions = decisions;
         if let Some(l2) = &self.l2 {
-            *lock(&l2.watched) = st.placed.clone();
-            lock(&l2.claims).retain(|vip, _| st.placed.contains(vip));
             for vip in st.schedule.take_due(now) {
                 if let Err(e) = l2.sender.send(&garp::announcement(vip, l2.mac)) {
                     tracing::warn!(%vip, error = %e, "cannot send the VIP's announcement");

@@ -1,6 +1,9 @@
 //! Raw Ethernet frames on the LAN interface (`AF_PACKET`): sending the
 //! announcements of [`super::garp`], and receiving the ARP frames other
-//! hosts send (their claims on our VIPs). Needs `CAP_NET_RAW`.
+//! hosts send (their claims on our IPv4 VIPs); and a raw ICMPv6 socket
+//! for their neighbour advertisements (claims on our IPv6 VIPs: ICMPv6
+//! only, not every IPv6 frame a packet socket would copy). Needs
+//! `CAP_NET_RAW`.
 //!
 //! The one `unsafe` outside the engines: neither `rustix` nor `nix` can
 //! build a `sockaddr_ll` safely, so [`bind`] and [`PacketSocket::send`]
@@ -86,6 +89,24 @@ impl PacketSocket {
             Some(timeout),
         )?;
         Ok(Self { fd, ifindex })
+    }
+
+    /// A raw ICMPv6 socket that receives the ICMPv6 messages this host gets
+    /// (without their IPv6 header), waiting at most `timeout` in
+    /// [`PacketSocket::recv`]; not for sending.
+    pub fn icmpv6_receiver(timeout: Duration) -> io::Result<Self> {
+        let fd = rustix::net::socket_with(
+            AddressFamily::INET6,
+            SocketType::RAW,
+            SocketFlags::CLOEXEC,
+            Some(rustix::net::ipproto::ICMPV6),
+        )?;
+        rustix::net::sockopt::set_socket_timeout(
+            &fd,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(timeout),
+        )?;
+        Ok(Self { fd, ifindex: 0 })
     }
 
     /// Sends one whole frame (Ethernet header included).
