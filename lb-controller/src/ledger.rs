@@ -302,9 +302,7 @@ impl Ledger {
     /// Marks a forwarder up or down for L2 ownership; returns whether a
     /// new state is due.
     pub fn l2_set_live(&mut self, name: &str, up: bool, why: Option<String>) -> bool {
-        self.l2
-            .as_mut()
-            .is_some_and(|b| b.set_live(name, up, why))
+        self.l2.as_mut().is_some_and(|b| b.set_live(name, up, why))
     }
 
     /// The L2 owner changes since the last call.
@@ -363,7 +361,12 @@ impl Ledger {
             v.get_or_insert(version);
         }
         if let Some(book) = &mut self.l2 {
-            let vips: Vec<IpAddr> = snapshot.state.listeners.iter().filter_map(bind_ip).collect();
+            let vips: Vec<IpAddr> = snapshot
+                .state
+                .listeners
+                .iter()
+                .filter_map(bind_ip)
+                .collect();
             snapshot.state.l2 = Some(book.build(vips, version));
         }
         snapshot

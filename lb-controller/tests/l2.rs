@@ -97,7 +97,9 @@ fn start_lbd(ns: &Netns, dir: &TempDir, i: usize) -> Proc {
     std::fs::write(&cfg, lbd_config(dir, i)).unwrap();
     let _ = std::fs::create_dir_all(dir.path(&format!("e{i}-state")));
     let mut cmd = ns.command(support::lbd_binary());
-    cmd.args(["run", "--config"]).arg(&cfg).env("LBD_LOG", "info");
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .env("LBD_LOG", "info");
     let p = Proc::spawn(cmd, &format!("lbd {i}"), &dir.path(&format!("e{i}.log")));
     let sock = dir.path(&format!("e{i}.sock"));
     wait_for(Duration::from_secs(20), "lbd control socket", || {
@@ -112,7 +114,11 @@ fn start_controller(cfg: &Path, dir: &TempDir, n: usize) -> Proc {
         .arg(cfg)
         .args(["--identity", "l2-test"])
         .env("RUST_LOG", "info,kube=warn");
-    Proc::spawn(cmd, "lb-controller", &dir.path(&format!("controller-{n}.log")))
+    Proc::spawn(
+        cmd,
+        "lb-controller",
+        &dir.path(&format!("controller-{n}.log")),
+    )
 }
 
 /// The MAC of `dev` in `ns`.
@@ -127,7 +133,9 @@ fn mac_of(ns: &Netns, dev: &str) -> String {
 
 /// Whether `vip` is an address of `lan0` in `ns`.
 fn holds(ns: &Netns, vip: IpAddr) -> bool {
-    let out = ns.ip_out(&["addr", "show", "dev", "lan0"]).unwrap_or_default();
+    let out = ns
+        .ip_out(&["addr", "show", "dev", "lan0"])
+        .unwrap_or_default();
     let prefix = if vip.is_ipv4() { 32 } else { 128 };
     out.contains(&format!(" {vip}/{prefix} "))
 }
@@ -205,7 +213,10 @@ fn outage(seen: &[(Duration, bool)]) -> (usize, Duration) {
     let recovered = last.and_then(|i| seen[i + 1..].iter().find(|(_, ok)| *ok).map(|(t, _)| *t));
     match (first, recovered) {
         (Some(a), Some(b)) => (failed, b - a),
-        (Some(a), None) => (failed, seen.last().map_or(a, |(t, _)| *t) - a + Duration::from_secs(3600)),
+        (Some(a), None) => (
+            failed,
+            seen.last().map_or(a, |(t, _)| *t) - a + Duration::from_secs(3600),
+        ),
         _ => (0, Duration::ZERO),
     }
 }
@@ -233,7 +244,11 @@ fn condition_message(api: &ApiServer, name: &str) -> String {
 }
 
 /// Each VIP's owner and epoch in the state `lbd` `i` runs.
-fn owners_in(dir: &TempDir, rt: &tokio::runtime::Runtime, i: usize) -> BTreeMap<IpAddr, (String, u64)> {
+fn owners_in(
+    dir: &TempDir,
+    rt: &tokio::runtime::Runtime,
+    i: usize,
+) -> BTreeMap<IpAddr, (String, u64)> {
     let sock = dir.path(&format!("e{i}.sock"));
     let state: Option<Value> = rt.block_on(support::lbd_state(&sock));
     state
@@ -314,7 +329,15 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
     let edges: Vec<Netns> = (1..=EDGES)
         .map(|i| Netns::new(&format!("{tag}-edge{i}")))
         .collect();
-    lan.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"]);
+    lan.ip(&[
+        "link",
+        "add",
+        "br0",
+        "type",
+        "bridge",
+        "mcast_snooping",
+        "0",
+    ]);
     lan.ip(&["link", "set", "br0", "up"]);
     let attach = |ns: &Netns, port: &str, v4: &str, v6: &str| {
         veth(&lan, port, "", ns, "lan0", v4);
@@ -325,7 +348,12 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
     attach(&backend, "pb", &format!("{BACKEND}/24"), "fd00:8::50/64");
     for (n, ns) in edges.iter().enumerate() {
         let i = n + 1;
-        attach(ns, &format!("pe{i}"), &format!("10.8.0.{i}/24"), &format!("fd00:8::{i}/64"));
+        attach(
+            ns,
+            &format!("pe{i}"),
+            &format!("10.8.0.{i}/24"),
+            &format!("fd00:8::{i}/64"),
+        );
         // Only the owner, which has the VIP on lan0, answers ARP for it.
         ns.sysctl("net.ipv4.conf.all.arp_ignore", "1");
         ns.sysctl("net.ipv4.conf.all.arp_announce", "2");
@@ -367,9 +395,11 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
         "six IPv4 VIPs spread over the three edges: {owners:?}"
     );
     for (k, &vip) in all.iter().enumerate() {
-        wait_for(Duration::from_secs(10), &format!("a connection to {vip}"), || {
-            connect(&client, vip).ok()
-        });
+        wait_for(
+            Duration::from_secs(10),
+            &format!("a connection to {vip}"),
+            || connect(&client, vip).ok(),
+        );
         assert_eq!(
             neighbour(&client, vip).as_deref(),
             Some(macs[owners[k] - 1].as_str()),
@@ -377,11 +407,15 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
         );
     }
     let name = &v4_names[0];
-    wait_for(Duration::from_secs(10), "the condition names the owner", || {
-        condition_message(&api, name)
-            .contains(&format!("{} ({})", edge_name(owners[0]), all[0]))
-            .then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "the condition names the owner",
+        || {
+            condition_message(&api, name)
+                .contains(&format!("{} ({})", edge_name(owners[0]), all[0]))
+                .then_some(())
+        },
+    );
     assert!(
         !support::events_for(&api, name, "AnnouncerChosen").is_empty(),
         "an Event says who announces {name}"
@@ -406,20 +440,33 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
     let versions: Vec<u64> = (1..=EDGES).map(|i| version_of(&dir, &rt, i)).collect();
     let changed_before = support::events_for(&api, &v4_names[0], "AnnouncerChanged").len();
     let controller = start_controller(&cfg, &dir, 2);
-    wait_for(Duration::from_secs(20), "the restarted controller programs every edge", || {
-        (1..=EDGES)
-            .all(|i| version_of(&dir, &rt, i) > versions[i - 1])
-            .then_some(())
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "the restarted controller programs every edge",
+        || {
+            (1..=EDGES)
+                .all(|i| version_of(&dir, &rt, i) > versions[i - 1])
+                .then_some(())
+        },
+    );
     let after: Vec<_> = (1..=EDGES).map(|i| owners_in(&dir, &rt, i)).collect();
-    assert_eq!(after, before, "a restarted controller moves no VIP, epochs included");
-    assert_eq!(settled(&edges, &all, &live, "VIPs stay after the restart"), owners);
+    assert_eq!(
+        after, before,
+        "a restarted controller moves no VIP, epochs included"
+    );
+    assert_eq!(
+        settled(&edges, &all, &live, "VIPs stay after the restart"),
+        owners
+    );
     let moved: usize = v4_names
         .iter()
         .chain(&v6_names)
         .map(|n| support::events_for(&api, n, "AnnouncerChanged").len())
         .sum();
-    assert_eq!(moved, changed_before, "no AnnouncerChanged Event after the restart");
+    assert_eq!(
+        moved, changed_before,
+        "no AnnouncerChanged Event after the restart"
+    );
 
     // Partition: the controller loses an owner (its control socket is
     // moved away) while the LAN does not. Its VIPs move; the old owner,
@@ -454,14 +501,21 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
             );
         }
     };
-    wait_for(Duration::from_secs(5), "the cut-off owner gives its VIPs up", || {
-        theirs
-            .iter()
-            .all(|&v| !holds(&edges[cut - 1], v))
-            .then_some(())
-    });
+    wait_for(
+        Duration::from_secs(5),
+        "the cut-off owner gives its VIPs up",
+        || {
+            theirs
+                .iter()
+                .all(|&v| !holds(&edges[cut - 1], v))
+                .then_some(())
+        },
+    );
     let gave_up = cut_at.elapsed();
-    eprintln!("partition of edge-{cut}: its {} VIPs given up after {gave_up:?}", theirs.len());
+    eprintln!(
+        "partition of edge-{cut}: its {} VIPs given up after {gave_up:?}",
+        theirs.len()
+    );
     assert!(
         gave_up < Duration::from_millis(1200 + 1000),
         "a cut-off owner stops answering within its lease and a second: {gave_up:?}"
@@ -474,12 +528,17 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
     std::fs::rename(&away, &sock).unwrap();
     live.insert(cut);
     let healed = version_of(&dir, &rt, (1..=EDGES).find(|i| *i != cut).unwrap());
-    wait_for(Duration::from_secs(20), "the healed edge runs the current state", || {
-        (version_of(&dir, &rt, cut) >= healed).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "the healed edge runs the current state",
+        || (version_of(&dir, &rt, cut) >= healed).then_some(()),
+    );
     let owners = settled(&edges, &all, &live, "nothing moves back");
     one_owner("healed");
-    assert_eq!(owners, moved_to, "a forwarder that comes back takes no VIP back");
+    assert_eq!(
+        owners, moved_to,
+        "a forwarder that comes back takes no VIP back"
+    );
 
     // (b, e) kill -9 of the owner of an IPv4 and an IPv6 VIP.
     let victim = (1..=EDGES)
@@ -505,9 +564,11 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
         new_owner(&edges, &live, vip6),
     );
     for (vip, to) in [(vip4, to4), (vip6, to6)] {
-        wait_for(Duration::from_secs(10), &format!("the client learns {vip}'s new MAC"), || {
-            (neighbour(&client, vip).as_deref() == Some(macs[to - 1].as_str())).then_some(())
-        });
+        wait_for(
+            Duration::from_secs(10),
+            &format!("the client learns {vip}'s new MAC"),
+            || (neighbour(&client, vip).as_deref() == Some(macs[to - 1].as_str())).then_some(()),
+        );
     }
     // A second of successes after the move, then the record.
     std::thread::sleep(Duration::from_secs(1));
@@ -525,9 +586,16 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
         );
     }
     assert!(
-        support::events_for(&api, &v4_names[all.iter().position(|v| *v == vip4).unwrap()], "AnnouncerChanged")
-            .iter()
-            .any(|e| e["note"].as_str().unwrap_or_default().contains(&edge_name(victim))),
+        support::events_for(
+            &api,
+            &v4_names[all.iter().position(|v| *v == vip4).unwrap()],
+            "AnnouncerChanged"
+        )
+        .iter()
+        .any(|e| e["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&edge_name(victim))),
         "an Event tells the move"
     );
 
@@ -544,11 +612,16 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
     lbd.signal("TERM");
     live.remove(&leaving);
     let to = new_owner(&edges, &live, vip);
-    wait_for(Duration::from_secs(10), "the client learns the new MAC", || {
-        (neighbour(&client, vip).as_deref() == Some(macs[to - 1].as_str())).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "the client learns the new MAC",
+        || (neighbour(&client, vip).as_deref() == Some(macs[to - 1].as_str())).then_some(()),
+    );
     let status = lbd.wait_exit(Duration::from_secs(20));
-    assert!(status.success(), "lbd {leaving} exits cleanly on SIGTERM: {status}");
+    assert!(
+        status.success(),
+        "lbd {leaving} exits cleanly on SIGTERM: {status}"
+    );
     let (_, seen) = probe.stop();
     let (failed, _) = outage(&seen);
     eprintln!(
@@ -556,7 +629,10 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
         seen.len()
     );
     assert_eq!(failed, 0, "a planned handover loses no connection");
-    assert!(!holds(&edges[leaving - 1], vip), "the stopped lbd removed its VIP");
+    assert!(
+        !holds(&edges[leaving - 1], vip),
+        "the stopped lbd removed its VIP"
+    );
     settled(&edges, &all, &live, "every VIP on the last edge");
 
     // The processes go first (killed on drop), then the namespaces.

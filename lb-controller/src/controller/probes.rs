@@ -38,8 +38,7 @@ async fn probe(f: &Forwarder, timeout: Duration) -> Probe {
         Ok(t) => t,
         Err(e) => return Probe::Missed(e.to_string()),
     };
-    match tokio::time::timeout(timeout, client::send(&target, Method::GET, "/readyz", None)).await
-    {
+    match tokio::time::timeout(timeout, client::send(&target, Method::GET, "/readyz", None)).await {
         Err(_) => Probe::Missed(format!("no answer within {timeout:?}")),
         Ok(Err(e)) => Probe::Missed(e.to_string()),
         Ok(Ok((StatusCode::OK, _))) => Probe::Ready,
@@ -61,9 +60,7 @@ async fn probe_loop(f: Forwarder, interval: Duration, failures: u32, state: Stat
             } else {
                 tracing::warn!(forwarder = %f.name, why = ?liveness.why, "forwarder down: its L2 VIPs move");
             }
-            let changed = state
-                .lock()
-                .l2_set_live(&f.name, up, liveness.why.clone());
+            let changed = state.lock().l2_set_live(&f.name, up, liveness.why.clone());
             if changed {
                 state.rebuild();
             }

@@ -97,8 +97,6 @@ impl Book {
 
     /// The owner of `ip`, if it has one.
     pub fn owner_of(&self, ip: IpAddr) -> Option<&str> {
-        self.owners
-            .get(&ip.to_canonical())
-            .map(|o| o.name.as_str())
+        self.owners.get(&ip.to_canonical()).map(|o| o.name.as_str())
     }
 }

@@ -272,8 +272,14 @@ mod tests {
     #[test]
     fn the_hash_is_pinned() {
         // Changing these moves every VIP of every cluster on an upgrade.
-        assert_eq!(rank("192.0.2.1".parse().unwrap(), "edge-1"), 0xefc5_2f9f_ac80_c777);
-        assert_eq!(rank("2001:db8::1".parse().unwrap(), "edge-1"), 0x9422_16c7_2b08_a663);
+        assert_eq!(
+            rank("192.0.2.1".parse().unwrap(), "edge-1"),
+            0xefc5_2f9f_ac80_c777
+        );
+        assert_eq!(
+            rank("2001:db8::1".parse().unwrap(), "edge-1"),
+            0x9422_16c7_2b08_a663
+        );
         assert_eq!(
             rank("::ffff:192.0.2.1".parse().unwrap(), "edge-1"),
             rank("192.0.2.1".parse().unwrap(), "edge-1"),

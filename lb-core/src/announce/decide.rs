@@ -390,7 +390,14 @@ mod tests {
         assert_eq!(d[&ip(3)].withheld, Some(Withheld::NoOwner));
         let d = decide_l2(&Decisions::new(), &vips, None, at, &none, now);
         assert!(d.values().all(|v| v.withheld == Some(Withheld::NoOwner)));
-        let d = decide_l2(&Decisions::new(), &vips, Some(&m), at, &BTreeSet::from([ip(1)]), now);
+        let d = decide_l2(
+            &Decisions::new(),
+            &vips,
+            Some(&m),
+            at,
+            &BTreeSet::from([ip(1)]),
+            now,
+        );
         assert_eq!(d[&ip(1)].withheld, Some(Withheld::Yielded));
     }
 
@@ -410,7 +417,10 @@ mod tests {
             confirmed: true,
         };
         let d = decide_l2(&Decisions::new(), &vips, Some(&mine), within, &none, now);
-        assert!(d[&ip(1)].announce(), "not ready, but nobody else has it yet");
+        assert!(
+            d[&ip(1)].announce(),
+            "not ready, but nobody else has it yet"
+        );
         let moved = map("edge-1", &[(1, "edge-2")]);
         let d = decide_l2(&Decisions::new(), &vips, Some(&moved), within, &none, now);
         assert_eq!(d[&ip(1)].withheld, Some(Withheld::NotOwner));

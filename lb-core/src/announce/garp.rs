@@ -237,7 +237,9 @@ mod tests {
         assert_eq!(s.take_due(t0 + BURST_GAP), [vip]);
         let t2 = t0 + BURST_GAP * 2;
         assert_eq!(s.take_due(t2), [vip], "the third of the burst");
-        assert!(s.take_due(t2 + PERIOD - Duration::from_millis(1)).is_empty());
+        assert!(s
+            .take_due(t2 + PERIOD - Duration::from_millis(1))
+            .is_empty());
         assert_eq!(s.take_due(t2 + PERIOD), [vip]);
         s.removed(vip);
         assert!(s.take_due(t2 + PERIOD * 5).is_empty());

@@ -261,16 +261,14 @@ pub fn open_lan(config: &Announce) -> Result<(Link, Lan), LinkError> {
         name: config.interface.clone(),
         error,
     };
-    let mac = link
-        .hardware_address()
-        .map_err(netlink)?
-        .ok_or_else(|| {
-            netlink(std::io::Error::other(
-                "it has no Ethernet address: l2 mode needs an Ethernet LAN interface",
-            ))
-        })?;
+    let mac = link.hardware_address().map_err(netlink)?.ok_or_else(|| {
+        netlink(std::io::Error::other(
+            "it has no Ethernet address: l2 mode needs an Ethernet LAN interface",
+        ))
+    })?;
     let sender = PacketSocket::sender(link.index).map_err(netlink)?;
-    let arp = PacketSocket::arp_receiver(link.index, Duration::from_millis(200)).map_err(netlink)?;
+    let arp =
+        PacketSocket::arp_receiver(link.index, Duration::from_millis(200)).map_err(netlink)?;
     let ndp = PacketSocket::icmpv6_receiver(Duration::from_millis(200)).map_err(netlink)?;
     match arp::ignores(&config.interface) {
         Some(true) => {}
@@ -365,7 +363,11 @@ impl Announcer {
                     given_up: Mutex::new(BTreeSet::new()),
                 }),
                 vec![
-                    ("lbd-arp", lan.arp, garp::claim_in as fn(&[u8], [u8; 6]) -> _),
+                    (
+                        "lbd-arp",
+                        lan.arp,
+                        garp::claim_in as fn(&[u8], [u8; 6]) -> _,
+                    ),
                     ("lbd-ndp", lan.ndp, garp::claim_in_na),
                 ],
             ),
