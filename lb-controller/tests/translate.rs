@@ -494,4 +494,8 @@ fn controller_l2_settings_parse_and_errors_name_the_field() {
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
+    let err = lb_controller::config::parse("[l2]\nprobe_interval = \"60s\"\nprobe_failures = 31\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 3: l2.probe_failures"), "{err}");
 }

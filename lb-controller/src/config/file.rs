@@ -233,6 +233,12 @@ impl FileSpec {
                 "l2.probe_failures".into(),
                 format!("{probe_failures} is not between 1 and 100"),
             );
+        } else if probe_interval * probe_failures > std::time::Duration::from_secs(1800) {
+            // The forwarders' lease is twice this, and lbd takes at most an hour.
+            err(
+                "l2.probe_failures".into(),
+                "probe_interval × probe_failures must be at most 30 minutes".into(),
+            );
         }
 
         let address_types = self

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
-use lb_api::client;
+use lb_api::client::{self, Target};
 use tokio::time::MissedTickBehavior;
 
 use super::state::State;
@@ -32,17 +32,16 @@ pub(super) fn spawn(cfg: &Config, state: &State) {
     }
 }
 
-/// One probe, answered within `timeout`.
-async fn probe(f: &Forwarder, timeout: Duration) -> Probe {
-    let target = match publish::target(f) {
-        Ok(t) => t,
-        Err(e) => return Probe::Missed(e.to_string()),
-    };
-    match tokio::time::timeout(timeout, client::send(&target, Method::GET, "/readyz", None)).await {
+/// One probe through `target`, answered within `timeout`: 200 is ready,
+/// 503 is not ready (a draining or starting `lbd`), anything else (a
+/// refused token, a server error, no answer) is a miss.
+async fn probe(target: &Target, timeout: Duration) -> Probe {
+    match tokio::time::timeout(timeout, client::send(target, Method::GET, "/readyz", None)).await {
         Err(_) => Probe::Missed(format!("no answer within {timeout:?}")),
         Ok(Err(e)) => Probe::Missed(e.to_string()),
         Ok(Ok((StatusCode::OK, _))) => Probe::Ready,
-        Ok(Ok((status, _))) => Probe::NotReady(status.to_string()),
+        Ok(Ok((StatusCode::SERVICE_UNAVAILABLE, _))) => Probe::NotReady("503".into()),
+        Ok(Ok((status, _))) => Probe::Missed(format!("GET /readyz: {status}")),
     }
 }
 
@@ -50,9 +49,21 @@ async fn probe_loop(f: Forwarder, interval: Duration, failures: u32, state: Stat
     let mut liveness = Liveness::new(failures);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The target (its token and CA read from files) is built once, and
+    // again after a miss (a rotated token).
+    let mut target: Option<Target> = None;
     loop {
         tick.tick().await;
-        let seen = probe(&f, interval).await;
+        let seen = match &target {
+            Some(t) => probe(t, interval).await,
+            None => match publish::target(&f) {
+                Ok(t) => probe(target.insert(t), interval).await,
+                Err(e) => Probe::Missed(e.to_string()),
+            },
+        };
+        if matches!(seen, Probe::Missed(_)) {
+            target = None;
+        }
         if liveness.observe(&seen) {
             let up = liveness.up();
             if up {

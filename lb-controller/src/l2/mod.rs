@@ -62,8 +62,13 @@ impl Book {
             self.down.remove(name);
             self.live.insert(name.to_owned())
         } else {
-            self.down
-                .insert(name.to_owned(), why.unwrap_or_else(|| "down".into()));
+            let reason = self
+                .down
+                .entry(name.to_owned())
+                .or_insert_with(|| "down".into());
+            if let Some(why) = why {
+                *reason = why;
+            }
             self.live.remove(name)
         }
     }
@@ -98,5 +103,51 @@ impl Book {
     /// The owner of `ip`, if it has one.
     pub fn owner_of(&self, ip: IpAddr) -> Option<&str> {
         self.owners.get(&ip.to_canonical()).map(|o| o.name.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::Pool;
+
+    fn settings() -> L2Settings {
+        L2Settings {
+            pools: vec![Pool::new("lan", &["192.0.2.0/29"], true, false).unwrap()],
+            probe_interval: std::time::Duration::from_millis(200),
+            probe_failures: 3,
+        }
+    }
+
+    #[test]
+    fn only_covered_vips_get_owners_and_moves_are_reported_once() {
+        let names: Vec<String> = ["edge-1", "edge-2"].map(String::from).into();
+        let mut book = Book::recovered(&settings(), names, &[]);
+        let vips: Vec<IpAddr> = ["192.0.2.1", "198.51.100.1", "192.0.2.2"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let l2 = book.build(vips.clone(), 5);
+        assert_eq!(l2.lease_ms, 1200);
+        assert_eq!(l2.owners.len(), 2, "198.51.100.1 is not in an l2 pool");
+        assert!(l2.owners.iter().all(|o| o.epoch == 5));
+        assert_eq!(book.take_moves().len(), 2);
+        assert!(book.take_moves().is_empty());
+        assert!(book.owner_of(vips[1]).is_none());
+
+        let first = book.owner_of(vips[0]).unwrap().to_owned();
+        assert!(book.set_live(&first, false, Some("missed 3 probes".into())));
+        assert!(!book.set_live(&first, false, None), "no change");
+        let l2 = book.build(vips.clone(), 6);
+        let moved = l2.owner_of(vips[0]).unwrap();
+        assert_ne!(moved.owner, first);
+        assert_eq!(moved.epoch, 6);
+        let moves = book.take_moves();
+        assert!(moves
+            .iter()
+            .any(|m| m.vip == vips[0] && m.why.as_deref() == Some("missed 3 probes")));
+        assert!(book.set_live(&first, true, None));
+        let back = book.build(vips, 7);
+        assert_eq!(back.owners, l2.owners, "a return moves nothing back");
     }
 }

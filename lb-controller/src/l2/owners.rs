@@ -185,9 +185,9 @@ pub fn state(owners: &Owners, lease_ms: u64) -> L2State {
 pub enum Probe {
     /// 200: ready.
     Ready,
-    /// An answer other than 200: not ready (draining, or not started).
+    /// 503: not ready (draining, or not started).
     NotReady(String),
-    /// No answer (refused, timed out).
+    /// No usable answer (refused, timed out, another status).
     Missed(String),
 }
 
