@@ -226,6 +226,21 @@ mod tests {
         assert_eq!(claim_in_na(&zero_len, [0; 6]), None, "a zero-length option");
     }
 
+    proptest::proptest! {
+        /// Whatever arrives on the LAN, parsing a claim never panics.
+        #[test]
+        fn any_bytes_parse_without_panicking(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120)) {
+            let _ = claim_in(&bytes, MAC);
+            let _ = claim_in_na(&bytes, MAC);
+            let mut na = bytes.clone();
+            if na.len() >= 2 {
+                na[0] = 136;
+                na[1] = 0;
+            }
+            let _ = claim_in_na(&na, MAC);
+        }
+    }
+
     #[test]
     fn a_takeover_bursts_then_repeats_every_period() {
         let t0 = Instant::now();
