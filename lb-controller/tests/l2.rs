@@ -406,6 +406,30 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
             "{vip}: the client's neighbour entry is its owner's MAC"
         );
     }
+    // Each lbd's status says who owns each VIP, and why it does not
+    // announce the others.
+    for i in 1..=EDGES {
+        let sock = dir.path(&format!("e{i}.sock"));
+        let status: Value = rt.block_on(async {
+            let (_, body) = lb_api::client::request(&sock, hyper::Method::GET, "/v1/status", None)
+                .await
+                .unwrap();
+            serde_json::from_slice(&body).unwrap()
+        });
+        for (k, &vip) in all.iter().enumerate() {
+            let v = status["announce"]["vips"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["vip"] == vip.to_string())
+                .unwrap_or_else(|| panic!("{vip} in lbd {i}'s status: {status}"));
+            assert_eq!(v["owner"], edge_name(owners[k]), "{v}");
+            assert_eq!(v["announced"], owners[k] == i, "{v}");
+            if owners[k] != i {
+                assert_eq!(v["reason"], "not_owner", "{v}");
+            }
+        }
+    }
     let name = &v4_names[0];
     wait_for(
         Duration::from_secs(10),
