@@ -15,8 +15,9 @@
 //! pool in the LAN's prefixes. Checks: (a) each VIP is on exactly one
 //! edge's LAN interface, the client's neighbour entry is that edge's MAC,
 //! and the six IPv4 VIPs use all three edges; (d) with the controller
-//! stopped every VIP stays and serves, and a restarted controller moves
-//! none; partition: an owner the controller cannot reach (its control
+//! stopped every VIP stays and serves, an lbd restarted meanwhile takes
+//! its VIPs back from its persisted state, and a restarted controller
+//! moves none; partition: an owner the controller cannot reach (its control
 //! socket moved away) while the LAN can gives its VIPs up within its lease
 //! and a second, once new owners announce them, and takes none back when
 //! healed; (b, e) `kill -9` of an owner: a client connecting every 20 ms to
@@ -460,6 +461,48 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
     }
     for &vip in &all {
         connect(&client, vip).unwrap_or_else(|e| panic!("{vip} without the controller: {e}"));
+    }
+    // An lbd restarted while the controller is down takes its VIPs back
+    // from its persisted state once its lease has passed (static
+    // stability), and no other edge takes them meanwhile.
+    let restarted = owners[0];
+    let mine: Vec<IpAddr> = all
+        .iter()
+        .zip(&owners)
+        .filter(|(_, &o)| o == restarted)
+        .map(|(v, _)| *v)
+        .collect();
+    let old = lbds[restarted - 1].take().unwrap();
+    old.signal("KILL");
+    drop(old);
+    let back_at = Instant::now();
+    lbds[restarted - 1] = Some(start_lbd(&edges[restarted - 1], &dir, restarted));
+    // First it holds back (the persisted map may be stale), removing what
+    // the killed run left; the lease later it announces again.
+    wait_for(
+        Duration::from_secs(5),
+        "the restarted lbd holds back",
+        || {
+            mine.iter()
+                .all(|&v| !holds(&edges[restarted - 1], v))
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        settled(&edges, &all, &live, "the restarted lbd's VIPs come back"),
+        owners
+    );
+    let back = back_at.elapsed();
+    eprintln!(
+        "lbd edge-{restarted} restarted without the controller: its {} VIPs back after {back:?}",
+        mine.len()
+    );
+    for &vip in &mine {
+        wait_for(
+            Duration::from_secs(10),
+            &format!("{vip} after the restart"),
+            || connect(&client, vip).ok(),
+        );
     }
     let versions: Vec<u64> = (1..=EDGES).map(|i| version_of(&dir, &rt, i)).collect();
     let changed_before = support::events_for(&api, &v4_names[0], "AnnouncerChanged").len();
