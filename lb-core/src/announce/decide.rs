@@ -19,6 +19,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use lb_config::{AnnounceWhen, L2State};
+use std::time::Duration;
 
 /// What the server is doing, as far as announcing goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,13 +139,55 @@ pub struct L2Life {
     pub confirmed: bool,
 }
 
+/// The owner map of a state (`l2`), indexed by VIP: built once per state,
+/// read at every evaluation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnerMap {
+    /// This lbd's name, as the controller knows it.
+    pub me: String,
+    /// No word from the controller this long: cut off.
+    pub lease: Duration,
+    /// Per VIP, its owner and epoch.
+    pub owners: BTreeMap<IpAddr, (String, u64)>,
+}
+
+impl From<&L2State> for OwnerMap {
+    fn from(l2: &L2State) -> Self {
+        Self {
+            me: l2.forwarder.clone(),
+            lease: Duration::from_millis(l2.lease_ms),
+            owners: l2
+                .owners
+                .iter()
+                .map(|o| (o.vip.to_canonical(), (o.owner.clone(), o.epoch)))
+                .collect(),
+        }
+    }
+}
+
+impl OwnerMap {
+    /// The owner and epoch of `vip`.
+    pub fn owner_of(&self, vip: IpAddr) -> Option<&(String, u64)> {
+        self.owners.get(&vip.to_canonical())
+    }
+
+    /// The VIPs the map gives this lbd.
+    pub fn mine(&self) -> BTreeSet<IpAddr> {
+        self.owners
+            .iter()
+            .filter(|(_, (owner, _))| *owner == self.me)
+            .map(|(vip, _)| *vip)
+            .collect()
+    }
+}
+
 /// Decides every VIP of `vips` in L2 mode from the owner map `l2` (the
-/// entries naming `l2.forwarder` are ours) and the VIPs `yielded`; `since`
-/// as in [`decide`].
+/// entries naming `l2.me` are ours) and the VIPs `yielded`; `since` as in
+/// [`decide`].
 pub fn decide_l2(
     previous: &Decisions,
     vips: &BTreeMap<IpAddr, VipHealth>,
-    l2: Option<&L2State>,
+    l2: Option<&OwnerMap>,
     at: L2Life,
     yielded: &BTreeSet<IpAddr>,
     now: Instant,
@@ -154,7 +197,7 @@ pub fn decide_l2(
             let owner = l2.and_then(|m| Some((m, m.owner_of(vip)?)));
             let withheld = match owner {
                 None => Some(Withheld::NoOwner),
-                Some((m, o)) if o.owner != m.forwarder => Some(Withheld::NotOwner),
+                Some((m, (owner, _))) if *owner != m.me => Some(Withheld::NotOwner),
                 Some(_) if yielded.contains(&vip) => Some(Withheld::Yielded),
                 Some(_) if !at.confirmed => Some(Withheld::Unconfirmed),
                 Some(_) if at.life.draining && at.grace_over => Some(Withheld::Draining),
@@ -358,8 +401,8 @@ mod tests {
         );
     }
 
-    fn map(me: &str, owners: &[(u8, &str)]) -> L2State {
-        L2State {
+    fn map(me: &str, owners: &[(u8, &str)]) -> OwnerMap {
+        OwnerMap::from(&L2State {
             forwarder: me.into(),
             lease_ms: 1000,
             owners: owners
@@ -370,7 +413,7 @@ mod tests {
                     epoch: 1,
                 })
                 .collect(),
-        }
+        })
     }
 
     #[test]

@@ -46,7 +46,8 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::sync::{watch, Notify};
 
 use self::decide::{
-    changes, decide, decide_l2, delivery, yielded, Decisions, L2Life, Lifecycle, VipHealth,
+    changes, decide, decide_l2, delivery, yielded, Decisions, L2Life, Lifecycle, OwnerMap,
+    VipHealth,
 };
 use self::garp::Schedule;
 use self::link::{host_prefix, Link, Placed};
@@ -135,7 +136,7 @@ struct State {
 /// heard saying.
 struct L2 {
     /// The owner map of the state in force.
-    map: Mutex<Option<L2State>>,
+    map: Mutex<Option<Arc<OwnerMap>>>,
     /// The map changed: addresses it names that are on the interface (left
     /// by an earlier run) are adopted, so those not ours are removed.
     adopt: AtomicBool,
@@ -419,6 +420,8 @@ impl Announcer {
                 l2.confirmed.store(true, Ordering::SeqCst);
                 lock(&l2.given_up).clear();
             }
+            let map = map.as_ref().map(|m| Arc::new(OwnerMap::from(m)));
+            *lock(&l2.watched) = map.as_ref().map(|m| m.mine()).unwrap_or_default();
             *lock(&l2.map) = map;
             l2.adopt.store(true, Ordering::SeqCst);
             self.poke();
@@ -499,23 +502,16 @@ impl Announcer {
             Some(l2) => {
                 let map = lock(&l2.map).clone();
                 if l2.adopt.swap(false, Ordering::SeqCst) {
-                    self.adopt(&mut st, map.as_ref());
+                    self.adopt(&mut st, map.as_deref());
                 }
                 let grace_over = lock(&l2.drain_since)
                     .is_some_and(|t| now.saturating_duration_since(t) >= self.withdraw_grace());
-                let lease = Duration::from_millis(map.as_ref().map_or(u64::MAX, |m| m.lease_ms));
+                let lease = map.as_ref().map_or(Duration::MAX, |m| m.lease);
                 let last = *lock(&l2.last_contact);
-                let mine: BTreeSet<IpAddr> = map
-                    .as_ref()
-                    .map(|m| {
-                        m.owners
-                            .iter()
-                            .filter(|o| o.owner == m.forwarder)
-                            .map(|o| o.vip.to_canonical())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                lock(&l2.claims).retain(|vip, _| mine.contains(vip));
+                {
+                    let mine = lock(&l2.watched);
+                    lock(&l2.claims).retain(|vip, _| mine.contains(vip));
+                }
                 let newly = yielded(&lock(&l2.claims), last, lease, now);
                 let mut given_up = lock(&l2.given_up);
                 for vip in newly {
@@ -525,7 +521,6 @@ impl Announcer {
                 }
                 let gone = given_up.clone();
                 drop(given_up);
-                *lock(&l2.watched) = mine;
                 let confirmed = l2.confirmed.load(Ordering::SeqCst)
                     || now.saturating_duration_since(l2.started) >= lease;
                 let at = L2Life {
@@ -533,7 +528,7 @@ impl Announcer {
                     grace_over,
                     confirmed,
                 };
-                decide_l2(&st.decisions, &vips, map.as_ref(), at, &gone, now)
+                decide_l2(&st.decisions, &vips, map.as_deref(), at, &gone, now)
             }
         };
         // Delivery first for new VIPs, last for VIPs that are gone.
@@ -632,7 +627,7 @@ impl Announcer {
     /// as placed (an earlier run left them), so that those this lbd does
     /// not own are removed. No other address of the LAN interface is
     /// touched.
-    fn adopt(&self, st: &mut State, map: Option<&L2State>) {
+    fn adopt(&self, st: &mut State, map: Option<&OwnerMap>) {
         let Some(map) = map else { return };
         let on = match st.link.addresses() {
             Ok(on) => on,
@@ -688,8 +683,7 @@ impl Announcer {
                 };
                 let owner = self.l2.as_ref().and_then(|l2| {
                     let map = lock(&l2.map);
-                    let o = map.as_ref()?.owner_of(vip)?;
-                    Some((o.owner.clone(), o.epoch))
+                    map.as_ref()?.owner_of(vip).cloned()
                 });
                 VipStatus {
                     vip,
