@@ -665,6 +665,16 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
             .contains(&edge_name(victim))),
         "an Event tells the move"
     );
+    let moved_name = &v4_names[all.iter().position(|v| *v == vip4).unwrap()];
+    wait_for(
+        Duration::from_secs(10),
+        "the condition names the new owner",
+        || {
+            condition_message(&api, moved_name)
+                .contains(&format!("{} ({vip4})", edge_name(to4)))
+                .then_some(())
+        },
+    );
 
     // (c) SIGTERM of a remaining owner: planned handover, no failure.
     let owners = settled(&edges, &all, &live, "VIPs settle on the two edges left");
