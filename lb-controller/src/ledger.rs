@@ -349,6 +349,7 @@ impl Ledger {
                 l2: None,
             },
             owners: Vec::new(),
+            urgent: false,
         };
         for (key, entry) in self.entries.iter_mut() {
             entry.changed_at.get_or_insert(version);
@@ -368,6 +369,7 @@ impl Ledger {
                 .filter_map(bind_ip)
                 .collect();
             snapshot.state.l2 = Some(book.build(vips, version));
+            snapshot.urgent = book.failover();
         }
         snapshot
     }

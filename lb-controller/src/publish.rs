@@ -26,6 +26,10 @@ pub struct Snapshot {
     pub state: DesiredState,
     /// `owners[i]` owns `state.listeners[i]`.
     pub owners: Vec<ServiceKey>,
+    /// An L2 VIP moved away from a failed or draining forwarder: sent
+    /// without the debounce (the VIP is unanswered, or its owner leaving,
+    /// until it arrives).
+    pub urgent: bool,
 }
 
 /// What one forwarder has acknowledged, shared with the controller.
@@ -168,8 +172,11 @@ impl Publisher {
         let name = self.forwarder.name.clone();
         let mut failures: u32 = 0;
         loop {
-            // Debounce: let a burst of changes settle, then take the latest.
-            tokio::time::sleep(timing.debounce).await;
+            // Debounce: let a burst of changes settle, then take the latest;
+            // an L2 failover goes at once.
+            if !states.borrow().urgent {
+                tokio::time::sleep(timing.debounce).await;
+            }
             let snapshot = states.borrow_and_update().clone();
             let acked = self.progress.acked.load(Ordering::Acquire);
             let outcome = if snapshot.state.version <= acked {

@@ -90,7 +90,17 @@ fn controller_config(dir: &TempDir, kubeconfig: &Path) -> std::path::PathBuf {
     let extra = format!(
         "[leader_election]\nenabled = false\n\n[[pool]]\nname = \"lan\"\naddresses = [\"10.8.0.16/29\", \"fd00:8::10/125\"]\nannounce = \"l2\"\n\n[l2]\nprobe_interval = \"200ms\"\nprobe_failures = 3\n\n[health]\ncluster = \"tcp\"\n\n{forwarders}"
     );
-    support::controller_config(&dir.0, kubeconfig, &extra)
+    let path = support::controller_config(&dir.0, kubeconfig, &extra);
+    // The default publish debounce (the shared test config shortens it):
+    // the failover measured is the one operators get.
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("debounce = \"50ms\""), "{text}");
+    std::fs::write(
+        &path,
+        text.replace("debounce = \"50ms\"", "debounce = \"200ms\""),
+    )
+    .unwrap();
+    path
 }
 
 fn start_lbd(ns: &Netns, dir: &TempDir, i: usize) -> Proc {

@@ -30,6 +30,8 @@ pub struct Book {
     down: BTreeMap<String, String>,
     owners: Owners,
     moves: Vec<Move>,
+    /// The last [`Book::build`] moved a VIP away from its owner.
+    failover: bool,
 }
 
 impl Book {
@@ -47,6 +49,7 @@ impl Book {
             down: BTreeMap::new(),
             owners: owners::recover(running),
             moves: Vec::new(),
+            failover: false,
         }
     }
 
@@ -91,8 +94,15 @@ impl Book {
             version,
         );
         self.owners = owners;
+        self.failover = moves.iter().any(|m| m.from.is_some());
         self.moves.extend(moves);
         owners::state(&self.owners, self.settings.lease().as_millis() as u64)
+    }
+
+    /// Whether the last [`Book::build`] moved a VIP away from its owner
+    /// (a failover or a handover: its state is urgent).
+    pub fn failover(&self) -> bool {
+        self.failover
     }
 
     /// The moves since the last call.
@@ -138,7 +148,9 @@ mod tests {
         let first = book.owner_of(vips[0]).unwrap().to_owned();
         assert!(book.set_live(&first, false, Some("missed 3 probes".into())));
         assert!(!book.set_live(&first, false, None), "no change");
+        assert!(!book.failover(), "new VIPs are no failover");
         let l2 = book.build(vips.clone(), 6);
+        assert!(book.failover());
         let moved = l2.owner_of(vips[0]).unwrap();
         assert_ne!(moved.owner, first);
         assert_eq!(moved.epoch, 6);
@@ -149,5 +161,6 @@ mod tests {
         assert!(book.set_live(&first, true, None));
         let back = book.build(vips, 7);
         assert_eq!(back.owners, l2.owners, "a return moves nothing back");
+        assert!(!book.failover());
     }
 }
