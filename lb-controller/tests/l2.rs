@@ -77,7 +77,7 @@ timeout = "150ms"
     )
 }
 
-fn controller_config(dir: &TempDir, kubeconfig: &Path) -> std::path::PathBuf {
+fn controller_config(dir: &TempDir, kubeconfig: &Path, metrics: &str) -> std::path::PathBuf {
     let forwarders: String = (1..=EDGES)
         .map(|i| {
             format!(
@@ -88,7 +88,7 @@ fn controller_config(dir: &TempDir, kubeconfig: &Path) -> std::path::PathBuf {
         })
         .collect();
     let extra = format!(
-        "[leader_election]\nenabled = false\n\n[[pool]]\nname = \"lan\"\naddresses = [\"10.8.0.16/29\", \"fd00:8::10/125\"]\nannounce = \"l2\"\n\n[l2]\nprobe_interval = \"200ms\"\nprobe_failures = 3\n\n[health]\ncluster = \"tcp\"\n\n{forwarders}"
+        "[admin]\nmetrics = \"{metrics}\"\n\n[leader_election]\nenabled = false\n\n[[pool]]\nname = \"lan\"\naddresses = [\"10.8.0.16/29\", \"fd00:8::10/125\"]\nannounce = \"l2\"\n\n[l2]\nprobe_interval = \"200ms\"\nprobe_failures = 3\n\n[health]\ncluster = \"tcp\"\n\n{forwarders}"
     );
     let path = support::controller_config(&dir.0, kubeconfig, &extra);
     // The default publish debounce (the shared test config shortens it):
@@ -377,7 +377,8 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
         .map(|i| Some(start_lbd(&edges[i - 1], &dir, i)))
         .collect();
     api.create(NODES, "", node("node-0", BACKEND));
-    let cfg = controller_config(&dir, &api.kubeconfig(&dir.0, "ctl"));
+    let metrics = format!("127.0.0.1:{}", support::free_port("127.0.0.1"));
+    let cfg = controller_config(&dir, &api.kubeconfig(&dir.0, "ctl"), &metrics);
     let mut controller = start_controller(&cfg, &dir, 1);
 
     let v4_names: Vec<String> = (0..V4).map(|k| format!("web-{k}")).collect();
@@ -674,6 +675,25 @@ fn one_edge_answers_for_each_vip_and_failover_is_fast() {
             .unwrap_or_default()
             .contains(&edge_name(victim))),
         "an Event tells the move"
+    );
+    // The leader's view in its metrics.
+    let scrape = support::http_get(&metrics, "/metrics").unwrap_or_default();
+    let victim_ready = format!(
+        "weir_controller_forwarder_ready{{forwarder=\"{}\"}}",
+        edge_name(victim)
+    );
+    assert_eq!(
+        support::metric(&scrape, &victim_ready),
+        Some(0.0),
+        "{scrape}"
+    );
+    assert!(
+        support::metric(
+            &scrape,
+            "weir_controller_l2_owner_changes_total{change=\"moved\"}"
+        )
+        .is_some_and(|n| n >= 2.0),
+        "{scrape}"
     );
     let moved_name = &v4_names[all.iter().position(|v| *v == vip4).unwrap()];
     wait_for(

@@ -15,19 +15,23 @@ use tokio::time::MissedTickBehavior;
 use super::state::State;
 use crate::config::{Config, Forwarder};
 use crate::l2::owners::{Liveness, Probe};
+use crate::metrics::Metrics;
 use crate::publish;
 
 /// Starts one probe loop per forwarder (when some pool is `l2`).
-pub(super) fn spawn(cfg: &Config, state: &State) {
+pub(super) fn spawn(cfg: &Config, state: &State, metrics: &Metrics) {
     if !cfg.l2.enabled() {
         return;
     }
     for f in &cfg.forwarders {
+        let ready = metrics.forwarder_ready.with_label_values(&[&f.name]);
+        ready.set(1);
         tokio::spawn(probe_loop(
             f.clone(),
             cfg.l2.probe_interval,
             cfg.l2.probe_failures,
             state.clone(),
+            ready,
         ));
     }
 }
@@ -45,7 +49,13 @@ async fn probe(target: &Target, timeout: Duration) -> Probe {
     }
 }
 
-async fn probe_loop(f: Forwarder, interval: Duration, failures: u32, state: State) {
+async fn probe_loop(
+    f: Forwarder,
+    interval: Duration,
+    failures: u32,
+    state: State,
+    ready: prometheus::IntGauge,
+) {
     let mut liveness = Liveness::new(failures);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -66,6 +76,7 @@ async fn probe_loop(f: Forwarder, interval: Duration, failures: u32, state: Stat
         }
         if liveness.observe(&seen) {
             let up = liveness.up();
+            ready.set(i64::from(up));
             if up {
                 tracing::info!(forwarder = %f.name, "forwarder ready again: it may own L2 VIPs");
             } else {

@@ -114,7 +114,7 @@ impl Start {
             &self.metrics,
         );
         self.state.build(&self.snapshots, &self.metrics);
-        super::probes::spawn(cfg, &self.state);
+        super::probes::spawn(cfg, &self.state, &self.metrics);
         tokio::spawn(self.state.run_builder(self.snapshots, self.metrics));
         // Reconciles go on from here; the reports' handling sees the board
         // from its first sweep.

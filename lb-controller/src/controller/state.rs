@@ -64,6 +64,10 @@ impl State {
         let mut ledger = self.lock();
         let snapshot = ledger.build();
         let moves = ledger.take_moves();
+        for m in &moves {
+            let change = if m.from.is_some() { "moved" } else { "chosen" };
+            metrics.l2_owner_changes.with_label_values(&[change]).inc();
+        }
         metrics.desired_version.set(snapshot.state.version as i64);
         metrics.services.set(ledger.services() as i64);
         drop(ledger);
