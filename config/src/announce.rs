@@ -3,8 +3,9 @@
 //!
 //! `mode = "bgp"`: `lbd` keeps a host route for each VIP on `interface`
 //! while the VIP should attract traffic, and a routing daemon (BIRD)
-//! exports them. `mode = "l2"` is part of the vocabulary but not served
-//! yet: validation refuses it with a message naming `announce.mode`.
+//! exports them. `mode = "l2"`: `lbd` adds the VIPs the controller makes
+//! it the owner of to `interface`, the LAN one, where the kernel answers
+//! ARP/NDP for them (`l2` of the dynamic state names the owners).
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +20,7 @@ pub enum AnnounceMode {
     Off,
     /// Host routes on a dedicated interface, exported by a BGP daemon.
     Bgp,
-    /// The VIP on the LAN interface, answered by ARP/NDP (not served yet).
+    /// The VIPs this host owns on the LAN interface, answered by ARP/NDP.
     L2,
 }
 
@@ -71,11 +72,13 @@ pub struct AnnounceSpec {
 pub struct Announce {
     /// The mode.
     pub mode: AnnounceMode,
-    /// The interface the host routes are placed on.
+    /// The interface VIPs are placed on: a dedicated one (bgp), the LAN
+    /// one (l2).
     pub interface: String,
-    /// Create `interface` at start when it does not exist.
+    /// Create `interface` at start when it does not exist (bgp only).
     pub create_interface: bool,
-    /// When a VIP is announced.
+    /// When a VIP is announced (bgp only: in l2 the owner answers whatever
+    /// the backends' health, since no other host would).
     pub when: AnnounceWhen,
     /// How long `lbd` keeps accepting after withdrawing every VIP, on stop
     /// and on `lbd drain`, before it closes its listeners.
@@ -115,7 +118,7 @@ pub fn valid_interface_name(name: &str) -> bool {
 /// Resolves `[announce]`, pushing every problem with its path.
 pub fn resolve_announce(spec: &AnnounceSpec, errors: &mut Vec<FieldError>) -> Announce {
     let d = Announce::default();
-    let out = Announce {
+    let mut out = Announce {
         mode: spec.mode.unwrap_or(d.mode),
         interface: spec.interface.clone().unwrap_or(d.interface),
         create_interface: spec.create_interface.unwrap_or(d.create_interface),
@@ -123,10 +126,7 @@ pub fn resolve_announce(spec: &AnnounceSpec, errors: &mut Vec<FieldError>) -> An
         withdraw_grace: spec.withdraw_grace.unwrap_or(d.withdraw_grace),
     };
     if out.mode == AnnounceMode::L2 {
-        errors.push(FieldError::new(
-            "announce.mode",
-            "\"l2\" is not served by this lbd yet; use \"bgp\" (host routes exported by BIRD) or \"off\"",
-        ));
+        l2_rules(spec, &mut out, errors);
     }
     if !valid_interface_name(&out.interface) {
         errors.push(FieldError::new(
@@ -139,7 +139,7 @@ pub fn resolve_announce(spec: &AnnounceSpec, errors: &mut Vec<FieldError>) -> An
     } else if out.interface == "lo" {
         errors.push(FieldError::new(
             "announce.interface",
-            "\"lo\" is the loopback interface; use a dedicated one such as \"weir0\"",
+            "\"lo\" is the loopback interface; use a dedicated one such as \"weir0\" (bgp) or the LAN interface (l2)",
         ));
     }
     if out.withdraw_grace > MAX_WITHDRAW_GRACE {
@@ -154,6 +154,32 @@ pub fn resolve_announce(spec: &AnnounceSpec, errors: &mut Vec<FieldError>) -> An
     out
 }
 
+/// What `mode = "l2"` asks of the other keys: the LAN interface named
+/// (no default could be right), never created, and no `when` (the owner
+/// answers whatever the backends' health: no other host would).
+fn l2_rules(spec: &AnnounceSpec, out: &mut Announce, errors: &mut Vec<FieldError>) {
+    if spec.interface.is_none() {
+        errors.push(FieldError::new(
+            "announce.interface",
+            "l2 mode needs the LAN interface the VIPs are added to (such as \"eth0\"); there is no default",
+        ));
+    }
+    if spec.create_interface == Some(true) {
+        errors.push(FieldError::new(
+            "announce.create_interface",
+            "l2 mode adds VIPs to an existing LAN interface and never creates one; remove this key",
+        ));
+    }
+    if spec.when.is_some() {
+        errors.push(FieldError::new(
+            "announce.when",
+            "applies to bgp only: in l2 mode the owner of a VIP answers for it whatever its backends' health, since no other host would; remove this key",
+        ));
+    }
+    out.create_interface = false;
+    out.when = AnnounceWhen::Always;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,5 +192,32 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "a b", "a:1", "abcdefghijklmnop"] {
             assert!(!valid_interface_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn l2_names_its_interface_and_takes_no_bgp_keys() {
+        let resolve = |spec: AnnounceSpec| {
+            let mut errors = Vec::new();
+            let out = resolve_announce(&spec, &mut errors);
+            let paths: Vec<String> = errors.into_iter().map(|e| e.path).collect();
+            (out, paths)
+        };
+        let l2 = |interface: Option<&str>| AnnounceSpec {
+            mode: Some(AnnounceMode::L2),
+            interface: interface.map(str::to_owned),
+            ..AnnounceSpec::default()
+        };
+        let (out, paths) = resolve(l2(Some("eth0")));
+        assert_eq!(paths, Vec::<String>::new());
+        assert_eq!(out.interface, "eth0");
+        assert!(!out.create_interface, "a LAN interface is never created");
+        let (_, paths) = resolve(l2(None));
+        assert_eq!(paths, ["announce.interface"]);
+        let (_, paths) = resolve(AnnounceSpec {
+            create_interface: Some(true),
+            when: Some(AnnounceWhen::Healthy),
+            ..l2(Some("eth0"))
+        });
+        assert_eq!(paths, ["announce.create_interface", "announce.when"]);
     }
 }

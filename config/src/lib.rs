@@ -10,6 +10,7 @@
 pub mod announce;
 mod duration;
 mod file;
+pub mod l2;
 pub mod model;
 pub mod validate;
 
@@ -18,6 +19,7 @@ use std::fmt;
 pub use announce::{Announce, AnnounceMode, AnnounceSpec, AnnounceWhen};
 pub use duration::{Duration, DurationError};
 pub use file::{parse_config, parse_toml};
+pub use l2::{L2State, VipOwner};
 pub use model::*;
 pub use validate::{resolve_listeners, DEFAULT_METRICS};
 

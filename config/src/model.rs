@@ -457,4 +457,9 @@ pub struct DesiredState {
     /// may spell the key `listener`, as the file does).
     #[serde(default, alias = "listener")]
     pub listeners: Vec<ListenerSpec>,
+    /// L2 ownership: which forwarder answers ARP/NDP for each VIP, and
+    /// the receiver's own name. Absent: no VIP has an owner (every state
+    /// before L2 mode stays valid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l2: Option<crate::l2::L2State>,
 }

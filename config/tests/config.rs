@@ -326,9 +326,15 @@ fn announce_defaults_and_values() {
 fn announce_errors_name_the_field_and_line() {
     let e = parse_config("[runtime]\n\n[announce]\nmode = \"l2\"\n").unwrap_err();
     assert_eq!(e.0.len(), 1, "{e}");
-    assert_eq!(e.0[0].path, "announce.mode");
+    assert_eq!(e.0[0].path, "announce.interface");
+    assert!(e.0[0].message.contains("LAN interface"), "{e}");
+    let e = parse_config("[announce]\nmode = \"l2\"\ninterface = \"eth0\"\nwhen = \"always\"\n")
+        .unwrap_err();
+    assert_eq!(e.0[0].path, "announce.when", "{e}");
     assert_eq!(e.0[0].line, Some(4));
-    assert!(e.0[0].message.contains("\"l2\""), "{e}");
+    let cfg = parse_config("[announce]\nmode = \"l2\"\ninterface = \"eth0\"\n").unwrap();
+    assert_eq!(cfg.announce.mode, AnnounceMode::L2);
+    assert!(!cfg.announce.create_interface);
 
     let e =
         parse_config("[announce]\nmode = \"bgp\"\ninterface = \"a/b\"\nwithdraw_grace = \"1h\"\n")

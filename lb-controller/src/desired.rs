@@ -276,6 +276,7 @@ impl Plan {
         DesiredState {
             version: 0,
             listeners,
+            l2: None,
         }
     }
 }

@@ -20,6 +20,8 @@ use serde_json::Value;
 
 use crate::desired::{self, key_of, Addresses, Cluster, Seeded};
 use crate::ipam::{Allocator, Pool, ServiceKey};
+use crate::l2::owners::Move;
+use crate::l2::Book;
 use crate::publish::Snapshot;
 use crate::translate::{self, Settings};
 
@@ -49,6 +51,8 @@ pub struct Ledger {
     warned: BTreeMap<ServiceKey, BTreeSet<Warning>>,
     /// Our Services that got no address: tried again when one is freed.
     waiting: BTreeSet<ServiceKey>,
+    /// L2 owners, when some pool is `announce = "l2"`.
+    l2: Option<Book>,
 }
 
 /// What a reconcile decided for one Service.
@@ -290,6 +294,50 @@ impl Ledger {
         self.entries.len()
     }
 
+    /// Gives VIPs of `announce = "l2"` pools an owner from now on.
+    pub fn set_l2(&mut self, book: Book) {
+        self.l2 = Some(book);
+    }
+
+    /// Marks a forwarder up or down for L2 ownership; returns whether a
+    /// new state is due.
+    pub fn l2_set_live(&mut self, name: &str, up: bool, why: Option<String>) -> bool {
+        self.l2.as_mut().is_some_and(|b| b.set_live(name, up, why))
+    }
+
+    /// The L2 owner changes since the last call.
+    pub fn take_moves(&mut self) -> Vec<Move> {
+        self.l2.as_mut().map(Book::take_moves).unwrap_or_default()
+    }
+
+    /// The Services with a listener on `ip`.
+    pub fn services_on(&self, ip: IpAddr) -> Vec<ServiceKey> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| {
+                e.listeners
+                    .iter()
+                    .any(|l| bind_ip(l) == Some(ip.to_canonical()))
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// The L2 owner of each of the Service's VIPs that has one.
+    pub fn announced_by(&self, key: &ServiceKey) -> Vec<(IpAddr, String)> {
+        let Some(book) = &self.l2 else {
+            return Vec::new();
+        };
+        let ips: BTreeSet<IpAddr> = self
+            .entries
+            .get(key)
+            .map(|e| e.listeners.iter().filter_map(bind_ip).collect())
+            .unwrap_or_default();
+        ips.into_iter()
+            .filter_map(|ip| Some((ip, book.owner_of(ip)?.to_owned())))
+            .collect()
+    }
+
     /// Builds the next full state.
     pub fn build(&mut self) -> Snapshot {
         self.version += 1;
@@ -298,8 +346,10 @@ impl Ledger {
             state: DesiredState {
                 version,
                 listeners: Vec::new(),
+                l2: None,
             },
             owners: Vec::new(),
+            urgent: false,
         };
         for (key, entry) in self.entries.iter_mut() {
             entry.changed_at.get_or_insert(version);
@@ -311,8 +361,26 @@ impl Ledger {
         for v in self.removals.values_mut() {
             v.get_or_insert(version);
         }
+        if let Some(book) = &mut self.l2 {
+            let vips: Vec<IpAddr> = snapshot
+                .state
+                .listeners
+                .iter()
+                .filter_map(bind_ip)
+                .collect();
+            snapshot.state.l2 = Some(book.build(vips, version));
+            snapshot.urgent = book.failover();
+        }
         snapshot
     }
+}
+
+/// The address a listener binds (`None` when its bind does not parse).
+fn bind_ip(l: &ListenerSpec) -> Option<IpAddr> {
+    l.bind
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| a.ip().to_canonical())
 }
 
 /// The Services that every forwarder already runs exactly as `desired`
@@ -416,7 +484,11 @@ mod tests {
             (ServiceKey::new("b", "api"), api.clone()),
         ]
         .into();
-        let state = |version, listeners: Vec<ListenerSpec>| DesiredState { version, listeners };
+        let state = |version, listeners: Vec<ListenerSpec>| DesiredState {
+            version,
+            listeners,
+            l2: None,
+        };
         let mut stale_db = db.clone();
         stale_db[0].bind = "192.0.2.9:5432".into();
         let running = [

@@ -5,8 +5,9 @@
 //! `lbd` listeners, [`desired`] is the one path from a Service to its
 //! addresses, listeners and status (used by `plan`, the start-up seeding and
 //! every reconcile), [`ledger`] is what the controller remembers between
-//! reconciles and the state it builds, [`ownership`] says which Services are
-//! ours, [`status`] what their status should say. The shell: [`controller`]
+//! reconciles and the state it builds, [`l2`] which forwarder answers
+//! ARP/NDP for each VIP of an `announce = "l2"` pool, [`ownership`] says
+//! which Services are ours, [`status`] what their status should say. The shell: [`controller`]
 //! reconciles Services through kube-runtime, [`publish`] programs the
 //! forwarders, [`leader`] holds the Lease, [`metrics`] exports Prometheus
 //! metrics.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod controller;
 pub mod desired;
 pub mod ipam;
+pub mod l2;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;

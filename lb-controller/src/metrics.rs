@@ -40,6 +40,11 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// Managed Services holding addresses.
     pub services: IntGauge,
+    /// Per forwarder: 1 while the leader's readiness probes find it up
+    /// (L2 pools only).
+    pub forwarder_ready: IntGaugeVec,
+    /// L2 owners chosen for new VIPs (`chosen`) and VIPs moved (`moved`).
+    pub l2_owner_changes: IntCounterVec,
 }
 
 impl Metrics {
@@ -77,6 +82,17 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(publish_errors.clone()))
+            .expect("unique metric");
+        let l2_owner_changes = IntCounterVec::new(
+            Opts::new(
+                "weir_controller_l2_owner_changes_total",
+                "L2 VIPs given an owner: chosen (a new VIP) or moved (its owner was down or left).",
+            ),
+            &["change"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(l2_owner_changes.clone()))
             .expect("unique metric");
         Self {
             pool_size: gauge_vec(
@@ -120,6 +136,12 @@ impl Metrics {
                 "weir_controller_services",
                 "Managed Services that hold addresses.",
             ),
+            forwarder_ready: gauge_vec(
+                "weir_controller_forwarder_ready",
+                "1 while the leader's readiness probes find the forwarder up (L2 pools only).",
+                &["forwarder"],
+            ),
+            l2_owner_changes,
             registry,
         }
     }

@@ -26,6 +26,10 @@ pub struct Snapshot {
     pub state: DesiredState,
     /// `owners[i]` owns `state.listeners[i]`.
     pub owners: Vec<ServiceKey>,
+    /// An L2 VIP moved away from a failed or draining forwarder: sent
+    /// without the debounce (the VIP is unanswered, or its owner leaving,
+    /// until it arrives).
+    pub urgent: bool,
 }
 
 /// What one forwarder has acknowledged, shared with the controller.
@@ -168,8 +172,11 @@ impl Publisher {
         let name = self.forwarder.name.clone();
         let mut failures: u32 = 0;
         loop {
-            // Debounce: let a burst of changes settle, then take the latest.
-            tokio::time::sleep(timing.debounce).await;
+            // Debounce: let a burst of changes settle, then take the latest;
+            // an L2 failover goes at once.
+            if !states.borrow().urgent {
+                tokio::time::sleep(timing.debounce).await;
+            }
             let snapshot = states.borrow_and_update().clone();
             let acked = self.progress.acked.load(Ordering::Acquire);
             let outcome = if snapshot.state.version <= acked {
@@ -220,7 +227,20 @@ impl Publisher {
             e
         };
         let target = target(&self.forwarder).map_err(|e| fail(e.to_string()))?;
-        let body = serde_json::to_vec(&snapshot.state).map_err(|e| fail(e.to_string()))?;
+        let body = match &snapshot.state.l2 {
+            // The owner map names the receiver (each forwarder learns its
+            // own name from the controller).
+            Some(l2) => {
+                let mut state = snapshot.state.clone();
+                state.l2 = Some(lb_config::L2State {
+                    forwarder: name.clone(),
+                    ..l2.clone()
+                });
+                serde_json::to_vec(&state)
+            }
+            None => serde_json::to_vec(&snapshot.state),
+        }
+        .map_err(|e| fail(e.to_string()))?;
         let sent = tokio::time::timeout(
             timeout,
             client::send(&target, Method::PUT, "/v1/state", Some(body)),

@@ -145,6 +145,28 @@ pub fn programmed(
     }
 }
 
+/// What a True condition's message says after the programmed state: which
+/// forwarder announces each VIP in L2 mode (`kubectl describe svc` shows
+/// it).
+const ANNOUNCED: &str = "; announced (ARP/NDP) by ";
+
+/// `p` with the L2 owner of each VIP (`announced`) in its message when it
+/// is True; a message that named owners before names the current ones.
+pub fn with_announcers(mut p: Programmed, announced: &[(IpAddr, String)]) -> Programmed {
+    if let Some(at) = p.message.find(ANNOUNCED) {
+        p.message.truncate(at);
+    }
+    if p.status == "True" && !announced.is_empty() {
+        let list: Vec<String> = announced
+            .iter()
+            .map(|(ip, owner)| format!("{owner} ({ip})"))
+            .collect();
+        p.message.push_str(ANNOUNCED);
+        p.message.push_str(&list.join(", "));
+    }
+    p
+}
+
 /// Whether the API server keeps `status.loadBalancer.ingress[].ipMode`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum IpModeSupport {

@@ -456,3 +456,46 @@ fn controller_config_errors_name_field_and_line() {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
 }
+
+#[test]
+fn controller_l2_settings_parse_and_errors_name_the_field() {
+    let cfg = lb_controller::config::parse(
+        "[[pool]]\nname = \"lan\"\naddresses = [\"192.0.2.0/28\"]\nannounce = \"l2\"\n\n[[pool]]\nname = \"bgp\"\naddresses = [\"198.51.100.0/28\"]\n\n[l2]\nprobe_interval = \"100ms\"\nprobe_failures = 2\n",
+    )
+    .unwrap();
+    assert!(cfg.l2.covers("192.0.2.3".parse().unwrap()));
+    assert!(!cfg.l2.covers("198.51.100.3".parse().unwrap()));
+    assert_eq!(cfg.l2.probe_interval, std::time::Duration::from_millis(100));
+    assert_eq!(cfg.l2.probe_failures, 2);
+    assert_eq!(cfg.l2.lease(), std::time::Duration::from_secs(1));
+    let defaults = lb_controller::config::parse("").unwrap();
+    assert!(!defaults.l2.enabled());
+    assert_eq!(
+        defaults.l2.probe_interval,
+        std::time::Duration::from_millis(200)
+    );
+    assert_eq!(defaults.l2.probe_failures, 3);
+
+    let err = lb_controller::config::parse(
+        "[[pool]]\nname = \"lan\"\naddresses = [\"192.0.2.0/28\"]\nannounce = \"arp\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("pool"), "{err}");
+    let err = lb_controller::config::parse(
+        "[[pool]]\nname = \"lan\"\naddresses = [\"192.0.2.0/28\"]\nannounce = \"l2\"\n\n[l2]\nprobe_interval = \"1ms\"\nprobe_failures = 0\n\n[[forwarder]]\nname = \"edge 1\"\nurl = \"unix:///run/x.sock\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for want in [
+        "line 7: l2.probe_interval",
+        "line 8: l2.probe_failures",
+        "line 11: forwarder[0].name",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+    let err = lb_controller::config::parse("[l2]\nprobe_interval = \"60s\"\nprobe_failures = 31\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 3: l2.probe_failures"), "{err}");
+}

@@ -5,8 +5,9 @@
 //! touches sockets or clocks. The shell ([`server`], [`plane`], [`forward`],
 //! [`engine`]) binds sockets, runs workers and applies configurations.
 //! `unsafe` is allowed only at the system-call edge of the engines: the
-//! io_uring engine (`engine::uring` and its driver, `engine::ring`) and the
-//! epoll engine's registration of its listening sockets (`engine::epoll`).
+//! io_uring engine (`engine::uring` and its driver, `engine::ring`), the
+//! epoll engine's registration of its listening sockets (`engine::epoll`),
+//! and the link-layer address of L2 mode's raw socket (`announce::packet`).
 
 pub mod admin;
 pub mod announce;

@@ -42,6 +42,7 @@ fn state(version: u64, count: usize) -> DesiredState {
                 l
             })
             .collect(),
+        l2: None,
     }
 }
 

@@ -113,13 +113,20 @@ pub struct VipStatus {
     pub vip: IpAddr,
     /// Whether its host route is on the interface now.
     pub announced: bool,
-    /// Why not (`not_ready`, `draining`, `no_backend_up`) or what failed;
+    /// Why not (`not_ready`, `draining`, `no_backend_up`; in L2 mode
+    /// `not_owner`, `no_owner`, `yielded`) or what failed;
     /// absent while announced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Milliseconds since the decision for this VIP last changed.
     #[serde(default)]
     pub for_ms: u64,
+    /// L2 mode: the forwarder the owner map names for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// L2 mode: that owner's epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// `POST` and `DELETE /v1/drain` answered 200.

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use lb_config::{Duration, FieldError};
 use serde::Deserialize;
 
-use super::resolved::{ClusterHealth, Config, Forwarder, ForwarderTarget, LeaderElection};
+use super::resolved::{
+    ClusterHealth, Config, Forwarder, ForwarderTarget, L2Settings, LeaderElection,
+};
 use super::selector::parse_selector;
 use crate::ipam::{AddrRange, Pool};
 
@@ -31,6 +33,8 @@ pub struct FileSpec {
     publish: PublishSpec,
     #[serde(default)]
     admin: AdminSpec,
+    #[serde(default)]
+    l2: L2Spec,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -58,6 +62,25 @@ struct PoolSpec {
     addresses: Vec<String>,
     auto_assign: Option<bool>,
     avoid_buggy_ips: Option<bool>,
+    announce: Option<PoolAnnounce>,
+}
+
+/// How a pool's addresses reach the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PoolAnnounce {
+    /// As the forwarders' `[announce]` says (every forwarder binds every
+    /// VIP; BGP or nothing).
+    Bgp,
+    /// One owner per VIP among the ready forwarders, answering ARP/NDP.
+    L2,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct L2Spec {
+    probe_interval: Option<Duration>,
+    probe_failures: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +183,7 @@ impl FileSpec {
         }
 
         let mut pools = Vec::new();
+        let mut l2_pools = Vec::new();
         for (i, p) in self.pools.iter().enumerate() {
             if p.name.is_empty() || pools.iter().any(|q: &Pool| q.name == p.name) {
                 err(
@@ -180,12 +204,41 @@ impl FileSpec {
                     Err(e) => err(format!("pool[{i}].addresses[{j}]"), e),
                 }
             }
-            pools.push(Pool {
+            let pool = Pool {
                 name: p.name.clone(),
                 ranges,
                 auto_assign: p.auto_assign.unwrap_or(true),
                 avoid_buggy_ips: p.avoid_buggy_ips.unwrap_or(false),
-            });
+            };
+            if p.announce == Some(PoolAnnounce::L2) {
+                l2_pools.push(pool.clone());
+            }
+            pools.push(pool);
+        }
+        let probe_interval = std_duration(
+            self.l2.probe_interval,
+            std::time::Duration::from_millis(200),
+        );
+        let probe_failures = self.l2.probe_failures.unwrap_or(3);
+        if probe_interval < std::time::Duration::from_millis(10)
+            || probe_interval > std::time::Duration::from_secs(60)
+        {
+            err(
+                "l2.probe_interval".into(),
+                "must be between 10ms and 60s".into(),
+            );
+        }
+        if !(1..=100).contains(&probe_failures) {
+            err(
+                "l2.probe_failures".into(),
+                format!("{probe_failures} is not between 1 and 100"),
+            );
+        } else if probe_interval * probe_failures > std::time::Duration::from_secs(1800) {
+            // The forwarders' lease is twice this, and lbd takes at most an hour.
+            err(
+                "l2.probe_failures".into(),
+                "probe_interval × probe_failures must be at most 30 minutes".into(),
+            );
         }
 
         let address_types = self
@@ -294,6 +347,12 @@ impl FileSpec {
                 );
                 ForwarderTarget::Unix(PathBuf::new())
             };
+            if !l2_pools.is_empty() && !lb_config::l2::valid_forwarder_name(&f.name) {
+                err(
+                    format!("forwarder[{i}].name"),
+                    "names an L2 owner: no spaces or control characters, at most 253 bytes".into(),
+                );
+            }
             forwarders.push(Forwarder {
                 name: f.name.clone(),
                 target,
@@ -343,6 +402,11 @@ impl FileSpec {
             backoff_max,
             publish_timeout,
             metrics,
+            l2: L2Settings {
+                pools: l2_pools,
+                probe_interval,
+                probe_failures,
+            },
         })
     }
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use lb_config::ConfigErrors;
 
 pub use file::FileSpec;
-pub use resolved::{ClusterHealth, Config, Forwarder, ForwarderTarget, LeaderElection};
+pub use resolved::{ClusterHealth, Config, Forwarder, ForwarderTarget, L2Settings, LeaderElection};
 pub use selector::{parse_selector, Requirement};
 
 /// Parses and validates the text of a controller configuration file.

@@ -96,4 +96,37 @@ pub struct Config {
     pub publish_timeout: std::time::Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` listen; `None` = off.
     pub metrics: Option<SocketAddr>,
+    /// L2 announcement: which pools' VIPs get one owner each, and how the
+    /// forwarders' liveness is probed.
+    pub l2: L2Settings,
+}
+
+/// `[[pool]] announce = "l2"` and `[l2]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct L2Settings {
+    /// The pools whose VIPs get an owner (none: no `l2` in the state).
+    pub pools: Vec<Pool>,
+    /// How often the leader probes each forwarder's readiness (200 ms).
+    pub probe_interval: std::time::Duration,
+    /// Probes missed in a row before a forwarder's VIPs move (3).
+    pub probe_failures: u32,
+}
+
+impl L2Settings {
+    /// Whether `ip` lies in a pool announced in L2 mode.
+    pub fn covers(&self, ip: std::net::IpAddr) -> bool {
+        self.pools.iter().any(|p| p.contains(ip))
+    }
+
+    /// Whether any pool is announced in L2 mode.
+    pub fn enabled(&self) -> bool {
+        !self.pools.is_empty()
+    }
+
+    /// How long a forwarder may go without a probe before it counts itself
+    /// cut off from the controller: twice the time the controller takes to
+    /// declare a silent forwarder failed, and at least one second.
+    pub fn lease(&self) -> std::time::Duration {
+        (self.probe_interval * self.probe_failures * 2).max(std::time::Duration::from_secs(1))
+    }
 }

@@ -20,6 +20,7 @@ use super::reconcile::Queue;
 use super::state::State;
 use super::writer::ServiceWriter;
 use crate::ipam::ServiceKey;
+use crate::l2::owners::Move;
 use crate::metrics::Metrics;
 use crate::publish::Report;
 use crate::status;
@@ -40,7 +41,13 @@ pub(super) struct Feedback {
 
 impl Feedback {
     /// Handles `reports` until they end, and sweeps every [`SWEEP`].
-    pub(super) async fn run(self, mut reports: mpsc::UnboundedReceiver<Report>) {
+    /// Also records an Event on the Services of each VIP whose L2 owner
+    /// changes (`moves`).
+    pub(super) async fn run(
+        self,
+        mut reports: mpsc::UnboundedReceiver<Report>,
+        mut moves: mpsc::UnboundedReceiver<Vec<Move>>,
+    ) {
         let mut sweep = tokio::time::interval(SWEEP);
         loop {
             tokio::select! {
@@ -48,7 +55,35 @@ impl Feedback {
                     let Some(report) = report else { return };
                     self.on_report(report);
                 }
+                Some(moved) = moves.recv() => self.on_moves(&moved),
                 _ = sweep.tick() => self.sweep(),
+            }
+        }
+    }
+
+    /// An Event on every Service of each VIP that has a new owner, and a
+    /// reconcile (its condition names the owner).
+    fn on_moves(&self, moves: &[Move]) {
+        for m in moves {
+            let keys = self.state.lock().services_on(m.vip);
+            let note = match (&m.from, &m.why) {
+                (Some(from), Some(why)) => format!(
+                    "{} is now announced (ARP/NDP) by {}, was {from}: {why}",
+                    m.vip, m.to
+                ),
+                _ => format!("{} is announced (ARP/NDP) by {}", m.vip, m.to),
+            };
+            let reason = if m.from.is_some() {
+                "AnnouncerChanged"
+            } else {
+                "AnnouncerChosen"
+            };
+            for key in keys {
+                if let Some(svc) = self.service(&key) {
+                    self.events
+                        .publish(&svc, EventType::Normal, reason, note.clone());
+                }
+                self.queue.push(&key);
             }
         }
     }
@@ -108,8 +143,10 @@ impl Feedback {
         let conditions = ledger.changed_at().filter(|(key, changed_at)| {
             self.service(key).is_some_and(|svc| {
                 let current = status::current_condition(&svc);
-                let wanted =
-                    status::programmed(current, svc.metadata.generation, *changed_at, &views);
+                let wanted = status::with_announcers(
+                    status::programmed(current, svc.metadata.generation, *changed_at, &views),
+                    &ledger.announced_by(key),
+                );
                 current.is_none_or(|c| !status::same(c, &wanted))
                     && !status::withheld(&svc, &wanted)
             })

@@ -8,11 +8,13 @@
 //! Service; `feedback` the publishers' reports and the sweep of vanished
 //! Services; `state` the ledger behind its lock and the builder; `writer`
 //! the writes to Services; `events` the Events; `forwarders` what the
-//! forwarders have acknowledged.
+//! forwarders have acknowledged; `probes` the forwarders' readiness, which
+//! decides L2 ownership.
 
 mod events;
 mod feedback;
 mod forwarders;
+mod probes;
 mod reconcile;
 mod run;
 mod start;

@@ -141,11 +141,14 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Reconciler>) -> Result
     // Status: addresses, port errors, and the programmed condition,
     // written only when the stored status says something else, and for a
     // new Service only once its forwarding is decided.
-    let condition = status::programmed(
-        status::current_condition(&svc),
-        svc.metadata.generation,
-        reconciled.changed_at,
-        &ctx.forwarders.views(),
+    let condition = status::with_announcers(
+        status::programmed(
+            status::current_condition(&svc),
+            svc.metadata.generation,
+            reconciled.changed_at,
+            &ctx.forwarders.views(),
+        ),
+        &ctx.state.lock().announced_by(&key),
     );
     if status::withheld(&svc, &condition) {
         // Written once the forwarders decide (their report reconciles it).

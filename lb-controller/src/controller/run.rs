@@ -123,7 +123,7 @@ pub async fn run(
     let controller = Controller::for_stream(service_events, services.clone());
 
     // The handles.
-    let state = State::new(cfg.pools.clone());
+    let (state, moves) = State::new(cfg.pools.clone());
     let (set_forwarders, forwarders) = forwarders();
     let writer = Arc::new(ServiceWriter::new(client.clone()));
     let events = Events::new(client, identity);
@@ -163,6 +163,7 @@ pub async fn run(
         forwarders: set_forwarders,
         snapshots,
         feedback,
+        moves,
         metrics,
     };
     tokio::spawn(start.run());

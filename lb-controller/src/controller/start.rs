@@ -17,6 +17,7 @@ use super::state::State;
 use super::writer::ServiceWriter;
 use crate::config::Config;
 use crate::desired::{self, Cluster};
+use crate::l2::Book;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::ownership::{self, Owner};
@@ -35,6 +36,8 @@ pub(super) struct Start {
     pub(super) forwarders: SetForwarders,
     pub(super) snapshots: watch::Sender<Arc<Snapshot>>,
     pub(super) feedback: Feedback,
+    /// The L2 owner changes of each state built.
+    pub(super) moves: mpsc::UnboundedReceiver<Vec<crate::l2::owners::Move>>,
     pub(super) metrics: Metrics,
 }
 
@@ -80,7 +83,14 @@ impl Start {
                 .with_label_values(&[&f.name])
                 .set(*version as i64);
         }
-        self.state.lock().adopt_running(&running);
+        {
+            let mut ledger = self.state.lock();
+            ledger.adopt_running(&running);
+            if cfg.l2.enabled() {
+                let names = cfg.forwarders.iter().map(|f| f.name.clone()).collect();
+                ledger.set_l2(Book::recovered(&cfg.l2, names, &running));
+            }
+        }
         tracing::info!(
             services = services.len(),
             nodes = nodes.len(),
@@ -104,11 +114,12 @@ impl Start {
             &self.metrics,
         );
         self.state.build(&self.snapshots, &self.metrics);
+        super::probes::spawn(cfg, &self.state, &self.metrics);
         tokio::spawn(self.state.run_builder(self.snapshots, self.metrics));
         // Reconciles go on from here; the reports' handling sees the board
         // from its first sweep.
         self.forwarders.set(board.into());
-        tokio::spawn(self.feedback.run(reports));
+        tokio::spawn(self.feedback.run(reports, self.moves));
     }
 }
 

@@ -4,10 +4,11 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 use super::forwarders::Forwarders;
 use crate::ipam::{Pool, ServiceKey};
+use crate::l2::owners::Move;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::publish::Snapshot;
@@ -21,15 +22,21 @@ const BUILD_COALESCE: Duration = Duration::from_millis(20);
 pub(super) struct State {
     ledger: Arc<Mutex<Ledger>>,
     rebuild: Arc<Notify>,
+    /// The L2 owner changes of each state built, for their Events.
+    moves: mpsc::UnboundedSender<Vec<Move>>,
 }
 
 impl State {
-    /// An empty ledger over `pools`.
-    pub(super) fn new(pools: Vec<Pool>) -> Self {
-        Self {
+    /// An empty ledger over `pools`, and where the L2 owner changes of
+    /// each state built go.
+    pub(super) fn new(pools: Vec<Pool>) -> (Self, mpsc::UnboundedReceiver<Vec<Move>>) {
+        let (moves, rx) = mpsc::unbounded_channel();
+        let state = Self {
             ledger: Arc::new(Mutex::new(Ledger::new(pools))),
             rebuild: Arc::new(Notify::new()),
-        }
+            moves,
+        };
+        (state, rx)
     }
 
     /// The ledger, locked.
@@ -56,10 +63,18 @@ impl State {
     pub(super) fn build(&self, snapshots: &watch::Sender<Arc<Snapshot>>, metrics: &Metrics) {
         let mut ledger = self.lock();
         let snapshot = ledger.build();
+        let moves = ledger.take_moves();
+        for m in &moves {
+            let change = if m.from.is_some() { "moved" } else { "chosen" };
+            metrics.l2_owner_changes.with_label_values(&[change]).inc();
+        }
         metrics.desired_version.set(snapshot.state.version as i64);
         metrics.services.set(ledger.services() as i64);
         drop(ledger);
         snapshots.send_replace(Arc::new(snapshot));
+        if !moves.is_empty() {
+            let _ = self.moves.send(moves);
+        }
     }
 
     /// The builder: coalesces changes into one new state at a time, at

@@ -141,7 +141,8 @@ impl Pool {
         })
     }
 
-    pub(super) fn contains(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is one of the pool's addresses.
+    pub fn contains(&self, ip: IpAddr) -> bool {
         self.ranges.iter().any(|r| r.contains(ip)) && !(self.avoid_buggy_ips && buggy(ip))
     }
 

@@ -43,6 +43,9 @@ pub trait ControlApi: Send + Sync {
     fn status(&self) -> Status;
     /// Validates, persists and applies `state` (`PUT /v1/state`).
     fn put_state(&self, state: DesiredState) -> Result<u64, PutError>;
+    /// The controller was heard from (`GET /readyz`, `PUT /v1/state`): in
+    /// L2 mode, how an owner knows it is not cut off.
+    fn contact(&self) {}
     /// Starts a drain that does not exit (`POST /v1/drain`); returns once
     /// the VIPs are withdrawn. Blocking: call it off the reactor.
     fn drain(&self) -> Result<DrainAnswer, DrainError> {
@@ -254,6 +257,12 @@ async fn handle(control: &Control, req: Request<Incoming>) -> Response<Body> {
 
 async fn route(control: &Control, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
+    if matches!(
+        (&method, req.uri().path()),
+        (&Method::GET, "/readyz") | (&Method::PUT, "/v1/state")
+    ) {
+        control.api.contact();
+    }
     match (method, req.uri().path()) {
         (Method::GET, "/healthz") => reply(StatusCode::OK, json!({ "status": "ok" })),
         (Method::GET, "/readyz") if control.api.ready() => {

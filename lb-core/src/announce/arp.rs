@@ -44,6 +44,22 @@ pub fn exposed_interfaces(announce: &str) -> Option<Vec<String>> {
     Some(exposed(all, &interfaces, announce))
 }
 
+/// Whether `interface` answers ARP only for addresses configured on it
+/// (effective `arp_ignore`, the larger of `all` and its own, at least 1):
+/// what L2 mode needs of the LAN interface, where every host delivers
+/// every VIP but only the owner has it on the interface. `None` when the
+/// settings cannot be read.
+pub fn ignores(interface: &str) -> Option<bool> {
+    let read = |name: &str| -> Option<u8> {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/arp_ignore"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(read("all")?.max(read(interface)?) >= 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::exposed;

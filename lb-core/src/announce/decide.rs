@@ -3,15 +3,23 @@
 //! now. No sockets, no clock: the shell ([`super::Announcer`]) gathers the
 //! values, calls [`decide`], and applies [`changes`].
 //!
-//! A VIP is announced exactly while lbd is ready (its state applied and its
-//! listeners bound), not draining, and, with `when = "healthy"`, at least
-//! one backend of a listener on the VIP is up with a weight above 0.
+//! BGP mode ([`decide`]): a VIP is announced exactly while lbd is ready (its
+//! state applied and its listeners bound), not draining, and, with `when =
+//! "healthy"`, at least one backend of a listener on the VIP is up with a
+//! weight above 0.
+//!
+//! L2 mode ([`decide_l2`]): a VIP is announced (on the LAN interface, where
+//! the kernel answers ARP/NDP for it) while the owner map names this lbd,
+//! lbd is ready, and it has not yielded the VIP ([`yielded`]). A draining
+//! lbd keeps what it owns until the map names another owner or the
+//! withdraw grace has passed: a planned handover loses nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Instant;
 
-use lb_config::AnnounceWhen;
+use lb_config::{AnnounceWhen, L2State};
+use std::time::Duration;
 
 /// What the server is doing, as far as announcing goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,7 +39,7 @@ pub struct VipHealth {
     pub backends_up: usize,
 }
 
-/// Why a VIP is not announced. L2 mode will add its own (not the owner).
+/// Why a VIP is not announced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Withheld {
     /// lbd has not applied its state yet.
@@ -40,6 +48,16 @@ pub enum Withheld {
     Draining,
     /// `when = "healthy"` and no backend of the VIP is up.
     NoBackendUp,
+    /// L2: another forwarder owns the VIP.
+    NotOwner,
+    /// L2: the state names no owner for the VIP.
+    NoOwner,
+    /// L2: cut off from the controller, this lbd saw another host claim
+    /// the VIP on the LAN, and gave it up.
+    Yielded,
+    /// L2: the owner map is the one persisted before a restart, and the
+    /// controller has not confirmed it yet (nor has the lease passed).
+    Unconfirmed,
 }
 
 impl Withheld {
@@ -49,6 +67,10 @@ impl Withheld {
             Self::NotReady => "not_ready",
             Self::Draining => "draining",
             Self::NoBackendUp => "no_backend_up",
+            Self::NotOwner => "not_owner",
+            Self::NoOwner => "no_owner",
+            Self::Yielded => "yielded",
+            Self::Unconfirmed => "awaiting_controller",
         }
     }
 }
@@ -99,6 +121,120 @@ pub fn decide(
             };
             (vip, Verdict { withheld, since })
         })
+        .collect()
+}
+
+/// Where an lbd in L2 mode stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2Life {
+    /// Ready and draining, as for BGP.
+    pub life: Lifecycle,
+    /// A drain has gone on for the withdraw grace (or longer).
+    pub grace_over: bool,
+    /// The owner map may be acted on: the controller sent a state since
+    /// lbd started, or a lease has passed since the start without one (a
+    /// map persisted before a restart may be stale: another host may have
+    /// taken the VIPs meanwhile; with the controller down, lbd takes them
+    /// back after the lease, static stability).
+    pub confirmed: bool,
+}
+
+/// The owner map of a state (`l2`), indexed by VIP: built once per state,
+/// read at every evaluation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnerMap {
+    /// This lbd's name, as the controller knows it.
+    pub me: String,
+    /// No word from the controller this long: cut off.
+    pub lease: Duration,
+    /// Per VIP, its owner and epoch.
+    pub owners: BTreeMap<IpAddr, (String, u64)>,
+}
+
+impl From<&L2State> for OwnerMap {
+    fn from(l2: &L2State) -> Self {
+        Self {
+            me: l2.forwarder.clone(),
+            lease: Duration::from_millis(l2.lease_ms),
+            owners: l2
+                .owners
+                .iter()
+                .map(|o| (o.vip.to_canonical(), (o.owner.clone(), o.epoch)))
+                .collect(),
+        }
+    }
+}
+
+impl OwnerMap {
+    /// The owner and epoch of `vip`.
+    pub fn owner_of(&self, vip: IpAddr) -> Option<&(String, u64)> {
+        self.owners.get(&vip.to_canonical())
+    }
+
+    /// The VIPs the map gives this lbd.
+    pub fn mine(&self) -> BTreeSet<IpAddr> {
+        self.owners
+            .iter()
+            .filter(|(_, (owner, _))| *owner == self.me)
+            .map(|(vip, _)| *vip)
+            .collect()
+    }
+}
+
+/// Decides every VIP of `vips` in L2 mode from the owner map `l2` (the
+/// entries naming `l2.me` are ours) and the VIPs `yielded`; `since` as in
+/// [`decide`].
+pub fn decide_l2(
+    previous: &Decisions,
+    vips: &BTreeMap<IpAddr, VipHealth>,
+    l2: Option<&OwnerMap>,
+    at: L2Life,
+    yielded: &BTreeSet<IpAddr>,
+    now: Instant,
+) -> Decisions {
+    vips.keys()
+        .map(|&vip| {
+            let owner = l2.and_then(|m| Some((m, m.owner_of(vip)?)));
+            let withheld = match owner {
+                None => Some(Withheld::NoOwner),
+                Some((m, (owner, _))) if *owner != m.me => Some(Withheld::NotOwner),
+                Some(_) if yielded.contains(&vip) => Some(Withheld::Yielded),
+                Some(_) if !at.confirmed => Some(Withheld::Unconfirmed),
+                Some(_) if at.life.draining && at.grace_over => Some(Withheld::Draining),
+                Some(_) if !at.life.ready && !at.life.draining => Some(Withheld::NotReady),
+                Some(_) => None,
+            };
+            let since = match previous.get(&vip) {
+                Some(p) if p.withheld == withheld => p.since,
+                _ => now,
+            };
+            (vip, Verdict { withheld, since })
+        })
+        .collect()
+}
+
+/// The VIPs an lbd in L2 mode gives up to bound a partition: only while it
+/// is cut off (no word from the controller for `lease` since
+/// `last_contact`), a VIP that another host has claimed on the LAN since
+/// that last word. (The shell keeps a VIP given up until the controller
+/// sends a state: the first probe after a partition heals says nothing of
+/// owners, and announcing the VIP again would pull clients back.) With the controller down and no new owner, nobody
+/// claims and nothing is given up (static stability); a new owner's claim
+/// reaches a cut-off old one at its takeover burst or, at the latest, its
+/// next periodic announcement.
+pub fn yielded(
+    claims: &BTreeMap<IpAddr, Instant>,
+    last_contact: Instant,
+    lease: std::time::Duration,
+    now: Instant,
+) -> BTreeSet<IpAddr> {
+    if now.saturating_duration_since(last_contact) < lease {
+        return BTreeSet::new();
+    }
+    claims
+        .iter()
+        .filter(|(_, &at)| at > last_contact)
+        .map(|(&vip, _)| vip)
         .collect()
 }
 
@@ -263,6 +399,111 @@ mod tests {
             },
             "192.0.2.1 has no backend up: not announced, but delivered"
         );
+    }
+
+    fn map(me: &str, owners: &[(u8, &str)]) -> OwnerMap {
+        OwnerMap::from(&L2State {
+            forwarder: me.into(),
+            lease_ms: 1000,
+            owners: owners
+                .iter()
+                .map(|(last, o)| lb_config::VipOwner {
+                    vip: ip(*last),
+                    owner: (*o).into(),
+                    epoch: 1,
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn l2_announces_only_what_this_lbd_owns() {
+        let now = Instant::now();
+        let vips = BTreeMap::from([(ip(1), health(0)), (ip(2), health(1)), (ip(3), health(1))]);
+        let m = map("edge-1", &[(1, "edge-1"), (2, "edge-2")]);
+        let at = L2Life {
+            life: READY,
+            grace_over: false,
+            confirmed: true,
+        };
+        let none = BTreeSet::new();
+        let d = decide_l2(&Decisions::new(), &vips, Some(&m), at, &none, now);
+        assert!(d[&ip(1)].announce(), "owned, whatever its backends' health");
+        assert_eq!(d[&ip(2)].withheld, Some(Withheld::NotOwner));
+        assert_eq!(d[&ip(3)].withheld, Some(Withheld::NoOwner));
+        let d = decide_l2(&Decisions::new(), &vips, None, at, &none, now);
+        assert!(d.values().all(|v| v.withheld == Some(Withheld::NoOwner)));
+        let d = decide_l2(
+            &Decisions::new(),
+            &vips,
+            Some(&m),
+            at,
+            &BTreeSet::from([ip(1)]),
+            now,
+        );
+        assert_eq!(d[&ip(1)].withheld, Some(Withheld::Yielded));
+    }
+
+    #[test]
+    fn a_draining_owner_keeps_its_vips_until_handed_over_or_the_grace_ends() {
+        let now = Instant::now();
+        let vips = BTreeMap::from([(ip(1), health(1))]);
+        let none = BTreeSet::new();
+        let draining = Lifecycle {
+            ready: false,
+            draining: true,
+        };
+        let mine = map("edge-1", &[(1, "edge-1")]);
+        let within = L2Life {
+            life: draining,
+            grace_over: false,
+            confirmed: true,
+        };
+        let d = decide_l2(&Decisions::new(), &vips, Some(&mine), within, &none, now);
+        assert!(
+            d[&ip(1)].announce(),
+            "not ready, but nobody else has it yet"
+        );
+        let moved = map("edge-1", &[(1, "edge-2")]);
+        let d = decide_l2(&Decisions::new(), &vips, Some(&moved), within, &none, now);
+        assert_eq!(d[&ip(1)].withheld, Some(Withheld::NotOwner));
+        let over = L2Life {
+            life: draining,
+            grace_over: true,
+            confirmed: true,
+        };
+        let d = decide_l2(&Decisions::new(), &vips, Some(&mine), over, &none, now);
+        assert_eq!(d[&ip(1)].withheld, Some(Withheld::Draining));
+        let starting = L2Life {
+            life: Lifecycle {
+                ready: false,
+                draining: false,
+            },
+            grace_over: false,
+            confirmed: true,
+        };
+        let d = decide_l2(&Decisions::new(), &vips, Some(&mine), starting, &none, now);
+        assert_eq!(d[&ip(1)].withheld, Some(Withheld::NotReady));
+    }
+
+    #[test]
+    fn only_a_cut_off_lbd_yields_and_only_to_claims_since_its_last_word() {
+        let t0 = Instant::now();
+        let lease = Duration::from_secs(1);
+        let claims = BTreeMap::from([
+            (ip(1), t0 + Duration::from_millis(500)),
+            (ip(2), t0 - Duration::from_millis(1)),
+        ]);
+        assert!(
+            yielded(&claims, t0, lease, t0 + Duration::from_millis(999)).is_empty(),
+            "in contact: the controller decides"
+        );
+        assert_eq!(
+            yielded(&claims, t0, lease, t0 + lease),
+            BTreeSet::from([ip(1)]),
+            "192.0.2.2 was claimed before the last word: a stale claim"
+        );
+        assert!(yielded(&BTreeMap::new(), t0, lease, t0 + lease * 100).is_empty());
     }
 
     proptest! {

@@ -7,8 +7,8 @@
 //! `CAP_NET_ADMIN` for changes.
 //!
 //! Nothing here decides which address belongs where: BGP mode places VIPs
-//! on a dedicated interface, and L2 mode will place them on the LAN one,
-//! both through [`Link::add`] and [`Link::remove`].
+//! on a dedicated interface, and L2 mode places the ones this host owns on
+//! the LAN one, both through [`Link::add`] and [`Link::remove`].
 
 use std::io;
 use std::net::IpAddr;
@@ -192,6 +192,20 @@ impl Link {
             }
         }
         Ok(None)
+    }
+
+    /// The interface's Ethernet address (`None`: it has none of 6 bytes).
+    pub fn hardware_address(&mut self) -> io::Result<Option<[u8; 6]>> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = self.index;
+        let answers = self.request(RouteNetlinkMessage::GetLink(msg), 0)?;
+        Ok(answers.into_iter().find_map(|answer| match answer {
+            RouteNetlinkMessage::NewLink(l) => l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(mac) => <[u8; 6]>::try_from(mac.as_slice()).ok(),
+                _ => None,
+            }),
+            _ => None,
+        }))
     }
 
     /// Creates the link: a dummy, else a bridge with no ports.

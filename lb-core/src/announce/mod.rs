@@ -6,8 +6,18 @@
 //! interface (which BIRD does not export), so a withdrawn VIP still
 //! accepts on this host and its established connections go on.
 //!
+//! In L2 mode `lbd` adds the VIPs the controller's owner map gives it to
+//! the LAN interface (the kernel answers ARP/NDP for them), announces each
+//! at takeover and periodically, and removes the ones it no longer owns.
+//! Every VIP of a listener keeps its `local` route through `lo` on every
+//! host, owner or not, so a VIP that moves still accepts where clients'
+//! neighbour caches point until they learn the new owner; with
+//! `arp_ignore = 1` only the owner answers ARP for it.
+//!
 //! - [`decide`]: which VIPs to announce, from values and `now` (pure);
+//! - [`garp`]: the L2 announcement frames and their schedule (pure);
 //! - [`link`]: the interface and its addresses over rtnetlink (the shell);
+//! - [`packet`]: raw frames on the LAN interface (the shell);
 //! - [`arp`]: whether the host's LAN interfaces would answer ARP for VIPs;
 //! - [`Announcer`]: the loop that gathers the VIPs' health from the routing
 //!   snapshot, decides, and applies only the changes.
@@ -20,7 +30,9 @@
 
 pub mod arp;
 pub mod decide;
+pub mod garp;
 pub mod link;
+pub mod packet;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -29,12 +41,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use lb_api::wire::{AnnounceStatus, VipStatus};
-use lb_config::Announce;
+use lb_config::{Announce, L2State};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::sync::{watch, Notify};
 
-use self::decide::{changes, decide, delivery, Decisions, Lifecycle, VipHealth};
-use self::link::{Link, Placed};
+use self::decide::{
+    changes, decide, decide_l2, delivery, yielded, Decisions, L2Life, Lifecycle, OwnerMap,
+    VipHealth,
+};
+use self::garp::Schedule;
+use self::link::{host_prefix, Link, Placed};
+use self::packet::PacketSocket;
 use crate::routing::Routing;
 use crate::worker::Shared;
 
@@ -110,6 +127,46 @@ struct State {
     errors: BTreeMap<IpAddr, String>,
     /// Every address was removed for good (exit).
     released: bool,
+    /// When each placed VIP is announced next (L2).
+    schedule: Schedule,
+}
+
+/// What L2 mode adds: the owner map in force, the LAN interface's raw
+/// socket and address, and what the LAN and the controller were last
+/// heard saying.
+struct L2 {
+    /// The owner map of the state in force.
+    map: Mutex<Option<Arc<OwnerMap>>>,
+    /// The map changed: addresses it names that are on the interface (left
+    /// by an earlier run) are adopted, so those not ours are removed.
+    adopt: AtomicBool,
+    mac: [u8; 6],
+    sender: PacketSocket,
+    /// The last request from the controller (a probe or a state).
+    last_contact: Mutex<Instant>,
+    /// When the announcer started.
+    started: Instant,
+    /// The controller has sent a state since the start.
+    confirmed: AtomicBool,
+    /// When the current drain started.
+    drain_since: Mutex<Option<Instant>>,
+    /// Per VIP the map gives us, when another host last claimed it.
+    claims: Arc<Mutex<BTreeMap<IpAddr, Instant>>>,
+    /// The VIPs the map gives us, for the receivers of claims.
+    watched: Arc<Mutex<BTreeSet<IpAddr>>>,
+    /// The VIPs given up while cut off: they stay given up until the
+    /// controller sends a state (a probe alone says nothing of owners).
+    given_up: Mutex<BTreeSet<IpAddr>>,
+}
+
+/// The LAN interface opened for L2 mode.
+pub struct Lan {
+    mac: [u8; 6],
+    sender: PacketSocket,
+    /// ARP frames on the LAN interface.
+    arp: PacketSocket,
+    /// ICMPv6 messages (neighbour advertisements).
+    ndp: PacketSocket,
 }
 
 /// The announcement loop's handle.
@@ -124,6 +181,7 @@ pub struct Announcer {
     state: Mutex<State>,
     metrics: AnnounceMetrics,
     kind: String,
+    l2: Option<L2>,
 }
 
 impl std::fmt::Debug for Announcer {
@@ -193,18 +251,129 @@ pub fn open_interface(config: &Announce) -> Result<Link, LinkError> {
     Ok(link)
 }
 
+/// Opens the LAN interface for L2 mode: it must exist (it is never
+/// created, and none of its addresses is touched here: those an earlier run
+/// left are adopted when the owner map arrives), with an Ethernet address,
+/// and raw sockets on it. Warns when the host would answer ARP for VIPs it
+/// does not own.
+pub fn open_lan(config: &Announce) -> Result<(Link, Lan), LinkError> {
+    let mut link = Link::open(&config.interface, false)?;
+    let netlink = |error| LinkError::Netlink {
+        name: config.interface.clone(),
+        error,
+    };
+    let mac = link.hardware_address().map_err(netlink)?.ok_or_else(|| {
+        netlink(std::io::Error::other(
+            "it has no Ethernet address: l2 mode needs an Ethernet LAN interface",
+        ))
+    })?;
+    let sender = PacketSocket::sender(link.index).map_err(netlink)?;
+    let arp =
+        PacketSocket::arp_receiver(link.index, Duration::from_millis(200)).map_err(netlink)?;
+    let ndp = PacketSocket::icmpv6_receiver(Duration::from_millis(200)).map_err(netlink)?;
+    match arp::ignores(&config.interface) {
+        Some(true) => {}
+        Some(false) => tracing::warn!(
+            interface = %config.interface,
+            "net.ipv4.conf.{0}.arp_ignore (and .all) is 0: this host answers ARP on {0} for every VIP it delivers, owned or not; set net.ipv4.conf.all.arp_ignore = 1",
+            config.interface
+        ),
+        None => tracing::info!(
+            "cannot read net.ipv4.conf.*.arp_ignore: make sure net.ipv4.conf.all.arp_ignore = 1, or every edge host answers ARP for every VIP"
+        ),
+    }
+    tracing::info!(interface = %link.name, mac = %mac_text(mac), "L2 announcements on the LAN interface");
+    Ok((
+        link,
+        Lan {
+            mac,
+            sender,
+            arp,
+            ndp,
+        },
+    ))
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Receives frames (ARP) or messages (ICMPv6) until `stop`, recording the
+/// claims `parse` finds in them on the VIPs `watched`.
+fn receive_claims(
+    receiver: PacketSocket,
+    parse: fn(&[u8], [u8; 6]) -> Option<garp::Claim>,
+    mac: [u8; 6],
+    watched: Arc<Mutex<BTreeSet<IpAddr>>>,
+    claims: Arc<Mutex<BTreeMap<IpAddr, Instant>>>,
+    stop: std::sync::Weak<Announcer>,
+) {
+    let mut buf = [0u8; 256];
+    while stop.strong_count() > 0 {
+        match receiver.recv(&mut buf) {
+            Ok(Some(frame)) => {
+                let Some(claim) = parse(frame, mac) else {
+                    continue;
+                };
+                if lock(&watched).contains(&claim.ip) {
+                    let first = lock(&claims).insert(claim.ip, Instant::now()).is_none();
+                    if first {
+                        tracing::warn!(vip = %claim.ip, by = %mac_text(claim.mac), "another host claims a VIP this lbd answers for");
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot receive ARP or NDP; a partitioned owner will not see new owners' claims");
+                return;
+            }
+        }
+    }
+}
+
 impl Announcer {
     /// Starts the loop on the current runtime over `link` (from
-    /// [`open_interface`]), reading VIPs from `shared`'s routing snapshot
-    /// and readiness from `ready`. Registers its metrics in `registry`.
+    /// [`open_interface`], or [`open_lan`] with its [`Lan`] in L2 mode),
+    /// reading VIPs from `shared`'s routing snapshot and readiness from
+    /// `ready`. Registers its metrics in `registry`.
     pub fn start(
         config: &Announce,
         link: Link,
+        lan: Option<Lan>,
         shared: Arc<Shared>,
         ready: Arc<AtomicBool>,
         registry: &Registry,
     ) -> Arc<Self> {
         let kind = link.kind.clone();
+        let (l2, receivers) = match lan {
+            Some(lan) => (
+                Some(L2 {
+                    map: Mutex::new(None),
+                    adopt: AtomicBool::new(false),
+                    mac: lan.mac,
+                    sender: lan.sender,
+                    last_contact: Mutex::new(Instant::now()),
+                    started: Instant::now(),
+                    confirmed: AtomicBool::new(false),
+                    drain_since: Mutex::new(None),
+                    claims: Arc::new(Mutex::new(BTreeMap::new())),
+                    watched: Arc::new(Mutex::new(BTreeSet::new())),
+                    given_up: Mutex::new(BTreeSet::new()),
+                }),
+                vec![
+                    (
+                        "lbd-arp",
+                        lan.arp,
+                        garp::claim_in as fn(&[u8], [u8; 6]) -> _,
+                    ),
+                    ("lbd-ndp", lan.ndp, garp::claim_in_na),
+                ],
+            ),
+            None => (None, Vec::new()),
+        };
         let this = Arc::new(Self {
             config: config.clone(),
             shared,
@@ -220,21 +389,64 @@ impl Announcer {
                 decisions: Decisions::new(),
                 errors: BTreeMap::new(),
                 released: false,
+                schedule: Schedule::default(),
             }),
             metrics: AnnounceMetrics::register(registry),
             kind,
+            l2,
         });
+        if let Some(l2) = &this.l2 {
+            for (name, receiver, parse) in receivers {
+                let (mac, watched, claims) = (l2.mac, l2.watched.clone(), l2.claims.clone());
+                let stop = Arc::downgrade(&this);
+                let spawned = std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || receive_claims(receiver, parse, mac, watched, claims, stop));
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start {name}, the receiver of claims");
+                }
+            }
+        }
         tokio::spawn(this.clone().run());
         this
     }
 
+    /// L2: the owner map of the state now in force; `from_controller`: it
+    /// came in a `PUT /v1/state` (not from the state persisted before a
+    /// restart).
+    pub fn set_l2(&self, map: Option<L2State>, from_controller: bool) {
+        if let Some(l2) = &self.l2 {
+            if from_controller {
+                l2.confirmed.store(true, Ordering::SeqCst);
+                lock(&l2.given_up).clear();
+            }
+            let map = map.as_ref().map(|m| Arc::new(OwnerMap::from(m)));
+            *lock(&l2.watched) = map.as_ref().map(|m| m.mine()).unwrap_or_default();
+            *lock(&l2.map) = map;
+            l2.adopt.store(true, Ordering::SeqCst);
+            self.poke();
+        }
+    }
+
+    /// L2: the controller was heard from (a readiness probe, a state).
+    pub fn contact(&self) {
+        if let Some(l2) = &self.l2 {
+            *lock(&l2.last_contact) = Instant::now();
+        }
+    }
+
     async fn run(self: Arc<Self>) {
+        // The loop holds the announcer weakly between rounds, so that the
+        // ARP receiver, which stops when the announcer is gone, can stop.
+        let this = Arc::downgrade(&self);
+        drop(self);
         loop {
-            let epoch = self.requested.load(Ordering::SeqCst);
-            self.evaluate(Instant::now());
-            self.done.send_replace(epoch);
+            let Some(this) = this.upgrade() else { return };
+            let epoch = this.requested.load(Ordering::SeqCst);
+            this.evaluate(Instant::now());
+            this.done.send_replace(epoch);
             tokio::select! {
-                () = self.poke.notified() => {}
+                () = this.poke.notified() => {}
                 () = tokio::time::sleep(TICK) => {}
             }
         }
@@ -258,6 +470,14 @@ impl Announcer {
     /// applies it.
     pub fn set_draining(&self, draining: bool) -> usize {
         self.draining.store(draining, Ordering::SeqCst);
+        if let Some(l2) = &self.l2 {
+            let mut since = lock(&l2.drain_since);
+            *since = if draining {
+                Some(since.unwrap_or_else(Instant::now))
+            } else {
+                None
+            };
+        }
         lock(&self.state).placed.len()
     }
 
@@ -277,7 +497,40 @@ impl Announcer {
         if st.released {
             return;
         }
-        let decisions = decide(&st.decisions, &vips, self.config.when, life, now);
+        let decisions = match &self.l2 {
+            None => decide(&st.decisions, &vips, self.config.when, life, now),
+            Some(l2) => {
+                let map = lock(&l2.map).clone();
+                if l2.adopt.swap(false, Ordering::SeqCst) {
+                    self.adopt(&mut st, map.as_deref());
+                }
+                let grace_over = lock(&l2.drain_since)
+                    .is_some_and(|t| now.saturating_duration_since(t) >= self.withdraw_grace());
+                let lease = map.as_ref().map_or(Duration::MAX, |m| m.lease);
+                let last = *lock(&l2.last_contact);
+                {
+                    let mine = lock(&l2.watched);
+                    lock(&l2.claims).retain(|vip, _| mine.contains(vip));
+                }
+                let newly = yielded(&lock(&l2.claims), last, lease, now);
+                let mut given_up = lock(&l2.given_up);
+                for vip in newly {
+                    if given_up.insert(vip) {
+                        tracing::warn!(%vip, "cut off from the controller and another host claims the VIP: giving it up until the controller sends a state");
+                    }
+                }
+                let gone = given_up.clone();
+                drop(given_up);
+                let confirmed = l2.confirmed.load(Ordering::SeqCst)
+                    || now.saturating_duration_since(l2.started) >= lease;
+                let at = L2Life {
+                    life,
+                    grace_over,
+                    confirmed,
+                };
+                decide_l2(&st.decisions, &vips, map.as_deref(), at, &gone, now)
+            }
+        };
         // Delivery first for new VIPs, last for VIPs that are gone.
         let deliver = delivery(&st.delivered, &vips);
         for vip in deliver.add {
@@ -295,6 +548,7 @@ impl Announcer {
             match st.link.remove_host(vip) {
                 Ok(()) => {
                     st.placed.remove(&vip);
+                    st.schedule.removed(vip);
                     st.errors.remove(&vip);
                     removed += 1;
                     self.count(vip, false);
@@ -313,6 +567,9 @@ impl Announcer {
             match st.link.add(vip) {
                 Ok(()) => {
                     st.placed.insert(vip);
+                    if self.l2.is_some() {
+                        st.schedule.placed(vip, now);
+                    }
                     st.errors.remove(&vip);
                     added += 1;
                     self.count(vip, true);
@@ -357,6 +614,34 @@ impl Announcer {
         }
         st.errors.retain(|vip, _| decisions.contains_key(vip));
         st.decisions = decisions;
+        if let Some(l2) = &self.l2 {
+            for vip in st.schedule.take_due(now) {
+                if let Err(e) = l2.sender.send(&garp::announcement(vip, l2.mac)) {
+                    tracing::warn!(%vip, error = %e, "cannot send the VIP's announcement");
+                }
+            }
+        }
+    }
+
+    /// Takes the host addresses on the interface that `map` names as VIPs
+    /// as placed (an earlier run left them), so that those this lbd does
+    /// not own are removed. No other address of the LAN interface is
+    /// touched.
+    fn adopt(&self, st: &mut State, map: Option<&OwnerMap>) {
+        let Some(map) = map else { return };
+        let on = match st.link.addresses() {
+            Ok(on) => on,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list the LAN interface's addresses");
+                return;
+            }
+        };
+        for p in on {
+            let named = map.owner_of(p.ip).is_some();
+            if named && p.prefix == host_prefix(p.ip) && st.placed.insert(p.ip) {
+                tracing::info!(vip = %p.ip, "VIP found on the LAN interface (left by an earlier run)");
+            }
+        }
     }
 
     /// Records an applied announcement or withdrawal in the metrics.
@@ -396,11 +681,17 @@ impl Announcer {
                 } else {
                     Some(v.withheld.map_or("pending", |w| w.reason()).to_owned())
                 };
+                let owner = self.l2.as_ref().and_then(|l2| {
+                    let map = lock(&l2.map);
+                    map.as_ref()?.owner_of(vip).cloned()
+                });
                 VipStatus {
                     vip,
                     announced,
                     reason,
                     for_ms: now.saturating_duration_since(v.since).as_millis() as u64,
+                    owner: owner.as_ref().map(|o| o.0.clone()),
+                    epoch: owner.map(|o| o.1),
                 }
             })
             .collect();

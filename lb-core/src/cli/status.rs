@@ -40,8 +40,19 @@ fn render_announce(out: &mut String, a: &AnnounceStatus) {
             v.vip.to_string(),
             if v.announced { "yes" } else { "no" },
             v.for_ms as f64 / 1000.0,
-            v.reason.as_deref().unwrap_or("-")
+            why_not(v)
         );
+    }
+}
+
+/// Why a VIP is not announced, with its L2 owner when another one has it.
+fn why_not(v: &lb_api::wire::VipStatus) -> String {
+    let reason = v.reason.as_deref().unwrap_or("-");
+    match (&v.owner, v.epoch) {
+        (Some(owner), Some(epoch)) if reason == "not_owner" => {
+            format!("not_owner ({owner} owns it, epoch {epoch})")
+        }
+        _ => reason.to_owned(),
     }
 }
 

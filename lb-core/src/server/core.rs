@@ -256,6 +256,11 @@ impl Core {
         }
     }
 
+    /// The L2 owner map of the dynamic state in force.
+    pub fn l2(&self) -> Option<lb_config::L2State> {
+        lock(&self.sources).dynamic.l2.clone()
+    }
+
     /// The address listener `name` is bound to.
     pub fn bound_addr(&self, name: &str) -> Option<SocketAddr> {
         let plane = self.plane();

@@ -70,10 +70,12 @@ impl Lifecycle {
         }
     }
 
-    /// Marks lbd ready (after start) and announces what should be.
+    /// Marks lbd ready (after start) and announces what should be (in L2
+    /// mode, what the owner map of the state in force gives this lbd).
     pub fn set_ready(&self) {
         self.core.set_ready(true);
         if let Some(a) = &self.announcer {
+            a.set_l2(self.core.l2(), false);
             a.poke();
         }
     }
@@ -227,8 +229,17 @@ impl ControlApi for Lifecycle {
 
     fn put_state(&self, state: DesiredState) -> Result<u64, PutError> {
         let applied = self.core.put_state(state);
+        if let (Some(a), Ok(_)) = (&self.announcer, &applied) {
+            a.set_l2(self.core.l2(), true);
+        }
         self.poke();
         applied
+    }
+
+    fn contact(&self) {
+        if let Some(a) = &self.announcer {
+            a.contact();
+        }
     }
 
     fn drain(&self) -> Result<DrainAnswer, DrainError> {

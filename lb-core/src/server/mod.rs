@@ -140,9 +140,13 @@ impl Server {
         // left) before anything binds, so an unusable one fails the start.
         let link = match config.announce.mode {
             lb_config::AnnounceMode::Bgp => {
-                Some(crate::announce::open_interface(&config.announce)?)
+                Some((crate::announce::open_interface(&config.announce)?, None))
             }
-            _ => None,
+            lb_config::AnnounceMode::L2 => {
+                let (link, lan) = crate::announce::open_lan(&config.announce)?;
+                Some((link, Some(lan)))
+            }
+            lb_config::AnnounceMode::Off => None,
         };
         let choice = options.engine.unwrap_or(config.runtime.engine);
         let chosen = engine::choose(choice).map_err(StartError::Engine)?;
@@ -232,11 +236,12 @@ impl Server {
             engine,
             workers,
         }));
-        let announcer = link.map(|link| {
+        let announcer = link.map(|(link, lan)| {
             let _guard = rt.enter();
             Announcer::start(
                 &config.announce,
                 link,
+                lan,
                 shared,
                 ready.clone(),
                 &metrics.registry,

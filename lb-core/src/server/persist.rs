@@ -148,6 +148,7 @@ mod tests {
         let state = DesiredState {
             version: 7,
             listeners: Vec::new(),
+            l2: None,
         };
         save(&dir, &state).unwrap();
         match load(&dir) {

@@ -70,15 +70,21 @@ impl Sources {
     }
 
     /// Resolves a dynamic state against the file's defaults and checks it
-    /// against the file's listeners.
+    /// against the file's listeners; its L2 owner map must be valid too.
     pub fn resolve_dynamic(&self, state: &DesiredState) -> Result<Vec<Listener>, Vec<FieldError>> {
+        let owners = state.l2.as_ref().map(lb_config::l2::validate);
         let listeners =
-            lb_config::resolve_listeners(&state.listeners, &self.file.defaults, "listeners")?;
-        let clash = collisions(&self.file.listeners, &listeners, true);
-        if clash.is_empty() {
+            lb_config::resolve_listeners(&state.listeners, &self.file.defaults, "listeners")
+                .map_err(|mut errors| {
+                    errors.extend(owners.clone().unwrap_or_default());
+                    errors
+                })?;
+        let mut problems = collisions(&self.file.listeners, &listeners, true);
+        problems.extend(owners.unwrap_or_default());
+        if problems.is_empty() {
             Ok(listeners)
         } else {
-            Err(clash)
+            Err(problems)
         }
     }
 
