@@ -67,7 +67,7 @@ pub fn valid_forwarder_name(name: &str) -> bool {
 /// Every problem in `l2`, each with its path (`l2.owners[3].vip`).
 pub fn validate(l2: &L2State) -> Vec<FieldError> {
     let mut errors = Vec::new();
-    let shown = crate::validate::shown;
+    let shown = crate::shown;
     if !valid_forwarder_name(&l2.forwarder) {
         errors.push(FieldError::new(
             "l2.forwarder",
