@@ -180,7 +180,10 @@ fn unix_prompt_client_process() {
         Ok(()) => {
             let mut text = String::new();
             let _ = s.read_to_string(&mut text);
-            text.lines().next().unwrap_or("(closed unanswered)").to_owned()
+            text.lines()
+                .next()
+                .unwrap_or("(closed unanswered)")
+                .to_owned()
         }
         Err(e) => format!("(write failed: {e})"),
     };
@@ -262,5 +265,8 @@ fn unix_idle_clients_of_one_process_lose_their_own_connections() {
         answer.contains("HTTP/1.1 200"),
         "the prompt client process got {answer:?}; {closed_idle} idle connections were dropped"
     );
-    assert_eq!(closed_idle, dropped, "the idle connections paid for the bound");
+    assert_eq!(
+        closed_idle, dropped,
+        "the idle connections paid for the bound"
+    );
 }

@@ -215,13 +215,10 @@ impl Server {
     async fn run(self: Arc<Self>, listener: Listener) {
         loop {
             let accepted = match &listener {
-                Listener::Tcp(l) | Listener::Tls(l, _) => l
-                    .accept()
-                    .await
-                    .map(|(s, peer)| {
-                        let ip = peer.ip().to_canonical();
-                        (Stream::Tcp(s), Some(ip), Client::Addr(ip))
-                    }),
+                Listener::Tcp(l) | Listener::Tls(l, _) => l.accept().await.map(|(s, peer)| {
+                    let ip = peer.ip().to_canonical();
+                    (Stream::Tcp(s), Some(ip), Client::Addr(ip))
+                }),
                 Listener::Unix(l) => l.accept().await.map(|(s, _)| {
                     let pid = s.peer_cred().ok().and_then(|c| c.pid());
                     (Stream::Unix(s), None, Client::Process(pid))

@@ -18,6 +18,7 @@
 //! - [`garp`]: the L2 announcement frames and their schedule (pure);
 //! - [`link`]: the interface and its addresses over rtnetlink (the shell);
 //! - [`packet`]: raw frames on the LAN interface (the shell);
+//! - [`lan`]: L2 mode's LAN interface, its state and its claim receivers;
 //! - [`arp`]: whether the host's LAN interfaces would answer ARP for VIPs;
 //! - [`Announcer`]: the loop that gathers the VIPs' health from the routing
 //!   snapshot, decides, and applies only the changes.
@@ -31,6 +32,7 @@
 pub mod arp;
 pub mod decide;
 pub mod garp;
+pub mod lan;
 pub mod link;
 pub mod packet;
 
@@ -50,8 +52,9 @@ use self::decide::{
     VipHealth,
 };
 use self::garp::Schedule;
+use self::lan::L2;
+pub use self::lan::{open_lan, Lan};
 use self::link::{host_prefix, Link, Placed};
-use self::packet::PacketSocket;
 use crate::routing::Routing;
 use crate::worker::Shared;
 
@@ -129,44 +132,6 @@ struct State {
     released: bool,
     /// When each placed VIP is announced next (L2).
     schedule: Schedule,
-}
-
-/// What L2 mode adds: the owner map in force, the LAN interface's raw
-/// socket and address, and what the LAN and the controller were last
-/// heard saying.
-struct L2 {
-    /// The owner map of the state in force.
-    map: Mutex<Option<Arc<OwnerMap>>>,
-    /// The map changed: addresses it names that are on the interface (left
-    /// by an earlier run) are adopted, so those not ours are removed.
-    adopt: AtomicBool,
-    mac: [u8; 6],
-    sender: PacketSocket,
-    /// The last request from the controller (a probe or a state).
-    last_contact: Mutex<Instant>,
-    /// When the announcer started.
-    started: Instant,
-    /// The controller has sent a state since the start.
-    confirmed: AtomicBool,
-    /// When the current drain started.
-    drain_since: Mutex<Option<Instant>>,
-    /// Per VIP the map gives us, when another host last claimed it.
-    claims: Arc<Mutex<BTreeMap<IpAddr, Instant>>>,
-    /// The VIPs the map gives us, for the receivers of claims.
-    watched: Arc<Mutex<BTreeSet<IpAddr>>>,
-    /// The VIPs given up while cut off: they stay given up until the
-    /// controller sends a state (a probe alone says nothing of owners).
-    given_up: Mutex<BTreeSet<IpAddr>>,
-}
-
-/// The LAN interface opened for L2 mode.
-pub struct Lan {
-    mac: [u8; 6],
-    sender: PacketSocket,
-    /// ARP frames on the LAN interface.
-    arp: PacketSocket,
-    /// ICMPv6 messages (neighbour advertisements).
-    ndp: PacketSocket,
 }
 
 /// The announcement loop's handle.
@@ -251,89 +216,6 @@ pub fn open_interface(config: &Announce) -> Result<Link, LinkError> {
     Ok(link)
 }
 
-/// Opens the LAN interface for L2 mode: it must exist (it is never
-/// created, and none of its addresses is touched here: those an earlier run
-/// left are adopted when the owner map arrives), with an Ethernet address,
-/// and raw sockets on it. Warns when the host would answer ARP for VIPs it
-/// does not own.
-pub fn open_lan(config: &Announce) -> Result<(Link, Lan), LinkError> {
-    let mut link = Link::open(&config.interface, false)?;
-    let netlink = |error| LinkError::Netlink {
-        name: config.interface.clone(),
-        error,
-    };
-    let mac = link.hardware_address().map_err(netlink)?.ok_or_else(|| {
-        netlink(std::io::Error::other(
-            "it has no Ethernet address: l2 mode needs an Ethernet LAN interface",
-        ))
-    })?;
-    let sender = PacketSocket::sender(link.index).map_err(netlink)?;
-    let arp =
-        PacketSocket::arp_receiver(link.index, Duration::from_millis(200)).map_err(netlink)?;
-    let ndp = PacketSocket::icmpv6_receiver(Duration::from_millis(200)).map_err(netlink)?;
-    match arp::ignores(&config.interface) {
-        Some(true) => {}
-        Some(false) => tracing::warn!(
-            interface = %config.interface,
-            "net.ipv4.conf.{0}.arp_ignore (and .all) is 0: this host answers ARP on {0} for every VIP it delivers, owned or not; set net.ipv4.conf.all.arp_ignore = 1",
-            config.interface
-        ),
-        None => tracing::info!(
-            "cannot read net.ipv4.conf.*.arp_ignore: make sure net.ipv4.conf.all.arp_ignore = 1, or every edge host answers ARP for every VIP"
-        ),
-    }
-    tracing::info!(interface = %link.name, mac = %mac_text(mac), "L2 announcements on the LAN interface");
-    Ok((
-        link,
-        Lan {
-            mac,
-            sender,
-            arp,
-            ndp,
-        },
-    ))
-}
-
-fn mac_text(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Receives frames (ARP) or messages (ICMPv6) until `stop`, recording the
-/// claims `parse` finds in them on the VIPs `watched`.
-fn receive_claims(
-    receiver: PacketSocket,
-    parse: fn(&[u8], [u8; 6]) -> Option<garp::Claim>,
-    mac: [u8; 6],
-    watched: Arc<Mutex<BTreeSet<IpAddr>>>,
-    claims: Arc<Mutex<BTreeMap<IpAddr, Instant>>>,
-    stop: std::sync::Weak<Announcer>,
-) {
-    let mut buf = [0u8; 256];
-    while stop.strong_count() > 0 {
-        match receiver.recv(&mut buf) {
-            Ok(Some(frame)) => {
-                let Some(claim) = parse(frame, mac) else {
-                    continue;
-                };
-                if lock(&watched).contains(&claim.ip) {
-                    let first = lock(&claims).insert(claim.ip, Instant::now()).is_none();
-                    if first {
-                        tracing::warn!(vip = %claim.ip, by = %mac_text(claim.mac), "another host claims a VIP this lbd answers for");
-                    }
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "cannot receive ARP or NDP; a partitioned owner will not see new owners' claims");
-                return;
-            }
-        }
-    }
-}
-
 impl Announcer {
     /// Starts the loop on the current runtime over `link` (from
     /// [`open_interface`], or [`open_lan`] with its [`Lan`] in L2 mode),
@@ -349,29 +231,10 @@ impl Announcer {
     ) -> Arc<Self> {
         let kind = link.kind.clone();
         let (l2, receivers) = match lan {
-            Some(lan) => (
-                Some(L2 {
-                    map: Mutex::new(None),
-                    adopt: AtomicBool::new(false),
-                    mac: lan.mac,
-                    sender: lan.sender,
-                    last_contact: Mutex::new(Instant::now()),
-                    started: Instant::now(),
-                    confirmed: AtomicBool::new(false),
-                    drain_since: Mutex::new(None),
-                    claims: Arc::new(Mutex::new(BTreeMap::new())),
-                    watched: Arc::new(Mutex::new(BTreeSet::new())),
-                    given_up: Mutex::new(BTreeSet::new()),
-                }),
-                vec![
-                    (
-                        "lbd-arp",
-                        lan.arp,
-                        garp::claim_in as fn(&[u8], [u8; 6]) -> _,
-                    ),
-                    ("lbd-ndp", lan.ndp, garp::claim_in_na),
-                ],
-            ),
+            Some(lan) => {
+                let (l2, receivers) = L2::new(lan);
+                (Some(l2), receivers)
+            }
             None => (None, Vec::new()),
         };
         let this = Arc::new(Self {
@@ -396,16 +259,7 @@ impl Announcer {
             l2,
         });
         if let Some(l2) = &this.l2 {
-            for (name, receiver, parse) in receivers {
-                let (mac, watched, claims) = (l2.mac, l2.watched.clone(), l2.claims.clone());
-                let stop = Arc::downgrade(&this);
-                let spawned = std::thread::Builder::new()
-                    .name(name.into())
-                    .spawn(move || receive_claims(receiver, parse, mac, watched, claims, stop));
-                if let Err(e) = spawned {
-                    tracing::error!(error = %e, "cannot start {name}, the receiver of claims");
-                }
-            }
+            lan::spawn_receivers(&this, l2, receivers);
         }
         tokio::spawn(this.clone().run());
         this
