@@ -14,8 +14,9 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,16 +104,14 @@ fn prompt_clients_ahead_of_a_burst_of_idle_ones_are_served() {
     assert_eq!(served, PROMPT, "prompt clients' answers: {answers:?}");
 }
 
-/// Whether the server has closed `s` (a read that does not block sees
-/// the end of the stream or an error).
-fn closed(s: &TcpStream) -> bool {
+/// Whether the server has closed `s` (a peek that does not block sees the
+/// end of the stream or an error).
+fn closed(s: &impl AsFd) -> bool {
+    use rustix::net::{recv, RecvFlags};
     let mut b = [0u8; 16];
-    s.set_nonblocking(true).unwrap();
-    let r = (&mut &*s).read(&mut b);
-    s.set_nonblocking(false).unwrap();
-    match r {
-        Ok(n) => n == 0,
-        Err(e) => e.kind() != ErrorKind::WouldBlock,
+    match recv(s, &mut b, RecvFlags::DONTWAIT | RecvFlags::PEEK) {
+        Ok((n, _)) => n == 0,
+        Err(e) => e != rustix::io::Errno::AGAIN,
     }
 }
 
@@ -143,14 +142,14 @@ fn idle_clients_from_a_few_addresses_lose_their_own_connections() {
         .collect();
     let dropped = IDLE + 1 - Limits::CONTROL.pending;
     common::eventually(Duration::from_secs(10), "idle connections dropped", || {
-        idle.iter().filter(|s| closed(s)).count() >= dropped - 1
+        idle.iter().filter(|s| closed(*s)).count() >= dropped - 1
     });
     prompt
         .write_all(b"GET /v1/status HTTP/1.1\r\nHost: lbd\r\n\r\n")
         .unwrap();
     let mut text = String::new();
     let _ = prompt.read_to_string(&mut text);
-    let closed_idle = idle.iter().filter(|s| closed(s)).count();
+    let closed_idle = idle.iter().filter(|s| closed(*s)).count();
     drop(rt);
     assert!(
         text.starts_with("HTTP/1.1 200"),
@@ -242,23 +241,13 @@ fn unix_idle_clients_of_one_process_lose_their_own_connections() {
         .map(|_| UnixStream::connect(&path).unwrap())
         .collect();
     let dropped = IDLE + 1 - Limits::CONTROL.pending;
-    let closed = |s: &UnixStream| {
-        let mut b = [0u8; 16];
-        s.set_nonblocking(true).unwrap();
-        let r = (&mut &*s).read(&mut b);
-        s.set_nonblocking(false).unwrap();
-        match r {
-            Ok(n) => n == 0,
-            Err(e) => e.kind() != ErrorKind::WouldBlock,
-        }
-    };
     common::eventually(Duration::from_secs(10), "idle connections dropped", || {
-        idle.iter().filter(|s| closed(s)).count() >= dropped - 1
+        idle.iter().filter(|s| closed(*s)).count() >= dropped - 1
     });
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let answer = said("answer: ");
     let _ = child.wait();
-    let closed_idle = idle.iter().filter(|s| closed(s)).count();
+    let closed_idle = idle.iter().filter(|s| closed(*s)).count();
     drop(rt);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(

@@ -174,7 +174,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let header = Header {
         command: std::env::args().collect::<Vec<_>>().join(" "),
-        cpu: cpu_model(),
+        cpu: crate::support::cpu_model(),
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
         commit: commit(),
         date,
@@ -214,18 +214,6 @@ fn raise_open_files() {
 
 fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path).map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 /// Output of a command, trimmed, or `None`.

@@ -22,23 +22,25 @@ pub fn exposed(all: u8, interfaces: &[(String, u8)], announce: &str) -> Vec<Stri
         .collect()
 }
 
+/// `net.ipv4.conf.<name>.arp_ignore`, if it can be read.
+fn arp_ignore(name: &str) -> Option<u8> {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/arp_ignore"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// [`exposed`] for this host's network namespace; `None` when the settings
 /// cannot be read (a unit with `ProcSubset=pid` hides `/proc/sys`).
 pub fn exposed_interfaces(announce: &str) -> Option<Vec<String>> {
-    let read = |name: &str| -> Option<u8> {
-        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/arp_ignore"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    };
-    let all = read("all")?;
+    let all = arp_ignore("all")?;
     let dir = std::fs::read_dir("/proc/sys/net/ipv4/conf").ok()?;
     let mut interfaces: Vec<(String, u8)> = dir
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n != "all" && n != "default")
-        .filter_map(|n| read(&n).map(|v| (n, v)))
+        .filter_map(|n| arp_ignore(&n).map(|v| (n, v)))
         .collect();
     interfaces.sort();
     Some(exposed(all, &interfaces, announce))
@@ -50,14 +52,7 @@ pub fn exposed_interfaces(announce: &str) -> Option<Vec<String>> {
 /// every VIP but only the owner has it on the interface. `None` when the
 /// settings cannot be read.
 pub fn ignores(interface: &str) -> Option<bool> {
-    let read = |name: &str| -> Option<u8> {
-        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/arp_ignore"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    };
-    Some(read("all")?.max(read(interface)?) >= 1)
+    Some(arp_ignore("all")?.max(arp_ignore(interface)?) >= 1)
 }
 
 #[cfg(test)]
