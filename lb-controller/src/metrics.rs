@@ -2,13 +2,13 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::ipam::{Allocator, Family};
@@ -175,8 +175,19 @@ impl Default for Metrics {
     }
 }
 
+/// Connections the metrics endpoint serves at once; one more is closed at
+/// once, so idle or slow clients cannot make it hold more.
+pub const MAX_CONNECTIONS: usize = 128;
+/// How long a client has to send its request head.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long accepting pauses after an error (out of descriptors, ...),
+/// instead of spinning.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Serves `/metrics`, `/healthz` (alive) and `/readyz` (caches synced and
-/// leading, or standing by) on `addr`; returns the bound address.
+/// leading, or standing by) on `addr`; returns the bound address. At most
+/// [`MAX_CONNECTIONS`] at once, each with a deadline for its request head
+/// and for the whole exchange.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
@@ -184,11 +195,22 @@ pub async fn serve(
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let open = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics endpoint: accept failed; pausing");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
             };
+            if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                open.fetch_sub(1, Ordering::AcqRel);
+                continue; // dropping the stream closes it
+            }
+            let open = open.clone();
             let metrics = metrics.clone();
             let ready = ready.clone();
             tokio::spawn(async move {
@@ -210,10 +232,81 @@ pub async fn serve(
                     async move { Ok::<_, Infallible>(resp) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service);
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
+                open.fetch_sub(1, Ordering::AcqRel);
             });
         }
     });
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn get(addr: SocketAddr, path: &str) -> Option<String> {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(head.as_bytes()).await.ok()?;
+        let mut text = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            s.read_to_string(&mut text),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        Some(text)
+    }
+
+    /// Idle clients take at most MAX_CONNECTIONS; the next one is closed at
+    /// once, and once they leave, scrapes are served again.
+    #[tokio::test]
+    async fn idle_clients_cannot_make_the_endpoint_hold_more_connections() {
+        let ready = Arc::new(AtomicBool::new(true));
+        let addr = serve("127.0.0.1:0".parse().unwrap(), Metrics::new(), ready)
+            .await
+            .unwrap();
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // The server counts a connection when it accepts it: wait until
+        // it has taken all of them (a scrape is then refused too).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut extra = loop {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let mut b = [0u8; 1];
+            let read = tokio::time::timeout(std::time::Duration::from_millis(500), s.read(&mut b));
+            if let Ok(Ok(0)) = read.await {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a connection beyond the bound was not closed"
+            );
+        };
+        let mut b = [0u8; 1];
+        assert_eq!(extra.read(&mut b).await.unwrap(), 0);
+        drop(idle);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if get(addr, "/healthz")
+                .await
+                .is_some_and(|t| t.starts_with("HTTP/1.1 200"))
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no scrape served after the idle clients left"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
 }
