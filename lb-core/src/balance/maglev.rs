@@ -74,17 +74,19 @@ impl Maglev {
             .map(|&i| u64::from(backends[i].1))
             .max()
             .unwrap_or(1);
-        let m = size as u64;
-        let perms: Vec<(u64, u64)> = order
+        // Backend j's k-th preference is (offset_j + k × skip_j) mod size.
+        // `at` holds each one's next preference, and `skip` its step, so
+        // each probe is one addition and one compare, not a division.
+        let (mut at, skips): (Vec<usize>, Vec<usize>) = order
             .iter()
             .map(|&i| {
                 let key = addr_bytes(backends[i].0);
+                let m = size as u64;
                 let offset = hash(SEED_OFFSET, &key) % m;
                 let skip = hash(SEED_SKIP, &key) % (m - 1) + 1;
-                (offset, skip)
+                (offset as usize, skip as usize)
             })
-            .collect();
-        let mut next = vec![0u64; order.len()];
+            .unzip();
         let mut filled_by = vec![0u64; order.len()];
         let mut table = vec![u16::MAX; size];
         let mut filled = 0usize;
@@ -97,15 +99,21 @@ impl Maglev {
                 if filled_by[slot] * max_weight >= round * u64::from(backends[orig].1) {
                     continue;
                 }
-                let (offset, skip) = perms[slot];
-                let mut c = (offset + next[slot] * skip) % m;
-                while table[c as usize] != u16::MAX {
-                    next[slot] += 1;
-                    c = (offset + next[slot] * skip) % m;
+                let step = |c: usize| {
+                    let c = c + skips[slot];
+                    if c >= size {
+                        c - size
+                    } else {
+                        c
+                    }
+                };
+                let mut c = at[slot];
+                while table[c] != u16::MAX {
+                    c = step(c);
                 }
                 // `orig` < 65,535: checked above.
-                table[c as usize] = orig as u16;
-                next[slot] += 1;
+                table[c] = orig as u16;
+                at[slot] = step(c);
                 filled_by[slot] += 1;
                 filled += 1;
                 if filled == size {
@@ -167,6 +175,37 @@ mod tests {
             assert_eq!(a[ta.lookup(key)].0, b[tb.lookup(key)].0);
         }
     }
+
+    /// A digest of a table's entries (FNV-1a over them in order).
+    fn digest(m: &Maglev) -> u64 {
+        m.table.iter().fold(0xcbf2_9ce4_8422_2325, |h, &e| {
+            (h ^ u64::from(e)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
+    /// Every edge host must build the same table for the same set, whatever
+    /// version of lbd it runs (mid-upgrade, hosts differ): these digests
+    /// pin the tables, and change only with a deliberate, documented
+    /// change of the placement.
+    #[test]
+    fn tables_are_pinned_across_versions() {
+        let mut weighted = addrs(7);
+        for (i, b) in weighted.iter_mut().enumerate() {
+            b.1 = i as u32 + 1;
+        }
+        let got: Vec<u64> = [addrs(3), weighted, addrs(30), addrs(400)]
+            .iter()
+            .map(|set| digest(&Maglev::build(set).unwrap()))
+            .collect();
+        assert_eq!(got, PINNED, "{got:#x?}");
+    }
+
+    const PINNED: [u64; 4] = [
+        0xadb9_a7f5_99be_3afd,
+        0xd57e_7b6f_8ccb_9ca7,
+        0xba3d_e514_4bc8_b9a4,
+        0x2085_e64c_51f7_ef79,
+    ];
 
     #[test]
     fn weights_shape_shares() {
