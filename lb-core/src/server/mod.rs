@@ -17,6 +17,7 @@ mod core;
 mod lifecycle;
 pub mod limits;
 pub mod persist;
+mod priority;
 mod sources;
 mod status;
 mod workers;
@@ -183,7 +184,7 @@ impl Server {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("lbd-control")
-            .on_thread_start(control_thread_priority)
+            .on_thread_start(priority::lower_control_thread)
             .enable_all()
             .build()
             .map_err(|error| StartError::Io {
@@ -421,24 +422,5 @@ impl Drop for Server {
         if self.rt.is_some() {
             self.stop_now();
         }
-    }
-}
-
-/// How much nicer than the process the control runtime's threads run
-/// (its worker and its blocking pool: the control API, applies and
-/// reloads, health checks, the admin endpoints).
-const CONTROL_NICER: i32 = 10;
-
-/// Lowers the calling thread's priority by [`CONTROL_NICER`] (at most to
-/// 19; on Linux the niceness is per thread), so that building a large state
-/// yields a CPU to a woken forwarding worker at once. Failing only costs
-/// that, and is logged.
-fn control_thread_priority() {
-    let this_thread = Some(rustix::thread::gettid());
-    let lowered = rustix::process::getpriority_process(this_thread).and_then(|nice| {
-        rustix::process::setpriority_process(this_thread, (nice + CONTROL_NICER).min(19))
-    });
-    if let Err(error) = lowered {
-        tracing::debug!(%error, "cannot lower the control thread's priority");
     }
 }
