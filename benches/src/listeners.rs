@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long, default_value_t = 5)]
     seconds: u64,
     /// Rounds of latency runs (each: one idle, one during applies).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     latency_rounds: usize,
     /// Where the markdown goes.
     #[arg(long, default_value = "benches/RESULTS-listeners.md")]
