@@ -448,7 +448,6 @@ pub fn probe_opcodes(ring: &Ring) -> Result<(), String> {
         .register_probe(&mut probe)
         .map_err(|e| format!("io_uring probe failed: {e}"))?;
     let needed = [
-        ("accept", opcode::Accept::CODE),
         ("connect", opcode::Connect::CODE),
         ("poll_add", opcode::PollAdd::CODE),
         ("recv", opcode::Recv::CODE),
