@@ -98,12 +98,8 @@ fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
 /// no connection fails and an established connection lives through it all.
 fn reload_under_load(engine: &str) {
     let b = three_echo_backends();
-    let bind: SocketAddr = format!("127.0.0.20:{}", free_port("127.0.0.20"))
-        .parse()
-        .unwrap();
-    let metrics: SocketAddr = format!("127.0.0.21:{}", free_port("127.0.0.21"))
-        .parse()
-        .unwrap();
+    let bind: SocketAddr = free_addr("127.0.0.20");
+    let metrics: SocketAddr = free_addr("127.0.0.21");
     let dir = temp_dir(&format!("reload-{engine}"));
     let file = dir.join("lbd.toml");
     let sets = [
@@ -239,9 +235,7 @@ fn sequential_round_trips_through_the_binary(engine: &str) {
             }
         })
     };
-    let tcp_bind: SocketAddr = format!("127.0.0.23:{}", free_port("127.0.0.23"))
-        .parse()
-        .unwrap();
+    let tcp_bind: SocketAddr = free_addr("127.0.0.23");
     let udp_bind: SocketAddr = "127.0.0.23:0".parse().unwrap();
     let udp_port = std::net::UdpSocket::bind(udp_bind)
         .unwrap()
@@ -354,13 +348,9 @@ fn systemd_notifications() {
         fillers += 1;
         assert!(fillers < 100_000, "the queue never filled");
     }
-    let bind: SocketAddr = format!("127.0.0.22:{}", free_port("127.0.0.22"))
-        .parse()
-        .unwrap();
+    let bind: SocketAddr = free_addr("127.0.0.22");
     // Its own address: two free ports asked of one address can be the same.
-    let metrics: SocketAddr = format!("127.0.0.24:{}", free_port("127.0.0.24"))
-        .parse()
-        .unwrap();
+    let metrics: SocketAddr = free_addr("127.0.0.24");
     let file = dir.join("lbd.toml");
     std::fs::write(&file, config_text(bind, metrics, &[b.addr], "1s")).unwrap();
     let mut lbd = spawn_lbd(&file, "auto", Some(&sock_path));
@@ -526,12 +516,8 @@ fn descriptor_limits_refuse_or_warn_at_start() {
 fn running_out_of_descriptors_is_no_evidence_against_backends() {
     const LIMIT: usize = 420;
     let backend = TestBackend::start("127.0.0.2", Behavior::Echo);
-    let bind: SocketAddr = format!("127.0.0.24:{}", free_port("127.0.0.24"))
-        .parse()
-        .unwrap();
-    let metrics: SocketAddr = format!("127.0.0.25:{}", free_port("127.0.0.25"))
-        .parse()
-        .unwrap();
+    let bind: SocketAddr = free_addr("127.0.0.24");
+    let metrics: SocketAddr = free_addr("127.0.0.25");
     let config = format!(
         "[runtime]\nmax_connections = 5000\n[admin]\nmetrics = \"{metrics}\"\ncontrol_socket = \"off\"\n{}",
         listener_toml(
@@ -706,9 +692,7 @@ fn owner_of(addr: SocketAddr) -> Vec<u32> {
 #[test]
 fn lbd_run_refuses_a_port_another_lbd_serves() {
     let b = TestBackend::start("127.0.0.2", Behavior::Echo);
-    let bind: SocketAddr = format!("127.0.0.26:{}", free_port("127.0.0.26"))
-        .parse()
-        .unwrap();
+    let bind: SocketAddr = free_addr("127.0.0.26");
     let config = format!(
         "[admin]\nmetrics = \"off\"\ncontrol_socket = \"off\"\n{}",
         listener_toml("web", &bind.to_string(), "", &[b.addr], "kind = \"none\"")
@@ -795,12 +779,8 @@ fn kernel_version() -> (u32, u32) {
 fn the_control_runtime_runs_below_the_workers_priority() {
     let b = TestBackend::start("127.0.0.2", Behavior::Echo);
     let dir = temp_dir("nice");
-    let bind: SocketAddr = format!("127.0.0.26:{}", free_port("127.0.0.26"))
-        .parse()
-        .unwrap();
-    let metrics: SocketAddr = format!("127.0.0.27:{}", free_port("127.0.0.27"))
-        .parse()
-        .unwrap();
+    let bind: SocketAddr = free_addr("127.0.0.26");
+    let metrics: SocketAddr = free_addr("127.0.0.27");
     let file = dir.join("lbd.toml");
     std::fs::write(&file, config_text(bind, metrics, &[b.addr], "1s")).unwrap();
     let lbd = spawn_lbd(&file, "epoll", None);

@@ -61,9 +61,7 @@ fn persisted_state_is_served_once_a_predecessors_socket_is_gone() {
         dir.join("state").display()
     );
     let backend = TestBackend::start("127.0.0.2", Behavior::Echo);
-    let bind: SocketAddr = format!("127.0.0.47:{}", free_port("127.0.0.47"))
-        .parse()
-        .unwrap();
+    let bind: SocketAddr = free_addr("127.0.0.47");
     let state = json!({ "version": 3, "listeners": [{
         "name": "svc", "bind": bind.to_string(),
         "backends": [{ "addr": backend.addr.to_string() }], "health": { "kind": "none" },

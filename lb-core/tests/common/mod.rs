@@ -307,11 +307,12 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 
 /// A port free right now on `ip` (for configs that need a fixed port).
 pub fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_addr(ip).port()
+}
+
+/// `ip` with a port that is free there now.
+pub fn free_addr(ip: &str) -> std::net::SocketAddr {
+    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
 }
 
 /// Both engines run every scenario.
