@@ -190,12 +190,14 @@ impl Lifecycle {
 /// counting connections down.
 async fn drain_task(core: Arc<Core>, drain: Arc<Mutex<DrainState>>, until: Instant) {
     tokio::time::sleep_until(until.into()).await;
+    // The phase first (as `stop` does): whoever finds the listeners
+    // closed then reads the phase that says so.
+    lock(&drain).phase = Some(DrainPhase::Connections);
     let limit = {
         let mut plane = core.plane();
         plane.stop_accepting();
         plane.max_drain()
     };
-    lock(&drain).phase = Some(DrainPhase::Connections);
     tracing::info!("drain: listeners closed; connections finishing");
     let deadline = tokio::time::Instant::now() + limit;
     while core.shared().active_total.load(Ordering::Relaxed) > 0
