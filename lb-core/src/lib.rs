@@ -7,7 +7,8 @@
 //! `unsafe` is allowed only at the system-call edge of the engines: the
 //! io_uring engine (`engine::uring` and its driver, `engine::ring`), the
 //! epoll engine's registration of its listening sockets (`engine::epoll`),
-//! and the link-layer address of L2 mode's raw socket (`announce::packet`).
+//! the link-layer address of L2 mode's raw socket (`announce::packet`), and
+//! the scheduling attributes of threads (`server::priority`).
 
 pub mod admin;
 pub mod announce;
@@ -27,3 +28,9 @@ pub mod watchdog;
 pub mod worker;
 
 pub use server::{Options, Server, Status};
+
+/// Locks `m`. A lock whose holder panicked is taken as it was left: one
+/// failed request must not take the rest of the control plane down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -21,6 +21,7 @@
 //!
 //! It knows nothing of routes: a handler turns a request into a response.
 
+use crate::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
@@ -202,10 +203,6 @@ impl Drop for Slot {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How long accepting pauses after an error (out of descriptors, ...).

@@ -36,10 +36,11 @@ pub mod lan;
 pub mod link;
 pub mod packet;
 
+use crate::lock;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lb_api::wire::{AnnounceStatus, VipStatus};
@@ -155,10 +156,6 @@ impl std::fmt::Debug for Announcer {
             .field("interface", &self.config.interface)
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Opens (or creates) the announce interface and removes every address on

@@ -7,6 +7,7 @@
 //! persisted, and only then published: a state that was not persisted is
 //! never in force, and a failure at any step changes nothing.
 
+use crate::lock;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,10 +80,6 @@ pub struct Parts {
     pub engine: EngineKind,
     /// Worker count.
     pub workers: usize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Core {

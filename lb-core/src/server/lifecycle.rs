@@ -10,8 +10,9 @@
 //! stays drained until `lbd undrain`, which binds the listeners again and
 //! announces the VIPs.
 
+use crate::lock;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lb_api::wire::{DrainAnswer, DrainPhase, Status};
@@ -47,10 +48,6 @@ pub struct Lifecycle {
     /// One drain, undrain or stop at a time.
     transitions: Mutex<()>,
     rt: tokio::runtime::Handle,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Lifecycle {
