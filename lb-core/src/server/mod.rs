@@ -1,5 +1,6 @@
 //! The running `lbd`: worker threads, the control runtime (health probes,
-//! drain timers, the HTTP surfaces), reloads and graceful shutdown.
+//! drain timers, announcement, signals), the admin runtime (the control
+//! API and the metrics endpoint), reloads and graceful shutdown.
 //!
 //! - [`core`]: the sources of listeners, the plane and the persisted state,
 //!   behind every apply;
@@ -8,7 +9,8 @@
 //! - [`status`]: the status snapshot;
 //! - [`lifecycle`]: readiness, drains (`lbd drain`, stops) and VIP
 //!   announcement, behind the control API;
-//! - [`workers`]: starting the worker threads.
+//! - [`workers`]: starting the worker threads;
+//! - [`priority`]: the control and admin threads give way to the workers.
 //!
 //! The API is blocking on purpose: `main`, signal handling and tests drive
 //! it from plain threads, and all async work stays on runtimes it owns.
@@ -93,6 +95,7 @@ pub struct Server {
     metrics: Metrics,
     engine: EngineKind,
     rt: Option<tokio::runtime::Runtime>,
+    admin_rt: Option<tokio::runtime::Runtime>,
     threads: Vec<std::thread::JoinHandle<()>>,
     admin: Option<SocketAddr>,
     control_tcp: Option<SocketAddr>,
@@ -191,6 +194,25 @@ impl Server {
                 what: "control runtime",
                 error,
             })?;
+        let admin_threads = priority::AdminThreads::new();
+        let admin_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("lbd-admin")
+            .on_thread_start({
+                let threads = admin_threads.clone();
+                move || threads.on_start()
+            })
+            .on_thread_stop({
+                let threads = admin_threads.clone();
+                move || threads.on_stop()
+            })
+            .enable_all()
+            .build()
+            .map_err(|error| StartError::Io {
+                what: "admin runtime",
+                error,
+            })?;
+        admin_threads.watch(admin_rt.handle());
         let (handoff, handoffs): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
         let shared = Arc::new(Shared::new(handoff, max_total, config.runtime.splice));
@@ -256,6 +278,7 @@ impl Server {
             metrics: metrics.clone(),
             engine,
             rt: Some(rt),
+            admin_rt: Some(admin_rt),
             threads,
             admin: None,
             control_tcp: None,
@@ -267,7 +290,8 @@ impl Server {
             api: lifecycle.clone(),
             metrics: metrics.api.clone(),
         };
-        let rt = server.rt.as_ref().expect("runtime lives until drop");
+        // The control API and the metrics endpoint serve on the admin runtime.
+        let rt = server.admin_rt.as_ref().expect("runtime lives until drop");
         let _guard = rt.enter();
         if let Some((addr, tls, token)) = control_tcp {
             let bound = rt
@@ -410,6 +434,9 @@ impl Server {
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        if let Some(rt) = self.admin_rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
         }
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(1));

@@ -327,3 +327,10 @@ macro_rules! both_engines {
         }
     };
 }
+
+/// A fresh directory for this test process, named by `tag`.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("weir-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
