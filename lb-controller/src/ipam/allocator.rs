@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use super::pool::{Family, Pool};
+use super::pool::{Cursors, Family, Pool};
 use super::request::{FamilyPolicy, Proto, Request, ServiceKey};
 
 /// Why a request was refused. Nothing changed.
@@ -85,6 +85,11 @@ pub struct Allocator {
     pools: Vec<Pool>,
     holders: HashMap<IpAddr, Vec<Holder>>,
     by_service: BTreeMap<ServiceKey, Vec<IpAddr>>,
+    /// Where searches for a free address resume.
+    cursors: Cursors,
+    /// Addresses held, per pool (by index) and family; kept with
+    /// `holders`, recounted when the pools change.
+    used: HashMap<(usize, Family), u64>,
 }
 
 impl Allocator {
@@ -93,6 +98,21 @@ impl Allocator {
         Self {
             pools,
             ..Self::default()
+        }
+    }
+
+    /// Counts `ip` in (`delta` 1) or out of (`delta` -1) the pools
+    /// holding it, as it gets its first holder or loses its last.
+    fn count(&mut self, ip: IpAddr, delta: i64) {
+        let family = Family::of(ip);
+        for (i, _) in self
+            .pools
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.contains(ip))
+        {
+            let used = self.used.entry((i, family)).or_default();
+            *used = used.saturating_add_signed(delta);
         }
     }
 
@@ -105,6 +125,11 @@ impl Allocator {
     /// (returned, so the caller can warn); nothing is yanked.
     pub fn set_pools(&mut self, pools: Vec<Pool>) -> Vec<(ServiceKey, IpAddr)> {
         self.pools = pools;
+        self.used.clear();
+        let held: Vec<IpAddr> = self.holders.keys().copied().collect();
+        for ip in held {
+            self.count(ip, 1);
+        }
         self.orphans()
     }
 
@@ -127,12 +152,12 @@ impl Allocator {
 
     /// (size, used) of a pool per family.
     pub fn usage(&self, pool: &str, family: Family) -> Option<(u64, u64)> {
-        let p = self.pools.iter().find(|p| p.name == pool)?;
-        let used = self
-            .holders
-            .keys()
-            .filter(|ip| Family::of(**ip) == family && p.contains(**ip))
-            .count() as u64;
+        let (i, p) = self
+            .pools
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.name == pool)?;
+        let used = self.used.get(&(i, family)).copied().unwrap_or(0);
         Some((p.size(family), used))
     }
 
@@ -153,6 +178,8 @@ impl Allocator {
                 list.retain(|h| &h.service != service);
                 if list.is_empty() {
                     self.holders.remove(ip);
+                    self.count(*ip, -1);
+                    self.cursors.freed(*ip);
                 }
             }
         }
@@ -160,6 +187,9 @@ impl Allocator {
     }
 
     fn hold(&mut self, service: &ServiceKey, ip: IpAddr, request: &Request) {
+        if !self.holders.contains_key(&ip) {
+            self.count(ip, 1);
+        }
         self.holders.entry(ip).or_default().push(Holder {
             service: service.clone(),
             sharing_key: request.sharing_key.clone(),
@@ -200,15 +230,19 @@ impl Allocator {
         Ok(())
     }
 
-    fn pools_for(&self, request: &Request) -> Result<Vec<&Pool>, Refusal> {
+    /// The pools (their indices) that `request` may get addresses from.
+    fn pools_for(&self, request: &Request) -> Result<Vec<usize>, Refusal> {
+        let indexed = self.pools.iter().enumerate();
         match &request.pool {
-            Some(name) => self
-                .pools
-                .iter()
-                .find(|p| &p.name == name)
-                .map(|p| vec![p])
+            Some(name) => indexed
+                .filter(|(_, p)| &p.name == name)
+                .map(|(i, _)| vec![i])
+                .next()
                 .ok_or_else(|| Refusal::NoSuchPool(name.clone())),
-            None => Ok(self.pools.iter().filter(|p| p.auto_assign).collect()),
+            None => Ok(indexed
+                .filter(|(_, p)| p.auto_assign)
+                .map(|(i, _)| i)
+                .collect()),
         }
     }
 
@@ -266,7 +300,7 @@ impl Allocator {
                 .all(|ip| self.check(service, *ip, request).is_ok())
     }
 
-    fn choose(&self, service: &ServiceKey, request: &Request) -> Result<Vec<IpAddr>, Refusal> {
+    fn choose(&mut self, service: &ServiceKey, request: &Request) -> Result<Vec<IpAddr>, Refusal> {
         let pools = self.pools_for(request)?;
         if !request.addresses.is_empty() {
             return self.choose_requested(service, request);
@@ -301,10 +335,23 @@ impl Allocator {
     /// Prefers an address already shared under the same key (so Services
     /// that asked to share do share), then the first free one.
     fn first_free(
+        &mut self,
+        service: &ServiceKey,
+        request: &Request,
+        pools: &[usize],
+        family: Family,
+    ) -> Option<IpAddr> {
+        self.first_shared(service, request, pools, family)
+            .or_else(|| self.first_unheld(service, pools, family))
+    }
+
+    /// The first address (in address order) already held under the
+    /// request's sharing key that it may share.
+    fn first_shared(
         &self,
         service: &ServiceKey,
         request: &Request,
-        pools: &[&Pool],
+        pools: &[usize],
         family: Family,
     ) -> Option<IpAddr> {
         if request.sharing_key.is_some() {
@@ -313,7 +360,7 @@ impl Allocator {
                 .iter()
                 .filter(|(ip, hs)| {
                     Family::of(**ip) == family
-                        && pools.iter().any(|p| p.contains(**ip))
+                        && pools.iter().any(|&p| self.pools[p].contains(**ip))
                         && hs.iter().any(|h| h.sharing_key == request.sharing_key)
                 })
                 .map(|(ip, _)| *ip)
@@ -326,10 +373,40 @@ impl Allocator {
                 return Some(ip);
             }
         }
+        None
+    }
+
+    /// The first address (in pool order) held by no one, or by `service`
+    /// alone. With [`Self::first_shared`] first, the same as the first
+    /// address the request may use: one held by others it may use only by
+    /// sharing, and the shared ones were all tried.
+    fn first_unheld(
+        &mut self,
+        service: &ServiceKey,
+        pools: &[usize],
+        family: Family,
+    ) -> Option<IpAddr> {
+        let own: Vec<IpAddr> = self
+            .addresses(service)
+            .iter()
+            .copied()
+            .filter(|ip| {
+                self.holders
+                    .get(ip)
+                    .into_iter()
+                    .flatten()
+                    .all(|h| &h.service == service)
+            })
+            .collect();
+        let Self {
+            pools: all,
+            holders,
+            cursors,
+            ..
+        } = self;
         pools
             .iter()
-            .flat_map(|p| p.candidates(family))
-            .find(|ip| !self.holders.contains_key(ip) || self.check(service, *ip, request).is_ok())
+            .find_map(|&p| all[p].first_free(family, cursors, |ip| holders.contains_key(&ip), &own))
     }
 
     fn choose_requested(
@@ -402,5 +479,121 @@ impl Allocator {
             .collect();
         out.sort_by(|a, b| (a.ip, &a.service).cmp(&(b.ip, &b.service)));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::request::Proto;
+    use proptest::prelude::*;
+
+    /// The search before the cursors: the shared addresses, then every
+    /// candidate from the start of each pool, the first one the request
+    /// may use.
+    fn first_free_by_walking(
+        a: &Allocator,
+        service: &ServiceKey,
+        request: &Request,
+        pools: &[usize],
+        family: Family,
+    ) -> Option<IpAddr> {
+        a.first_shared(service, request, pools, family).or_else(|| {
+            pools
+                .iter()
+                .flat_map(|&p| a.pools[p].candidates(family))
+                .find(|ip| !a.holders.contains_key(ip) || a.check(service, *ip, request).is_ok())
+        })
+    }
+
+    /// What `usage` counted before the counters: every held address.
+    fn used_by_walking(a: &Allocator, pool: usize, family: Family) -> u64 {
+        let p = &a.pools[pool];
+        a.holders
+            .keys()
+            .filter(|ip| Family::of(**ip) == family && p.contains(**ip))
+            .count() as u64
+    }
+
+    fn pools(avoid_buggy: bool) -> Vec<Pool> {
+        vec![
+            Pool::new(
+                "a",
+                &["10.0.0.253-10.0.1.2", "10.0.3.0/30", "fd00::/126"],
+                true,
+                avoid_buggy,
+            )
+            .unwrap(),
+            Pool::new("b", &["10.0.9.0/29", "fd00:1::/127"], true, false).unwrap(),
+        ]
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Assign {
+            service: u8,
+            key: Option<u8>,
+            port: u16,
+            family: u8,
+        },
+        Release(u8),
+        EditPools(bool),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (0u8..24, proptest::option::of(0u8..2), 1u16..3, 0u8..3).prop_map(
+                |(service, key, port, family)| Step::Assign { service, key, port, family }
+            ),
+            2 => (0u8..24).prop_map(Step::Release),
+            1 => any::<bool>().prop_map(Step::EditPools),
+        ]
+    }
+
+    proptest! {
+        /// The cursors and counters answer exactly what walking the pools
+        /// and the holders answered, through assignments, releases (which
+        /// move cursors back) and pool edits.
+        #[test]
+        fn cursors_and_counters_agree_with_walking(steps in proptest::collection::vec(step(), 1..120)) {
+            let mut a = Allocator::new(pools(true));
+            for s in steps {
+                match s {
+                    Step::Assign { service, key, port, family } => {
+                        let service = ServiceKey::new("t", &format!("s{service}"));
+                        let request = Request {
+                            policy: match family {
+                                0 => FamilyPolicy::Single(Family::V4),
+                                1 => FamilyPolicy::Single(Family::V6),
+                                _ => FamilyPolicy::PreferDual(Family::V4),
+                            },
+                            addresses: vec![],
+                            pool: None,
+                            sharing_key: key.map(|k| format!("k{k}")),
+                            ports: vec![(port, Proto::Tcp)],
+                        };
+                        let pools = a.pools_for(&request).unwrap();
+                        for f in [Family::V4, Family::V6] {
+                            let expected = first_free_by_walking(&a, &service, &request, &pools, f);
+                            let found = a.first_free(&service, &request, &pools, f);
+                            prop_assert_eq!(found, expected, "{:?}", f);
+                        }
+                        let _ = a.assign(&service, &request);
+                    }
+                    Step::Release(service) => {
+                        a.release(&ServiceKey::new("t", &format!("s{service}")));
+                    }
+                    Step::EditPools(avoid_buggy) => {
+                        a.set_pools(pools(avoid_buggy));
+                    }
+                }
+                for p in 0..a.pools.len() {
+                    for f in [Family::V4, Family::V6] {
+                        let name = a.pools[p].name.clone();
+                        prop_assert_eq!(a.usage(&name, f).map(|u| u.1), Some(used_by_walking(&a, p, f)));
+                    }
+                }
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The address space: families, ranges (`CIDR` or `first-last`) and
 //! pools, with the addresses a pool offers in order.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// An address family.
@@ -143,7 +144,13 @@ impl Pool {
 
     /// Whether `ip` is one of the pool's addresses.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.ranges.iter().any(|r| r.contains(ip)) && !(self.avoid_buggy_ips && buggy(ip))
+        self.ranges.iter().any(|r| r.contains(ip)) && self.offers(ip)
+    }
+
+    /// Whether the pool gives out `ip` where a range holds it (not if it
+    /// ends in .0 or .255 and `avoid_buggy_ips` is set).
+    fn offers(&self, ip: IpAddr) -> bool {
+        !(self.avoid_buggy_ips && buggy(ip))
     }
 
     /// Addresses of `family` in the pool (after `avoid_buggy_ips`), capped at u64.
@@ -166,12 +173,76 @@ impl Pool {
         total.min(u128::from(u64::MAX)) as u64
     }
 
+    /// Every candidate address of `family`, in order (the tests' reference
+    /// for [`Pool::first_free`]).
+    #[cfg(test)]
     pub(super) fn candidates(&self, family: Family) -> impl Iterator<Item = IpAddr> + '_ {
         self.ranges
             .iter()
             .filter(move |r| r.family == family)
             .flat_map(move |r| (r.first..=r.last).map(move |n| from_u128(n, family)))
-            .filter(move |ip| !(self.avoid_buggy_ips && buggy(*ip)))
+            .filter(move |ip| self.offers(*ip))
+    }
+}
+
+/// Where the search for a free address resumes in each range: every
+/// candidate address of the range below its cursor is held. Sequential
+/// assignments then cost one step each instead of a walk over every held
+/// address from the start of the pool (n Services: O(n), not O(n²)).
+/// Keyed by the range and the pool's `avoid_buggy_ips` (which decides the
+/// candidates), not by pool, so that editing the pools keeps it valid.
+#[derive(Debug, Default)]
+pub struct Cursors(HashMap<(Family, u128, u128, bool), u128>);
+
+impl Cursors {
+    /// `ip` is held by nobody any more: no search may start past it.
+    pub fn freed(&mut self, ip: IpAddr) {
+        let (family, n) = (Family::of(ip), to_u128(ip));
+        for ((f, first, last, _), at) in &mut self.0 {
+            if *f == family && (*first..=*last).contains(&n) && *at > n {
+                *at = n;
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// The first candidate address of `family`, in the pool's order, that
+    /// nobody holds (`held`) or that only the asking Service holds (`own`,
+    /// its addresses held by no one else). Moves the cursors past what it
+    /// finds held.
+    pub(super) fn first_free(
+        &self,
+        family: Family,
+        cursors: &mut Cursors,
+        held: impl Fn(IpAddr) -> bool,
+        own: &[IpAddr],
+    ) -> Option<IpAddr> {
+        for r in self.ranges.iter().filter(|r| r.family == family) {
+            let key = (family, r.first, r.last, self.avoid_buggy_ips);
+            let mut n = cursors.0.get(&key).map_or(r.first, |&at| at.max(r.first));
+            let unheld = loop {
+                let ip = from_u128(n, family);
+                if self.offers(ip) && !held(ip) {
+                    break Some(n);
+                }
+                if n >= r.last {
+                    break None;
+                }
+                n += 1;
+            };
+            // Everything below `n` is held (or no candidate).
+            cursors.0.insert(key, n);
+            let own = own
+                .iter()
+                .filter(|ip| r.contains(**ip) && self.offers(**ip))
+                .map(|ip| to_u128(*ip))
+                .min();
+            if let Some(best) = unheld.into_iter().chain(own).min() {
+                return Some(from_u128(best, family));
+            }
+        }
+        None
     }
 }
 
