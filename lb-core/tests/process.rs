@@ -76,18 +76,6 @@ fn spawn_lbd(file: &std::path::Path, engine: &str, notify: Option<&std::path::Pa
     Proc(cmd.spawn().expect("spawn lbd"))
 }
 
-fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = connect_from(None, addr).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    Some(body)
-}
-
 /// SIGHUP 50 times, alternating backend sets, while a client loop runs:
 /// no connection fails and an established connection lives through it all.
 fn reload_under_load(engine: &str) {

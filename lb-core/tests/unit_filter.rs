@@ -176,9 +176,11 @@ fn calls_made(engine: &str, dir: &Path) -> BTreeSet<String> {
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    eventually(Duration::from_secs(30), "lbd serves under strace", || {
-        roundtrip(tcp_bind).is_ok_and(|name| name == backend.name)
+    // Ready: listeners, the control socket and the admin endpoint are up.
+    eventually(Duration::from_secs(30), "lbd ready under strace", || {
+        admin_get(metrics, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
     });
+    assert!(roundtrip(tcp_bind).is_ok_and(|name| name == backend.name));
     // UDP both ways.
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     client
@@ -193,19 +195,7 @@ fn calls_made(engine: &str, dir: &Path) -> BTreeSet<String> {
     });
     // The admin endpoint and the control API: status, and a state with a
     // new listener (bound, checked against the socket table, persisted).
-    let scrape = |path: &str| {
-        let mut s = connect_from(None, metrics).ok()?;
-        std::io::Write::write_all(
-            &mut s,
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .ok()?;
-        let mut body = String::new();
-        std::io::Read::read_to_string(&mut s, &mut body).ok()?;
-        Some(body)
-    };
-    assert!(scrape("/metrics").is_some_and(|b| b.contains("weir_")));
-    assert!(scrape("/readyz").is_some_and(|b| b.starts_with("HTTP/1.1 200")));
+    assert!(admin_get(metrics, "/metrics").is_some_and(|b| b.contains("weir_")));
     assert!(lbd_cli(&["status"]), "lbd status");
     let dynamic = free_addr("127.0.0.43");
     let state = dir.join("state.toml");

@@ -21,7 +21,6 @@
 //!
 //! It knows nothing of routes: a handler turns a request into a response.
 
-use crate::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
@@ -37,6 +36,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
+
+use crate::lock;
 
 /// A response body.
 pub type Body = Full<Bytes>;

@@ -36,7 +36,6 @@ pub mod lan;
 pub mod link;
 pub mod packet;
 
-use crate::lock;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,6 +55,7 @@ use self::garp::Schedule;
 use self::lan::L2;
 pub use self::lan::{open_lan, Lan};
 use self::link::{host_prefix, Link, Placed};
+use crate::lock;
 use crate::routing::Routing;
 use crate::worker::Shared;
 

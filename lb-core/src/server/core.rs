@@ -7,7 +7,6 @@
 //! persisted, and only then published: a state that was not persisted is
 //! never in force, and a failure at any step changes nothing.
 
-use crate::lock;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +19,7 @@ use super::persist;
 use super::sources::{Admitted, Sources};
 use crate::admin::control::{ControlApi, PutError};
 use crate::engine::EngineKind;
+use crate::lock;
 use crate::metrics::Metrics;
 use crate::plane::{Applied, ApplyError, Plane, Prepared};
 use crate::routing::BindKey;

@@ -10,7 +10,6 @@
 //! stays drained until `lbd undrain`, which binds the listeners again and
 //! announces the VIPs.
 
-use crate::lock;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +21,7 @@ use tokio::task::AbortHandle;
 use super::core::{Core, ReloadError};
 use crate::admin::control::{ControlApi, DrainError, PutError};
 use crate::announce::Announcer;
+use crate::lock;
 use crate::plane::Applied;
 
 /// The longest lbd waits for a withdrawal to reach the interface.

@@ -26,10 +26,11 @@
 //! `RLIMIT_NICE` below the control niceness) never lowers it: its admin
 //! runtime runs at the control priority.
 
-use crate::lock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
+
+use crate::lock;
 
 /// How much nicer than the process the control threads run (at most 19).
 const CONTROL_NICER: i32 = 10;
