@@ -347,11 +347,11 @@ mod tests {
         assert_eq!(reference("bulk Gbit/s, 1 stream"), "haproxy-splice");
         assert_eq!(reference("CPU seconds per GB (1 stream)"), "haproxy-splice");
         assert_eq!(
-            reference("UDP datagrams/s (one-way, delivered)"),
+            reference("UDP datagrams/s (one-way, reached the sink)"),
             "nginx-stream"
         );
         assert_eq!(
-            reference("UDP datagrams/s (download, delivered)"),
+            reference("UDP datagrams/s (download, reached the clients)"),
             "nginx-stream"
         );
     }

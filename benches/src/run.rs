@@ -152,7 +152,8 @@ pub fn run(
          - latency floor: one keep-alive connection, one request at a time (the next sent when the response is whole), for the run's duration; p50 and p99 of the round trip, and what each proxy adds over the direct path (round by round); placed like the latency runs\n\
          - memory: RSS growth of the proxy's processes with {idle} idle proxied connections open (each checked to have reached the backend), per connection{idle_note}\n\
          - UDP (HAProxy has no UDP): request/response: 32 closed-loop clients of 64-byte datagrams, echo backend; one-way: 4 senders of 64-byte datagrams as fast as they can, counted at the sink; \
-         download: 4 clients each send one request and a source answers each with {}-byte datagrams as fast as it can, counted at the clients\n",
+         download: 4 clients each send one request and a source answers each with {}-byte datagrams as fast as it can, counted at the clients; \
+         a datagram counts when it reaches the sink or a client, received or dropped by its full socket (`SO_MEMINFO`): the proxy's forwarding, not the CPU share the receiver won\n",
         version("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         version("uname", &["-r"]),

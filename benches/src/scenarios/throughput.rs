@@ -92,14 +92,14 @@ impl Bench {
             );
             scenario(
                 &mut out,
-                "UDP datagrams/s (one-way, delivered)",
+                "UDP datagrams/s (one-way, reached the sink)",
                 "dgram/s",
                 || load::udp_oneway(peer.oneway_target(topo), &self.sink, 4, d),
             );
             let source = topo.backend(peers::BACKEND_UDP_SOURCE_PORT);
             scenario(
                 &mut out,
-                "UDP datagrams/s (download, delivered)",
+                "UDP datagrams/s (download, reached the clients)",
                 "dgram/s",
                 || {
                     topo.within(Side::Backend, || UdpSocket::bind(source))
