@@ -8,7 +8,7 @@ mod scrape;
 pub use scrape::DataPlaneView;
 
 use prometheus::core::Collector;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Registered metrics of one server. Cloning shares them.
 #[derive(Clone)]
@@ -23,6 +23,9 @@ pub struct Metrics {
     pub dynamic_version: IntGauge,
     /// What the control API counts.
     pub api: ApiMetrics,
+    /// Times the control API's threads were raised from idle priority
+    /// because the host left them no CPU (`server::priority`).
+    pub admin_raises: IntCounter,
 }
 
 /// The control API's metrics.
@@ -89,13 +92,19 @@ impl Metrics {
             "Version of the dynamic state in force (0 before any).",
         )
         .expect("static metric");
-        let collectors: [Box<dyn Collector>; 6] = [
+        let admin_raises = IntCounter::new(
+            "weir_admin_priority_raises_total",
+            "Times the control API and metrics threads were raised from idle priority because the host left them no CPU for 250 ms (each raise lasts 10 s).",
+        )
+        .expect("static metric");
+        let collectors: [Box<dyn Collector>; 7] = [
             Box::new(reloads.clone()),
             Box::new(generation.clone()),
             Box::new(api_requests.clone()),
             Box::new(applies.clone()),
             Box::new(apply_seconds.clone()),
             Box::new(dynamic_version.clone()),
+            Box::new(admin_raises.clone()),
         ];
         for c in collectors {
             registry.register(c).expect("unique metric");
@@ -113,6 +122,7 @@ impl Metrics {
                 applies,
                 apply_seconds,
             },
+            admin_raises,
         }
     }
 

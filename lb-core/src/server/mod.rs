@@ -194,7 +194,8 @@ impl Server {
                 what: "control runtime",
                 error,
             })?;
-        let admin_threads = priority::AdminThreads::new();
+        let metrics = Metrics::new();
+        let admin_threads = priority::AdminThreads::new(metrics.admin_raises.clone());
         let admin_rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("lbd-admin")
@@ -242,7 +243,6 @@ impl Server {
             senders,
             rt.handle().clone(),
         )));
-        let metrics = Metrics::new();
         metrics.attach(DataPlaneView {
             shared: shared.clone(),
             plane: plane.clone(),

@@ -197,6 +197,8 @@ struct Inner {
     /// Whether idle priority is used at all (see [`can_return_from_idle`]).
     idle_ok: bool,
     timing: Timing,
+    /// Counts raises to the control level (`weir_admin_priority_raises_total`).
+    raises: prometheus::IntCounter,
     state: Mutex<State>,
     /// When the heartbeat last beat, in milliseconds since `epoch`.
     beat_ms: AtomicU64,
@@ -211,13 +213,13 @@ struct State {
 }
 
 impl AdminThreads {
-    /// With the default [`Timing`].
-    pub fn new() -> Self {
-        Self::with_timing(Timing::default())
+    /// With the default [`Timing`]; `raises` counts each raise.
+    pub fn new(raises: prometheus::IntCounter) -> Self {
+        Self::with_timing(Timing::default(), raises)
     }
 
     /// With `timing` (tests shorten it).
-    pub fn with_timing(timing: Timing) -> Self {
+    pub fn with_timing(timing: Timing, raises: prometheus::IntCounter) -> Self {
         let nice = control_nice();
         let idle_ok = can_return_from_idle(nice);
         if !idle_ok {
@@ -231,6 +233,7 @@ impl AdminThreads {
                 nice,
                 idle_ok,
                 timing,
+                raises,
                 state: Mutex::new(State {
                     level: if idle_ok { Level::Idle } else { Level::Control },
                     raised_at: now,
@@ -317,6 +320,7 @@ impl Inner {
         let raised_for = now.saturating_duration_since(raised_at);
         if let Some(next) = decide(level, since_beat, raised_for, &self.timing) {
             if next == Level::Control {
+                self.raises.inc();
                 tracing::info!(
                     late_ms = since_beat.as_millis() as u64,
                     hold_s = self.timing.hold.as_secs(),
@@ -381,7 +385,8 @@ mod tests {
     /// the heartbeat is fresh again.
     #[test]
     fn the_guard_raises_a_starved_thread_and_lowers_it_again() {
-        let threads = AdminThreads::with_timing(T);
+        let raises = prometheus::IntCounter::new("raises", "raises").unwrap();
+        let threads = AdminThreads::with_timing(T, raises.clone());
         if !threads.inner.idle_ok {
             // Not permitted here (no CAP_SYS_NICE, RLIMIT_NICE too low):
             // the thread stays at the control priority, as checked below.
@@ -420,6 +425,7 @@ mod tests {
             SCHED_OTHER,
             "raised"
         );
+        assert_eq!(raises.get(), 1, "the raise is counted");
         // Fresh again: lowered after `hold`.
         let beating = threads.clone();
         let beat_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -437,6 +443,7 @@ mod tests {
             SCHED_IDLE,
             "lowered again"
         );
+        assert_eq!(raises.get(), 1, "lowering is not a raise");
         beat_stop.store(true, Ordering::Relaxed);
         beater.join().unwrap();
         stop_tx.send(()).unwrap();
