@@ -689,6 +689,56 @@ mod tests {
         assert!(e.to_string().contains("closed by the peer"), "{e}");
     }
 
+    /// Sends `n` 64-byte datagrams to `to` from a new socket on loopback.
+    fn send_datagrams(to: SocketAddr, n: usize) {
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..n {
+            tx.send_to(&[b'x'; 64], to).unwrap();
+        }
+    }
+
+    /// A socket nobody reads keeps what fits and drops the rest; what it
+    /// kept and what it dropped add up to what was sent.
+    #[test]
+    fn a_full_socket_counts_what_it_dropped() {
+        const SENT: usize = 20_000;
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        send_datagrams(sock.local_addr().unwrap(), SENT);
+        sock.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 128];
+        let mut kept = 0;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while kept + socket_drops(&sock) < SENT as u64 {
+            match sock.recv(&mut buf) {
+                Ok(_) => kept += 1,
+                Err(_) => assert!(Instant::now() < deadline, "lost some: kept {kept}"),
+            }
+        }
+        assert!(
+            socket_drops(&sock) > 0,
+            "a default socket holds {SENT} datagrams?"
+        );
+        assert_eq!(kept + socket_drops(&sock), SENT as u64);
+    }
+
+    /// The sink counts every datagram that reaches it, read or dropped.
+    #[test]
+    fn the_sink_counts_what_reached_it() {
+        const SENT: usize = 20_000;
+        let sink = UdpSink::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        send_datagrams(sink.socket.local_addr().unwrap(), SENT);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sink.reached() < SENT as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "reached {} of {SENT}",
+                sink.reached()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(sink.reached(), SENT as u64);
+    }
+
     #[test]
     fn connections_take_turns_at_even_gaps() {
         let interval = Duration::from_millis(1);
