@@ -33,6 +33,9 @@ pub const BACKEND_UDP_SINK_PORT: u16 = 15354;
 /// The UDP download source (runs inside `lb-bench` for each measurement).
 pub const BACKEND_UDP_SOURCE_PORT: u16 = 15355;
 
+/// nginx's stream module, which Debian ships as libnginx-mod-stream.
+pub const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
 /// A proxy (or none) under test.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Peer {
@@ -395,7 +398,7 @@ fn proxy(peer: &Peer, workers: usize, site: &Site) -> anyhow::Result<Option<Runn
             std::fs::write(
                 &conf,
                 format!(
-                    "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+                    "load_module {NGINX_STREAM_MODULE};\n\
                      worker_processes {workers};\ndaemon off;\nerror_log {d}/stream-error.log crit;\npid {d}/stream.pid;\nworker_rlimit_nofile {files};\n\
                      events {{ worker_connections {stream_conns}; }}\n\
                      stream {{\n\

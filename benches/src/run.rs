@@ -26,12 +26,17 @@ pub fn run(
     topo: Topology,
     out: &Path,
 ) -> anyhow::Result<()> {
+    const INSTALL: &str = "apt-get install wrk iperf3 nginx-light libnginx-mod-stream haproxy";
     for tool in ["wrk", "iperf3", "nginx"] {
-        anyhow::ensure!(
-            peers::have(tool),
-            "{tool} is needed: apt-get install wrk iperf3 nginx-light libnginx-mod-stream haproxy"
-        );
+        anyhow::ensure!(peers::have(tool), "{tool} is needed: {INSTALL}");
     }
+    // Without it every nginx-stream run fails after the peer times out,
+    // half an hour later; say so now.
+    anyhow::ensure!(
+        Path::new(peers::NGINX_STREAM_MODULE).exists(),
+        "nginx's stream module ({}) is needed: {INSTALL}",
+        peers::NGINX_STREAM_MODULE
+    );
     let lbd = std::env::current_exe()?.with_file_name("lbd");
     anyhow::ensure!(
         lbd.exists(),
