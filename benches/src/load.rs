@@ -59,44 +59,67 @@ pub struct UdpSink {
 /// Datagrams a sink takes per syscall, at most.
 const SINK_BATCH: usize = 64;
 
-/// Receives up to [`SINK_BATCH`] datagrams (each cut to 2 KiB) in one
-/// syscall, waiting (up to the socket's read timeout) for the first only.
-#[allow(unsafe_code)]
-fn recv_batch(sock: &UdpSocket, bufs: &mut [[u8; 2048]]) -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let mut iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
-        .take(SINK_BATCH)
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    let mut msgs: Vec<libc::mmsghdr> = iovs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: all-zero is a valid mmsghdr (no name, no control).
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
-    // SAFETY: each header points at one live iovec, each iovec at one
-    // live buffer of its stated length; all outlive the call.
-    let n = unsafe {
-        libc::recvmmsg(
-            sock.as_raw_fd(),
-            msgs.as_mut_ptr(),
-            msgs.len() as libc::c_uint,
-            libc::MSG_WAITFORONE,
-            std::ptr::null_mut(),
-        )
-    };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+/// The sink's receive buffers and the headers pointing at them, built
+/// once and reused by every `recvmmsg` (the kernel rewrites only each
+/// header's length and flags).
+struct Batch {
+    /// Owned here so the pointers in `msgs` stay valid; never read.
+    _bufs: Vec<[u8; 2048]>,
+    _iovs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+impl Batch {
+    #[allow(unsafe_code)]
+    fn new() -> Self {
+        let mut bufs = vec![[0u8; 2048]; SINK_BATCH];
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let msgs = iovs
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: all-zero is a valid mmsghdr (no name, no control).
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // Moving the vectors into the struct moves no heap allocation.
+        Self {
+            _bufs: bufs,
+            _iovs: iovs,
+            msgs,
+        }
+    }
+
+    /// Receives up to [`SINK_BATCH`] datagrams (each cut to 2 KiB) in one
+    /// syscall, waiting (up to the socket's read timeout) for the first
+    /// only.
+    #[allow(unsafe_code)]
+    fn recv(&mut self, sock: &UdpSocket) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: each header points at one live iovec, each iovec at one
+        // live buffer of its stated length; `self` owns them all.
+        let n = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                self.msgs.as_mut_ptr(),
+                self.msgs.len() as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
 }
 
@@ -134,9 +157,9 @@ impl UdpSink {
         let (r, st) = (received.clone(), stop.clone());
         let socket = sock.try_clone()?;
         let thread = std::thread::spawn(move || {
-            let mut bufs = vec![[0u8; 2048]; SINK_BATCH];
+            let mut batch = Batch::new();
             while !st.load(Ordering::Relaxed) {
-                if let Ok(n) = recv_batch(&sock, &mut bufs) {
+                if let Ok(n) = batch.recv(&sock) {
                     r.fetch_add(n as u64, Ordering::Relaxed);
                 }
             }

@@ -41,11 +41,7 @@ fn is_root() -> bool {
 
 /// The exposure score `systemd-analyze security --offline=true` gives `unit`.
 fn exposure(unit: &Path) -> f64 {
-    score_in(&stdout(
-        Command::new("systemd-analyze")
-            .args(["security", "--offline=true", "--no-pager"])
-            .arg(unit),
-    ))
+    security([unit.as_os_str()])
 }
 
 /// The exposure score of `lbd.service` installed under `root` with the
@@ -55,16 +51,17 @@ fn exposure_with_drop_in(root: &Path, unit: &str, drop_in: &str) -> f64 {
     std::fs::create_dir_all(dir.join("lbd.service.d")).unwrap();
     std::fs::write(dir.join("lbd.service"), unit).unwrap();
     std::fs::write(dir.join("lbd.service.d/override.conf"), drop_in).unwrap();
-    score_in(&stdout(
-        Command::new("systemd-analyze")
-            .args(["security", "--offline=true", "--no-pager"])
-            .arg(format!("--root={}", root.display()))
-            .arg("lbd.service"),
-    ))
+    let root = format!("--root={}", root.display());
+    security([root.as_ref(), "lbd.service".as_ref()])
 }
 
-/// The score in `systemd-analyze security`'s output.
-fn score_in(out: &str) -> f64 {
+/// The overall score of `systemd-analyze security --offline=true ARGS`.
+fn security<'a>(args: impl IntoIterator<Item = &'a std::ffi::OsStr>) -> f64 {
+    let out = stdout(
+        Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--no-pager"])
+            .args(args),
+    );
     let line = out
         .lines()
         .find(|l| l.contains("Overall exposure level"))
