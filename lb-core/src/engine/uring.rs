@@ -1,5 +1,5 @@
 //! The io_uring engine: one ring per worker, run by our own driver
-//! (`engine/ring.rs`).
+//! (`engine/ring/`).
 //!
 //! Reads wait for readability with a poll operation that holds no buffer,
 //! then receive at once with a plain `recv(MSG_DONTWAIT)` into a buffer

@@ -81,7 +81,7 @@ fn collect(view: &DataPlaneView) -> Vec<MetricFamily> {
     );
     let b_errors = counter(
         "weir_backend_connect_errors_total",
-        "Failed connect attempts to a backend, by reason (refused, timeout, other).",
+        "Failed connect attempts to a backend, by reason (refused, timeout, local, other).",
         &["listener", "backend", "reason"],
     );
     let b_up = gauge(
