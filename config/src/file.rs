@@ -6,12 +6,29 @@ use std::ops::Range;
 use toml_edit::{ImDocument, Item, Value};
 
 use crate::model::{Config, FileSpec};
-use crate::validate::resolve_file;
+use crate::validate::{resolve_file, unused_check_settings};
 use crate::{ConfigErrors, FieldError};
 
 /// Parses and validates an `lbd` configuration file's text.
 pub fn parse_config(text: &str) -> Result<Config, ConfigErrors> {
     parse_toml(text, |spec: &FileSpec| resolve_file(spec))
+}
+
+/// [`parse_config`], with the warnings the file deserves: settings that
+/// take no effect, each with its path and line.
+pub fn parse_config_warned(text: &str) -> Result<(Config, Vec<FieldError>), ConfigErrors> {
+    let mut warnings = Vec::new();
+    let config = parse_toml(text, |spec: &FileSpec| {
+        let config = resolve_file(spec)?;
+        warnings = unused_check_settings(&spec.listeners, &spec.defaults, "listener");
+        Ok(config)
+    })?;
+    if let Ok(doc) = ImDocument::parse(text) {
+        for w in &mut warnings {
+            w.line = span_of(&doc, &w.path).map(|s| line_of(text, s.start));
+        }
+    }
+    Ok((config, warnings))
 }
 
 /// Parses any TOML file into `S` and resolves it with `resolve`, giving every

@@ -10,6 +10,7 @@
 pub mod announce;
 mod duration;
 mod file;
+mod json;
 pub mod l2;
 pub mod model;
 pub mod validate;
@@ -18,10 +19,11 @@ use std::fmt;
 
 pub use announce::{Announce, AnnounceMode, AnnounceSpec, AnnounceWhen};
 pub use duration::{Duration, DurationError};
-pub use file::{parse_config, parse_toml};
+pub use file::{parse_config, parse_config_warned, parse_toml};
+pub use json::parse_json;
 pub use l2::{L2State, VipOwner};
 pub use model::*;
-pub use validate::{resolve_listeners, DEFAULT_METRICS};
+pub use validate::{resolve_listeners, unused_check_settings, DEFAULT_METRICS};
 
 /// One problem in a configuration or state, named by its field path.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -91,6 +93,13 @@ impl fmt::Display for ConfigErrors {
 /// Reads and validates an `lbd` file from disk.
 pub fn load_config(path: &std::path::Path) -> Result<Config, ConfigErrors> {
     parse_config(&read_file(path)?)
+}
+
+/// [`load_config`], with the file's warnings ([`parse_config_warned`]).
+pub fn load_config_warned(
+    path: &std::path::Path,
+) -> Result<(Config, Vec<FieldError>), ConfigErrors> {
+    parse_config_warned(&read_file(path)?)
 }
 
 /// Largest configuration file read (a file of 2,000 listeners is about

@@ -194,7 +194,8 @@ fn json_round_trip_of_specs_and_resolved_listeners() {
         "listeners",
     )
     .unwrap_err();
-    assert_eq!(bad[0].path, "listeners[0].connect_timeout");
+    // Reported where the value was written: the file's [defaults].
+    assert_eq!(bad[0].path, "defaults.connect_timeout");
 }
 
 proptest! {
@@ -353,4 +354,148 @@ fn announce_errors_name_the_field_and_line() {
     assert!(e.0[0].message.contains("intreface"), "{e}");
     let e = parse_config("[announce]\ninterface = \"lo\"\n").unwrap_err();
     assert_eq!(e.0[0].path, "announce.interface", "{e}");
+}
+
+/// Every error of `text`, as (path, line, message).
+fn errors_of(text: &str) -> Vec<(String, Option<usize>, String)> {
+    parse_config(text)
+        .expect_err(text)
+        .0
+        .into_iter()
+        .map(|e| (e.path, e.line, e.message))
+        .collect()
+}
+
+#[test]
+fn a_bad_default_is_reported_once_where_it_was_written() {
+    let two = |defaults: &str| {
+        format!(
+            "{defaults}\n[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\nfall = 2\n\
+             [[listener]]\nname = \"b\"\nbind = \"127.0.0.1:81\"\n"
+        )
+    };
+    for (defaults, path, line) in [
+        (
+            "[defaults]\nsource_ranges = [\"1.2.3.0/40\"]",
+            "defaults.source_ranges[0]",
+            2,
+        ),
+        (
+            "[defaults]\nidle_timeout = \"0s\"",
+            "defaults.idle_timeout",
+            2,
+        ),
+        ("[defaults.health]\nrise = 1000", "defaults.health.rise", 2),
+        ("[defaults.health]\nport = 0", "defaults.health.port", 2),
+    ] {
+        let text = two(defaults);
+        let errors = errors_of(&text);
+        assert_eq!(errors.len(), 1, "{text}\n{errors:#?}");
+        assert_eq!(errors[0].0, path, "{text}\n{errors:#?}");
+        assert_eq!(errors[0].1, Some(line), "{text}\n{errors:#?}");
+    }
+    // A listener's own bad value stays the listener's, next to the default.
+    let errors = errors_of(
+        "[defaults.health]\nrise = 0\n[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n\
+         [listener.health]\nrise = 0\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:81\"\n",
+    );
+    let paths: Vec<&str> = errors.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(paths, ["listener[0].health.rise", "defaults.health.rise"]);
+}
+
+#[test]
+fn a_timeout_nobody_wrote_is_not_blamed_for_a_zero_interval() {
+    let errors = errors_of(
+        "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\ninterval = \"0s\"\n",
+    );
+    let paths: Vec<&str> = errors.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(paths, ["listener[0].health.interval"]);
+}
+
+#[test]
+fn a_check_path_without_an_http_check_is_a_warning() {
+    // A warning, not an error: files that loaded before keep loading.
+    let warnings = |text: &str| {
+        let (_, w) = parse_config_warned(text).unwrap_or_else(|e| panic!("{text}\n{e}"));
+        w.into_iter()
+            .map(|w| (w.path, w.line, w.message))
+            .collect::<Vec<_>>()
+    };
+    let listener = |health: &str| {
+        format!(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\n{health}\n"
+        )
+    };
+    let w = warnings(&listener("path = \"/ready\""));
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert_eq!(
+        (w[0].0.as_str(), w[0].1),
+        ("listener[0].health.path", Some(5))
+    );
+    assert!(w[0].2.contains("health.kind is \"tcp\""), "{}", w[0].2);
+    assert_eq!(
+        warnings(&listener("kind = \"none\"\npath = \"/ready\"")).len(),
+        1
+    );
+    assert!(warnings(&listener("kind = \"http\"\npath = \"/ready\"")).is_empty());
+    // The kind may come from [defaults].
+    let text = format!(
+        "[defaults.health]\nkind = \"http\"\n{}",
+        listener("path = \"/ready\"")
+    );
+    assert!(warnings(&text).is_empty());
+    // A path in [defaults] with no kind there serves http listeners and
+    // leaves tcp ones alone; with a kind that is not http, it is unused.
+    let two = |defaults: &str| {
+        format!(
+            "[defaults.health]\n{defaults}\n[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n\
+             [listener.health]\nkind = \"http\"\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:81\"\n"
+        )
+    };
+    let text = two("path = \"/ready\"");
+    assert!(warnings(&text).is_empty());
+    let cfg = parse_config(&text).unwrap();
+    assert_eq!(cfg.listeners[0].health.path, "/ready");
+    assert_eq!(cfg.listeners[1].health.kind, HealthKind::Tcp);
+    let w = warnings(&two("kind = \"tcp\"\npath = \"/ready\""));
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert_eq!((w[0].0.as_str(), w[0].1), ("defaults.health.path", Some(3)));
+}
+
+#[test]
+fn admin_endpoints_need_ports_no_listener_binds() {
+    let file = |admin: &str, bind: &str| {
+        format!("[admin]\n{admin}\n[[listener]]\nname = \"web\"\nbind = \"{bind}\"\n")
+    };
+    for (admin, bind, path, line) in [
+        ("metrics = \"127.0.0.1:8080\"", "127.0.0.1:8080", "admin.metrics", 2),
+        ("metrics = \"0.0.0.0:8080\"", "127.0.0.1:8080", "admin.metrics", 2),
+        ("metrics = \"127.0.0.1:8080\"", "0.0.0.0:8080", "admin.metrics", 2),
+        ("metrics = \"127.0.0.1:8080\"", "[::]:8080", "admin.metrics", 2),
+        (
+            "metrics = \"127.0.0.1:9000\"\ncontrol_tcp = \"127.0.0.1:9000\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\ntoken_file = \"/t\"",
+            "127.0.0.1:80",
+            "admin.control_tcp",
+            3,
+        ),
+    ] {
+        let text = file(admin, bind);
+        let errors = errors_of(&text);
+        assert_eq!(errors.len(), 1, "{text}\n{errors:#?}");
+        assert_eq!(errors[0].0, path, "{text}");
+        assert_eq!(errors[0].1, Some(line), "{text}");
+    }
+    // Other ports, another family's wildcard, port 0, and a udp listener
+    // on the same port are all fine.
+    for (admin, bind) in [
+        ("metrics = \"127.0.0.1:9600\"", "127.0.0.1:8080"),
+        ("metrics = \"[::1]:8080\"", "0.0.0.0:8080"),
+        ("metrics = \"127.0.0.1:0\"", "127.0.0.1:0"),
+    ] {
+        parse_config(&file(admin, bind)).unwrap_or_else(|e| panic!("{admin} / {bind}: {e}"));
+    }
+    parse_config(
+        "[admin]\nmetrics = \"127.0.0.1:5353\"\n[[listener]]\nname = \"dns\"\nbind = \"127.0.0.1:5353\"\nprotocol = \"udp\"\n",
+    )
+    .unwrap();
 }

@@ -54,7 +54,7 @@ enum Command {
         #[arg(long)]
         workers: Option<usize>,
     },
-    /// Validate a configuration file; prints every error and exits 1 if any.
+    /// Validate a configuration file; prints its errors and warnings, exits 1 on an error.
     CheckConfig {
         /// The TOML configuration file.
         file: PathBuf,

@@ -100,6 +100,18 @@ fn error_classes_and_unchanged_state() {
         let (code, body) = call(&sock, Method::PUT, "/v1/state", Some(raw.to_vec()));
         assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
     }
+    // A wrongly typed field deep in the body: the 400 names it.
+    let mut typed = good.clone();
+    typed["version"] = json!(6);
+    typed["listeners"][0]["backends"][0]["weight"] = json!("2");
+    let (code, body) = put(&sock, &typed);
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["path"], "listeners[0].backends[0].weight", "{body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.contains("listeners[0].backends[0].weight: invalid type"),
+        "{message}"
+    );
     // Invalid states: 422 with every error's path; nothing changes.
     let bad = |l: Value| json!({ "version": 6, "listeners": [l] });
     let base = listener("svc-b", "127.0.0.31:80", b.addr);

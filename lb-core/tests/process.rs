@@ -396,6 +396,53 @@ fn check_config_reports_every_error_and_exit_code() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(out.stderr.is_empty(), "the example earns no warning");
+    // A setting that takes no effect is a warning: the file still passes.
+    let unused = dir.join("unused.toml");
+    std::fs::write(
+        &unused,
+        "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n[listener.health]\npath = \"/ready\"\n",
+    )
+    .unwrap();
+    let out = Command::new(LBD)
+        .arg("check-config")
+        .arg(&unused)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: line 5: listener[0].health.path: has no effect"),
+        "{err}"
+    );
+    // `lbd apply` names the field of a wrongly typed value, in either form,
+    // before it reaches any lbd.
+    for (name, text, path) in [
+        (
+            "state.json",
+            r#"{"version": 2, "listeners": [{"name": "a", "bind": "127.0.0.1:80",
+                "backends": [{"addr": "127.0.0.2:80", "weight": "2"}]}]}"#,
+            "listeners[0].backends[0].weight",
+        ),
+        (
+            "state.toml",
+            "version = 2\n[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\nbackends = [{ addr = \"127.0.0.2:80\", weight = \"2\" }]\n",
+            "line 5: listener[0].backends[0].weight",
+        ),
+    ] {
+        let file = dir.join(name);
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(LBD)
+            .arg("apply")
+            .arg(&file)
+            .arg("--socket")
+            .arg(dir.join("nobody.sock"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(path), "{name}: {err}");
+    }
     let out = Command::new(LBD)
         .args(["run", "--config"])
         .arg(&bad)

@@ -378,9 +378,14 @@ async fn put_state(control: &Control, req: Request<Incoming>) -> Response<Body> 
         Ok(read) => read,
         Err(response) => return response,
     };
-    let state: DesiredState = match serde_json::from_slice(&body) {
+    let state: DesiredState = match lb_config::parse_json(&body) {
         Ok(s) => s,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed state: {e}")),
+        Err(e) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({ "error": format!("malformed state: {e}"), "path": e.path }),
+            )
+        }
     };
     let started = Instant::now();
     let api = control.api.clone();

@@ -13,11 +13,14 @@ pub fn apply(file: &std::path::Path, remote: &Remote, output: Output) -> anyhow:
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let is_json =
         file.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
+    // Both forms name the field of the first error (TOML also its line),
+    // as the control API and `check-config` do.
     let state: lb_config::DesiredState = if is_json {
-        serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a JSON state", file.display()))?
+        lb_config::parse_json(text.as_bytes())
+            .map_err(|e| anyhow::anyhow!("{}: not a JSON state: {e}", file.display()))?
     } else {
-        toml::from_str(&text).with_context(|| format!("{}: not a TOML state", file.display()))?
+        lb_config::parse_toml(&text, |s: &lb_config::DesiredState| Ok(s.clone()))
+            .map_err(|e| anyhow::anyhow!("{}: not a TOML state: {e}", file.display()))?
     };
     let outcome = block_on(lb_api::client::put_state(&target, &state))??;
     if output == Output::Json {

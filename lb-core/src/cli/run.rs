@@ -10,10 +10,14 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::EngineArg;
 
-/// Validates `file`: prints every error with its field path and line.
+/// Validates `file`: prints its errors and warnings, each with its field
+/// path and line.
 pub fn check_config(file: &Path) -> ExitCode {
-    match lb_config::load_config(file) {
-        Ok(cfg) => {
+    match lb_config::load_config_warned(file) {
+        Ok((cfg, warnings)) => {
+            for w in &warnings {
+                eprintln!("{}: warning: {w}", file.display());
+            }
             println!("{}: ok ({} listeners)", file.display(), cfg.listeners.len());
             ExitCode::SUCCESS
         }
@@ -29,8 +33,11 @@ pub fn check_config(file: &Path) -> ExitCode {
 
 /// Runs from the file at `path` until stopped.
 pub fn run(path: &Path, engine: Option<EngineArg>, workers: Option<usize>) -> anyhow::Result<()> {
-    let config =
-        lb_config::load_config(path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
+    let (config, warnings) = lb_config::load_config_warned(path)
+        .map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
+    for w in &warnings {
+        tracing::warn!(file = %path.display(), "{w}");
+    }
     let options = Options {
         engine: engine.map(Into::into),
         workers,

@@ -366,8 +366,13 @@ impl Server {
 
     /// Re-reads `path` and applies it (SIGHUP).
     pub fn reload_file(&self, path: &std::path::Path) -> Result<Applied, ReloadError> {
-        match lb_config::load_config(path) {
-            Ok(config) => self.reload(&config),
+        match lb_config::load_config_warned(path) {
+            Ok((config, warnings)) => {
+                for w in &warnings {
+                    tracing::warn!(file = %path.display(), "{w}");
+                }
+                self.reload(&config)
+            }
             Err(errors) => Err(self.core.rejected(ReloadError::Invalid(errors))),
         }
     }

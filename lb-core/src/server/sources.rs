@@ -82,6 +82,14 @@ impl Sources {
         let mut problems = collisions(&self.file.listeners, &listeners, true);
         problems.extend(owners.unwrap_or_default());
         if problems.is_empty() {
+            let unused = lb_config::unused_check_settings(
+                &state.listeners,
+                &self.file.defaults,
+                "listeners",
+            );
+            for w in &unused {
+                tracing::warn!(version = state.version, "dynamic state: {w}");
+            }
             Ok(listeners)
         } else {
             Err(problems)

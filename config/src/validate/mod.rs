@@ -12,6 +12,11 @@ use ipnet::IpNet;
 use crate::model::*;
 use crate::{shown, Duration, FieldError};
 
+mod health;
+
+use health::resolve_health;
+pub use health::unused_check_settings;
+
 /// Most consecutive results `rise` and `fall` may ask for.
 pub const MAX_STREAK: u32 = 100;
 /// Default health check interval.
@@ -53,6 +58,19 @@ impl Errors<'_> {
         };
         self.out.push(FieldError::new(path, message));
     }
+
+    /// Like [`Errors::push`], for a value the listener may have taken from
+    /// `[defaults]` (`inherited`): then the problem is reported where the
+    /// value was written, `defaults.<field>`, once however many listeners
+    /// took it ([`resolve_listeners`] drops the repeats).
+    fn push_value(&mut self, field: &str, inherited: bool, message: impl Into<String>) {
+        if inherited {
+            self.out
+                .push(FieldError::new(format!("defaults.{field}"), message));
+        } else {
+            self.push(field, message);
+        }
+    }
 }
 
 fn valid_name(name: &str) -> bool {
@@ -85,103 +103,6 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
         ));
     }
     Ok(net)
-}
-
-fn resolve_health(
-    spec: Option<&HealthSpec>,
-    defaults: Option<&HealthSpec>,
-    protocol: Protocol,
-    proxy_protocol: ProxyProtocol,
-    e: &mut Errors<'_>,
-) -> HealthCheck {
-    let empty = HealthSpec::default();
-    let s = spec.unwrap_or(&empty);
-    let d = defaults.unwrap_or(&empty);
-    let kind = s.kind.or(d.kind).unwrap_or(match protocol {
-        Protocol::Tcp => HealthKind::Tcp,
-        Protocol::Udp => HealthKind::None,
-    });
-    let mut check = HealthCheck {
-        kind,
-        port: s.port.or(d.port),
-        path: s
-            .path
-            .clone()
-            .or_else(|| d.path.clone())
-            .unwrap_or_else(|| "/".into()),
-        interval: s.interval.or(d.interval).unwrap_or(DEFAULT_INTERVAL),
-        // Unset, the timeout is the default or the interval if shorter; set,
-        // it must fit in the interval (checked below).
-        timeout: s.timeout.or(d.timeout).unwrap_or_else(|| {
-            let interval = s.interval.or(d.interval).unwrap_or(DEFAULT_INTERVAL);
-            DEFAULT_CHECK_TIMEOUT.min(interval)
-        }),
-        rise: s.rise.or(d.rise).unwrap_or(2),
-        fall: s.fall.or(d.fall).unwrap_or(3),
-        send_proxy: ProxyProtocol::Off,
-    };
-    // A check of the backend's own port meets what every proxied
-    // connection meets there: the PROXY header, if the listener sends one.
-    check.send_proxy = match s.send_proxy.or(d.send_proxy) {
-        Some(false) => ProxyProtocol::Off,
-        Some(true) if proxy_protocol == ProxyProtocol::Off => {
-            e.push(
-                "health.send_proxy",
-                "the listener sends no PROXY header (proxy_protocol = \"off\"); set proxy_protocol, or leave send_proxy out",
-            );
-            ProxyProtocol::Off
-        }
-        Some(true) => proxy_protocol,
-        None if check.port.is_none() && kind != HealthKind::None => proxy_protocol,
-        None => ProxyProtocol::Off,
-    };
-    if check.send_proxy != ProxyProtocol::Off && protocol == Protocol::Udp && check.port.is_none() {
-        // The backend's own port is UDP; a check there cannot carry a
-        // stream header. (Unreachable today: such a check is refused below.)
-        check.send_proxy = ProxyProtocol::Off;
-    }
-    if check.port == Some(0) {
-        e.push("health.port", "must be between 1 and 65535");
-    }
-    if !check.path.starts_with('/') {
-        e.push(
-            "health.path",
-            format!("{:?} must start with '/'", check.path),
-        );
-    } else if check.path.len() > 1024 || check.path.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        e.push(
-            "health.path",
-            "must be at most 1024 characters with no spaces or control characters",
-        );
-    }
-    if check.interval.is_zero() {
-        e.push("health.interval", "must be greater than zero");
-    }
-    if check.timeout.is_zero() {
-        e.push("health.timeout", "must be greater than zero");
-    }
-    if !(1..=MAX_STREAK).contains(&check.rise) {
-        e.push("health.rise", format!("must be 1 to {MAX_STREAK}"));
-    }
-    if !(1..=MAX_STREAK).contains(&check.fall) {
-        e.push("health.fall", format!("must be 1 to {MAX_STREAK}"));
-    }
-    if check.timeout > check.interval {
-        e.push(
-            "health.timeout",
-            format!(
-                "{} is longer than health.interval ({}): a check would still run when the next one starts",
-                check.timeout, check.interval
-            ),
-        );
-    }
-    if kind == HealthKind::Tcp && protocol == Protocol::Udp && check.port.is_none() {
-        e.push(
-            "health.port",
-            "a tcp check of a udp listener needs a port (the backend's port is UDP)",
-        );
-    }
-    check
 }
 
 /// Resolves one listener against `defaults`, pushing every problem found.
@@ -241,17 +162,19 @@ pub fn resolve_listener(
         .source_ranges
         .as_ref()
         .or(defaults.source_ranges.as_ref());
+    let ranges_inherited = spec.source_ranges.is_none() && defaults.source_ranges.is_some();
     let mut source_ranges = Vec::new();
     for (i, text) in ranges.into_iter().flatten().enumerate() {
         match parse_cidr(text) {
             Ok(net) => source_ranges.push(net),
-            Err(m) => e.push(&format!("source_ranges[{i}]"), m),
+            Err(m) => e.push_value(&format!("source_ranges[{i}]"), ranges_inherited, m),
         }
     }
     let mut timeout = |field: &str, own: Option<Duration>, def: Option<Duration>, builtin| {
         let value = own.or(def).unwrap_or(builtin);
         if value.is_zero() {
-            e.push(field, "must be greater than zero");
+            let inherited = own.is_none() && def.is_some();
+            e.push_value(field, inherited, "must be greater than zero");
         }
         value
     };
@@ -377,6 +300,9 @@ pub fn resolve_listeners(
         }
         out.push(listener);
     }
+    // A bad value in `[defaults]` is reported once, not per listener.
+    let mut seen = std::collections::HashSet::new();
+    errors.retain(|e| seen.insert((e.path.clone(), e.message.clone())));
     if errors.is_empty() {
         Ok(out)
     } else {
@@ -397,6 +323,50 @@ fn optional_addr(
     parse_socket_addr(text)
         .map_err(|m| errors.push(FieldError::new(field, m)))
         .ok()
+}
+
+/// Whether TCP sockets bound to `a` and `b` would want the same port
+/// (port 0 takes a free one and meets nothing).
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    let wildcard =
+        |x: SocketAddr, y: SocketAddr| x.ip().is_unspecified() && (x.is_ipv6() || y.is_ipv4());
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || wildcard(a, b) || wildcard(b, a))
+}
+
+/// The metrics endpoint and the TCP control API need ports that no TCP
+/// listener binds (and not each other's); otherwise `lbd run` would fail
+/// on the second bind, which `check-config` should say first.
+fn check_admin_ports(
+    metrics: Option<SocketAddr>,
+    control_tcp: Option<SocketAddr>,
+    listeners: &[Listener],
+    errors: &mut Vec<FieldError>,
+) {
+    for (field, addr) in [
+        ("admin.metrics", metrics),
+        ("admin.control_tcp", control_tcp),
+    ] {
+        let Some(addr) = addr else { continue };
+        for (i, l) in listeners.iter().enumerate() {
+            if l.protocol == Protocol::Tcp && same_port(addr, l.bind) {
+                errors.push(FieldError::new(
+                    field,
+                    format!(
+                        "{addr} takes the port of listener[{i}] ({:?}, bind {}); give it a port of its own",
+                        l.name, l.bind
+                    ),
+                ));
+            }
+        }
+    }
+    if let (Some(m), Some(c)) = (metrics, control_tcp) {
+        if same_port(m, c) {
+            errors.push(FieldError::new(
+                "admin.control_tcp",
+                format!("{c} takes the port of admin.metrics ({m})"),
+            ));
+        }
+    }
 }
 
 /// Resolves and validates a whole file.
@@ -469,6 +439,7 @@ pub fn resolve_file(spec: &FileSpec) -> Result<Config, Vec<FieldError>> {
         let probe = ListenerSpec::new("defaults", "0.0.0.0:1");
         resolve_listener(&probe, &spec.defaults, "defaults", &mut errors);
     }
+    check_admin_ports(metrics, control_tcp, &listeners, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
