@@ -476,6 +476,12 @@ fn demo_serves_named_backends() {
         printed.contains(&format!("curl -s http://{listen}/")),
         "{printed}"
     );
+    // Not on PATH here: the status command names this very binary.
+    assert!(
+        printed.contains(&format!("{LBD} status --socket")),
+        "{printed}"
+    );
+    assert!(!printed.contains("is in use"), "given addresses: {printed}");
     let addr: SocketAddr = listen.parse().unwrap();
     let mut names = std::collections::HashSet::new();
     for _ in 0..6 {
@@ -492,6 +498,26 @@ fn demo_serves_named_backends() {
     assert_eq!(names.len(), 3, "round robin over three backends: {names:?}");
     signal(&child.0, "INT");
     assert!(wait_exit(&mut child.0, Duration::from_secs(10)).success());
+}
+
+/// A metrics address that is taken is named as such, and the demo stops.
+#[test]
+fn demo_names_a_taken_metrics_address() {
+    let listen = format!("127.0.0.23:{}", free_port("127.0.0.23"));
+    let taken = std::net::TcpListener::bind("127.0.0.25:0").unwrap();
+    let metrics = taken.local_addr().unwrap().to_string();
+    let out = Command::new(LBD)
+        .args(["demo", "--listen", &listen, "--metrics", &metrics])
+        .env("LBD_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("--metrics {metrics}")), "{err}");
+    assert!(
+        !err.contains(&listen),
+        "the listen address is not to blame: {err}"
+    );
 }
 
 /// `lbd run` under `prlimit --nofile=LIMIT:LIMIT` with `config`; the child
@@ -741,8 +767,10 @@ fn lbd_run_refuses_a_port_another_lbd_serves() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the second lbd started: {stderr}");
     assert!(stderr.contains("already served by"), "{stderr}");
-    assert!(
-        stderr.contains(&format!("pid {}", first.0.id())),
+    // Named once, though its two workers each hold a socket there.
+    assert_eq!(
+        stderr.matches(&format!("pid {}", first.0.id())).count(),
+        1,
         "{stderr}"
     );
     signal(&first.0, "TERM");

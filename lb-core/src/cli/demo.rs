@@ -143,7 +143,8 @@ const TRIES: u16 = 20;
 
 /// Runs the demo until Ctrl-C, on `listen` and `metrics`, or where not
 /// given on [`LISTEN`] and [`METRICS`] or the first free ports after them
-/// (another demo or service may hold them; the banner says which).
+/// (another demo or service may hold them; the banner says which). A
+/// given address is used as is: if it is taken, the error says by whom.
 pub fn demo(
     listen: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
@@ -156,61 +157,31 @@ pub fn demo(
         engine: engine.map(Into::into),
         workers: None,
     };
-    let default = |text: &str| text.parse::<SocketAddr>().expect("a valid default");
-    let tries = |given: Option<SocketAddr>, fallback: &str| -> Vec<SocketAddr> {
-        match given {
-            Some(a) => vec![a],
-            None => {
-                let d = default(fallback);
-                (0..TRIES)
-                    .map(|i| SocketAddr::new(d.ip(), d.port() + i))
-                    .collect()
-            }
-        }
+    // Free ports are found before lbd starts, so a failed attempt neither
+    // logs a listener it then drops nor blames the wrong port.
+    let (listen_default, metrics_default) = (default(LISTEN), default(METRICS));
+    let picked_listen = listen.is_none();
+    let picked_metrics = metrics.is_none();
+    let listen = listen.map_or_else(|| first_free(listen_default, "--listen"), Ok)?;
+    let metrics = metrics.map_or_else(|| first_free(metrics_default, "--metrics"), Ok)?;
+    let config = config(listen, metrics, &backends, &run_dir.0)
+        .map_err(|e| anyhow::anyhow!("demo config:\n{e}"))?;
+    let server = match Server::start(&config, &options) {
+        Ok(server) => server,
+        Err(StartError::Io {
+            what: "admin.metrics bind",
+            error,
+        }) => anyhow::bail!("cannot start the demo: --metrics {metrics}: {error}"),
+        Err(e) => return Err(anyhow::Error::from(e).context("cannot start the demo")),
     };
-    let (listens, metricses) = (tries(listen, LISTEN), tries(metrics, METRICS));
-    let mut last = None;
-    let mut started = None;
-    'search: for &l in &listens {
-        for &m in &metricses {
-            let config = config(l, m, &backends, &run_dir.0)
-                .map_err(|e| anyhow::anyhow!("demo config:\n{e}"))?;
-            match Server::start(&config, &options) {
-                Ok(server) => {
-                    started = Some((server, l, m));
-                    break 'search;
-                }
-                // The metrics port is the one taken: try the next one.
-                Err(StartError::Io {
-                    what: "admin.metrics bind",
-                    error,
-                }) => {
-                    last = Some(anyhow::anyhow!("{m}: {error}"));
-                }
-                // The demo's port is taken (bound, or served by another
-                // process): try the next one.
-                Err(e @ StartError::Apply(_)) => {
-                    last = Some(e.into());
-                    continue 'search;
-                }
-                Err(e) => return Err(anyhow::Error::from(e).context("cannot start the demo")),
-            }
+    for (picked, default, used, what) in [
+        (picked_listen, listen_default, listen, "listens"),
+        (picked_metrics, metrics_default, metrics, "serves metrics"),
+    ] {
+        if picked && used != default {
+            println!();
+            println!("{default} is in use (another demo?): this demo {what} on {used}.");
         }
-    }
-    let Some((server, listen, metrics)) = started else {
-        let e = last.unwrap_or_else(|| anyhow::anyhow!("no address to try"));
-        return Err(e.context(format!(
-            "cannot start the demo on {} (or {} after it): every address is in use; try --listen / --metrics",
-            listens[0],
-            listens.len() - 1
-        )));
-    };
-    if listen != listens[0] || metrics != metricses[0] {
-        println!();
-        println!(
-            "{} or {} is in use (another demo?): this demo listens on {listen}, metrics on {metrics}.",
-            listens[0], metricses[0]
-        );
     }
     let signals = Signals::register(&server)?;
     let url = format!("http://{}/", server.bound_addr("demo").unwrap_or(listen));
@@ -229,12 +200,52 @@ pub fn demo(
         println!("  metrics: curl -s http://{m}/metrics | grep weir_");
     }
     println!(
-        "  status:  lbd status --socket {}",
+        "  status:  {} status --socket {}",
+        self_command(),
         run_dir.0.join("control.sock").display()
     );
     println!();
     println!("Ctrl-C to stop.");
     serve_until_stopped(server, signals, None)
+}
+
+fn default(text: &str) -> SocketAddr {
+    text.parse().expect("a valid default address")
+}
+
+/// `from`, or the first of the [`TRIES`] - 1 ports after it that no
+/// socket listens on now (a plain bind succeeds: it fails on a port that
+/// another process serves, with `SO_REUSEPORT` or not).
+fn first_free(from: SocketAddr, option: &str) -> anyhow::Result<SocketAddr> {
+    (0..TRIES)
+        .map(|i| SocketAddr::new(from.ip(), from.port() + i))
+        .find(|a| std::net::TcpListener::bind(a).is_ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "cannot start the demo: {from} and the {} ports after it are in use; choose an address with {option}",
+                TRIES - 1
+            )
+        })
+}
+
+/// How to run this `lbd` again: `lbd` when that is the one on `PATH`,
+/// else its full path (`cargo run` leaves it in `target/`).
+fn self_command() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "lbd".into();
+    };
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            dir.join("lbd")
+                .canonicalize()
+                .is_ok_and(|found| exe.canonicalize().is_ok_and(|me| me == found))
+        })
+    });
+    if on_path {
+        "lbd".into()
+    } else {
+        exe.display().to_string()
+    }
 }
 
 /// The demo's private directory (control socket, state), removed on drop.

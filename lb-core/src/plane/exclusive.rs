@@ -56,11 +56,16 @@ impl Plane {
                 .find(|l| BindKey::of(l) == *key)
                 .map(|l| l.name.clone())
                 .unwrap_or_default();
-            let holders = others
-                .iter()
-                .map(|h| format!("{} at {}", owners::describe(h), h.local))
-                .collect::<Vec<_>>()
-                .join(", ");
+            // A process with several sockets there (one per worker, with
+            // SO_REUSEPORT) is named once.
+            let mut holders: Vec<String> = Vec::new();
+            for h in others {
+                let who = format!("{} at {}", owners::describe(&h), h.local);
+                if !holders.contains(&who) {
+                    holders.push(who);
+                }
+            }
+            let holders = holders.join(", ");
             return Err(ApplyError::Shared {
                 name,
                 addr: *local,
