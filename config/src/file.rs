@@ -5,13 +5,14 @@ use std::ops::Range;
 
 use toml_edit::{ImDocument, Item, Value};
 
-use crate::model::{Config, FileSpec};
+use crate::model::{AdminSpec, Config, Defaults, FileSpec, ListenerSpec, RuntimeSpec};
 use crate::validate::{resolve_file, unused_check_settings};
+use crate::AnnounceSpec;
 use crate::{ConfigErrors, FieldError};
 
 /// Parses and validates an `lbd` configuration file's text.
 pub fn parse_config(text: &str) -> Result<Config, ConfigErrors> {
-    parse_toml(text, |spec: &FileSpec| resolve_file(spec))
+    parse_config_warned(text).map(|(config, _)| config)
 }
 
 /// [`parse_config`], with the warnings the file deserves: settings that
@@ -22,13 +23,86 @@ pub fn parse_config_warned(text: &str) -> Result<(Config, Vec<FieldError>), Conf
         let config = resolve_file(spec)?;
         warnings = unused_check_settings(&spec.listeners, &spec.defaults, "listener");
         Ok(config)
-    })?;
-    if let Ok(doc) = ImDocument::parse(text) {
-        for w in &mut warnings {
-            w.line = span_of(&doc, &w.path).map(|s| line_of(text, s.start));
+    })
+    .map_err(|errors| with_more_type_errors(text, errors))?;
+    if !warnings.is_empty() {
+        if let Ok(doc) = ImDocument::parse(text) {
+            for w in &mut warnings {
+                w.line = span_of(&doc, &w.path).map(|s| line_of(text, s.start));
+            }
         }
     }
     Ok((config, warnings))
+}
+
+/// A wrongly typed value or an unknown key stops serde at the first; the
+/// sections and listeners are independent, though, so each is read again
+/// on its own and its first such error added: one pass over a file with a
+/// mistake in several listeners reports each of them. (Validation, which
+/// needs the whole file, runs once these are fixed.)
+fn with_more_type_errors(text: &str, mut errors: ConfigErrors) -> ConfigErrors {
+    let (Ok(doc), Ok(table), Some(first)) = (
+        ImDocument::parse(text),
+        toml::from_str::<toml::Table>(text),
+        errors.0.first().cloned(),
+    ) else {
+        return errors; // a syntax error: nothing more can be read
+    };
+    if toml::from_str::<FileSpec>(text).is_ok() {
+        return errors; // validation errors: every one is there already
+    }
+    let mut pieces: Vec<(String, Option<FieldError>)> = Vec::new();
+    for (key, value) in &table {
+        let error = match key.as_str() {
+            "runtime" => first_error::<RuntimeSpec>(value, key),
+            "admin" => first_error::<AdminSpec>(value, key),
+            "announce" => first_error::<AnnounceSpec>(value, key),
+            "defaults" => first_error::<Defaults>(value, key),
+            "listener" => {
+                if let Some(list) = value.as_array() {
+                    for (i, item) in list.iter().enumerate() {
+                        let prefix = format!("listener[{i}]");
+                        let error = first_error::<ListenerSpec>(item, &prefix);
+                        pieces.push((prefix, error));
+                    }
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        pieces.push((key.clone(), error));
+    }
+    let within = |path: &str, prefix: &str| {
+        path == prefix
+            || path.starts_with(&format!("{prefix}."))
+            || path.starts_with(&format!("{prefix}["))
+    };
+    for (prefix, error) in pieces {
+        // The piece of the error already reported adds nothing.
+        if within(&first.path, &prefix) {
+            continue;
+        }
+        if let Some(mut e) = error {
+            e.line = span_of(&doc, &e.path).map(|s| line_of(text, s.start));
+            errors.0.push(e);
+        }
+    }
+    errors
+}
+
+/// The first error reading `value` as a `T`, its path under `prefix`.
+fn first_error<T: serde::de::DeserializeOwned>(
+    value: &toml::Value,
+    prefix: &str,
+) -> Option<FieldError> {
+    let err = serde_path_to_error::deserialize::<_, T>(value.clone()).err()?;
+    let inner = err.path().to_string();
+    let path = if inner == "." {
+        prefix.to_owned()
+    } else {
+        format!("{prefix}.{inner}")
+    };
+    Some(FieldError::new(path, err.into_inner().message().trim_end()))
 }
 
 /// Parses any TOML file into `S` and resolves it with `resolve`, giving every

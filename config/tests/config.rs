@@ -499,3 +499,32 @@ fn admin_endpoints_need_ports_no_listener_binds() {
     )
     .unwrap();
 }
+
+#[test]
+fn type_errors_in_several_listeners_are_reported_together() {
+    let text = "[runtime]\nworkers = \"two\"\n\
+                [[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\nbalance = \"fastest\"\n\
+                [[listener]]\nname = \"b\"\nbind = \"127.0.0.1:81\"\n\
+                [[listener]]\nname = \"c\"\nbind = \"127.0.0.1:82\"\nbackends = [{ addr = \"127.0.0.2:80\", weight = \"2\" }]\nbogus = 1\n";
+    let errors = errors_of(text);
+    let found: Vec<(&str, Option<usize>)> = errors.iter().map(|e| (e.0.as_str(), e.1)).collect();
+    // The first error of each section and listener (listener[2]'s unknown
+    // key comes after its wrong weight), each at its line.
+    assert_eq!(
+        found,
+        [
+            ("runtime.workers", Some(2)),
+            ("listener[0].balance", Some(6)),
+            ("listener[2].backends[0].weight", Some(13)),
+        ],
+        "{errors:#?}"
+    );
+    assert!(
+        errors[1].2.contains("unknown variant `fastest`"),
+        "{errors:#?}"
+    );
+    // A syntax error stops everything at once.
+    let errors = errors_of("[runtime]\nworkers = \n[[listener]]\nname = 1\n");
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].2.starts_with("syntax error"), "{errors:#?}");
+}
