@@ -9,15 +9,23 @@ use crate::FieldError;
 /// it was found in (`listeners[0].idle_timeout`; empty at the top level)
 /// and says where in the text (`at line 1 column 120`).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldError> {
+    // The path is tracked only once a body has failed: a good one (every
+    // state the controller sends) is parsed at full speed.
+    let plain = match serde_json::from_slice(bytes) {
+        Ok(value) => return Ok(value),
+        Err(e) => e,
+    };
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
-        let path = err.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        FieldError::new(path, err.into_inner().to_string())
-    })?;
-    // Trailing characters after the value are an error too.
-    de.end().map_err(|e| FieldError::new("", e.to_string()))?;
-    Ok(value)
+    let error = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Err(err) => {
+            let path = err.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            FieldError::new(path, err.into_inner().to_string())
+        }
+        // Only trailing characters after the value are left to fail.
+        Ok(_) => FieldError::new("", plain.to_string()),
+    };
+    Err(error)
 }
 
 #[cfg(test)]
