@@ -36,6 +36,9 @@ struct Entry {
     changed_at: Option<u64>,
     /// Warnings about its forwarding already reported.
     warned: BTreeSet<Warning>,
+    /// Its annotations were valid once: it has a good configuration to
+    /// keep while they are not.
+    configured: bool,
 }
 
 /// The controller's memory of the desired state.
@@ -70,6 +73,9 @@ pub struct Reconciled {
     pub changed: bool,
     /// Warnings not reported before.
     pub warnings: Vec<Warning>,
+    /// Why it forwards nothing: its annotations are invalid and it never
+    /// had a good configuration to keep (`None`: it has one).
+    pub unconfigured: Option<String>,
 }
 
 impl Ledger {
@@ -179,6 +185,7 @@ impl Ledger {
                 changed_at: None,
                 changed: false,
                 warnings,
+                unconfigured: None,
             };
         };
         self.waiting.remove(&key);
@@ -193,8 +200,10 @@ impl Ledger {
             warn(&mut entry.warned, ("UnknownAnnotation", message));
         }
         let mut changed = false;
+        let mut unconfigured = None;
         match forwarding.translation {
             Ok(t) => {
+                entry.configured = true;
                 entry.warned.retain(|(r, _)| {
                     *r != "InvalidAnnotation" && *r != "UnsupportedProtocol" && *r != "NoNodePort"
                 });
@@ -210,9 +219,22 @@ impl Ledger {
                 }
             }
             Err(errors) => {
-                for e in errors {
-                    let message = format!("{e}; keeping the last good configuration");
-                    warn(&mut entry.warned, ("InvalidAnnotation", message));
+                // With no good configuration to keep, nothing forwards it:
+                // its status must not say otherwise.
+                let then = if entry.configured {
+                    "keeping the last good configuration"
+                } else {
+                    "nothing forwards this Service until it is fixed"
+                };
+                let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                for e in &all {
+                    warn(
+                        &mut entry.warned,
+                        ("InvalidAnnotation", format!("{e}; {then}")),
+                    );
+                }
+                if !entry.configured {
+                    unconfigured = Some(all.join("; "));
                 }
             }
         }
@@ -222,6 +244,7 @@ impl Ledger {
             changed_at: entry.changed_at,
             changed,
             warnings,
+            unconfigured,
         }
     }
 
@@ -266,7 +289,11 @@ impl Ledger {
 
     /// Per Service with listeners, the first version that carries them.
     pub fn changed_at(&self) -> impl Iterator<Item = (&ServiceKey, Option<u64>)> {
-        self.entries.iter().map(|(k, e)| (k, e.changed_at))
+        // One never configured has no forwarding to report on.
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.configured)
+            .map(|(k, e)| (k, e.changed_at))
     }
 
     /// Per Service being removed, the first version without it.

@@ -89,6 +89,17 @@ pub fn same(c: &Condition, p: &Programmed) -> bool {
         && c.observed_generation == p.observed_generation
 }
 
+/// The condition of a Service whose annotations are invalid and that never
+/// had a good configuration: nothing forwards it.
+pub fn invalid(generation: Option<i64>, why: &str) -> Programmed {
+    Programmed {
+        status: "False",
+        reason: "InvalidAnnotation".to_owned(),
+        message: format!("{why}; nothing forwards this Service until it is fixed"),
+        observed_generation: generation,
+    }
+}
+
 /// The condition a Service should carry. `changed_at`: the first state
 /// version that carries its current listeners (`None`: not built yet).
 pub fn programmed(

@@ -591,3 +591,69 @@ async fn local_weights_follow_endpoint_slices() {
         );
     }
 }
+
+/// A new Service whose annotations are invalid has no good configuration
+/// to keep: nothing forwards it, so its status shows no address and a
+/// False condition saying why, however many states are built meanwhile;
+/// fixed, it is forwarded and shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_service_with_invalid_annotations_shows_no_address() {
+    let pool = POOL.replace("127.0.10.0/24", "127.0.12.0/24");
+    let Bed { api, edge, cfg, .. } = bed(
+        "invalid-new",
+        apiserver::Release::default(),
+        &format!("{pool}{SOLO}"),
+    )
+    .await;
+    let _ctl = start_controller(&cfg, "a");
+    let mut bad = lb_service("bad", &[(81, 30081)]);
+    bad["metadata"]["annotations"] = json!({"weir.dev/balance": "fastest"});
+    api.create(SERVICES, "default", bad);
+    let condition = |svc: &serde_json::Value| {
+        svc["status"]["conditions"]
+            .as_array()
+            .and_then(|c| {
+                c.iter()
+                    .find(|c| c["type"] == "weir.dev/ForwardersProgrammed")
+                    .cloned()
+            })
+            .unwrap_or_default()
+    };
+    let svc = eventually(WAIT, "an InvalidAnnotation condition", || {
+        api.get(SERVICES, "default", "bad")
+            .filter(|s| condition(s)["reason"] == "InvalidAnnotation")
+    })
+    .await;
+    assert_eq!(condition(&svc)["status"], "False", "{svc}");
+    assert!(ingress_ips(&svc).is_empty(), "{svc}");
+    // Another Service makes the controller build and push new states.
+    api.create(SERVICES, "default", lb_service("good", &[(82, 30082)]));
+    programmed(&api, "default", "good").await;
+    listeners_become(&edge, 1).await;
+    let svc = api.get(SERVICES, "default", "bad").unwrap();
+    assert!(ingress_ips(&svc).is_empty(), "{svc}");
+    assert_eq!(condition(&svc)["status"], "False", "{svc}");
+    let warning = eventually(WAIT, "InvalidAnnotation warning", || {
+        events_for(&api, "bad", "InvalidAnnotation")
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert!(
+        warning["note"]
+            .as_str()
+            .unwrap()
+            .contains("nothing forwards this Service until it is fixed"),
+        "{warning}"
+    );
+    // Fixed: forwarded, and shown.
+    api.patch(
+        SERVICES,
+        "default",
+        "bad",
+        json!({"metadata": {"annotations": {"weir.dev/balance": "round_robin"}}}),
+    );
+    let svc = programmed(&api, "default", "bad").await;
+    assert!(ingress_ips(&svc)[0].starts_with("127.0.12."), "{svc}");
+    listeners_become(&edge, 2).await;
+}

@@ -130,7 +130,13 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Reconciler>) -> Result
             .iter()
             .map(ToString::to_string)
             .collect();
-        let note = format!("assigned {}", list.join(", "));
+        let note = match reconciled.unconfigured {
+            None => format!("assigned {}", list.join(", ")),
+            Some(_) => format!(
+                "reserved {} (not in the status until the annotations are fixed)",
+                list.join(", ")
+            ),
+        };
         ctx.events
             .publish(&svc, EventType::Normal, "IPAllocated", note);
     }
@@ -138,6 +144,14 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Reconciler>) -> Result
         ctx.state.rebuild();
     }
 
+    // Invalid annotations and nothing good to keep: no address in the
+    // status (DNS and clients would use one that nothing forwards; the
+    // address stays held for it), and a condition that says why.
+    if let Some(why) = &reconciled.unconfigured {
+        let condition = status::invalid(svc.metadata.generation, why);
+        ctx.writer.status(&svc, &[], &condition).await?;
+        return Ok(Action::requeue(Duration::from_secs(600)));
+    }
     // Status: addresses, port errors, and the programmed condition,
     // written only when the stored status says something else, and for a
     // new Service only once its forwarding is decided.
