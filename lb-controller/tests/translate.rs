@@ -338,6 +338,29 @@ fn every_annotation_good_values() {
         .clone()
         .unwrap();
     assert_eq!((h.kind, h.port), (Some(HealthKind::None), None));
+
+    // A path of the application's alone (kube-proxy serves only /healthz):
+    // the NodePort is probed, under either traffic policy, even when the
+    // kind named is the one kube-proxy's check already has.
+    for (policy, extra) in [
+        ("Cluster", json!({})),
+        ("Cluster", json!({"weir.dev/health-check-kind": "http"})),
+        ("Local", json!({})),
+    ] {
+        let mut annotations = json!({"weir.dev/health-check-path": "/ready"});
+        merge(&mut annotations, &extra);
+        let svc = service(json!({"metadata": {"annotations": annotations},
+                                 "spec": {"externalTrafficPolicy": policy, "healthCheckNodePort": 32000}}));
+        let h = run(&svc, &nodes(), &[]).unwrap().listeners[0]
+            .health
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (h.kind, h.port, h.path.as_deref()),
+            (Some(HealthKind::Http), None, Some("/ready")),
+            "{policy} {extra}"
+        );
+    }
 }
 
 #[test]

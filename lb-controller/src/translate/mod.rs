@@ -345,6 +345,13 @@ fn health_for(
     }
     if kind == HealthKind::Http && t.health_path.is_some() {
         path = t.health_path.clone();
+        // A path of the application's, not kube-proxy's (which serves only
+        // /healthz): probe the application, on the NodePort, unless a port
+        // was given. (A UDP NodePort cannot take an HTTP check: a UDP
+        // Service needs the port annotation too.)
+        if t.health_port.is_none() && protocol == Protocol::Tcp {
+            port = None;
+        }
     }
     if kind == HealthKind::Tcp && protocol == Protocol::Udp && port.is_none() {
         port = Some(settings.kube_proxy_port);
