@@ -481,6 +481,57 @@ fn controller_config_errors_name_field_and_line() {
 }
 
 #[test]
+fn controller_config_refuses_what_cannot_work() {
+    let errors = |text: &str| match lb_controller::config::parse(text) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    };
+    // An address in two ranges, across pools or within one.
+    let err = errors(
+        "[[pool]]\nname = \"a\"\naddresses = [\"192.0.2.0/28\"]\n\
+         [[pool]]\nname = \"b\"\naddresses = [\"198.51.100.0/24\", \"192.0.2.8/29\"]\n\
+         [[pool]]\nname = \"c\"\naddresses = [\"203.0.113.0/28\", \"203.0.113.10-203.0.113.20\"]\n",
+    );
+    assert!(
+        err.contains(
+            "line 6: pool[1].addresses[1]: \"192.0.2.8/29\" overlaps pool[0].addresses[0]"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 9: pool[2].addresses[1]: \"203.0.113.10-203.0.113.20\" overlaps pool[2].addresses[0]"),
+        "{err}"
+    );
+    // Adjacent ranges, or the same numbers in another family, are fine.
+    assert_eq!(
+        errors(
+            "[[pool]]\nname = \"a\"\naddresses = [\"192.0.2.0/28\", \"192.0.2.16/28\", \"::c000:200/124\"]\n"
+        ),
+        ""
+    );
+    // A label value the API server would refuse.
+    let err = errors("[nodes]\nselector = \"weir.dev/backend===\"\n");
+    assert!(
+        err.contains("line 2: nodes.selector: bad label value"),
+        "{err}"
+    );
+    assert_eq!(
+        errors("[nodes]\nselector = \"weir.dev/backend=true,!weir.dev/off\"\n"),
+        ""
+    );
+    // Node names only: no node would ever be a backend.
+    let err = errors("[nodes]\naddress_types = [\"Hostname\", \"InternalDNS\"]\n");
+    assert!(
+        err.contains("line 2: nodes.address_types: lists no IP type"),
+        "{err}"
+    );
+    assert_eq!(
+        errors("[nodes]\naddress_types = [\"Hostname\", \"InternalIP\"]\n"),
+        ""
+    );
+}
+
+#[test]
 fn controller_l2_settings_parse_and_errors_name_the_field() {
     let cfg = lb_controller::config::parse(
         "[[pool]]\nname = \"lan\"\naddresses = [\"192.0.2.0/28\"]\nannounce = \"l2\"\n\n[[pool]]\nname = \"bgp\"\naddresses = [\"198.51.100.0/28\"]\n\n[l2]\nprobe_interval = \"100ms\"\nprobe_failures = 2\n",

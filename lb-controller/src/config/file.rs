@@ -184,6 +184,10 @@ impl FileSpec {
 
         let mut pools = Vec::new();
         let mut l2_pools = Vec::new();
+        // Every range parsed so far: (pool, index in its list, range), so
+        // an address in two ranges is reported (MetalLB refuses it too: the
+        // pool an address belongs to decides its announcement and counts).
+        let mut seen: Vec<(usize, usize, AddrRange)> = Vec::new();
         for (i, p) in self.pools.iter().enumerate() {
             if p.name.is_empty() || pools.iter().any(|q: &Pool| q.name == p.name) {
                 err(
@@ -200,7 +204,19 @@ impl FileSpec {
             let mut ranges = Vec::new();
             for (j, a) in p.addresses.iter().enumerate() {
                 match AddrRange::parse(a) {
-                    Ok(r) => ranges.push(r),
+                    Ok(r) => {
+                        if let Some(&(k, l, _)) = seen.iter().find(|(_, _, s)| s.overlaps(&r)) {
+                            err(
+                                format!("pool[{i}].addresses[{j}]"),
+                                format!(
+                                    "{a:?} overlaps pool[{k}].addresses[{l}] ({:?}, pool {:?}); an address belongs to one pool",
+                                    self.pools[k].addresses[l], self.pools[k].name
+                                ),
+                            );
+                        }
+                        seen.push((i, j, r));
+                        ranges.push(r);
+                    }
                     Err(e) => err(format!("pool[{i}].addresses[{j}]"), e),
                 }
             }
@@ -248,6 +264,16 @@ impl FileSpec {
             .unwrap_or_else(|| vec!["InternalIP".into(), "ExternalIP".into()]);
         if address_types.is_empty() {
             err("nodes.address_types".into(), "must not be empty".into());
+        } else if !address_types
+            .iter()
+            .any(|t| t == "InternalIP" || t == "ExternalIP")
+        {
+            // Names are skipped (the forwarders resolve nothing): with no IP
+            // type, no node would ever be a backend.
+            err(
+                "nodes.address_types".into(),
+                "lists no IP type: add \"InternalIP\" or \"ExternalIP\" (forwarders need node addresses; Hostname and DNS names are skipped)".into(),
+            );
         }
         for (i, t) in address_types.iter().enumerate() {
             if !ADDRESS_TYPES.contains(&t.as_str()) {

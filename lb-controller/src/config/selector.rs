@@ -26,6 +26,20 @@ impl Requirement {
     }
 }
 
+/// A Kubernetes label value: empty, or at most 63 characters of
+/// `A-Z a-z 0-9 - _ .` that begin and end with a letter or digit. The API
+/// server refuses a selector with any other, and the Node watch would
+/// never start.
+fn valid_value(v: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    v.is_empty()
+        || (v.len() <= 63
+            && edge(v.chars().next())
+            && edge(v.chars().last())
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+}
+
 /// Parses an equality-based label selector (`a=b,c!=d,e,!f`).
 pub fn parse_selector(text: &str) -> Result<Vec<Requirement>, String> {
     let valid = |k: &str| {
@@ -51,6 +65,13 @@ pub fn parse_selector(text: &str) -> Result<Vec<Requirement>, String> {
         | Requirement::NotExists(k)) = &req;
         if !valid(k) {
             return Err(format!("bad label key {k:?} in {term:?}"));
+        }
+        if let Requirement::Equals(_, v) | Requirement::NotEquals(_, v) = &req {
+            if !valid_value(v) {
+                return Err(format!(
+                    "bad label value {v:?} in {term:?} (at most 63 of A-Z a-z 0-9 - _ ., starting and ending with a letter or digit)"
+                ));
+            }
         }
         out.push(req);
     }

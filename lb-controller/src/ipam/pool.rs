@@ -104,6 +104,11 @@ impl AddrRange {
         Family::of(ip) == self.family && (self.first..=self.last).contains(&to_u128(ip))
     }
 
+    /// Whether some address lies in both ranges.
+    pub fn overlaps(&self, other: &AddrRange) -> bool {
+        self.family == other.family && self.first <= other.last && other.first <= self.last
+    }
+
     fn size(&self) -> u128 {
         self.last - self.first + 1
     }
