@@ -107,8 +107,6 @@ pub struct Forwarding {
     /// Its listeners and the ports that got none; an error when an
     /// annotation is invalid (the Service keeps its last good listeners).
     pub translation: Result<Translation, Vec<Invalid>>,
-    /// `weir.dev/` annotations this version does not know.
-    pub unknown_annotations: Vec<String>,
     /// `status.loadBalancer.ingress`.
     pub ingress: Vec<Value>,
 }
@@ -167,7 +165,6 @@ pub fn forwarding(
         .unwrap_or_default();
     Forwarding {
         ingress: status::ingress(svc, ips, skipped),
-        unknown_annotations: translate::unknown_annotations(svc),
         translation,
     }
 }

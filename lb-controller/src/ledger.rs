@@ -52,6 +52,10 @@ pub struct Ledger {
     version: u64,
     /// Warnings about addresses already reported, per Service.
     warned: BTreeMap<ServiceKey, BTreeSet<Warning>>,
+    /// Warnings about annotations Weir does not read (typos, MetalLB's)
+    /// already reported, per Service: from its first reconcile on, with an
+    /// address or not (a typo in `weir.dev/pool` is why it may have none).
+    annotations_warned: BTreeMap<ServiceKey, BTreeSet<Warning>>,
     /// Our Services that got no address: tried again when one is freed.
     waiting: BTreeSet<ServiceKey>,
     /// L2 owners, when some pool is `announce = "l2"`.
@@ -170,6 +174,10 @@ impl Ledger {
                 warnings.push(warning);
             }
         };
+        let noted = self.annotations_warned.entry(key.clone()).or_default();
+        for message in translate::unread_annotations(svc) {
+            warn(noted, ("UnknownAnnotation", message));
+        }
         if let Some(refused) = &desired.addresses.refused {
             let warned = self.warned.entry(key.clone()).or_default();
             warn(warned, (refused.reason, refused.message.clone()));
@@ -195,10 +203,6 @@ impl Ledger {
             self.warned.remove(&key);
         }
         let entry = self.entries.entry(key).or_default();
-        for a in forwarding.unknown_annotations {
-            let message = format!("{a} is not a Weir annotation (typo?); ignored");
-            warn(&mut entry.warned, ("UnknownAnnotation", message));
-        }
         let mut changed = false;
         let mut unconfigured = None;
         match forwarding.translation {
@@ -264,6 +268,7 @@ impl Ledger {
     pub fn release(&mut self, key: &ServiceKey) -> Vec<IpAddr> {
         self.removals.remove(key);
         self.warned.remove(key);
+        self.annotations_warned.remove(key);
         self.waiting.remove(key);
         self.allocator.release(key)
     }
@@ -277,6 +282,7 @@ impl Ledger {
     /// Services it holds something for that `exists` denies.
     pub fn gone(&mut self, exists: impl Fn(&ServiceKey) -> bool) -> Vec<ServiceKey> {
         self.waiting.retain(|k| exists(k));
+        self.annotations_warned.retain(|k, _| exists(k));
         let held: BTreeSet<ServiceKey> = self
             .allocator
             .holdings()

@@ -657,3 +657,46 @@ async fn a_new_service_with_invalid_annotations_shows_no_address() {
     assert!(ingress_ips(&svc)[0].starts_with("127.0.12."), "{svc}");
     listeners_become(&edge, 2).await;
 }
+
+/// An annotation Weir does not read is reported whether or not the Service
+/// got an address: a typo in `weir.dev/pool` is often why it has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_annotations_are_reported_before_an_address() {
+    let dir = temp_dir("unread");
+    let api = ApiServer::start().await;
+    three_nodes(&api);
+    let pool = "[[pool]]\nname = \"one\"\naddresses = [\"127.0.13.1-127.0.13.1\"]\n";
+    let cfg = controller_config(&dir, &api.kubeconfig(&dir, "ctl"), &format!("{pool}{SOLO}"));
+    let _ctl = start_controller(&cfg, "a");
+    api.create(SERVICES, "default", lb_service("first", &[(80, 30080)]));
+    assigned(&api, "default", "first").await;
+    let mut typo = lb_service("typo", &[(81, 30081)]);
+    typo["metadata"]["annotations"] =
+        json!({"weir.dev/poool": "big", "metallb.universe.tf/address-pool": "big"});
+    api.create(SERVICES, "default", typo);
+    eventually(WAIT, "AllocationFailed for the pool-less Service", || {
+        events_for(&api, "typo", "AllocationFailed")
+            .into_iter()
+            .next()
+    })
+    .await;
+    let notes: Vec<String> = eventually(WAIT, "both UnknownAnnotation warnings", || {
+        let notes: Vec<String> = events_for(&api, "typo", "UnknownAnnotation")
+            .iter()
+            .map(|e| e["note"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        (notes.len() == 2).then_some(notes)
+    })
+    .await;
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("weir.dev/poool is not a Weir annotation")),
+        "{notes:?}"
+    );
+    assert!(
+        notes.iter().any(|n| n.contains("use weir.dev/pool")),
+        "{notes:?}"
+    );
+    assert!(ingress_ips(&api.get(SERVICES, "default", "typo").unwrap()).is_empty());
+}

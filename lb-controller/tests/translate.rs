@@ -390,12 +390,22 @@ fn every_annotation_bad_values_name_the_annotation() {
             "{key}={value}: {err:?}"
         );
     }
-    // Unknown weir.dev keys are reported (likely typos) but block nothing.
-    let svc = service(json!({"metadata": {"annotations": {"weir.dev/proxy-protcol": "v1"}}}));
+    // Unknown weir.dev keys are reported (likely typos) but block nothing;
+    // so are MetalLB's request annotations, with what to use instead.
+    let svc = service(json!({"metadata": {"annotations": {
+        "weir.dev/proxy-protcol": "v1",
+        "metallb.universe.tf/address-pool": "lan",
+        "metallb.io/loadBalancerIPs": "192.0.2.10",
+        "metallb.io/ip-allocated-from-pool": "lan",
+        "example.com/other": "x"}}}));
     assert!(run(&svc, &nodes(), &[]).is_ok());
     assert_eq!(
-        translate::unknown_annotations(&svc),
-        ["weir.dev/proxy-protcol"]
+        translate::unread_annotations(&svc),
+        [
+            "metallb.io/loadBalancerIPs is MetalLB's annotation, which Weir does not read; use weir.dev/load-balancer-ips",
+            "metallb.universe.tf/address-pool is MetalLB's annotation, which Weir does not read; use weir.dev/pool",
+            "weir.dev/proxy-protcol is not a Weir annotation (typo?); ignored",
+        ]
     );
 }
 

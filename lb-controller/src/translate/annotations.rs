@@ -252,18 +252,38 @@ pub(super) fn tuning(svc: &Service) -> Result<Tuning, Vec<Invalid>> {
     }
 }
 
-/// `weir.dev/` annotations this version does not know (likely typos): the
-/// controller warns about them; they change nothing.
-pub fn unknown_annotations(svc: &Service) -> Vec<String> {
+/// MetalLB's request annotations and what Weir reads instead, for
+/// Services brought over from it.
+const METALLB: [(&str, &str); 3] = [
+    ("loadBalancerIPs", "weir.dev/load-balancer-ips"),
+    ("address-pool", "weir.dev/pool"),
+    ("allow-shared-ip", "weir.dev/allow-shared-ip"),
+];
+
+/// What the controller warns about annotations it does not read: a
+/// `weir.dev/` key this version does not know (likely a typo), and a
+/// MetalLB request annotation (`metallb.universe.tf/`, `metallb.io/`),
+/// which Weir ignores. They change nothing.
+pub fn unread_annotations(svc: &Service) -> Vec<String> {
     let known = ["load-balancer-ips", "pool", "allow-shared-ip"];
-    svc.metadata
-        .annotations
-        .iter()
-        .flatten()
-        .filter_map(|(k, _)| k.strip_prefix(PREFIX).map(|s| (k, s)))
-        .filter(|(_, s)| !known.contains(s) && !TUNING.contains(s))
-        .map(|(k, _)| k.clone())
-        .collect()
+    let mut out = Vec::new();
+    for k in svc.metadata.annotations.iter().flatten().map(|(k, _)| k) {
+        if let Some(s) = k.strip_prefix(PREFIX) {
+            if !known.contains(&s) && !TUNING.contains(&s) {
+                out.push(format!("{k} is not a Weir annotation (typo?); ignored"));
+            }
+            continue;
+        }
+        let metallb = k
+            .strip_prefix("metallb.universe.tf/")
+            .or_else(|| k.strip_prefix("metallb.io/"));
+        if let Some((_, ours)) = metallb.and_then(|s| METALLB.iter().find(|(m, _)| *m == s)) {
+            out.push(format!(
+                "{k} is MetalLB's annotation, which Weir does not read; use {ours}"
+            ));
+        }
+    }
+    out
 }
 
 /// Maps a listener field path back to the annotation that sets it.

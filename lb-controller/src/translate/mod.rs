@@ -26,7 +26,7 @@ use crate::ipam::{Family, ServiceKey};
 
 use annotations::{annotation_for, proto_of, tuning, Tuning};
 pub use annotations::{
-    request, unknown_annotations, Invalid, ANN_IPS, ANN_POOL, ANN_SHARED, PREFIX,
+    request, unread_annotations, Invalid, ANN_IPS, ANN_POOL, ANN_SHARED, PREFIX,
 };
 
 /// Nodes with this label are never backends.
