@@ -52,9 +52,10 @@ pub struct Ledger {
     version: u64,
     /// Warnings about addresses already reported, per Service.
     warned: BTreeMap<ServiceKey, BTreeSet<Warning>>,
-    /// Warnings about annotations Weir does not read (typos, MetalLB's)
-    /// already reported, per Service: from its first reconcile on, with an
-    /// address or not (a typo in `weir.dev/pool` is why it may have none).
+    /// Warnings about annotations Weir does not read (typos, MetalLB's),
+    /// and about addresses held outside every pool, already reported, per
+    /// Service: from its first reconcile on, with an address or not (a
+    /// typo in `weir.dev/pool` is why it may have none).
     annotations_warned: BTreeMap<ServiceKey, BTreeSet<Warning>>,
     /// Our Services that got no address: tried again when one is freed.
     waiting: BTreeSet<ServiceKey>,
@@ -174,9 +175,24 @@ impl Ledger {
                 warnings.push(warning);
             }
         };
+        // Held outside every pool (a pool shrank, or an address adopted
+        // from the status at start): kept, and said once.
+        let outside: Vec<IpAddr> = self
+            .allocator
+            .addresses(&key)
+            .iter()
+            .copied()
+            .filter(|ip| !self.allocator.pools().iter().any(|p| p.contains(*ip)))
+            .collect();
         let noted = self.annotations_warned.entry(key.clone()).or_default();
         for message in translate::unread_annotations(svc) {
             warn(noted, ("UnknownAnnotation", message));
+        }
+        for ip in outside {
+            let message = format!(
+                "{ip} is outside every configured pool; the Service keeps it until it lets it go (a recreated Service gets one from a pool)"
+            );
+            warn(noted, ("AddressOutsidePools", message));
         }
         if let Some(refused) = &desired.addresses.refused {
             let warned = self.warned.entry(key.clone()).or_default();

@@ -700,3 +700,43 @@ async fn unread_annotations_are_reported_before_an_address() {
     );
     assert!(ingress_ips(&api.get(SERVICES, "default", "typo").unwrap()).is_empty());
 }
+
+/// A pool that shrinks under a Service: the Service keeps its address
+/// (nothing is yanked) and a Warning says it lies outside every pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_outside_every_pool_is_kept_and_reported() {
+    let dir = temp_dir("outside");
+    let api = ApiServer::start().await;
+    three_nodes(&api);
+    let kubeconfig = api.kubeconfig(&dir, "ctl");
+    let before = dir.join("before");
+    std::fs::create_dir_all(&before).unwrap();
+    let pool = |range: &str| format!("[[pool]]\nname = \"p\"\naddresses = [\"{range}\"]\n{SOLO}");
+    let cfg = controller_config(&before, &kubeconfig, &pool("127.0.14.1-127.0.14.1"));
+    let mut ctl = start_controller(&cfg, "a");
+    api.create(SERVICES, "default", lb_service("web", &[(80, 30080)]));
+    let svc = assigned(&api, "default", "web").await;
+    assert_eq!(ingress_ips(&svc), ["127.0.14.1"]);
+    ctl.kill();
+    let after = dir.join("after");
+    std::fs::create_dir_all(&after).unwrap();
+    let cfg = controller_config(&after, &kubeconfig, &pool("127.0.14.2-127.0.14.3"));
+    let _ctl = start_controller(&cfg, "a");
+    let warning = eventually(WAIT, "AddressOutsidePools warning", || {
+        events_for(&api, "web", "AddressOutsidePools")
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert!(
+        warning["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.14.1 is outside every configured pool"),
+        "{warning}"
+    );
+    assert_eq!(
+        ingress_ips(&api.get(SERVICES, "default", "web").unwrap()),
+        ["127.0.14.1"]
+    );
+}
