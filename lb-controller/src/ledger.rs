@@ -52,11 +52,11 @@ pub struct Ledger {
     version: u64,
     /// Warnings about addresses already reported, per Service.
     warned: BTreeMap<ServiceKey, BTreeSet<Warning>>,
-    /// Warnings about annotations Weir does not read (typos, MetalLB's),
-    /// and about addresses held outside every pool, already reported, per
-    /// Service: from its first reconcile on, with an address or not (a
-    /// typo in `weir.dev/pool` is why it may have none).
-    annotations_warned: BTreeMap<ServiceKey, BTreeSet<Warning>>,
+    /// Standing warnings already reported, per Service: annotations Weir
+    /// does not read (typos, MetalLB's) and addresses held outside every
+    /// pool. Checked from its first reconcile on, with an address or not
+    /// (a typo in `weir.dev/pool` is why it may have none).
+    standing_warned: BTreeMap<ServiceKey, BTreeSet<Warning>>,
     /// Our Services that got no address: tried again when one is freed.
     waiting: BTreeSet<ServiceKey>,
     /// L2 owners, when some pool is `announce = "l2"`.
@@ -105,6 +105,7 @@ impl Ledger {
                     key,
                     Entry {
                         listeners,
+                        configured: true,
                         ..Entry::default()
                     },
                 ))
@@ -136,6 +137,27 @@ impl Ledger {
             if let Some(entry) = self.entries.get_mut(&key) {
                 entry.changed_at = Some(version);
             }
+        }
+        // A Service whose annotations are invalid now got no listeners at
+        // seeding; what every forwarder runs for it is its last good
+        // configuration, which it keeps (a restart must not drop it).
+        let unseeded: BTreeSet<ServiceKey> = self
+            .allocator
+            .holdings()
+            .into_iter()
+            .map(|h| h.service)
+            .filter(|k| !self.entries.contains_key(k))
+            .collect();
+        for (key, (listeners, version)) in agreed_running(&unseeded, running) {
+            self.entries.insert(
+                key,
+                Entry {
+                    listeners,
+                    changed_at: Some(version),
+                    configured: true,
+                    ..Entry::default()
+                },
+            );
         }
     }
 
@@ -184,7 +206,7 @@ impl Ledger {
             .copied()
             .filter(|ip| !self.allocator.pools().iter().any(|p| p.contains(*ip)))
             .collect();
-        let noted = self.annotations_warned.entry(key.clone()).or_default();
+        let noted = self.standing_warned.entry(key.clone()).or_default();
         for message in translate::unread_annotations(svc) {
             warn(noted, ("UnknownAnnotation", message));
         }
@@ -284,7 +306,7 @@ impl Ledger {
     pub fn release(&mut self, key: &ServiceKey) -> Vec<IpAddr> {
         self.removals.remove(key);
         self.warned.remove(key);
-        self.annotations_warned.remove(key);
+        self.standing_warned.remove(key);
         self.waiting.remove(key);
         self.allocator.release(key)
     }
@@ -298,7 +320,7 @@ impl Ledger {
     /// Services it holds something for that `exists` denies.
     pub fn gone(&mut self, exists: impl Fn(&ServiceKey) -> bool) -> Vec<ServiceKey> {
         self.waiting.retain(|k| exists(k));
-        self.annotations_warned.retain(|k, _| exists(k));
+        self.standing_warned.retain(|k, _| exists(k));
         let held: BTreeSet<ServiceKey> = self
             .allocator
             .holdings()
@@ -471,6 +493,42 @@ pub fn already_running(
             })
         })
         .map(|(key, _)| (key.clone(), lowest))
+        .collect()
+}
+
+/// For each of `keys`, the listeners every forwarder runs for it, when all
+/// are known and agree and there are some, with the lowest version they
+/// run (the first that carried them, as far as anyone can tell).
+fn agreed_running(
+    keys: &BTreeSet<ServiceKey>,
+    running: &[Option<DesiredState>],
+) -> BTreeMap<ServiceKey, (Vec<ListenerSpec>, u64)> {
+    let Some(states) = running
+        .iter()
+        .map(Option::as_ref)
+        .collect::<Option<Vec<_>>>()
+    else {
+        return BTreeMap::new();
+    };
+    let Some(lowest) = states.iter().map(|s| s.version).min() else {
+        return BTreeMap::new();
+    };
+    let of = |state: &DesiredState, key: &ServiceKey| -> Vec<ListenerSpec> {
+        let mut mine: Vec<ListenerSpec> = state
+            .listeners
+            .iter()
+            .filter(|l| translate::listener_owner(&l.name).as_ref() == Some(key))
+            .cloned()
+            .collect();
+        mine.sort_by(|a, b| a.name.cmp(&b.name));
+        mine
+    };
+    keys.iter()
+        .filter_map(|key| {
+            let first = of(states[0], key);
+            let agreed = !first.is_empty() && states[1..].iter().all(|s| of(s, key) == first);
+            agreed.then(|| (key.clone(), (first, lowest)))
+        })
         .collect()
 }
 

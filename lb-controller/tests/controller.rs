@@ -740,3 +740,50 @@ async fn an_address_outside_every_pool_is_kept_and_reported() {
         ["127.0.14.1"]
     );
 }
+
+/// A Service whose annotations turned invalid while no controller ran
+/// keeps what the forwarders run for it, its last good configuration: the
+/// restarted controller does not drop it from the forwarders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_the_last_good_configuration_of_an_invalid_service() {
+    let pool = POOL.replace("127.0.10.0/24", "127.0.15.0/24");
+    let Bed { api, edge, cfg, .. } = bed(
+        "invalid-restart",
+        apiserver::Release::default(),
+        &format!("{pool}{SOLO}"),
+    )
+    .await;
+    let mut ctl = start_controller(&cfg, "a");
+    api.create(SERVICES, "default", lb_service("web", &[(80, 30080)]));
+    let svc = programmed(&api, "default", "web").await;
+    let ip = ingress_ips(&svc);
+    listeners_become(&edge, 1).await;
+    ctl.kill();
+    api.patch(
+        SERVICES,
+        "default",
+        "web",
+        json!({"metadata": {"annotations": {"weir.dev/balance": "fastest"}}}),
+    );
+    let _ctl = start_controller(&cfg, "a");
+    let warning = eventually(WAIT, "InvalidAnnotation warning", || {
+        events_for(&api, "web", "InvalidAnnotation")
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert!(
+        warning["note"]
+            .as_str()
+            .unwrap()
+            .contains("keeping the last good configuration"),
+        "{warning}"
+    );
+    // A new state goes out (another Service): web is still in it.
+    api.create(SERVICES, "default", lb_service("other", &[(81, 30081)]));
+    programmed(&api, "default", "other").await;
+    listeners_become(&edge, 2).await;
+    let svc = api.get(SERVICES, "default", "web").unwrap();
+    assert_eq!(ingress_ips(&svc), ip);
+    assert_eq!(programmed_status(&svc), Some("True"), "{svc}");
+}
