@@ -6,7 +6,7 @@ use std::ops::Range;
 use toml_edit::{ImDocument, Item, Value};
 
 use crate::model::{AdminSpec, Config, Defaults, FileSpec, ListenerSpec, RuntimeSpec};
-use crate::validate::{resolve_file, unused_check_settings};
+use crate::validate::{resolve_file, unused_check_settings, unused_default_settings};
 use crate::AnnounceSpec;
 use crate::{ConfigErrors, FieldError};
 
@@ -21,18 +21,30 @@ pub fn parse_config_warned(text: &str) -> Result<(Config, Vec<FieldError>), Conf
     let mut warnings = Vec::new();
     let config = parse_toml(text, |spec: &FileSpec| {
         let config = resolve_file(spec)?;
-        warnings = unused_check_settings(&spec.listeners, &spec.defaults, "listener");
+        warnings = unused_default_settings(&spec.listeners, &spec.defaults);
+        warnings.extend(unused_check_settings(
+            &spec.listeners,
+            &spec.defaults,
+            "listener",
+        ));
         Ok(config)
     })
     .map_err(|errors| with_more_type_errors(text, errors))?;
-    if !warnings.is_empty() {
-        if let Ok(doc) = ImDocument::parse(text) {
-            for w in &mut warnings {
-                w.line = span_of(&doc, &w.path).map(|s| line_of(text, s.start));
-            }
+    place_lines(text, &mut warnings);
+    Ok((config, warnings))
+}
+
+/// Gives each of `found` (warnings, say) the line where its path was
+/// written in `text`, a TOML file.
+pub fn place_lines(text: &str, found: &mut [FieldError]) {
+    if found.is_empty() {
+        return;
+    }
+    if let Ok(doc) = ImDocument::parse(text) {
+        for f in found {
+            f.line = span_of(&doc, &f.path).map(|s| line_of(text, s.start));
         }
     }
-    Ok((config, warnings))
 }
 
 /// A wrongly typed value or an unknown key stops serde at the first; the

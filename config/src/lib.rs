@@ -19,7 +19,7 @@ use std::fmt;
 
 pub use announce::{Announce, AnnounceMode, AnnounceSpec, AnnounceWhen};
 pub use duration::{Duration, DurationError};
-pub use file::{parse_config, parse_config_warned, parse_toml};
+pub use file::{parse_config, parse_config_warned, parse_toml, place_lines};
 pub use json::parse_json;
 pub use l2::{L2State, VipOwner};
 pub use model::*;

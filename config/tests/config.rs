@@ -194,8 +194,9 @@ fn json_round_trip_of_specs_and_resolved_listeners() {
         "listeners",
     )
     .unwrap_err();
-    // Reported where the value was written: the file's [defaults].
-    assert_eq!(bad[0].path, "defaults.connect_timeout");
+    // A state's writer cannot see the file's [defaults]: the error is its
+    // listener's (the controller turns it into an Event on its Service).
+    assert_eq!(bad[0].path, "listeners[0].connect_timeout");
 }
 
 proptest! {
@@ -457,7 +458,13 @@ fn a_check_path_without_an_http_check_is_a_warning() {
     let cfg = parse_config(&text).unwrap();
     assert_eq!(cfg.listeners[0].health.path, "/ready");
     assert_eq!(cfg.listeners[1].health.kind, HealthKind::Tcp);
-    let w = warnings(&two("kind = \"tcp\"\npath = \"/ready\""));
+    // With a kind there that is not http, it is still used by a listener
+    // whose own check is http ...
+    assert!(warnings(&two("kind = \"tcp\"\npath = \"/ready\"")).is_empty());
+    // ... and unused when none is.
+    let text = "[defaults.health]\nkind = \"tcp\"\npath = \"/ready\"\n\
+                [[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n";
+    let w = warnings(text);
     assert_eq!(w.len(), 1, "{w:#?}");
     assert_eq!((w[0].0.as_str(), w[0].1), ("defaults.health.path", Some(3)));
 }

@@ -139,7 +139,7 @@ impl Ledger {
             }
         }
         // A Service whose annotations are invalid now got no listeners at
-        // seeding; what every forwarder runs for it is its last good
+        // seeding; what the forwarders run for it is its last good
         // configuration, which it keeps (a restart must not drop it).
         let unseeded: BTreeSet<ServiceKey> = self
             .allocator
@@ -148,7 +148,7 @@ impl Ledger {
             .map(|h| h.service)
             .filter(|k| !self.entries.contains_key(k))
             .collect();
-        for (key, (listeners, version)) in agreed_running(&unseeded, running) {
+        for (key, (listeners, version)) in last_running(&unseeded, running) {
             self.entries.insert(
                 key,
                 Entry {
@@ -496,40 +496,26 @@ pub fn already_running(
         .collect()
 }
 
-/// For each of `keys`, the listeners every forwarder runs for it, when all
-/// are known and agree and there are some, with the lowest version they
-/// run (the first that carried them, as far as anyone can tell).
-fn agreed_running(
+/// For each of `keys`, the listeners it has in the newest state a
+/// forwarder was found running (the last one sent; a forwarder that did
+/// not answer, or lags, does not hide it), and that state's version.
+fn last_running(
     keys: &BTreeSet<ServiceKey>,
     running: &[Option<DesiredState>],
 ) -> BTreeMap<ServiceKey, (Vec<ListenerSpec>, u64)> {
-    let Some(states) = running
-        .iter()
-        .map(Option::as_ref)
-        .collect::<Option<Vec<_>>>()
-    else {
+    let Some(newest) = running.iter().flatten().max_by_key(|s| s.version) else {
         return BTreeMap::new();
     };
-    let Some(lowest) = states.iter().map(|s| s.version).min() else {
-        return BTreeMap::new();
-    };
-    let of = |state: &DesiredState, key: &ServiceKey| -> Vec<ListenerSpec> {
-        let mut mine: Vec<ListenerSpec> = state
-            .listeners
-            .iter()
-            .filter(|l| translate::listener_owner(&l.name).as_ref() == Some(key))
-            .cloned()
-            .collect();
-        mine.sort_by(|a, b| a.name.cmp(&b.name));
-        mine
-    };
-    keys.iter()
-        .filter_map(|key| {
-            let first = of(states[0], key);
-            let agreed = !first.is_empty() && states[1..].iter().all(|s| of(s, key) == first);
-            agreed.then(|| (key.clone(), (first, lowest)))
-        })
-        .collect()
+    let mut out: BTreeMap<ServiceKey, (Vec<ListenerSpec>, u64)> = BTreeMap::new();
+    for l in &newest.listeners {
+        if let Some(owner) = translate::listener_owner(&l.name).filter(|o| keys.contains(o)) {
+            out.entry(owner)
+                .or_insert_with(|| (Vec::new(), newest.version))
+                .0
+                .push(l.clone());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -197,6 +197,9 @@ fn main() -> ExitCode {
         },
         Command::CheckConfig { file } => match load(&file) {
             Ok(cfg) => {
+                for w in &cfg.warnings {
+                    eprintln!("{}: warning: {w}", file.display());
+                }
                 println!(
                     "{}: ok ({} pools, {} forwarders, class {}{})",
                     file.display(),
@@ -252,6 +255,9 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            for w in &cfg.warnings {
+                tracing::warn!(file = %config.display(), "{w}");
+            }
             match runtime.block_on(run(cfg, identity(id))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

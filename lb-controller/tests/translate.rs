@@ -339,13 +339,18 @@ fn every_annotation_good_values() {
         .unwrap();
     assert_eq!((h.kind, h.port), (Some(HealthKind::None), None));
 
-    // A path of the application's alone (kube-proxy serves only /healthz):
-    // the NodePort is probed, under either traffic policy, even when the
-    // kind named is the one kube-proxy's check already has.
-    for (policy, extra) in [
-        ("Cluster", json!({})),
-        ("Cluster", json!({"weir.dev/health-check-kind": "http"})),
-        ("Local", json!({})),
+    // A path of the application's alone: kube-proxy's node health port
+    // serves only /healthz, so the NodePort is probed, even when the kind
+    // named is the one kube-proxy's check already has; a Local Service's
+    // check stays on its healthCheckNodePort, as before.
+    for (policy, extra, port) in [
+        ("Cluster", json!({}), None),
+        (
+            "Cluster",
+            json!({"weir.dev/health-check-kind": "http"}),
+            None,
+        ),
+        ("Local", json!({}), Some(32000)),
     ] {
         let mut annotations = json!({"weir.dev/health-check-path": "/ready"});
         merge(&mut annotations, &extra);
@@ -357,7 +362,7 @@ fn every_annotation_good_values() {
             .unwrap();
         assert_eq!(
             (h.kind, h.port, h.path.as_deref()),
-            (Some(HealthKind::Http), None, Some("/ready")),
+            (Some(HealthKind::Http), port, Some("/ready")),
             "{policy} {extra}"
         );
     }
@@ -491,34 +496,37 @@ fn controller_config_errors_name_field_and_line() {
 }
 
 #[test]
-fn controller_config_refuses_what_cannot_work() {
+fn controller_config_refuses_what_cannot_work_and_warns_of_overlaps() {
     let errors = |text: &str| match lb_controller::config::parse(text) {
         Ok(_) => String::new(),
         Err(e) => e.to_string(),
     };
-    // An address in two ranges, across pools or within one.
-    let err = errors(
+    // An address in two ranges, across pools or within one: a warning with
+    // path and line (files with overlapping pools loaded before).
+    let cfg = lb_controller::config::parse(
         "[[pool]]\nname = \"a\"\naddresses = [\"192.0.2.0/28\"]\n\
          [[pool]]\nname = \"b\"\naddresses = [\"198.51.100.0/24\", \"192.0.2.8/29\"]\n\
          [[pool]]\nname = \"c\"\naddresses = [\"203.0.113.0/28\", \"203.0.113.10-203.0.113.20\"]\n",
-    );
+    )
+    .unwrap();
+    let warnings: Vec<String> = cfg.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
     assert!(
-        err.contains(
+        warnings[0].starts_with(
             "line 6: pool[1].addresses[1]: \"192.0.2.8/29\" overlaps pool[0].addresses[0]"
         ),
-        "{err}"
+        "{warnings:#?}"
     );
     assert!(
-        err.contains("line 9: pool[2].addresses[1]: \"203.0.113.10-203.0.113.20\" overlaps pool[2].addresses[0]"),
-        "{err}"
+        warnings[1].starts_with("line 9: pool[2].addresses[1]: \"203.0.113.10-203.0.113.20\" overlaps pool[2].addresses[0]"),
+        "{warnings:#?}"
     );
-    // Adjacent ranges, or the same numbers in another family, are fine.
-    assert_eq!(
-        errors(
-            "[[pool]]\nname = \"a\"\naddresses = [\"192.0.2.0/28\", \"192.0.2.16/28\", \"::c000:200/124\"]\n"
-        ),
-        ""
-    );
+    // Adjacent ranges, or the same numbers in another family, earn none.
+    let cfg = lb_controller::config::parse(
+        "[[pool]]\nname = \"a\"\naddresses = [\"192.0.2.0/28\", \"192.0.2.16/28\", \"::c000:200/124\"]\n",
+    )
+    .unwrap();
+    assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
     // A label value the API server would refuse.
     let err = errors("[nodes]\nselector = \"weir.dev/backend===\"\n");
     assert!(

@@ -140,8 +140,9 @@ fn kind_name(kind: HealthKind) -> &'static str {
 /// state that an earlier version accepted must keep loading). Today: a
 /// `path` on a check that is not `kind = "http"`, which an operator used
 /// to HAProxy's `option httpchk` may expect to make the check HTTP; it
-/// does not. A path in `[defaults]` with no kind there is not one: it
-/// serves the listeners that ask for http checks.
+/// does not. Each listener's own path is judged by its check's kind; the
+/// path in `[defaults]` is the file's business ([`unused_default_settings`]),
+/// so a control-API state earns no warning about the file.
 pub fn unused_check_settings(
     listeners: &[ListenerSpec],
     defaults: &Defaults,
@@ -154,24 +155,49 @@ pub fn unused_check_settings(
         )
     };
     let d = defaults.health.as_ref();
-    let mut out = Vec::new();
-    if let Some(kind) = d.filter(|d| d.path.is_some()).and_then(|d| d.kind) {
-        if kind != HealthKind::Http {
-            out.push(FieldError::new("defaults.health.path", message(kind)));
-        }
-    }
-    for (i, l) in listeners.iter().enumerate() {
-        let Some(own) = l.health.as_ref().filter(|h| h.path.is_some()) else {
-            continue;
-        };
+    let kind_of = |l: &ListenerSpec| {
         let protocol = l.protocol.or(defaults.protocol).unwrap_or(Protocol::Tcp);
-        let kind = effective_kind(own.kind.or(d.and_then(|d| d.kind)), protocol);
-        if kind != HealthKind::Http {
-            out.push(FieldError::new(
-                format!("{key}[{i}].health.path"),
-                message(kind),
-            ));
+        let own = l.health.as_ref().and_then(|h| h.kind);
+        effective_kind(own.or(d.and_then(|d| d.kind)), protocol)
+    };
+    let mut out = Vec::new();
+    for (i, l) in listeners.iter().enumerate() {
+        if l.health.as_ref().is_some_and(|h| h.path.is_some()) {
+            let kind = kind_of(l);
+            if kind != HealthKind::Http {
+                out.push(FieldError::new(
+                    format!("{key}[{i}].health.path"),
+                    message(kind),
+                ));
+            }
         }
     }
     out
+}
+
+/// The file's own warnings about `[defaults.health]`: its `path` with a
+/// `kind` there that is not http, which no listener uses.
+pub fn unused_default_settings(listeners: &[ListenerSpec], defaults: &Defaults) -> Vec<FieldError> {
+    let Some(d) = defaults.health.as_ref().filter(|d| d.path.is_some()) else {
+        return Vec::new();
+    };
+    let Some(kind) = d.kind.filter(|k| *k != HealthKind::Http) else {
+        return Vec::new();
+    };
+    let used = listeners.iter().any(|l| {
+        let own = l.health.as_ref();
+        let protocol = l.protocol.or(defaults.protocol).unwrap_or(Protocol::Tcp);
+        own.is_none_or(|h| h.path.is_none())
+            && effective_kind(own.and_then(|h| h.kind).or(d.kind), protocol) == HealthKind::Http
+    });
+    if used {
+        return Vec::new();
+    }
+    vec![FieldError::new(
+        "defaults.health.path",
+        format!(
+            "has no effect: only http checks use a path, health.kind here is \"{}\", and no listener with an http check inherits it",
+            kind_name(kind)
+        ),
+    )]
 }

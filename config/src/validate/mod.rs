@@ -15,7 +15,7 @@ use crate::{shown, Duration, FieldError};
 mod health;
 
 use health::resolve_health;
-pub use health::unused_check_settings;
+pub use health::{unused_check_settings, unused_default_settings};
 
 /// Most consecutive results `rise` and `fall` may ask for.
 pub const MAX_STREAK: u32 = 100;
@@ -45,6 +45,11 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/lbd";
 struct Errors<'a> {
     out: &'a mut Vec<FieldError>,
     prefix: String,
+    /// A bad value a listener inherited is reported at `defaults.<field>`
+    /// (in a file, where the operator wrote it), or at the listener (in a
+    /// control-API state, whose writer cannot see the file's defaults and
+    /// can only set the value on its listener).
+    blame_defaults: bool,
 }
 
 impl Errors<'_> {
@@ -60,11 +65,11 @@ impl Errors<'_> {
     }
 
     /// Like [`Errors::push`], for a value the listener may have taken from
-    /// `[defaults]` (`inherited`): then the problem is reported where the
-    /// value was written, `defaults.<field>`, once however many listeners
-    /// took it ([`resolve_listeners`] drops the repeats).
+    /// `[defaults]` (`inherited`): in a file the problem is then reported
+    /// where the value was written, `defaults.<field>`, once however many
+    /// listeners took it (the repeats are dropped).
     fn push_value(&mut self, field: &str, inherited: bool, message: impl Into<String>) {
-        if inherited {
+        if inherited && self.blame_defaults {
             self.out
                 .push(FieldError::new(format!("defaults.{field}"), message));
         } else {
@@ -113,9 +118,22 @@ pub fn resolve_listener(
     prefix: &str,
     errors: &mut Vec<FieldError>,
 ) -> Listener {
+    resolve_listener_in(spec, defaults, prefix, errors, false)
+}
+
+/// [`resolve_listener`], reporting a bad inherited value at `defaults.` when
+/// `blame_defaults` (in a file).
+fn resolve_listener_in(
+    spec: &ListenerSpec,
+    defaults: &Defaults,
+    prefix: &str,
+    errors: &mut Vec<FieldError>,
+    blame_defaults: bool,
+) -> Listener {
     let mut e = Errors {
         out: errors,
         prefix: prefix.to_owned(),
+        blame_defaults,
     };
     if !valid_name(&spec.name) {
         e.push(
@@ -274,13 +292,23 @@ pub fn resolve_listeners(
     defaults: &Defaults,
     key: &str,
 ) -> Result<Vec<Listener>, Vec<FieldError>> {
+    resolve_listeners_in(specs, defaults, key, false)
+}
+
+/// [`resolve_listeners`]; `blame_defaults` as in [`resolve_listener_in`].
+fn resolve_listeners_in(
+    specs: &[ListenerSpec],
+    defaults: &Defaults,
+    key: &str,
+    blame_defaults: bool,
+) -> Result<Vec<Listener>, Vec<FieldError>> {
     let mut errors = Vec::new();
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut binds: HashMap<(Protocol, SocketAddr), usize> = HashMap::new();
     let mut out = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
         let prefix = format!("{key}[{i}]");
-        let listener = resolve_listener(spec, defaults, &prefix, &mut errors);
+        let listener = resolve_listener_in(spec, defaults, &prefix, &mut errors, blame_defaults);
         if let Some(first) = names.insert(&spec.name, i) {
             errors.push(FieldError::new(
                 format!("{prefix}.name"),
@@ -426,7 +454,7 @@ pub fn resolve_file(spec: &FileSpec) -> Result<Config, Vec<FieldError>> {
         other => Some(other.unwrap_or(DEFAULT_CONTROL_SOCKET).to_owned()),
     };
     let announce = crate::announce::resolve_announce(&spec.announce, &mut errors);
-    let listeners = match resolve_listeners(&spec.listeners, &spec.defaults, "listener") {
+    let listeners = match resolve_listeners_in(&spec.listeners, &spec.defaults, "listener", true) {
         Ok(l) => l,
         Err(mut e) => {
             errors.append(&mut e);
@@ -437,7 +465,7 @@ pub fn resolve_file(spec: &FileSpec) -> Result<Config, Vec<FieldError>> {
     // even in a file with no listeners yet.
     if spec.listeners.is_empty() {
         let probe = ListenerSpec::new("defaults", "0.0.0.0:1");
-        resolve_listener(&probe, &spec.defaults, "defaults", &mut errors);
+        resolve_listener_in(&probe, &spec.defaults, "defaults", &mut errors, true);
     }
     check_admin_ports(metrics, control_tcp, &listeners, &mut errors);
     if !errors.is_empty() {

@@ -185,9 +185,9 @@ impl FileSpec {
         let mut pools = Vec::new();
         let mut l2_pools = Vec::new();
         // Every range parsed so far: (pool, index in its list, range), so
-        // an address in two ranges is reported (MetalLB refuses it too: the
-        // pool an address belongs to decides its announcement and counts).
+        // an address in two ranges is reported.
         let mut seen: Vec<(usize, usize, AddrRange)> = Vec::new();
+        let mut warnings = Vec::new();
         for (i, p) in self.pools.iter().enumerate() {
             if p.name.is_empty() || pools.iter().any(|q: &Pool| q.name == p.name) {
                 err(
@@ -205,14 +205,17 @@ impl FileSpec {
             for (j, a) in p.addresses.iter().enumerate() {
                 match AddrRange::parse(a) {
                     Ok(r) => {
+                        // A warning, not an error: files with overlapping
+                        // pools loaded before, and the allocator copes (an
+                        // address is held once, counted in each pool).
                         if let Some(&(k, l, _)) = seen.iter().find(|(_, _, s)| s.overlaps(&r)) {
-                            err(
+                            warnings.push(FieldError::new(
                                 format!("pool[{i}].addresses[{j}]"),
                                 format!(
-                                    "{a:?} overlaps pool[{k}].addresses[{l}] ({:?}, pool {:?}); an address belongs to one pool",
+                                    "{a:?} overlaps pool[{k}].addresses[{l}] ({:?}, pool {:?}): its addresses count in both pools, and one in an l2 pool is announced by L2 whichever pool it came from; MetalLB refuses overlapping pools",
                                     self.pools[k].addresses[l], self.pools[k].name
                                 ),
-                            );
+                            ));
                         }
                         seen.push((i, j, r));
                         ranges.push(r);
@@ -433,6 +436,7 @@ impl FileSpec {
                 probe_interval,
                 probe_failures,
             },
+            warnings,
         })
     }
 }

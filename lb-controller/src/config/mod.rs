@@ -16,7 +16,9 @@ pub use selector::{parse_selector, Requirement};
 
 /// Parses and validates the text of a controller configuration file.
 pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
-    lb_config::parse_toml(text, FileSpec::resolve)
+    let mut config = lb_config::parse_toml(text, FileSpec::resolve)?;
+    lb_config::place_lines(text, &mut config.warnings);
+    Ok(config)
 }
 
 /// Reads and validates a controller configuration file.

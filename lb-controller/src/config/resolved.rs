@@ -96,6 +96,9 @@ pub struct Config {
     pub publish_timeout: std::time::Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` listen; `None` = off.
     pub metrics: Option<SocketAddr>,
+    /// What takes no effect or may surprise, each with its path (and, read
+    /// from a file, its line): printed by `check-config`, logged at start.
+    pub warnings: Vec<lb_config::FieldError>,
     /// L2 announcement: which pools' VIPs get one owner each, and how the
     /// forwarders' liveness is probed.
     pub l2: L2Settings,

@@ -130,13 +130,7 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Reconciler>) -> Result
             .iter()
             .map(ToString::to_string)
             .collect();
-        let note = match reconciled.unconfigured {
-            None => format!("assigned {}", list.join(", ")),
-            Some(_) => format!(
-                "reserved {} (not in the status until the annotations are fixed)",
-                list.join(", ")
-            ),
-        };
+        let note = format!("assigned {}", list.join(", "));
         ctx.events
             .publish(&svc, EventType::Normal, "IPAllocated", note);
     }
@@ -144,12 +138,12 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Reconciler>) -> Result
         ctx.state.rebuild();
     }
 
-    // Invalid annotations and nothing good to keep: no address in the
-    // status (DNS and clients would use one that nothing forwards; the
-    // address stays held for it), and a condition that says why.
+    // Invalid annotations and nothing good to keep: nothing forwards it,
+    // and the condition says so. The address stays in the status: that is
+    // what keeps it the Service's across a restart.
     if let Some(why) = &reconciled.unconfigured {
         let condition = status::invalid(svc.metadata.generation, why);
-        ctx.writer.status(&svc, &[], &condition).await?;
+        ctx.writer.status(&svc, &ingress, &condition).await?;
         return Ok(Action::requeue(Duration::from_secs(600)));
     }
     // Status: addresses, port errors, and the programmed condition,

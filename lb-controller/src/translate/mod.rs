@@ -345,11 +345,15 @@ fn health_for(
     }
     if kind == HealthKind::Http && t.health_path.is_some() {
         path = t.health_path.clone();
-        // A path of the application's, not kube-proxy's (which serves only
-        // /healthz): probe the application, on the NodePort, unless a port
-        // was given. (A UDP NodePort cannot take an HTTP check: a UDP
-        // Service needs the port annotation too.)
-        if t.health_port.is_none() && protocol == Protocol::Tcp {
+        // kube-proxy's node health port serves only /healthz: a path of the
+        // application's is asked of the application, on the NodePort, unless
+        // a port was given. (A Local Service's check, on its
+        // healthCheckNodePort, stays as it always was. A UDP NodePort
+        // cannot take an HTTP check: a UDP Service needs the port too.)
+        if t.health_port.is_none()
+            && port == Some(settings.kube_proxy_port)
+            && protocol == Protocol::Tcp
+        {
             port = None;
         }
     }

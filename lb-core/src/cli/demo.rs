@@ -162,8 +162,13 @@ pub fn demo(
     let (listen_default, metrics_default) = (default(LISTEN), default(METRICS));
     let picked_listen = listen.is_none();
     let picked_metrics = metrics.is_none();
-    let listen = listen.map_or_else(|| first_free(listen_default, "--listen"), Ok)?;
-    let metrics = metrics.map_or_else(|| first_free(metrics_default, "--metrics"), Ok)?;
+    // Each picked port also avoids the other's (`--listen 127.0.0.1:9600`
+    // moves the metrics, not the other way round).
+    let listen = listen.map_or_else(|| first_free(listen_default, metrics, "--listen"), Ok)?;
+    let metrics = metrics.map_or_else(
+        || first_free(metrics_default, Some(listen), "--metrics"),
+        Ok,
+    )?;
     let config = config(listen, metrics, &backends, &run_dir.0)
         .map_err(|e| anyhow::anyhow!("demo config:\n{e}"))?;
     let server = match Server::start(&config, &options) {
@@ -215,10 +220,16 @@ fn default(text: &str) -> SocketAddr {
 
 /// `from`, or the first of the [`TRIES`] - 1 ports after it that no
 /// socket listens on now (a plain bind succeeds: it fails on a port that
-/// another process serves, with `SO_REUSEPORT` or not).
-fn first_free(from: SocketAddr, option: &str) -> anyhow::Result<SocketAddr> {
+/// another process serves, with `SO_REUSEPORT` or not) and that is not
+/// `besides` (the demo's other address).
+fn first_free(
+    from: SocketAddr,
+    besides: Option<SocketAddr>,
+    option: &str,
+) -> anyhow::Result<SocketAddr> {
     (0..TRIES)
         .map(|i| SocketAddr::new(from.ip(), from.port() + i))
+        .filter(|a| besides.is_none_or(|b| b.port() != a.port()))
         .find(|a| std::net::TcpListener::bind(a).is_ok())
         .ok_or_else(|| {
             anyhow::anyhow!(
@@ -254,5 +265,25 @@ struct RunDir(PathBuf);
 impl Drop for RunDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_picked_port_is_free_and_not_the_other_address() {
+        let probe = std::net::TcpListener::bind("127.0.0.31:0").unwrap();
+        let free = probe.local_addr().unwrap();
+        drop(probe);
+        assert_eq!(first_free(free, None, "--listen").unwrap(), free);
+        // The other address's port is skipped, even though it is free.
+        let picked = first_free(free, Some(free), "--metrics").unwrap();
+        assert!(picked.port() > free.port(), "{picked}");
+        // A port something listens on is skipped.
+        let held = std::net::TcpListener::bind("127.0.0.31:0").unwrap();
+        let taken = held.local_addr().unwrap();
+        assert_ne!(first_free(taken, None, "--listen").unwrap(), taken);
     }
 }
