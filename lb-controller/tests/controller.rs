@@ -81,19 +81,8 @@ async fn create_assigns_ip_status_and_event() {
         "web",
         json!({"metadata": {"annotations": {"weir.dev/idle-timeout": "forever"}}}),
     );
-    let warning = eventually(WAIT, "InvalidAnnotation warning", || {
-        events_for(&api, "web", "InvalidAnnotation")
-            .into_iter()
-            .next()
-    })
-    .await;
-    assert!(
-        warning["note"]
-            .as_str()
-            .unwrap()
-            .contains("weir.dev/idle-timeout"),
-        "{warning}"
-    );
+    let note = event_note(&api, "web", "InvalidAnnotation").await;
+    assert!(note.contains("weir.dev/idle-timeout"), "{note}");
     assert_eq!(
         ingress_ips(&api.get(SERVICES, "default", "web").unwrap()),
         vec![ip]
@@ -636,18 +625,10 @@ async fn a_new_service_with_invalid_annotations_is_not_reported_forwarded() {
     let svc = api.get(SERVICES, "default", "bad").unwrap();
     assert_eq!(condition(&svc)["status"], "False", "{svc}");
     assert_eq!(ingress_ips(&svc), ip);
-    let warning = eventually(WAIT, "InvalidAnnotation warning", || {
-        events_for(&api, "bad", "InvalidAnnotation")
-            .into_iter()
-            .next()
-    })
-    .await;
+    let note = event_note(&api, "bad", "InvalidAnnotation").await;
     assert!(
-        warning["note"]
-            .as_str()
-            .unwrap()
-            .contains("nothing forwards this Service until it is fixed"),
-        "{warning}"
+        note.contains("nothing forwards this Service until it is fixed"),
+        "{note}"
     );
     // Fixed: forwarded, on the same address.
     api.patch(
@@ -725,18 +706,10 @@ async fn an_address_outside_every_pool_is_kept_and_reported() {
     std::fs::create_dir_all(&after).unwrap();
     let cfg = controller_config(&after, &kubeconfig, &pool("127.0.14.2-127.0.14.3"));
     let _ctl = start_controller(&cfg, "a");
-    let warning = eventually(WAIT, "AddressOutsidePools warning", || {
-        events_for(&api, "web", "AddressOutsidePools")
-            .into_iter()
-            .next()
-    })
-    .await;
+    let note = event_note(&api, "web", "AddressOutsidePools").await;
     assert!(
-        warning["note"]
-            .as_str()
-            .unwrap()
-            .starts_with("127.0.14.1 is outside every configured pool"),
-        "{warning}"
+        note.starts_with("127.0.14.1 is outside every configured pool"),
+        "{note}"
     );
     assert_eq!(
         ingress_ips(&api.get(SERVICES, "default", "web").unwrap()),
@@ -769,18 +742,10 @@ async fn a_restart_keeps_the_last_good_configuration_of_an_invalid_service() {
         json!({"metadata": {"annotations": {"weir.dev/balance": "fastest"}}}),
     );
     let _ctl = start_controller(&cfg, "a");
-    let warning = eventually(WAIT, "InvalidAnnotation warning", || {
-        events_for(&api, "web", "InvalidAnnotation")
-            .into_iter()
-            .next()
-    })
-    .await;
+    let note = event_note(&api, "web", "InvalidAnnotation").await;
     assert!(
-        warning["note"]
-            .as_str()
-            .unwrap()
-            .contains("keeping the last good configuration"),
-        "{warning}"
+        note.contains("keeping the last good configuration"),
+        "{note}"
     );
     // A new state goes out (another Service): web is still in it.
     api.create(SERVICES, "default", lb_service("other", &[(81, 30081)]));

@@ -60,6 +60,18 @@ pub fn events_for(api: &ApiServer, name: &str, reason: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Waits (20 s at most) for an Event about `name` with `reason`; the
+/// note of the first.
+pub async fn event_note(api: &ApiServer, name: &str, reason: &str) -> String {
+    let event = eventually(
+        Duration::from_secs(20),
+        &format!("a {reason} Event about {name}"),
+        || events_for(api, name, reason).into_iter().next(),
+    )
+    .await;
+    event["note"].as_str().unwrap_or_default().to_owned()
+}
+
 /// The RBAC rules `deploy/kubernetes/lb-controller.yaml` grants the controller.
 pub fn manifest_rules() -> Vec<apiserver::Rule> {
     let path = concat!(
