@@ -41,9 +41,7 @@ pub fn place_lines(text: &str, found: &mut [FieldError]) {
         return;
     }
     if let Ok(doc) = ImDocument::parse(text) {
-        for f in found {
-            f.line = span_of(&doc, &f.path).map(|s| line_of(text, s.start));
-        }
+        place_in(&doc, text, found);
     }
 }
 
@@ -89,16 +87,15 @@ fn with_more_type_errors(text: &str, mut errors: ConfigErrors) -> ConfigErrors {
             || path.starts_with(&format!("{prefix}."))
             || path.starts_with(&format!("{prefix}["))
     };
+    let reported = errors.0.len();
     for (prefix, error) in pieces {
         // The piece of the error already reported adds nothing.
         if within(&first.path, &prefix) {
             continue;
         }
-        if let Some(mut e) = error {
-            e.line = span_of(&doc, &e.path).map(|s| line_of(text, s.start));
-            errors.0.push(e);
-        }
+        errors.0.extend(error);
     }
+    place_in(&doc, text, &mut errors.0[reported..]);
     errors
 }
 
@@ -143,17 +140,18 @@ where
             line: Some(line_of(text, span.start)),
         }])
     })?;
-    resolve(&spec).map_err(|errors| {
-        ConfigErrors(
-            errors
-                .into_iter()
-                .map(|mut e| {
-                    e.line = span_of(&doc, &e.path).map(|s| line_of(text, s.start));
-                    e
-                })
-                .collect(),
-        )
+    resolve(&spec).map_err(|mut errors| {
+        place_in(&doc, text, &mut errors);
+        ConfigErrors(errors)
     })
+}
+
+/// Gives each of `found` the line of `doc` (parsed from `text`) where its
+/// path was written.
+fn place_in(doc: &ImDocument<&str>, text: &str, found: &mut [FieldError]) {
+    for f in found {
+        f.line = span_of(doc, &f.path).map(|s| line_of(text, s.start));
+    }
 }
 
 /// 1-based line of a byte offset.

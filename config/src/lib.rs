@@ -23,7 +23,7 @@ pub use file::{parse_config, parse_config_warned, parse_toml, place_lines};
 pub use json::parse_json;
 pub use l2::{L2State, VipOwner};
 pub use model::*;
-pub use validate::{resolve_listeners, unused_check_settings, DEFAULT_METRICS};
+pub use validate::{binds_overlap, resolve_listeners, unused_check_settings, DEFAULT_METRICS};
 
 /// One problem in a configuration or state, named by its field path.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -128,6 +128,16 @@ fn effective_kind(set: Option<HealthKind>, protocol: Protocol) -> HealthKind {
     })
 }
 
+/// The check kind listener `l` gets, with `defaults`.
+fn kind_of(l: &ListenerSpec, defaults: &Defaults) -> HealthKind {
+    let protocol = l.protocol.or(defaults.protocol).unwrap_or(Protocol::Tcp);
+    let own = l.health.as_ref().and_then(|h| h.kind);
+    effective_kind(
+        own.or(defaults.health.as_ref().and_then(|d| d.kind)),
+        protocol,
+    )
+}
+
 fn kind_name(kind: HealthKind) -> &'static str {
     match kind {
         HealthKind::Tcp => "tcp",
@@ -154,16 +164,10 @@ pub fn unused_check_settings(
             kind_name(kind)
         )
     };
-    let d = defaults.health.as_ref();
-    let kind_of = |l: &ListenerSpec| {
-        let protocol = l.protocol.or(defaults.protocol).unwrap_or(Protocol::Tcp);
-        let own = l.health.as_ref().and_then(|h| h.kind);
-        effective_kind(own.or(d.and_then(|d| d.kind)), protocol)
-    };
     let mut out = Vec::new();
     for (i, l) in listeners.iter().enumerate() {
         if l.health.as_ref().is_some_and(|h| h.path.is_some()) {
-            let kind = kind_of(l);
+            let kind = kind_of(l, defaults);
             if kind != HealthKind::Http {
                 out.push(FieldError::new(
                     format!("{key}[{i}].health.path"),
@@ -185,10 +189,8 @@ pub fn unused_default_settings(listeners: &[ListenerSpec], defaults: &Defaults) 
         return Vec::new();
     };
     let used = listeners.iter().any(|l| {
-        let own = l.health.as_ref();
-        let protocol = l.protocol.or(defaults.protocol).unwrap_or(Protocol::Tcp);
-        own.is_none_or(|h| h.path.is_none())
-            && effective_kind(own.and_then(|h| h.kind).or(d.kind), protocol) == HealthKind::Http
+        l.health.as_ref().is_none_or(|h| h.path.is_none())
+            && kind_of(l, defaults) == HealthKind::Http
     });
     if used {
         return Vec::new();

@@ -5,7 +5,7 @@
 //! file parser, which knows where each path was written.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
@@ -353,12 +353,26 @@ fn optional_addr(
         .ok()
 }
 
+/// Whether a socket bound to `theirs` receives some of what a socket bound
+/// to `ours` (same protocol) would: same port, and the same address or a
+/// wildcard on either side (an IPv6 wildcard covers IPv4 too).
+pub fn binds_overlap(ours: SocketAddr, theirs: SocketAddr) -> bool {
+    let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let (ours, theirs) = (canon(ours), canon(theirs));
+    if ours.port() != theirs.port() {
+        return false;
+    }
+    let wildcard_for =
+        |w: IpAddr, other: IpAddr| w.is_unspecified() && (w.is_ipv6() || other.is_ipv4());
+    ours.ip() == theirs.ip()
+        || wildcard_for(ours.ip(), theirs.ip())
+        || wildcard_for(theirs.ip(), ours.ip())
+}
+
 /// Whether TCP sockets bound to `a` and `b` would want the same port
 /// (port 0 takes a free one and meets nothing).
 fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
-    let wildcard =
-        |x: SocketAddr, y: SocketAddr| x.ip().is_unspecified() && (x.is_ipv6() || y.is_ipv4());
-    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || wildcard(a, b) || wildcard(b, a))
+    a.port() != 0 && binds_overlap(a, b)
 }
 
 /// The metrics endpoint and the TCP control API need ports that no TCP
@@ -496,4 +510,36 @@ pub fn resolve_file(spec: &FileSpec) -> Result<Config, Vec<FieldError>> {
         defaults: spec.defaults.clone(),
         listeners,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn same_port_and_address_or_a_wildcard_overlap() {
+        assert!(binds_overlap(a("127.0.0.1:80"), a("127.0.0.1:80")));
+        assert!(!binds_overlap(a("127.0.0.1:80"), a("127.0.0.1:81")));
+        assert!(!binds_overlap(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(binds_overlap(a("127.0.0.1:80"), a("0.0.0.0:80")));
+        assert!(binds_overlap(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(
+            binds_overlap(a("127.0.0.1:80"), a("[::]:80")),
+            "a dual-stack wildcard"
+        );
+        assert!(binds_overlap(a("[::]:80"), a("127.0.0.1:80")));
+        assert!(
+            !binds_overlap(a("0.0.0.0:80"), a("[::1]:80")),
+            "v4 wildcard, v6 address"
+        );
+        assert!(
+            binds_overlap(a("127.0.0.1:80"), a("[::ffff:127.0.0.1]:80")),
+            "mapped"
+        );
+        assert!(binds_overlap(a("[::1]:80"), a("[::1]:80")));
+    }
 }

@@ -138,26 +138,24 @@ pub(super) async fn reconcile(svc: Arc<Service>, ctx: Arc<Reconciler>) -> Result
         ctx.state.rebuild();
     }
 
-    // Invalid annotations and nothing good to keep: nothing forwards it,
-    // and the condition says so. The address stays in the status: that is
-    // what keeps it the Service's across a restart.
-    if let Some(why) = &reconciled.unconfigured {
-        let condition = status::invalid(svc.metadata.generation, why);
-        ctx.writer.status(&svc, &ingress, &condition).await?;
-        return Ok(Action::requeue(Duration::from_secs(600)));
-    }
     // Status: addresses, port errors, and the programmed condition,
     // written only when the stored status says something else, and for a
-    // new Service only once its forwarding is decided.
-    let condition = status::with_announcers(
-        status::programmed(
-            status::current_condition(&svc),
-            svc.metadata.generation,
-            reconciled.changed_at,
-            &ctx.forwarders.views(),
+    // new Service only once its forwarding is decided. Invalid annotations
+    // and nothing good to keep: nothing forwards it, and the condition says
+    // so; the address stays in the status, which keeps it the Service's
+    // across a restart.
+    let condition = match &reconciled.unconfigured {
+        Some(why) => status::invalid(svc.metadata.generation, why),
+        None => status::with_announcers(
+            status::programmed(
+                status::current_condition(&svc),
+                svc.metadata.generation,
+                reconciled.changed_at,
+                &ctx.forwarders.views(),
+            ),
+            &ctx.state.lock().announced_by(&key),
         ),
-        &ctx.state.lock().announced_by(&key),
-    );
+    };
     if status::withheld(&svc, &condition) {
         // Written once the forwarders decide (their report reconciles it).
         return Ok(Action::requeue(Duration::from_secs(600)));

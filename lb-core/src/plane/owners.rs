@@ -10,9 +10,9 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
-use lb_config::Protocol;
+use lb_config::{binds_overlap, Protocol};
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
 };
@@ -32,22 +32,6 @@ pub struct Holder {
     pub inode: u64,
     /// Its owner.
     pub uid: u32,
-}
-
-/// Whether a socket bound to `theirs` receives some of what a socket bound
-/// to `ours` (same protocol) would: same port, and the same address or a
-/// wildcard on either side (an IPv6 wildcard covers IPv4 too).
-pub fn overlaps(ours: SocketAddr, theirs: SocketAddr) -> bool {
-    let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
-    let (ours, theirs) = (canon(ours), canon(theirs));
-    if ours.port() != theirs.port() {
-        return false;
-    }
-    let wildcard_for =
-        |w: IpAddr, other: IpAddr| w.is_unspecified() && (w.is_ipv6() || other.is_ipv4());
-    ours.ip() == theirs.ip()
-        || wildcard_for(ours.ip(), theirs.ip())
-        || wildcard_for(theirs.ip(), ours.ip())
 }
 
 /// The listening TCP and unconnected UDP sockets of this network namespace.
@@ -73,7 +57,7 @@ impl Table {
         self.holders
             .iter()
             .filter(|h| {
-                h.protocol == protocol && !ours.contains(&h.inode) && overlaps(addr, h.local)
+                h.protocol == protocol && !ours.contains(&h.inode) && binds_overlap(addr, h.local)
             })
             .copied()
             .collect()
@@ -187,33 +171,6 @@ pub fn describe(holder: &Holder) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn a(s: &str) -> SocketAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn same_port_and_address_or_a_wildcard_overlap() {
-        assert!(overlaps(a("127.0.0.1:80"), a("127.0.0.1:80")));
-        assert!(!overlaps(a("127.0.0.1:80"), a("127.0.0.1:81")));
-        assert!(!overlaps(a("127.0.0.1:80"), a("127.0.0.2:80")));
-        assert!(overlaps(a("127.0.0.1:80"), a("0.0.0.0:80")));
-        assert!(overlaps(a("0.0.0.0:80"), a("127.0.0.1:80")));
-        assert!(
-            overlaps(a("127.0.0.1:80"), a("[::]:80")),
-            "a dual-stack wildcard"
-        );
-        assert!(overlaps(a("[::]:80"), a("127.0.0.1:80")));
-        assert!(
-            !overlaps(a("0.0.0.0:80"), a("[::1]:80")),
-            "v4 wildcard, v6 address"
-        );
-        assert!(
-            overlaps(a("127.0.0.1:80"), a("[::ffff:127.0.0.1]:80")),
-            "mapped"
-        );
-        assert!(overlaps(a("[::1]:80"), a("[::1]:80")));
-    }
 
     /// A listening socket of this process shows in the kernel's table
     /// with its inode, and is not another's once named as ours.
