@@ -98,13 +98,26 @@ fn allowed_by(unit: &str) -> BTreeSet<String> {
     allowed
 }
 
-/// The calls in an `strace -c` summary.
+/// The calls in an `strace -c` summary: the last column of the table's
+/// rows. strace may write other lines into the same file (a thread it
+/// detached from in the middle of a call ends as `<detached ...>` or
+/// `<unfinished ...>`), so only a line shaped like a row counts: a share
+/// and a time, then a call's name.
 fn calls_in_summary(text: &str) -> BTreeSet<String> {
+    let is_name = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
     text.lines()
-        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
-        .filter_map(|l| l.split_whitespace().last())
-        .filter(|name| *name != "total")
-        .map(str::to_owned)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let row = fields.len() >= 5
+                && fields[0].parse::<f64>().is_ok()
+                && fields[1].parse::<f64>().is_ok();
+            let name = *fields.last()?;
+            (row && is_name(name) && name != "total").then(|| name.to_owned())
+        })
         .collect()
 }
 
@@ -229,7 +242,10 @@ fn calls_made(engine: &str, dir: &Path) -> BTreeSet<String> {
     let status = lbd.wait().unwrap();
     stop.store(true, Ordering::SeqCst);
     assert!(status.success(), "lbd under strace: {status}");
-    calls_in_summary(&std::fs::read_to_string(&summary).unwrap())
+    let text = std::fs::read_to_string(&summary).unwrap();
+    let calls = calls_in_summary(&text);
+    assert!(!calls.is_empty(), "no calls in strace's summary:\n{text}");
+    calls
 }
 
 /// The pid of strace's child, lbd.
@@ -246,6 +262,24 @@ fn lbd_pid(strace: u32) -> u32 {
 fn unit_text() -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/lbd.service");
     std::fs::read_to_string(path).unwrap()
+}
+
+#[test]
+fn summary_rows_are_calls_and_nothing_else() {
+    let text = "\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ------------------
+ 61.02    0.004113          12       331        17 futex
+  0.00    0.000000           0         1           io_uring_setup
+5093 <unfinished ...>
+5094 <detached ...>
+------ ----------- ----------- --------- --------- ------------------
+100.00    0.006740           9       730        38 total
+";
+    assert_eq!(
+        calls_in_summary(text),
+        BTreeSet::from(["futex".to_owned(), "io_uring_setup".to_owned()])
+    );
 }
 
 #[test]
