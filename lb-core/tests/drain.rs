@@ -24,25 +24,31 @@ fn call(socket: &Path, method: Method, path: &str) -> (StatusCode, serde_json::V
     (code, serde_json::from_slice(&body).unwrap_or_default())
 }
 
-fn drain_and_undrain(engine: EngineChoice) {
-    let b = three_echo_backends();
-    let dir = std::env::temp_dir().join(format!("weir-drain-{engine:?}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("control.sock");
+/// An lbd with one listener ("web", to `backend`) and its control socket
+/// in `dir`.
+fn lbd_in(dir: &Path, backend: SocketAddr, engine: EngineChoice) -> lb_core::Server {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
     let toml = format!(
         "[admin]\nmetrics = \"off\"\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\n\n{}",
-        socket.display(),
+        dir.join("control.sock").display(),
         dir.display(),
         listener_toml(
             "web",
             "127.0.0.30:0",
             "drain_timeout = \"30s\"",
-            &[b[0].addr],
+            &[backend],
             "kind = \"none\""
         )
     );
-    let server = start_lbd(&toml, engine);
+    start_lbd(&toml, engine)
+}
+
+fn drain_and_undrain(engine: EngineChoice) {
+    let b = three_echo_backends();
+    let dir = std::env::temp_dir().join(format!("weir-drain-{engine:?}-{}", std::process::id()));
+    let server = lbd_in(&dir, b[0].addr, engine);
+    let socket = dir.join("control.sock");
     let addr: SocketAddr = server.bound_addr("web").unwrap();
     assert_eq!(call(&socket, Method::GET, "/readyz").0, StatusCode::OK);
     let mut open = connect_from(None, addr).unwrap();
@@ -100,4 +106,41 @@ fn drain_and_undrain(engine: EngineChoice) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-both_engines!(drain_and_undrain);
+/// Drains and undrains of an idle lbd, one after another. With nothing
+/// announced and no connection open, the drain's background half (close
+/// the listeners, count down to none) can finish before the call that
+/// started it returns; whatever the order, every drain must end drained
+/// and every undrain must serve again.
+fn drain_undrain_cycles(engine: EngineChoice) {
+    let b = three_echo_backends();
+    let dir = std::env::temp_dir().join(format!(
+        "weir-drain-cycles-{engine:?}-{}",
+        std::process::id()
+    ));
+    let server = lbd_in(&dir, b[0].addr, engine);
+    let socket = dir.join("control.sock");
+    let addr: SocketAddr = server.bound_addr("web").unwrap();
+    for cycle in 0..40 {
+        assert_eq!(call(&socket, Method::POST, "/v1/drain").0, StatusCode::OK);
+        eventually(
+            Duration::from_secs(5),
+            &format!("drained, cycle {cycle}"),
+            || server.status().drain == Some(lb_api::wire::DrainPhase::Drained),
+        );
+        assert!(
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
+            "cycle {cycle}: drained but accepting"
+        );
+        assert_eq!(call(&socket, Method::DELETE, "/v1/drain").0, StatusCode::OK);
+        assert_eq!(server.status().drain, None, "cycle {cycle}");
+        assert_eq!(
+            roundtrip(addr).ok().as_deref(),
+            Some(b[0].name.as_str()),
+            "cycle {cycle}: undrained but not serving"
+        );
+    }
+    server.shutdown(Some(Duration::from_secs(1)));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+both_engines!(drain_and_undrain, drain_undrain_cycles);

@@ -406,6 +406,16 @@ impl Plane {
         }
     }
 
+    /// Whether every listener told to stop has closed its sockets: each
+    /// worker's loop holds its stop signal until its socket is closed, and
+    /// a signal still queued for a worker counts as held.
+    pub fn stopped_listeners_closed(&self) -> bool {
+        self.sockets
+            .values()
+            .filter(|bound| *bound.stop.borrow())
+            .all(|bound| bound.stop.receiver_count() == 0)
+    }
+
     /// Closes every connection now (shutdown, last step).
     pub fn close_all(&mut self) {
         for h in self.handles.values().chain(self.draining.values()) {

@@ -35,8 +35,23 @@ struct DrainState {
     /// Listeners close at this instant (the withdraw grace's end).
     grace_until: Option<Instant>,
     task: Option<AbortHandle>,
+    /// The drain the background task acts for. An undrain or a stop
+    /// moves it on, and the task acts only under this lock and only for
+    /// its own drain: aborting it is not enough, since it may be running
+    /// on another thread when the abort comes.
+    current: u64,
     /// A stop is under way: nothing undoes it.
     stopping: bool,
+}
+
+impl DrainState {
+    /// Ends the drain under way, if any: its task no longer acts.
+    fn end_task(&mut self) {
+        self.current += 1;
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
 /// A running `lbd`'s lifecycle.
@@ -118,9 +133,7 @@ impl Lifecycle {
         let until = {
             let mut d = lock(&self.drain);
             d.stopping = true;
-            if let Some(task) = d.task.take() {
-                task.abort();
-            }
+            d.end_task();
             if withdrawn > 0 {
                 d.grace_until = Some(Instant::now() + grace);
             }
@@ -145,7 +158,7 @@ impl Lifecycle {
         if active() > 0 {
             tracing::info!(connections = active(), grace = ?drain, "draining before exit");
         }
-        while active() > 0 && Instant::now() < deadline {
+        while !drained(&self.core) && Instant::now() < deadline {
             std::thread::sleep(COUNT_EVERY);
         }
         lock(&self.drain).phase = Some(DrainPhase::Drained);
@@ -183,27 +196,45 @@ impl Lifecycle {
     }
 }
 
-/// The background half of `lbd drain`: the grace, closing listeners,
-/// counting connections down.
-async fn drain_task(core: Arc<Core>, drain: Arc<Mutex<DrainState>>, until: Instant) {
+/// Whether nothing is left to drain: every stopped listener's sockets are
+/// closed (so nothing more can be accepted), then no connection or flow
+/// is open. In that order: a connection accepted just before a close is
+/// counted before the close is seen.
+fn drained(core: &Core) -> bool {
+    core.plane().stopped_listeners_closed() && !core.shared().any_open()
+}
+
+/// The background half of `lbd drain` number `ticket`: the grace,
+/// closing listeners, counting connections down. Each step that changes
+/// something happens under the drain lock, and only while this drain is
+/// the current one.
+async fn drain_task(core: Arc<Core>, drain: Arc<Mutex<DrainState>>, until: Instant, ticket: u64) {
     tokio::time::sleep_until(until.into()).await;
-    // The phase first (as `stop` does): whoever finds the listeners
-    // closed then reads the phase that says so.
-    lock(&drain).phase = Some(DrainPhase::Connections);
     let limit = {
+        let mut d = lock(&drain);
+        if d.current != ticket {
+            return; // undrained, or stopping
+        }
+        // The phase with the close (as `stop` does): whoever finds the
+        // listeners closed then reads the phase that says so.
+        d.phase = Some(DrainPhase::Connections);
         let mut plane = core.plane();
         plane.stop_accepting();
         plane.max_drain()
     };
     tracing::info!("drain: listeners closed; connections finishing");
     let deadline = tokio::time::Instant::now() + limit;
-    while core.shared().active_total.load(Ordering::Relaxed) > 0
-        && tokio::time::Instant::now() < deadline
-    {
+    while !drained(&core) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(COUNT_EVERY).await;
     }
     let left = core.shared().active_total.load(Ordering::Relaxed);
-    lock(&drain).phase = Some(DrainPhase::Drained);
+    {
+        let mut d = lock(&drain);
+        if d.current != ticket {
+            return;
+        }
+        d.phase = Some(DrainPhase::Drained);
+    }
     tracing::info!(
         connections_left = left,
         "drained; `lbd undrain` serves again"
@@ -255,12 +286,18 @@ impl ControlApi for Lifecycle {
         let withdrawn = self.withdraw_all();
         let grace = self.grace(withdrawn);
         let until = Instant::now() + grace;
-        let task = self
-            .rt
-            .spawn(drain_task(self.core.clone(), self.drain.clone(), until));
+        // The phase is set before the task exists: with no grace, the task
+        // may close the listeners and finish before this call returns.
         let mut d = lock(&self.drain);
         d.phase = Some(DrainPhase::Grace);
         d.grace_until = Some(until);
+        let ticket = d.current;
+        let task = self.rt.spawn(drain_task(
+            self.core.clone(),
+            self.drain.clone(),
+            until,
+            ticket,
+        ));
         d.task = Some(task.abort_handle());
         tracing::info!(vips = withdrawn, grace = ?grace, "drain: not ready, VIPs withdrawn; listeners close when the grace ends");
         Ok(self.answer(&d, withdrawn))
@@ -273,9 +310,7 @@ impl ControlApi for Lifecycle {
             if d.stopping {
                 return Err(DrainError::Stopping);
             }
-            if let Some(task) = d.task.take() {
-                task.abort();
-            }
+            d.end_task();
             d.grace_until = None;
             d.phase
         };

@@ -39,7 +39,7 @@ pub(crate) async fn serve<E: Engine>(
     key: BindKey,
     socket: E::Udp,
     local: SocketAddr,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let l = Rc::new(Listener::<E> {
         worker,
@@ -51,7 +51,7 @@ pub(crate) async fn serve<E: Engine>(
         gso: Cell::new(true),
     });
     let expiry = tokio::task::spawn_local(expire_loop(l.clone()));
-    receive(l.clone(), stop).await;
+    receive(l.clone(), &mut stop).await;
     expiry.abort();
     let flows: Vec<_> = l
         .flows
@@ -59,6 +59,9 @@ pub(crate) async fn serve<E: Engine>(
         .expire(Instant::now(), Duration::ZERO, |_| true);
     drop(flows);
     l.socket.close();
+    // Held until here: the control side counts a listener closed once
+    // every worker has dropped its stop signal.
+    drop(stop);
 }
 
 /// Receives datagrams until `stop`, one receive at a time, so a client's
@@ -67,7 +70,7 @@ pub(crate) async fn serve<E: Engine>(
 /// After a receive, a socket that had more waiting is drained without
 /// waiting (up to [`BATCH`] datagrams), and the batch goes out with one
 /// send per run of a client's equal-sized datagrams ([`on_batch`]).
-async fn receive<E: Engine>(l: Rc<Listener<E>>, mut stop: watch::Receiver<bool>) {
+async fn receive<E: Engine>(l: Rc<Listener<E>>, stop: &mut watch::Receiver<bool>) {
     let mut buf = Vec::with_capacity(BATCH_BUF);
     let mut drainer = Drainer::default();
     loop {

@@ -1,7 +1,7 @@
 //! What every worker and the control side share: the routing snapshot
 //! and the counters the control side reads (metrics, placement, caps).
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
@@ -38,6 +38,16 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Whether any connection or UDP flow is open, a TCP connection
+    /// counted from its accept (while handed to another worker, too).
+    pub fn any_open(&self) -> bool {
+        self.active_total.load(Ordering::Relaxed) > 0
+            || self
+                .worker_conns
+                .iter()
+                .any(|c| c.0.load(Ordering::Relaxed) > 0)
+    }
+
     /// State for one worker per `handoff` sender (where that worker takes
     /// connections others hand it), with an empty routing snapshot.
     pub fn new(handoff: Vec<mpsc::UnboundedSender<Handoff>>, max_total: u64, splice: bool) -> Self {
