@@ -45,9 +45,9 @@ fn lbd_in(dir: &Path, backend: SocketAddr, engine: EngineChoice) -> lb_core::Ser
 }
 
 fn drain_and_undrain(engine: EngineChoice) {
-    let b = three_echo_backends();
+    let backend = TestBackend::start("127.0.0.2", Behavior::Echo);
     let dir = std::env::temp_dir().join(format!("weir-drain-{engine:?}-{}", std::process::id()));
-    let server = lbd_in(&dir, b[0].addr, engine);
+    let server = lbd_in(&dir, backend.addr, engine);
     let socket = dir.join("control.sock");
     let addr: SocketAddr = server.bound_addr("web").unwrap();
     assert_eq!(call(&socket, Method::GET, "/readyz").0, StatusCode::OK);
@@ -101,7 +101,7 @@ fn drain_and_undrain(engine: EngineChoice) {
         Some(addr),
         "the same address and port"
     );
-    assert_eq!(roundtrip(addr).unwrap(), b[0].name, "accepting again");
+    assert_eq!(roundtrip(addr).unwrap(), backend.name, "accepting again");
     server.shutdown(Some(Duration::from_secs(1)));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -112,12 +112,12 @@ fn drain_and_undrain(engine: EngineChoice) {
 /// started it returns; whatever the order, every drain must end drained
 /// and every undrain must serve again.
 fn drain_undrain_cycles(engine: EngineChoice) {
-    let b = three_echo_backends();
+    let backend = TestBackend::start("127.0.0.2", Behavior::Echo);
     let dir = std::env::temp_dir().join(format!(
         "weir-drain-cycles-{engine:?}-{}",
         std::process::id()
     ));
-    let server = lbd_in(&dir, b[0].addr, engine);
+    let server = lbd_in(&dir, backend.addr, engine);
     let socket = dir.join("control.sock");
     let addr: SocketAddr = server.bound_addr("web").unwrap();
     for cycle in 0..40 {
@@ -135,7 +135,7 @@ fn drain_undrain_cycles(engine: EngineChoice) {
         assert_eq!(server.status().drain, None, "cycle {cycle}");
         assert_eq!(
             roundtrip(addr).ok().as_deref(),
-            Some(b[0].name.as_str()),
+            Some(backend.name.as_str()),
             "cycle {cycle}: undrained but not serving"
         );
     }

@@ -105,9 +105,8 @@ fn allowed_by(unit: &str) -> BTreeSet<String> {
 /// and a time, then a call's name.
 fn calls_in_summary(text: &str) -> BTreeSet<String> {
     let is_name = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     };
     text.lines()
         .filter_map(|line| {

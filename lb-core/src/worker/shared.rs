@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use super::handoff::Handoff;
 use crate::routing::Routing;
-use crate::stats::Padded;
+use crate::stats::{sum, Padded};
 
 /// What every worker and the control side share.
 #[derive(Debug)]
@@ -41,11 +41,7 @@ impl Shared {
     /// Whether any connection or UDP flow is open, a TCP connection
     /// counted from its accept (while handed to another worker, too).
     pub fn any_open(&self) -> bool {
-        self.active_total.load(Ordering::Relaxed) > 0
-            || self
-                .worker_conns
-                .iter()
-                .any(|c| c.0.load(Ordering::Relaxed) > 0)
+        self.active_total.load(Ordering::Relaxed) > 0 || sum(&self.worker_conns) > 0
     }
 
     /// State for one worker per `handoff` sender (where that worker takes
